@@ -1,0 +1,53 @@
+"""Joint image + mask augmentation with torchvision's transforms v2 (geometric ones move masks with the image)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+
+@dataclass
+class AugmentationConfig:
+    """Training augmentation; every probability 0 (or `enabled=False`) turns it off."""
+
+    enabled: bool = True
+    horizontal_flip: float = 0.5
+    vertical_flip: float = 0.5
+    color_jitter: float = 0.8
+    """Probability of brightness/contrast jitter (strength 0.2)."""
+    blur: float = 0.2
+    """Probability of a light Gaussian blur (sigma 0.1-1.5)."""
+    affine: float = 0.5
+    """Probability of a small shift-scale-rotate (5 % shift, 0.9-1.1 scale, 10 degrees)."""
+
+
+def build_augmentation(config: AugmentationConfig) -> v2.Transform | None:
+    """A transform taking `(tv_tensors.Image, tv_tensors.Mask)` and returning both, or None when disabled."""
+    if not config.enabled:
+        return None
+    steps: list[v2.Transform] = []
+    if config.horizontal_flip > 0:
+        steps.append(v2.RandomHorizontalFlip(config.horizontal_flip))
+    if config.vertical_flip > 0:
+        steps.append(v2.RandomVerticalFlip(config.vertical_flip))
+    if config.color_jitter > 0:
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2)], p=config.color_jitter))
+    if config.blur > 0:
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=config.blur))
+    if config.affine > 0:
+        affine = v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1))
+        steps.append(v2.RandomApply([affine], p=config.affine))
+    return v2.Compose(steps) if steps else None
+
+
+def augment(
+    transform: v2.Transform, image: torch.Tensor, masks: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `transform` to `(3, H, W)` uint8 and `(N, H, W)` bool jointly, deterministically for `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out_image, out_masks = transform(tv_tensors.Image(image), tv_tensors.Mask(masks.to(torch.uint8)))
+    return out_image.as_subclass(torch.Tensor), out_masks.as_subclass(torch.Tensor).bool()

@@ -1,0 +1,168 @@
+"""The training/evaluation dataset: decode, augment, sample prompts, preprocess with `Sam2Processor`; and the collator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import Sam2Processor
+
+from .augment import AugmentationConfig, augment, build_augmentation
+from .prompts import PADDING, PromptConfig, sample_prompts, to_model_coordinates
+from .sources import SampleRecord
+from .validation import ValidationConfig, clean_instances
+
+TARGET_MODES = ("instances", "semantic")
+
+
+@dataclass
+class DatasetConfig:
+    """How samples become model inputs and targets."""
+
+    target_mode: str = "instances"
+    """`instances`: one prompt and target per object; `semantic`: the union of all objects, one target per image."""
+    max_objects_per_image: int = 16
+    """Objects drawn per training image per step (a random subset when there are more)."""
+    max_eval_objects: int = 64
+    """Objects evaluated per validation image (the first ones, deterministically)."""
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        if self.target_mode not in TARGET_MODES:
+            raise ValueError(f"target_mode must be one of {TARGET_MODES}, got '{self.target_mode}'.")
+
+
+class SegmentationDataset(Dataset):
+    """Samples ready for SAM 2.
+
+    Each item is a dict:
+        `pixel_values` `(3, S, S)` float, preprocessed by the processor (S = the model's image size);
+        `points` `(N, P, 2)` float in model-input coordinates and `point_labels` `(N, P)` long (see `prompts`);
+        `mask_inputs` `(N, 1, S/4, S/4)` float or None;
+        `target_masks` `(N, S, S)` bool, the objects at model-input resolution;
+        `original_size` `(H, W)`; `sample_id`; and, for evaluation, `original_masks` `(N, H, W)` bool.
+    """
+
+    def __init__(
+        self,
+        records: list[SampleRecord],
+        processor: Sam2Processor,
+        config: DatasetConfig | None = None,
+        *,
+        train: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.records = records
+        self.processor = processor
+        self.config = config or DatasetConfig()
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.image_size = int(processor.image_processor.size["height"])
+        self.transform = build_augmentation(self.config.augmentation) if train else None
+        self._index = {record.sample_id: i for i, record in enumerate(records)}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random draws (augmentation, prompts, object subsets) for a new epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _sample_seed(self, index: int) -> int:
+        mixed = np.random.SeedSequence([self.seed, self.epoch if self.train else 0, index])
+        return int(mixed.generate_state(1)[0])
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        seed = self._sample_seed(index)
+        generator = torch.Generator().manual_seed(seed)
+        image = torch.from_numpy(np.ascontiguousarray(record.load_image())).permute(2, 0, 1)
+        masks = torch.from_numpy(clean_instances(record.load_instances(), self.config.validation))
+        masks = self._select_objects(masks, generator)
+        if self.transform is not None:
+            image, masks = augment(self.transform, image, masks, seed)
+            masks = masks[masks.flatten(1).sum(1) > 0] if len(masks) > 1 else masks
+        original_size = tuple(image.shape[1:])
+        if self.config.target_mode == "semantic":
+            masks = masks.any(dim=0, keepdim=True)
+        points, labels, mask_prompts = sample_prompts(masks, self._prompt_config(masks), generator)
+        pixel_values = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        item = {
+            "sample_id": record.sample_id,
+            "pixel_values": pixel_values,
+            "points": to_model_coordinates(points, original_size, self.image_size),
+            "point_labels": labels,
+            "mask_inputs": None if mask_prompts is None else _resize(mask_prompts, self.image_size // 4, "bilinear"),
+            "target_masks": _resize(masks[:, None].float(), self.image_size, "nearest")[:, 0].bool(),
+            "original_size": original_size,
+        }
+        if not self.train:
+            item["original_masks"] = masks
+        return item
+
+    def original(self, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """A validation image `(H, W, 3)` uint8 and its evaluated target masks `(N, H, W)` bool, unaugmented."""
+        record = self.records[self._index[sample_id]]
+        masks = torch.from_numpy(clean_instances(record.load_instances(), self.config.validation))
+        masks = self._select_objects(masks, torch.Generator())
+        if self.config.target_mode == "semantic":
+            masks = masks.any(dim=0, keepdim=True)
+        return record.load_image(), masks.numpy()
+
+    def _prompt_config(self, masks: torch.Tensor) -> PromptConfig:
+        config = self.config.prompts
+        if not self.train and config.prompt != "none":
+            # Evaluation uses tight boxes (or fixed points) so that numbers are comparable between runs.
+            kind = "box" if config.prompt in ("box", "mixed") else "point"
+            return PromptConfig(prompt=kind, box_jitter=0.0, num_positive_points=config.num_positive_points)
+        return config
+
+    def _select_objects(self, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.config.target_mode == "semantic":
+            return masks
+        if not self.train:
+            return masks[: self.config.max_eval_objects]
+        if len(masks) > self.config.max_objects_per_image:
+            keep = torch.randperm(len(masks), generator=generator)[: self.config.max_objects_per_image]
+            masks = masks[keep.sort().values]
+        return masks
+
+
+def _resize(masks: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+    return F.interpolate(masks, size=(size, size), mode=mode, **kwargs)
+
+
+def collate_segmentation(items: list[dict]) -> dict:
+    """Batch images, and concatenate their objects into one flat prompt batch.
+
+    Returns `pixel_values` `(B, 3, S, S)`, `object_image_index` `(N_total,)` mapping each object to its image, and
+    the per-object tensors concatenated over images (points padded with label -10 to the longest prompt).
+    """
+    counts = [len(item["target_masks"]) for item in items]
+    max_points = max(item["points"].shape[1] for item in items)
+    points, labels = [], []
+    for item in items:
+        pad = max_points - item["points"].shape[1]
+        points.append(F.pad(item["points"], (0, 0, 0, pad)))
+        labels.append(F.pad(item["point_labels"], (0, pad), value=PADDING))
+    has_mask_inputs = items[0]["mask_inputs"] is not None
+    batch = {
+        "sample_ids": [item["sample_id"] for item in items],
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "object_image_index": torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts)),
+        "points": torch.cat(points) if max_points else None,
+        "point_labels": torch.cat(labels) if max_points else None,
+        "mask_inputs": torch.cat([item["mask_inputs"] for item in items]) if has_mask_inputs else None,
+        "target_masks": torch.cat([item["target_masks"] for item in items]),
+        "original_sizes": [item["original_size"] for item in items],
+    }
+    if "original_masks" in items[0]:
+        batch["original_masks"] = [item["original_masks"] for item in items]
+    return batch

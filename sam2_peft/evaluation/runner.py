@@ -1,0 +1,69 @@
+"""Run a segmenter over a validation set and score it at the original image resolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+from transformers import Sam2Processor
+
+from ..models.segmenter import Sam2Segmenter, select_best_mask, wants_multimask
+from .metrics import MetricAccumulator
+
+
+@dataclass
+class EvaluationResult:
+    """Mean metrics, per-image metrics, and the predicted masks `(N, H, W)` bool of the images asked for."""
+
+    metrics: dict[str, float]
+    per_image: dict[str, dict[str, float]]
+    kept_predictions: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def batch_inputs(batch: dict, device: torch.device) -> dict:
+    """The segmenter's keyword arguments from a collated batch, moved to `device`."""
+    keys = ("pixel_values", "object_image_index", "points", "point_labels", "mask_inputs")
+    return {k: batch[k].to(device) if batch.get(k) is not None else None for k in keys}
+
+
+@torch.no_grad()
+def evaluate_segmenter(
+    segmenter: Sam2Segmenter,
+    dataloader: DataLoader,
+    processor: Sam2Processor,
+    accelerator: Accelerator,
+    keep_ids: set[str] | frozenset[str] = frozenset(),
+    dilation_ratio: float = 0.02,
+) -> EvaluationResult:
+    """Predict every validation batch (single mask, or the best of 3 for single clicks) and score each image.
+
+    Works in several processes: each scores its shard and the per-image results are gathered.
+    """
+    was_training = segmenter.training
+    segmenter.eval()
+    accumulator = MetricAccumulator(dilation_ratio=dilation_ratio)
+    kept: dict[str, np.ndarray] = {}
+    for batch in dataloader:
+        inputs = batch_inputs(batch, accelerator.device)
+        with accelerator.autocast():
+            output = segmenter(**inputs, multimask_output=wants_multimask(inputs["point_labels"]))
+        logits = select_best_mask(output).float().cpu()
+        index = batch["object_image_index"]
+        for i, sample_id in enumerate(batch["sample_ids"]):
+            masks = processor.post_process_masks([logits[index == i]], [batch["original_sizes"][i]])[0][:, 0]
+            masks = masks.numpy()
+            accumulator.update(sample_id, masks, batch["original_masks"][i].numpy())
+            if sample_id in keep_ids:
+                kept[sample_id] = masks
+    segmenter.train(was_training)
+    per_image: dict[str, dict[str, float]] = {}
+    for part in gather_object([accumulator.per_image]):
+        per_image.update(part)
+    for part in gather_object([kept]):
+        kept.update(part)
+    accumulator.per_image = per_image
+    return EvaluationResult(metrics=accumulator.compute(), per_image=per_image, kept_predictions=kept)

@@ -1,0 +1,229 @@
+"""Loading SAM 2 base models and processors: Hub ids, local folders and the built-in random architectures."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    Sam2Config,
+    Sam2ImageProcessor,
+    Sam2Model,
+    Sam2Processor,
+    Sam2VideoConfig,
+    Sam2VideoModel,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "facebook/sam2.1-hiera-tiny"
+
+KNOWN_HUB_IDS = (
+    "facebook/sam2.1-hiera-tiny",
+    "facebook/sam2.1-hiera-small",
+    "facebook/sam2.1-hiera-base-plus",
+    "facebook/sam2.1-hiera-large",
+    "facebook/sam2-hiera-tiny",
+    "facebook/sam2-hiera-small",
+    "facebook/sam2-hiera-base-plus",
+    "facebook/sam2-hiera-large",
+)
+
+RANDOM_WEIGHTS_KEY = "sam2_peft_random_weights"
+"""Key written into the config of built-in models so that saved folders say their weights are random."""
+
+
+class Sam2LoadError(RuntimeError):
+    """A base model could not be loaded; the message names what was asked for and what to do."""
+
+
+@dataclass(frozen=True)
+class BuiltinArchitecture:
+    """A named architecture built from a config with random weights (smoke tests and offline recipes only)."""
+
+    name: str
+    description: str
+    image_size: int
+
+    def config(self, video: bool = False) -> Sam2Config | Sam2VideoConfig:
+        return _BUILTIN_CONFIGS[self.name](video)
+
+
+def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:
+    """A ~0.5 M parameter SAM 2 (Hiera widths 16-128, decoder width 64) for tests and offline smoke runs."""
+    dims = [16, 32, 64, 128]
+    hidden = 64
+    sizes = [[image_size // 4] * 2, [image_size // 8] * 2, [image_size // 16] * 2]
+    kwargs = dict(
+        vision_config=dict(
+            backbone_config=dict(
+                model_type="sam2_hiera_det_model",
+                image_size=[image_size, image_size],
+                hidden_size=dims[0],
+                embed_dim_per_stage=dims,
+                num_attention_heads_per_stage=[1, 1, 2, 4],
+                blocks_per_stage=[1, 1, 2, 1],
+                window_size_per_stage=[8, 4, 8, 4],
+                global_attention_blocks=[3],
+            ),
+            backbone_channel_list=dims[::-1],
+            backbone_feature_sizes=sizes,
+            fpn_hidden_size=hidden,
+        ),
+        prompt_encoder_config=dict(hidden_size=hidden, image_size=image_size, patch_size=16),
+        mask_decoder_config=dict(
+            hidden_size=hidden, mlp_dim=4 * hidden, num_attention_heads=2, iou_head_hidden_dim=hidden
+        ),
+    )
+    if video:
+        return Sam2VideoConfig(
+            **kwargs,
+            image_size=image_size,
+            memory_attention_hidden_size=hidden,
+            memory_attention_num_layers=1,
+            memory_attention_feed_forward_hidden_size=4 * hidden,
+            memory_encoder_hidden_size=hidden,
+            memory_encoder_output_channels=64,
+            mask_downsampler_embed_dim=hidden,
+            memory_fuser_embed_dim=hidden,
+            memory_fuser_intermediate_dim=4 * hidden,
+        )
+    return Sam2Config(**kwargs)
+
+
+def hiera_tiny_config(video: bool = False) -> Sam2Config | Sam2VideoConfig:
+    """The sam2.1-hiera-tiny architecture at 1024 px (transformers' defaults), for benchmarks."""
+    return Sam2VideoConfig() if video else Sam2Config()
+
+
+_BUILTIN_CONFIGS = {
+    "tiny-random": lambda video: tiny_config(256, video),
+    "hiera-tiny-random": hiera_tiny_config,
+}
+
+BUILTIN_ARCHITECTURES = {
+    "tiny-random": BuiltinArchitecture("tiny-random", "0.5 M parameters, 256 px, random weights", 256),
+    "hiera-tiny-random": BuiltinArchitecture(
+        "hiera-tiny-random", "sam2.1-hiera-tiny architecture, 1024 px, random weights", 1024
+    ),
+}
+
+
+def tie_positional_encodings(model: Sam2Model | Sam2VideoModel) -> None:
+    """Make the prompt encoder use the image's positional-encoding matrix, as real checkpoints do.
+
+    A model built from a config gets two different random matrices; untied, a prompt cannot be located on the
+    image and training collapses to a constant mask.
+    """
+    shared = model.shared_image_embedding.positional_embedding
+    model.prompt_encoder.shared_embedding.positional_embedding.data.copy_(shared.data)
+
+
+def build_model_from_config(config: Sam2Config | Sam2VideoConfig, seed: int | None = 0) -> Sam2Model | Sam2VideoModel:
+    """Build a randomly initialised SAM 2 from a config, with tied positional encodings."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model_cls = Sam2VideoModel if isinstance(config, Sam2VideoConfig) else Sam2Model
+    model = model_cls(config)
+    tie_positional_encodings(model)
+    setattr(model.config, RANDOM_WEIGHTS_KEY, True)
+    return model.eval()
+
+
+def processor_for_image_size(image_size: int) -> Sam2Processor:
+    """A `Sam2Processor` resizing to `image_size` with low-resolution masks at a quarter of it."""
+    image_processor = Sam2ImageProcessor(
+        size={"height": image_size, "width": image_size},
+        mask_size={"height": image_size // 4, "width": image_size // 4},
+    )
+    return Sam2Processor(image_processor=image_processor)
+
+
+def model_image_size(model: Sam2Model | Sam2VideoModel) -> int:
+    """The square input size the model was built for (it accepts no other)."""
+    return int(model.config.prompt_encoder_config.image_size)
+
+
+def is_random_weights(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), RANDOM_WEIGHTS_KEY, False))
+
+
+def load_base_model(
+    name_or_path: str,
+    *,
+    video: bool = False,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+    meta_config: str | None = None,
+) -> tuple[Sam2Model | Sam2VideoModel, Sam2Processor]:
+    """Load a SAM 2 base model and its processor.
+
+    Args:
+        name_or_path: a Hub id (`facebook/sam2.1-hiera-small`), a local folder saved with `save_pretrained`,
+            a Meta checkpoint (`*.pt`, needs `meta_config`), or a built-in random architecture
+            (`tiny-random`, `hiera-tiny-random`; smoke tests only, never pretrained).
+        video: load `Sam2VideoModel` instead of `Sam2Model`.
+        dtype: weights dtype (`torch.float16`, `"bfloat16"`, ...); default float32.
+        device: where to put the model.
+        revision: Hub revision (branch, tag or commit).
+        meta_config: Meta config name or YAML for `.pt` checkpoints (e.g. `sam2.1_hiera_s`).
+
+    Raises:
+        Sam2LoadError: the model could not be found or fetched; never falls back to random weights.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if name_or_path in BUILTIN_ARCHITECTURES:
+        arch = BUILTIN_ARCHITECTURES[name_or_path]
+        logger.warning(
+            "Using the built-in architecture '%s' (%s). Its weights are RANDOM: use it for smoke tests, not results.",
+            arch.name,
+            arch.description,
+        )
+        model = build_model_from_config(arch.config(video))
+        model.config._name_or_path = arch.name
+        processor = processor_for_image_size(arch.image_size)
+    elif name_or_path.endswith((".pt", ".pth")):
+        model, processor = _load_meta_checkpoint(name_or_path, meta_config, video)
+    else:
+        model, processor = _load_pretrained(name_or_path, video, revision)
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), processor
+
+
+def _load_pretrained(name_or_path: str, video: bool, revision: str | None) -> tuple[torch.nn.Module, Sam2Processor]:
+    model_cls = Sam2VideoModel if video else Sam2Model
+    is_local = os.path.isdir(name_or_path)
+    try:
+        model = model_cls.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as err:
+        if is_local:
+            raise Sam2LoadError(f"Could not load a SAM 2 model from the folder '{name_or_path}': {err}") from err
+        raise Sam2LoadError(
+            f"Could not load '{name_or_path}' from the Hugging Face Hub (offline, unreachable, or no such repo).\n"
+            f"  Cause: {err}\n"
+            "  A local folder works instead (--model /path/to/folder saved with save_pretrained), as does a Meta "
+            "checkpoint (--model sam2.1_hiera_small.pt --meta-config sam2.1_hiera_s).\n"
+            "  Offline smoke test without pretrained weights: --model tiny-random (random weights, not for results)."
+        ) from err
+    try:
+        processor = Sam2Processor.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError):
+        logger.warning("No processor found with '%s'; using the standard one for its image size.", name_or_path)
+        processor = processor_for_image_size(model_image_size(model))
+    return model, processor
+
+
+def _load_meta_checkpoint(path: str, meta_config: str | None, video: bool) -> tuple[torch.nn.Module, Sam2Processor]:
+    if meta_config is None:
+        raise Sam2LoadError(f"'{path}' is a Meta checkpoint: name its config too (e.g. meta_config='sam2.1_hiera_s').")
+    from .meta_checkpoint import load_meta_checkpoint
+
+    model = load_meta_checkpoint(path, meta_config, video=video)
+    return model, processor_for_image_size(model_image_size(model))

@@ -1,0 +1,112 @@
+"""One forward for training and evaluation: image encoder once per image, mask decoder once per prompt.
+
+`Sam2Segmenter` wraps a `Sam2Model` (plain, or with peft adapters injected) and runs it on a flat batch of prompts
+spread over a batch of images. The encoder step is split off (`vision_features`) so that frozen-encoder training can
+cache it; everything after it, including the decoder's `conv_s0/conv_s1` projections, runs on every step and so stays
+trainable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Sam2Model
+
+
+@dataclass
+class SegmenterOutput:
+    """Predictions for N prompts.
+
+    Attributes:
+        mask_logits: `(N, M, S/4, S/4)` low-resolution mask logits (M = 3 with multimask output, else 1).
+        iou_scores: `(N, M)` predicted IoU of each mask.
+        object_score_logits: `(N, 1)` logit that the prompted object is present.
+    """
+
+    mask_logits: torch.Tensor
+    iou_scores: torch.Tensor
+    object_score_logits: torch.Tensor
+
+
+def unwrap_sam(model: nn.Module) -> Sam2Model:
+    """The `Sam2Model` inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Sam2Segmenter(nn.Module):
+    """Runs SAM 2 on `(B, 3, S, S)` images and N prompts, `object_image_index[n]` naming each prompt's image."""
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.sam = sam
+
+    @property
+    def base(self) -> Sam2Model:
+        return unwrap_sam(self.sam)
+
+    def vision_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The image encoder's multi-scale features `[(B, C, S/4, S/4), (B, C, S/8, S/8), (B, C, S/16, S/16)]`.
+
+        They depend only on the image and the encoder's weights, so they can be cached while the encoder is frozen.
+        """
+        return list(self.base.vision_encoder(pixel_values).fpn_hidden_states)
+
+    def image_embeddings(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Turn encoder features into the decoder's inputs, exactly as `Sam2Model.get_image_embeddings` does."""
+        base = self.base
+        high_res_0 = base.mask_decoder.conv_s0(features[0])
+        high_res_1 = base.mask_decoder.conv_s1(features[1])
+        lowest = features[2] + base.no_memory_embedding.view(1, -1, 1, 1)
+        return [high_res_0, high_res_1, lowest]
+
+    def forward(
+        self,
+        object_image_index: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: list[torch.Tensor] | None = None,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> SegmenterOutput:
+        """Predict masks for N prompts.
+
+        Args:
+            object_image_index: `(N,)` long, the image of each prompt.
+            pixel_values: `(B, 3, S, S)` preprocessed images; or give `vision_features` (cached encoder outputs).
+            points: `(N, P, 2)` prompt points in model-input pixels (boxes as two corners labelled 2 and 3).
+            point_labels: `(N, P)` long; None with `points` None for prompt-free prediction.
+            mask_inputs: `(N, 1, S/4, S/4)` dense mask prompts (logits), optional.
+            multimask_output: return the 3 candidate masks instead of the single-mask output.
+        """
+        if (pixel_values is None) == (vision_features is None):
+            raise ValueError("Give exactly one of pixel_values or vision_features.")
+        if vision_features is None:
+            vision_features = self.vision_features(pixel_values)
+        per_image = self.image_embeddings(vision_features)
+        per_object = [embedding[object_image_index] for embedding in per_image]
+        outputs = self.sam(
+            image_embeddings=per_object,
+            input_points=None if points is None else points[:, None],
+            input_labels=None if point_labels is None else point_labels[:, None],
+            input_masks=mask_inputs,
+            multimask_output=multimask_output,
+        )
+        return SegmenterOutput(
+            mask_logits=outputs.pred_masks[:, 0],
+            iou_scores=outputs.iou_scores[:, 0],
+            object_score_logits=outputs.object_score_logits[:, 0],
+        )
+
+
+def wants_multimask(point_labels: torch.Tensor | None) -> bool:
+    """SAM's rule: a single positive click is ambiguous, so ask for 3 candidates; boxes and several points are not."""
+    return point_labels is not None and point_labels.shape[1] == 1 and bool((point_labels == 1).all())
+
+
+def select_best_mask(output: SegmenterOutput) -> torch.Tensor:
+    """The candidate with the highest predicted IoU for each prompt. Returns `(N, 1, h, w)` logits."""
+    best = output.iou_scores.argmax(dim=1)
+    return output.mask_logits[torch.arange(len(best)), best][:, None]

@@ -1,0 +1,160 @@
+"""Command-line arguments shared by every recipe, and how they become a model, datasets and a trainer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..data.augment import AugmentationConfig
+from ..data.dataset import DatasetConfig, SegmentationDataset
+from ..data.prompts import PROMPT_TYPES, PromptConfig
+from ..data.sources import open_records, read_split_file, split_records
+from ..data.validation import ValidationConfig, validate_records
+from ..models.loading import BUILTIN_ARCHITECTURES, DEFAULT_MODEL, load_base_model
+from ..tuners.methods import TuningMethod
+from .config import MIXED_PRECISION, TrainingConfig
+from .losses import LossConfig
+from .trainer import Trainer
+
+SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "sample"
+"""The small synthetic dataset bundled with the package (the recipes' default `--data`)."""
+
+logger = logging.getLogger(__name__)
+
+
+def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.ArgumentParser:
+    """An argument parser with the flags every recipe shares; recipes add their method's own."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub id, local folder, Meta .pt checkpoint, or a built-in random architecture "
+        f"({', '.join(BUILTIN_ARCHITECTURES)}; offline smoke tests only).",
+    )
+    model.add_argument("--revision", default=None, help="Hub revision of --model.")
+    model.add_argument("--meta-config", default=None, help="Meta config name for a .pt checkpoint (sam2.1_hiera_s).")
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data", default=str(SAMPLE_DATA), help="images/+masks/ folder, COCO .json, or datasets name/folder."
+    )
+    data.add_argument("--val-data", default=None, help="Separate validation source (else a split of --data).")
+    data.add_argument("--val-fraction", type=float, default=0.2, help="Validation share when splitting --data.")
+    data.add_argument("--val-split-file", default=None, help="File listing validation ids, one per line.")
+    data.add_argument("--train-images", type=int, default=None, help="Train on the first N training images only.")
+    data.add_argument("--image-column", default="image", help="Image column of a datasets source.")
+    data.add_argument("--mask-column", default="mask", help="Mask column of a datasets source.")
+    data.add_argument("--split", default="train", help="Split of a datasets source.")
+    data.add_argument("--min-object-area", type=int, default=50, help="Drop objects smaller than this (pixels).")
+    data.add_argument("--closing-radius", type=int, default=0, help="Morphological closing of masks (0 = off).")
+    data.add_argument("--skip-bad-files", action="store_true", help="Skip unreadable/mis-sized samples (else error).")
+    data.add_argument("--max-objects", type=int, default=16, help="Objects (prompts) per training image per step.")
+    data.add_argument("--no-augment", action="store_true", help="Turn off training augmentation.")
+    data.add_argument("--prompt", choices=PROMPT_TYPES, default="box", help="Training prompt type.")
+    data.add_argument("--num-points", type=int, default=1, help="Positive points per object for point prompts.")
+    data.add_argument("--num-negative-points", type=int, default=0, help="Negative points per object.")
+    data.add_argument("--mask-prompt-prob", type=float, default=0.0, help="Chance a step adds GT mask prompts.")
+    train = parser.add_argument_group("training")
+    train.add_argument("--output-dir", default="outputs/run")
+    train.add_argument("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=2, help="Images per process per micro-step.")
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--lr", type=float, default=default_lr)
+    train.add_argument("--weight-decay", type=float, default=1e-4)
+    train.add_argument("--warmup-ratio", type=float, default=0.1)
+    train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--eval-every", type=int, default=0, help="Evaluate every N steps (0 = each epoch).")
+    train.add_argument("--keep-best", type=int, default=3, help="Checkpoints kept by validation Dice.")
+    train.add_argument("--resume", nargs="?", const="latest", default=None, help="Resume: 'latest' or a checkpoint.")
+    train.add_argument("--mask-loss", choices=("focal", "bce"), default="focal")
+    train.add_argument("--log-every", type=int, default=10, help="Log training losses every N steps.")
+    train.add_argument("--report-to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    train.add_argument("--num-workers", type=int, default=0)
+    train.add_argument("--num-panels", type=int, default=4, help="Side-by-side pictures per evaluation.")
+    return parser
+
+
+def dataset_config_from_args(args: argparse.Namespace, target_mode: str = "instances") -> DatasetConfig:
+    return DatasetConfig(
+        target_mode=target_mode,
+        max_objects_per_image=args.max_objects,
+        prompts=PromptConfig(
+            prompt="none" if target_mode == "semantic" else args.prompt,
+            num_positive_points=args.num_points,
+            num_negative_points=args.num_negative_points,
+            mask_prompt_probability=args.mask_prompt_prob,
+        ),
+        augmentation=AugmentationConfig(enabled=not args.no_augment),
+        validation=ValidationConfig(
+            min_object_area=args.min_object_area,
+            closing_radius=args.closing_radius,
+            skip_bad_files=args.skip_bad_files,
+        ),
+    )
+
+
+def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    return TrainingConfig(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        keep_best=args.keep_best,
+        resume=args.resume,
+        log_every=args.log_every,
+        report_to=args.report_to,
+        num_workers=args.num_workers,
+        num_panels=args.num_panels,
+        loss=LossConfig(mask_loss=args.mask_loss),
+    )
+
+
+def build_datasets(args: argparse.Namespace, processor, config: DatasetConfig):
+    """Open, validate and split the data named by the arguments; returns (train, validation) datasets."""
+    source = dict(split=args.split, image_column=args.image_column, mask_column=args.mask_column)
+    records = open_records(args.data, **source)
+    if args.val_data:
+        train_records, val_records = records, open_records(args.val_data, **source)
+    else:
+        val_ids = read_split_file(args.val_split_file) if args.val_split_file else None
+        train_records, val_records = split_records(records, args.val_fraction, args.seed, val_ids)
+    train_records, report = validate_records(train_records, config.validation)
+    logger.info("Training data: %s", report.summary())
+    if args.train_images is not None:
+        train_records = train_records[: args.train_images]
+    val_dataset = None
+    if val_records:
+        val_records, val_report = validate_records(val_records, config.validation)
+        logger.info("Validation data: %s", val_report.summary())
+        val_dataset = SegmentationDataset(val_records, processor, config, train=False, seed=args.seed)
+    return SegmentationDataset(train_records, processor, config, train=True, seed=args.seed), val_dataset
+
+
+def run_recipe(args: argparse.Namespace, method: TuningMethod, target_mode: str = "instances") -> dict:
+    """Everything a recipe does after parsing: load, build data, train, save. Returns the final metrics."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    model, processor = load_base_model(args.model, revision=args.revision, meta_config=args.meta_config)
+    data_config = dataset_config_from_args(args, target_mode)
+    train_dataset, val_dataset = build_datasets(args, processor, data_config)
+    run_info = {"method": method.name, "base_model": args.model, "data": args.data}
+    trainer = Trainer(
+        model,
+        processor,
+        method,
+        train_dataset,
+        val_dataset,
+        training_config_from_args(args),
+        base_name=args.model,
+        run_info=run_info,
+    )
+    return trainer.train()

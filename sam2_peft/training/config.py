@@ -1,0 +1,59 @@
+"""Every knob of a training run, in one dataclass that is saved with the results."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .losses import LossConfig
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, evaluation and checkpointing of one run (the data and the method are configured apart)."""
+
+    output_dir: str = "outputs/run"
+    max_steps: int | None = None
+    """Optimizer steps in all; when None, `epochs` passes over the training set."""
+    epochs: int = 10
+    batch_size: int = 2
+    """Images per process per micro-step (each brings up to `max_objects_per_image` prompts)."""
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_ratio: float = 0.1
+    """Linear warm-up over this fraction of the steps, then cosine decay to zero."""
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    """`no`, `fp16` (with dynamic loss scaling) or `bf16`."""
+    seed: int = 0
+    eval_every: int = 0
+    """Evaluate (and checkpoint) every N optimizer steps; 0 = at the end of each epoch."""
+    metric_for_best: str = "dice"
+    """Validation metric (higher is better) that ranks checkpoints."""
+    keep_best: int = 3
+    """Checkpoints kept by `metric_for_best` (the latest is always kept too, for resuming)."""
+    resume: str | None = None
+    """`latest` for the newest checkpoint in `output_dir/checkpoints`, or a checkpoint folder."""
+    max_nonfinite_steps: int = 5
+    """Consecutive non-finite losses tolerated (each skipped and logged) before the run stops."""
+    log_every: int = 10
+    report_to: str = "tensorboard"
+    """Accelerate tracker: `tensorboard`, `wandb`, `all` or `none`."""
+    num_workers: int = 0
+    num_panels: int = 4
+    """Validation images drawn side by side (image | ground truth | base | fine-tuned) at each evaluation."""
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got '{self.mixed_precision}'.")
+        for name in ("batch_size", "grad_accum", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

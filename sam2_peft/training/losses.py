@@ -1,0 +1,140 @@
+"""SAM 2 training losses: mask (focal or BCE, plus dice), IoU-prediction and object-score terms.
+
+Choices, following SAM 2's own training: mask logits are upsampled to the target resolution (the model input size);
+with multimask output, only the candidate with the lowest mask loss is trained (SAM's "best of 3"), while the IoU
+head learns the true IoU of every candidate; objects absent from the target train only the object-score head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+
+@dataclass
+class LossConfig:
+    """Weights and forms of the loss terms (defaults as in SAM 2's training)."""
+
+    mask_loss: str = "focal"
+    """`focal` or `bce` (class-balanced binary cross-entropy: helps from-scratch training avoid all-background)."""
+    mask_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    object_score_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mask_loss not in ("focal", "bce"):
+            raise ValueError(f"mask_loss must be 'focal' or 'bce', got '{self.mask_loss}'.")
+
+
+@dataclass
+class LossOutput:
+    """The total and its parts (scalars), plus the IoU of the trained mask of each object `(N,)`."""
+
+    loss: torch.Tensor
+    mask: torch.Tensor
+    dice: torch.Tensor
+    iou: torch.Tensor
+    object_score: torch.Tensor
+    mask_iou: torch.Tensor
+
+    def log_dict(self) -> dict[str, float]:
+        return {
+            "loss": self.loss.item(),
+            "loss_mask": self.mask.item(),
+            "loss_dice": self.dice.item(),
+            "loss_iou": self.iou.item(),
+            "loss_object_score": self.object_score.item(),
+            "train_iou": self.mask_iou.mean().item() if self.mask_iou.numel() else float("nan"),
+        }
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft dice loss per mask. `(..., H, W)` -> `(...)`."""
+    probs = logits.sigmoid().flatten(-2)
+    targets = targets.flatten(-2)
+    numerator = 2 * (probs * targets).sum(-1)
+    denominator = probs.sum(-1) + targets.sum(-1)
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Sigmoid focal loss averaged over pixels, per mask. `(..., H, W)` -> `(...)`."""
+    return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none").flatten(-2).mean(-1)
+
+
+def balanced_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with foreground and background weighted equally, per mask. `(..., H, W)` -> `(...)`."""
+    flat_logits, flat_targets = logits.flatten(-2), targets.flatten(-2)
+    positives = flat_targets.sum(-1, keepdim=True)
+    total = flat_targets.shape[-1]
+    pos_weight = ((total - positives) / positives.clamp(min=1)).clamp(max=100)
+    weights = torch.where(flat_targets > 0, pos_weight, torch.ones_like(flat_targets))
+    loss = F.binary_cross_entropy_with_logits(flat_logits, flat_targets, weight=weights, reduction="none")
+    return loss.sum(-1) / weights.sum(-1)
+
+
+def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of thresholded logits (> 0) with binary targets, per mask. `(..., H, W)` -> `(...)`."""
+    predicted = (logits > 0).flatten(-2)
+    targets = targets.flatten(-2) > 0.5
+    intersection = (predicted & targets).sum(-1).float()
+    union = (predicted | targets).sum(-1).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+def sam2_loss(
+    mask_logits: torch.Tensor,
+    iou_scores: torch.Tensor,
+    object_score_logits: torch.Tensor,
+    target_masks: torch.Tensor,
+    config: LossConfig | None = None,
+) -> LossOutput:
+    """Loss for N prompts.
+
+    Args:
+        mask_logits: `(N, M, h, w)` low-resolution logits (M candidate masks).
+        iou_scores: `(N, M)` predicted IoUs.
+        object_score_logits: `(N, 1)` object-presence logits.
+        target_masks: `(N, H, W)` bool or float targets (all-zero = object absent).
+    """
+    config = config or LossConfig()
+    targets = target_masks.float()[:, None]
+    logits = F.interpolate(mask_logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    targets = targets.expand_as(logits)
+    if config.mask_loss == "focal":
+        per_mask = focal_loss(logits, targets, config.focal_alpha, config.focal_gamma)
+    else:
+        per_mask = balanced_bce_loss(logits, targets)
+    per_dice = dice_loss(logits, targets)
+    combined = config.mask_weight * per_mask + config.dice_weight * per_dice
+    best = combined.argmin(dim=1, keepdim=True)
+    with torch.no_grad():
+        true_iou = mask_iou(logits, targets)
+    present = target_masks.flatten(1).any(dim=1)
+    num_present = present.sum().clamp(min=1)
+    object_loss = F.binary_cross_entropy_with_logits(
+        object_score_logits.float()[:, 0], present.float(), reduction="mean"
+    )
+    mask_term = (per_mask.gather(1, best)[:, 0] * present).sum() / num_present
+    dice_term = (per_dice.gather(1, best)[:, 0] * present).sum() / num_present
+    iou_term = (F.mse_loss(iou_scores.float(), true_iou, reduction="none").mean(1) * present).sum() / num_present
+    total = (
+        config.mask_weight * mask_term
+        + config.dice_weight * dice_term
+        + config.iou_weight * iou_term
+        + config.object_score_weight * object_loss
+    )
+    return LossOutput(
+        loss=total,
+        mask=mask_term.detach(),
+        dice=dice_term.detach(),
+        iou=iou_term.detach(),
+        object_score=object_loss.detach(),
+        mask_iou=true_iou.gather(1, best)[:, 0][present],
+    )

@@ -1,0 +1,340 @@
+"""The one trainer every recipe uses: Accelerate, AdamW, warm-up + cosine, clipping, accumulation, mixed precision,
+evaluation with base-vs-fine-tuned pictures, best-k checkpoints and resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import Sam2Processor, get_cosine_schedule_with_warmup
+
+from ..data.dataset import SegmentationDataset, collate_segmentation
+from ..evaluation.panels import comparison_panel, save_panels
+from ..evaluation.runner import EvaluationResult, batch_inputs, evaluate_segmenter
+from ..io import atomic_write_json
+from ..models.segmenter import Sam2Segmenter, wants_multimask
+from ..tuners.methods import TuningMethod
+from .checkpoints import (
+    TrainerState,
+    only_trainable_weights,
+    prune_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+from .config import TrainingConfig
+from .losses import LossOutput, sam2_loss
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps produced a NaN or infinite loss."""
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+class Trainer:
+    """Fine-tunes a base SAM 2 with a tuning method on a segmentation dataset.
+
+    Args:
+        model: the frozen base `Sam2Model`.
+        processor: its `Sam2Processor` (post-processing to original size in evaluation).
+        method: what trains (LoRA, partial fine-tuning, ...).
+        train_dataset / val_dataset: `SegmentationDataset`s (validation built with `train=False`).
+        config: optimisation, evaluation and checkpointing knobs.
+        base_name: the base model's id or path, recorded in the saved adapter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Sam2Processor,
+        method: TuningMethod,
+        train_dataset: SegmentationDataset,
+        val_dataset: SegmentationDataset | None,
+        config: TrainingConfig,
+        base_name: str | None = None,
+        run_info: dict | None = None,
+    ) -> None:
+        self.config = config
+        self.method = method
+        self.processor = processor
+        self.base_name = base_name
+        self.run_info = run_info or {}
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_dir=str(self.output_dir / "logs"),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        set_seed(config.seed)
+        self.model = method.prepare(model, base_name)
+        self.segmenter = Sam2Segmenter(self.model)
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.train_loader = self._loader(train_dataset, shuffle=True)
+        self.val_loader = self._loader(val_dataset, shuffle=False) if val_dataset is not None else None
+        optimizer = torch.optim.AdamW(method.parameter_groups(self.model, config.lr, config.weight_decay))
+        self.total_steps = self._total_steps()
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, math.ceil(config.warmup_ratio * self.total_steps), self.total_steps
+        )
+        self.accelerator.register_save_state_pre_hook(only_trainable_weights(self.segmenter))
+        prepared = self.accelerator.prepare(self.segmenter, optimizer, self.train_loader, scheduler)
+        self.wrapped, self.optimizer, self.train_loader, self.scheduler = prepared
+        if self.val_loader is not None:
+            self.val_loader = self.accelerator.prepare(self.val_loader)
+        self.state = TrainerState()
+        self.panel_ids = self._panel_ids()
+        self.base_predictions: dict[str, np.ndarray] = {}
+
+    def _loader(self, dataset: SegmentationDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size if shuffle else 1,
+            shuffle=shuffle,
+            collate_fn=collate_segmentation,
+            num_workers=self.config.num_workers,
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _total_steps(self) -> int:
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        batches = math.ceil(len(self.train_dataset) / (self.config.batch_size * self.accelerator.num_processes))
+        return self.config.epochs * max(1, math.ceil(batches / self.config.grad_accum))
+
+    def _panel_ids(self) -> list[str]:
+        if self.val_dataset is None:
+            return []
+        return [r.sample_id for r in self.val_dataset.records[: self.config.num_panels]]
+
+    # ----------------------------------------------------------------------------------------------- training
+
+    def train(self) -> dict:
+        """Run to `max_steps` (or `epochs`), evaluating and checkpointing; returns the final metrics dict."""
+        config, accelerator = self.config, self.accelerator
+        trainable, total = count_parameters(self.model)
+        logger.info("Trainable parameters: %s of %s (%.4f %%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        if config.report_to != "none":
+            accelerator.init_trackers("sam2-peft", config=_flat_scalars({**config.to_dict(), **self.run_info}))
+        if config.resume:
+            self._resume(resolve_resume(config.resume, self.output_dir / "checkpoints"))
+        elif self.val_loader is not None:
+            base = self.evaluate(keep_ids=set(self.panel_ids))
+            self.state.base_metrics = base.metrics
+            self.base_predictions = base.kept_predictions
+            self._save_base_predictions()
+            logger.info("Base model validation: %s", _format(base.metrics))
+        self._loop()
+        return self._finish()
+
+    def _loop(self) -> None:
+        config, accelerator, state = self.config, self.accelerator, self.state
+        progress = tqdm(
+            total=self.total_steps,
+            initial=state.global_step,
+            disable=not accelerator.is_local_main_process,
+            desc="train",
+        )
+        nonfinite, step_start, running = 0, time.perf_counter(), []
+        self.wrapped.train()
+        while state.global_step < self.total_steps:
+            self.train_dataset.set_epoch(state.epoch)
+            self.train_loader.set_epoch(state.epoch)
+            loader = self.train_loader
+            if state.batches_in_epoch:
+                loader = accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
+            for batch in loader:
+                state.batches_in_epoch += 1
+                with accelerator.accumulate(self.wrapped):
+                    losses = self._step(batch)
+                    finite = bool(accelerator.gather(torch.isfinite(losses.loss.detach())[None]).all())
+                    if finite:
+                        accelerator.backward(losses.loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(self.wrapped.parameters(), config.max_grad_norm)
+                        self.optimizer.step()
+                        self.scheduler.step()
+                    self.optimizer.zero_grad()
+                nonfinite = 0 if finite else nonfinite + 1
+                if not finite:
+                    logger.warning(
+                        "Non-finite loss at step %d (%d in a row): batch skipped.", state.global_step, nonfinite
+                    )
+                    if nonfinite >= config.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{nonfinite} consecutive non-finite losses at step {state.global_step}: stopping. Lower "
+                            "--lr, use bf16 instead of fp16, or check the data for empty or corrupt masks."
+                        )
+                    continue
+                running.append(losses.log_dict())
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                progress.update(1)
+                if state.global_step % config.log_every == 0 or state.global_step == self.total_steps:
+                    self._log_training(running, time.perf_counter() - step_start, progress)
+                    running, step_start = [], time.perf_counter()
+                if config.eval_every and state.global_step % config.eval_every == 0:
+                    self._evaluate_and_checkpoint()
+                if state.global_step >= self.total_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                if not config.eval_every:
+                    self._evaluate_and_checkpoint()
+        progress.close()
+
+    def _step(self, batch: dict) -> LossOutput:
+        inputs = batch_inputs(batch, self.accelerator.device)
+        if (
+            inputs["mask_inputs"] is not None
+            and random.random() >= self.train_dataset.config.prompts.mask_prompt_probability
+        ):
+            inputs["mask_inputs"] = None
+        with self.accelerator.autocast():
+            output = self.wrapped(**inputs, multimask_output=wants_multimask(inputs["point_labels"]))
+        targets = batch["target_masks"].to(self.accelerator.device)
+        return sam2_loss(output.mask_logits, output.iou_scores, output.object_score_logits, targets, self.config.loss)
+
+    def _log_training(self, running: list[dict], seconds: float, progress: tqdm) -> None:
+        means = {k: float(np.nanmean([r[k] for r in running])) for k in running[0]} if running else {}
+        means["lr"] = self.scheduler.get_last_lr()[0]
+        means["seconds_per_step"] = seconds / max(1, self.config.log_every)
+        self.state.history.append({"step": self.state.global_step, **means})
+        self.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=self.state.global_step)
+        progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
+
+    # --------------------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, keep_ids: set[str] | None = None) -> EvaluationResult:
+        """Score the current model on the validation set."""
+        return evaluate_segmenter(
+            self.wrapped, self.val_loader, self.processor, self.accelerator, keep_ids=frozenset(keep_ids or ())
+        )
+
+    def _evaluate_and_checkpoint(self) -> None:
+        if self.val_loader is not None:
+            result = self.evaluate(keep_ids=set(self.panel_ids))
+            self.state.metrics = result.metrics
+            self.state.history.append(
+                {"step": self.state.global_step, **{f"val_{k}": v for k, v in result.metrics.items()}}
+            )
+            self.accelerator.log({f"val/{k}": v for k, v in result.metrics.items()}, step=self.state.global_step)
+            logger.info("Step %d validation: %s", self.state.global_step, _format(result.metrics))
+            if self.accelerator.is_main_process:
+                self._write_panels(
+                    result.kept_predictions, self.output_dir / "panels" / f"step-{self.state.global_step}"
+                )
+        root = self.output_dir / "checkpoints"
+        save_checkpoint(self.accelerator, root, self.state, self._save_adapter)
+        if self.accelerator.is_main_process:
+            prune_checkpoints(root, self.config.metric_for_best, self.config.keep_best)
+        self.accelerator.wait_for_everyone()
+
+    def _write_panels(self, tuned: dict[str, np.ndarray], directory: Path) -> None:
+        panels = {}
+        for sample_id in self.panel_ids:
+            if sample_id not in tuned:
+                continue
+            image, truth = self.val_dataset.original(sample_id)
+            tiles = {
+                "ground truth": truth,
+                "base": self.base_predictions.get(sample_id),
+                "fine-tuned": tuned[sample_id],
+            }
+            panels[sample_id] = comparison_panel(image, {k: v for k, v in tiles.items() if v is not None}, sample_id)
+        if panels:
+            save_panels(panels, directory)
+
+    def _save_base_predictions(self) -> None:
+        if self.accelerator.is_main_process and self.base_predictions:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path = self.output_dir / "base_predictions.npz"
+            temp = path.with_suffix(".tmp.npz")
+            np.savez_compressed(temp, **self.base_predictions)
+            temp.replace(path)
+
+    # ---------------------------------------------------------------------------------------- saving/resume
+
+    def _save_adapter(self, directory: Path) -> None:
+        self.method.save(self.accelerator.unwrap_model(self.wrapped).sam, directory, self.base_name)
+
+    def _resume(self, checkpoint: Path) -> None:
+        self.accelerator.load_state(str(checkpoint), strict=False)
+        self.state = TrainerState.load(checkpoint)
+        base_file = self.output_dir / "base_predictions.npz"
+        if base_file.exists():
+            with np.load(base_file) as saved:
+                self.base_predictions = {k: saved[k] for k in saved.files}
+        logger.info("Resumed from %s at step %d (epoch %d).", checkpoint, self.state.global_step, self.state.epoch)
+
+    def _finish(self) -> dict:
+        accelerator, state = self.accelerator, self.state
+        final = self.evaluate(keep_ids=set(self.panel_ids)) if self.val_loader is not None else None
+        if accelerator.is_main_process:
+            self._save_adapter(self.output_dir)
+            if final is not None:
+                self._write_panels(final.kept_predictions, self.output_dir / "panels" / "final")
+            trainable, total = count_parameters(self.model)
+            summary = {
+                "base": state.base_metrics,
+                "fine_tuned": final.metrics if final else {},
+                "per_image": final.per_image if final else {},
+                "steps": state.global_step,
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+                "adapter_bytes": _adapter_bytes(self.output_dir),
+                "history": state.history,
+                **self.run_info,
+            }
+            atomic_write_json(self.output_dir / "metrics.json", summary)
+            atomic_write_json(
+                self.output_dir / "training_config.json",
+                {"training": self.config.to_dict(), "data": asdict(self.train_dataset.config), **self.run_info},
+            )
+            logger.info("Done. Fine-tuned validation: %s", _format(summary["fine_tuned"]))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return {"base": state.base_metrics, "fine_tuned": final.metrics if final else {}}
+
+
+def _adapter_bytes(directory: Path) -> int:
+    names = ("adapter_model.safetensors", "partial_model.safetensors")
+    return sum((directory / n).stat().st_size for n in names if (directory / n).exists())
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _flat_scalars(data: dict, prefix: str = "") -> dict:
+    """Flatten nested config for trackers, which accept only scalars."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
