@@ -242,59 +242,48 @@ def _direction(rng: np.random.Generator, grid: Grid) -> np.ndarray:
     return dx * np.cos(angle) + dy * np.sin(angle)
 
 
-def _mix(weight: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Per-pixel blend of two colours; `weight` in [0, 1] of shape ``(h, w)``."""
-    weight = weight[..., None]
-    return first * (1 - weight) + second * weight
+def _mix(weight: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Blend two colours ``(2, 3)`` per pixel; `weight` in [0, 1] gets a colour axis."""
+    return colours[0] + weight[..., None] * (colours[1] - colours[0])
 
 
-def _solid(
-    rng: np.random.Generator, grid: Grid, colours: np.ndarray, scale: float
-) -> np.ndarray:
-    return np.broadcast_to(colours[0], (grid[0].shape[0], grid[1].shape[1], 3))
+def _solid(rng: np.random.Generator, grid: Grid, scale: float) -> np.ndarray:
+    return np.zeros((grid[0].shape[0], grid[1].shape[1]))
 
 
-def _gradient(
-    rng: np.random.Generator, grid: Grid, colours: np.ndarray, scale: float
-) -> np.ndarray:
+def _gradient(rng: np.random.Generator, grid: Grid, scale: float) -> np.ndarray:
     distance = _direction(rng, grid)
-    weight = (distance - distance.min()) / max(np.ptp(distance), 1e-6)
-    return _mix(weight, colours[0], colours[1])
+    return (distance - distance.min()) / max(np.ptp(distance), 1e-6)
 
 
-def _stripes(
-    rng: np.random.Generator, grid: Grid, colours: np.ndarray, scale: float
-) -> np.ndarray:
+def _stripes(rng: np.random.Generator, grid: Grid, scale: float) -> np.ndarray:
     period = rng.uniform(0.025, 0.08) * scale
     sharpness = rng.uniform(1.0, 4.0)
     wave = np.sin(
         2 * np.pi * _direction(rng, grid) / period + rng.uniform(0, 2 * np.pi)
     )
-    return _mix(np.clip(0.5 + sharpness * wave / 2, 0, 1), colours[0], colours[1])
+    return np.clip(0.5 + sharpness * wave / 2, 0, 1)
 
 
-def _noise(
-    rng: np.random.Generator, grid: Grid, colours: np.ndarray, scale: float
-) -> np.ndarray:
+def _noise(rng: np.random.Generator, grid: Grid, scale: float) -> np.ndarray:
     shape = (grid[0].shape[0], grid[1].shape[1])
     cell = rng.uniform(0.02, 0.1) * scale
-    return _mix(_fractal_noise(rng, shape, cell), colours[0], colours[1])
+    return _fractal_noise(rng, shape, cell)
 
 
-def _checkers(
-    rng: np.random.Generator, grid: Grid, colours: np.ndarray, scale: float
-) -> np.ndarray:
+def _checkers(rng: np.random.Generator, grid: Grid, scale: float) -> np.ndarray:
     cell = rng.uniform(0.04, 0.15) * scale
     angle = rng.uniform(0, np.pi / 2)
     dy, dx = grid
     u = (dx * np.cos(angle) + dy * np.sin(angle)) / cell
     v = (dy * np.cos(angle) - dx * np.sin(angle)) / cell
     parity = (np.floor(u).astype(np.int64) + np.floor(v).astype(np.int64)) % 2
-    return _mix(parity.astype(np.float64), colours[0], colours[1])
+    return parity.astype(np.float64)
 
 
-# A texture fills a grid from two colours; `scale` is the length periods refer to.
-Texture = Callable[[np.random.Generator, Grid, np.ndarray, float], np.ndarray]
+# A texture maps a grid to blend weights in [0, 1] between an object's two colours;
+# `scale` is the length its periods are relative to.
+Texture = Callable[[np.random.Generator, Grid, float], np.ndarray]
 _TEXTURES: dict[str, Texture] = {
     "solid": _solid,
     "gradient": _gradient,
@@ -477,8 +466,8 @@ def _try_place(
     texture = config.texture_kinds[int(rng.integers(len(config.texture_kinds)))]
     reference = canvas.image[window][mask].mean(axis=0)
     colours = _random_colours(rng, reference, grey, config)
-    pixels = _TEXTURES[texture](rng, grid, colours, size)
-    canvas.image[window][mask] = pixels[mask]
+    weight = _TEXTURES[texture](rng, grid, size)[mask]
+    canvas.image[window][mask] = _mix(weight, colours)
     canvas.instances[window][mask] = len(canvas.visible_area)
     canvas.visible_area[:] = [*remaining.tolist(), area]
     canvas.full_area.append(area)
@@ -499,7 +488,7 @@ def _background(
     base = rng.uniform(0.1, 0.9, 3)
     colours = np.stack([base, np.clip(base + rng.normal(0.0, 0.12, 3), 0.0, 1.0)])
     grid = _centred_grid(size)
-    image = np.array(_TEXTURES[kind](rng, grid, colours, 2 * size), dtype=np.float64)
+    image = _mix(_TEXTURES[kind](rng, grid, 2 * size), colours)
     return image, kind
 
 
