@@ -130,9 +130,7 @@ def test_written_folder_round_trips(tmp_path):
         with Image.open(tmp_path / "masks" / name) as mask:
             assert mask.mode == "L"
         np.testing.assert_array_equal(read_png(tmp_path / "images" / name), scene.image)
-        np.testing.assert_array_equal(
-            read_png(tmp_path / "masks" / name), scene.instances
-        )
+        np.testing.assert_array_equal(read_png(tmp_path / "masks" / name), scene.instances)
 
 
 def test_masks_switch_to_16_bit_for_many_objects(tmp_path):
@@ -154,18 +152,12 @@ def test_masks_switch_to_16_bit_for_many_objects(tmp_path):
 
 def test_documented_command_reproduces_sample(tmp_path):
     readme = (SAMPLE_DIR / "README.md").read_text()
-    (command,) = [
-        line
-        for line in readme.splitlines()
-        if line.startswith("python -m sam2_peft.data.synthetic ")
-    ]
+    (command,) = [line for line in readme.splitlines() if line.startswith("python -m sam2_peft.data.synthetic ")]
     args = shlex.split(command)
     assert args[3] == "sam2_peft/data/sample"
     args[3] = str(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    subprocess.run(
-        [sys.executable, *args[1:]], cwd=REPO_ROOT, env=env, check=True, timeout=300
-    )
+    subprocess.run([sys.executable, *args[1:]], cwd=REPO_ROOT, env=env, check=True, timeout=300)
     for folder in ("images", "masks"):
         committed = sorted(os.listdir(SAMPLE_DIR / folder))
         assert len(committed) == 24
