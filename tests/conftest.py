@@ -12,6 +12,8 @@ from PIL import Image
 
 from sam2_peft.models.loading import build_model_from_config, processor_for_image_size, tiny_config
 
+pytest_plugins = ["tests.hub_fixtures"]
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REAL_DATA = Path(os.environ.get("SAM2_PEFT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode, v2
 from transformers import Sam2Processor
 
 from .augment import AugmentationConfig, augment, build_augmentation
@@ -85,9 +86,16 @@ class SegmentationDataset(Dataset):
         image = torch.from_numpy(np.ascontiguousarray(record.load_image())).permute(2, 0, 1)
         masks = torch.from_numpy(clean_instances(record.load_instances(), self.config.validation))
         masks = self._select_objects(masks, generator)
+        if self.train:
+            # Resize to the model's input first: augmenting a 4-megapixel image costs far more than the step.
+            image = v2.functional.resize(image, [self.image_size, self.image_size], antialias=True)
+            size = [self.image_size, self.image_size]
+            masks = v2.functional.resize(masks.to(torch.uint8), size, InterpolationMode.NEAREST_EXACT).bool()
         if self.transform is not None:
-            image, masks = augment(self.transform, image, masks, seed)
-            masks = masks[masks.flatten(1).sum(1) > 0] if len(masks) > 1 else masks
+            augmented_image, augmented_masks = augment(self.transform, image, masks, seed)
+            visible = augmented_masks.flatten(1).any(1)
+            if visible.any():  # objects pushed out of the frame are dropped; if all were, keep the unaugmented view
+                image, masks = augmented_image, augmented_masks[visible]
         original_size = tuple(image.shape[1:])
         if self.config.target_mode == "semantic":
             masks = masks.any(dim=0, keepdim=True)
