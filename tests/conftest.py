@@ -78,3 +78,12 @@ def write_folder_dataset(root: Path, num_images: int = 6, size: tuple[int, int] 
 @pytest.fixture
 def folder_dataset(tmp_path) -> Path:
     return write_folder_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state (mixed precision, ...); give every test a clean one."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -31,9 +31,7 @@ LFS_PATTERNS = (
     *("*.pb", "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors"),
     *("saved_model/**/*", "*.tar", "*.tflite", "*.tgz", "*.xz", "*.zip", "*.zst"),
 )
-GITATTRIBUTES = "".join(
-    f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS
-)
+GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS)
 
 # (method, path regex, handler, access): access is "read" or "write" for repo routes
 # (private repos and writes need a token), "signed" for the LFS upload URL the batch
@@ -207,9 +205,7 @@ class HubServer:
     the `(method, path)` of every request, for assertions.
     """
 
-    def __init__(
-        self, port: int = 0, *, user: str = "test-user", lfs_threshold: int = 10**7
-    ):
+    def __init__(self, port: int = 0, *, user: str = "test-user", lfs_threshold: int = 10**7):
         self.port, self.user, self.lfs_threshold = port, user, lfs_threshold
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[tuple[str, str]] = []
@@ -272,9 +268,7 @@ class HubServer:
             match = re.fullmatch(pattern, req.path)
             if method != req.method or match is None:
                 continue
-            args = {
-                k: unquote(v) for k, v in match.groupdict().items() if v is not None
-            }
+            args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
             if access is not None:
                 kind = KINDS.get(args.pop("kind", "models").strip("/"), "model")
                 args["repo"] = self._repo(kind, args.pop("repo_id"), req, access)
@@ -367,8 +361,7 @@ class HubServer:
 
     def _refs(self, req: Request, repo: Repo) -> Response:
         branches = [
-            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
-            for name, oid in repo.branches.items()
+            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid} for name, oid in repo.branches.items()
         ]
         refs = {"branches": branches, "converts": [], "tags": [], "pullRequests": []}
         return _json(refs)

@@ -46,9 +46,7 @@ def test_whoami_answers_for_any_token(hub_server: HubServer) -> None:
     assert HfApi(token="another-token").whoami()["name"] == hub_server.user
 
 
-def test_create_repo_conflict_exist_ok_and_private(
-    hub_server: HubServer, make_hub_repo_id
-) -> None:
+def test_create_repo_conflict_exist_ok_and_private(hub_server: HubServer, make_hub_repo_id) -> None:
     api = HfApi()
     public, private = make_hub_repo_id("public"), make_hub_repo_id("private")
 
@@ -70,9 +68,7 @@ def test_create_repo_conflict_exist_ok_and_private(
     api.model_info(public, token=False)  # public repos need no token
 
 
-def test_create_repo_without_namespace_uses_token_user(
-    hub_server: HubServer, make_hub_repo_id
-) -> None:
+def test_create_repo_without_namespace_uses_token_user(hub_server: HubServer, make_hub_repo_id) -> None:
     name = make_hub_repo_id("bare").split("/")[1]
     assert HfApi().create_repo(name).repo_id == f"{hub_server.user}/{name}"
 
@@ -81,17 +77,11 @@ def test_regular_upload_round_trip(hub_server: HubServer, hub_repo_id: str) -> N
     api = HfApi()
     api.create_repo(hub_repo_id)
     content = b'{"hidden_size": 8}\n'
-    first = api.upload_file(
-        path_or_fileobj=content, path_in_repo="config.json", repo_id=hub_repo_id
-    )
+    first = api.upload_file(path_or_fileobj=content, path_in_repo="config.json", repo_id=hub_repo_id)
 
     assert sorted(api.list_repo_files(hub_repo_id)) == [".gitattributes", "config.json"]
     (entry,) = api.get_paths_info(hub_repo_id, ["config.json"])
-    assert (
-        entry.lfs is None
-        and entry.size == len(content)
-        and entry.blob_id == git_blob_sha1(content)
-    )
+    assert entry.lfs is None and entry.size == len(content) and entry.blob_id == git_blob_sha1(content)
     info = api.model_info(hub_repo_id, files_metadata=True)
     assert info.sha == first.oid
     assert "config.json" in {sibling.rfilename for sibling in info.siblings}
@@ -105,15 +95,11 @@ def test_regular_upload_round_trip(hub_server: HubServer, hub_repo_id: str) -> N
     )
 
     # Same content again: preupload reports the remote oid, the client skips the commit.
-    again = api.upload_file(
-        path_or_fileobj=content, path_in_repo="config.json", repo_id=hub_repo_id
-    )
+    again = api.upload_file(path_or_fileobj=content, path_in_repo="config.json", repo_id=hub_repo_id)
     assert again.oid == first.oid
 
 
-def test_lfs_upload_by_gitattributes_round_trips_bytes(
-    hub_server: HubServer, hub_repo_id: str, tmp_path
-) -> None:
+def test_lfs_upload_by_gitattributes_round_trips_bytes(hub_server: HubServer, hub_repo_id: str, tmp_path) -> None:
     api = HfApi()
     api.create_repo(hub_repo_id)
     weights = os.urandom(300_000)
@@ -210,9 +196,7 @@ def test_request_bodies_are_drained_for_keep_alive(hub_server: HubServer) -> Non
 def test_branches_and_revisions(hub_server: HubServer, hub_repo_id: str) -> None:
     api = HfApi()
     api.create_repo(hub_repo_id)
-    main = api.upload_file(
-        path_or_fileobj=b"main\n", path_in_repo="value.txt", repo_id=hub_repo_id
-    )
+    main = api.upload_file(path_or_fileobj=b"main\n", path_in_repo="value.txt", repo_id=hub_repo_id)
     api.create_branch(hub_repo_id, branch="dev")
     with pytest.raises(HfHubHTTPError) as conflict:
         api.create_branch(hub_repo_id, branch="dev")
@@ -256,9 +240,7 @@ def test_branches_and_revisions(hub_server: HubServer, hub_repo_id: str) -> None
     assert not api.revision_exists(hub_repo_id, "no-such-branch")
 
 
-def test_missing_repo_and_file_raise_client_errors(
-    hub_server: HubServer, hub_repo_id: str
-) -> None:
+def test_missing_repo_and_file_raise_client_errors(hub_server: HubServer, hub_repo_id: str) -> None:
     api = HfApi()
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download(hub_repo_id, "config.json")
@@ -271,21 +253,15 @@ def test_missing_repo_and_file_raise_client_errors(
     assert not api.file_exists(hub_repo_id, "config.json")
     with pytest.raises(EntryNotFoundError):
         api.delete_file("config.json", repo_id=hub_repo_id)
-    api.upload_file(
-        path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=hub_repo_id
-    )
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=hub_repo_id)
     assert api.file_exists(hub_repo_id, "config.json")
     api.delete_file("config.json", repo_id=hub_repo_id)
     assert api.list_repo_files(hub_repo_id) == [".gitattributes"]
 
 
-def test_model_card_metadata_round_trip(
-    hub_server: HubServer, hub_repo_id: str
-) -> None:
+def test_model_card_metadata_round_trip(hub_server: HubServer, hub_repo_id: str) -> None:
     HfApi().create_repo(hub_repo_id)
-    data = ModelCardData(
-        license="apache-2.0", library_name="peft", tags=["sam", "lora"]
-    )
+    data = ModelCardData(license="apache-2.0", library_name="peft", tags=["sam", "lora"])
     card = ModelCard.from_template(data, model_description="A test adapter.")
     card.push_to_hub(hub_repo_id)
 
@@ -298,9 +274,7 @@ def test_model_card_metadata_round_trip(
 
 def _tiny_base() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
-    )
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
 
 
 def test_peft_push_to_hub_then_from_pretrained_online_and_offline(
@@ -308,17 +282,13 @@ def test_peft_push_to_hub_then_from_pretrained_online_and_offline(
 ) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False
-    )
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False)
     model = get_peft_model(_tiny_base(), config)
     model.push_to_hub(hub_repo_id)
 
     siblings = HfApi().model_info(hub_repo_id, files_metadata=True).siblings
     files = {sibling.rfilename: sibling for sibling in siblings}
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(
-        files
-    )
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
     # The weights went through the LFS batch API (`.safetensors` is an LFS pattern).
     assert files["adapter_model.safetensors"].lfs is not None
 

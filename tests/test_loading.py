@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from sam2_peft.models.loading import (
+    RANDOM_WEIGHTS_KEY,
+    Sam2LoadError,
+    build_model_from_config,
+    is_random_weights,
+    load_base_model,
+    model_image_size,
+    tiny_config,
+)
+
+
+def test_builtin_tiny_is_labelled_random_and_ties_positional_encodings():
+    model, processor = load_base_model("tiny-random")
+    assert is_random_weights(model)
+    assert model_image_size(model) == 256
+    assert processor.image_processor.size["height"] == 256
+    torch.testing.assert_close(
+        model.shared_image_embedding.positional_embedding,
+        model.prompt_encoder.shared_embedding.positional_embedding,
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_builtin_video_model_and_dtype():
+    model, _ = load_base_model("tiny-random", video=True, dtype="bfloat16")
+    assert type(model).__name__ == "Sam2VideoModel"
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_unknown_hub_id_offline_names_the_id_and_the_offline_option(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(Sam2LoadError) as error:
+        load_base_model("facebook/sam2.1-hiera-small-does-not-exist")
+    message = str(error.value)
+    assert "facebook/sam2.1-hiera-small-does-not-exist" in message
+    assert "tiny-random" in message and "local folder" in message
+
+
+def test_local_folder_round_trip_keeps_weights_and_random_label(saved_tiny_model, tiny_model):
+    model, processor = load_base_model(str(saved_tiny_model))
+    assert processor.image_processor.size["height"] == 128
+    assert getattr(model.config, RANDOM_WEIGHTS_KEY)
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Sam2LoadError, match="empty"):
+        load_base_model(str(tmp_path / "empty"))
+
+
+def test_meta_checkpoint_needs_its_config(tmp_path):
+    with pytest.raises(Sam2LoadError, match="meta_config"):
+        load_base_model(str(tmp_path / "sam2.1_hiera_small.pt"))
+
+
+def test_build_from_config_is_deterministic_by_seed():
+    a = build_model_from_config(tiny_config(128), seed=3)
+    b = build_model_from_config(tiny_config(128), seed=3)
+    torch.testing.assert_close(a.mask_decoder.iou_token.weight, b.mask_decoder.iou_token.weight, rtol=0, atol=0)

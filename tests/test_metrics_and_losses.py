@@ -1,0 +1,130 @@
+"""Metrics and losses against values computed by hand or by independent formulas."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from sam2_peft.evaluation.metrics import (
+    MetricAccumulator,
+    boundary_iou,
+    boundary_width,
+    dice,
+    image_metrics,
+    iou,
+    mask_boundary,
+    pixel_accuracy,
+)
+from sam2_peft.training.losses import LossConfig, balanced_bce_loss, dice_loss, focal_loss, mask_iou, sam2_loss
+
+
+def _box(shape, y0, y1, x0, x1):
+    mask = np.zeros(shape, dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_region_metrics_by_hand():
+    target = _box((10, 10), 0, 4, 0, 4)  # 16 px
+    pred = _box((10, 10), 2, 6, 0, 4)  # 16 px, overlap 8
+    assert iou(pred, target) == pytest.approx(8 / 24)
+    assert dice(pred, target) == pytest.approx(16 / 32)
+    assert pixel_accuracy(pred, target) == pytest.approx(1 - 16 / 100)
+    empty = np.zeros((10, 10), dtype=bool)
+    assert iou(empty, empty) == 1.0 and dice(empty, empty) == 1.0
+    assert iou(pred, empty) == 0.0
+
+
+def test_boundary_of_a_square_by_hand():
+    mask = _box((20, 20), 5, 15, 5, 15)  # 10x10 square
+    boundary = mask_boundary(mask, 2)
+    assert boundary.sum() == 100 - 36  # the inner 6x6 is farther than 2 px from the contour
+    assert boundary_width((100, 100), 0.02) == round(0.02 * math.hypot(100, 100))
+
+
+def test_boundary_matches_iterated_erosion_reference():
+    rng = np.random.default_rng(0)
+    mask = ndimage.binary_opening(rng.random((60, 80)) > 0.4, iterations=2)
+    for width in (1, 3):
+        padded = np.pad(mask, 1)
+        eroded = ndimage.binary_erosion(padded, structure=np.ones((3, 3)), iterations=width)[1:-1, 1:-1]
+        np.testing.assert_array_equal(mask_boundary(mask, width), mask & ~eroded)
+
+
+def test_boundary_iou_crop_equals_full_image_computation():
+    target = _box((200, 300), 50, 120, 60, 200)
+    pred = _box((200, 300), 55, 130, 50, 190)
+    width = boundary_width(target.shape)
+    full = iou(mask_boundary(pred, width), mask_boundary(target, width))
+    assert boundary_iou(pred, target) == pytest.approx(full)
+    touching = _box((200, 300), 0, 40, 0, 300)  # touches the image border
+    full = iou(mask_boundary(touching, width), mask_boundary(target | touching, width))
+    assert boundary_iou(touching, target | touching) == pytest.approx(full)
+
+
+def test_image_metrics_average_objects_and_accumulator_averages_images():
+    targets = np.stack([_box((10, 10), 0, 4, 0, 4), _box((10, 10), 6, 10, 6, 10)])
+    preds = np.stack([targets[0], np.zeros((10, 10), dtype=bool)])
+    scores = image_metrics(preds, targets)
+    assert scores["iou"] == pytest.approx(0.5)
+    accumulator = MetricAccumulator()
+    accumulator.update("a", preds, targets)
+    accumulator.update("b", targets, targets)
+    assert accumulator.compute()["iou"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="shape"):
+        image_metrics(preds[:1], targets)
+
+
+def test_dice_and_focal_losses_against_formulas():
+    logits = torch.tensor([[[2.0, -1.0], [0.5, -3.0]]])
+    targets = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    p = logits.sigmoid()
+    expected_dice = 1 - (2 * (p * targets).sum() + 1) / (p.sum() + targets.sum() + 1)
+    torch.testing.assert_close(dice_loss(logits, targets)[0], expected_dice)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = 0.25 * targets + 0.75 * (1 - targets)
+    expected_focal = (alpha_t * ce * (1 - p_t) ** 2).mean()
+    torch.testing.assert_close(focal_loss(logits, targets, 0.25, 2.0)[0], expected_focal)
+
+
+def test_balanced_bce_weighs_classes_equally():
+    targets = torch.zeros(1, 4, 4)
+    targets[0, 0, 0] = 1  # 1 foreground, 15 background
+    logits = torch.zeros(1, 4, 4)
+    torch.testing.assert_close(balanced_bce_loss(logits, targets)[0], torch.tensor(math.log(2)))
+    logits[0, 0, 0] = -5  # only the foreground pixel is wrong: half the total weight
+    loss = balanced_bce_loss(logits, targets)[0]
+    expected = (15 * F.softplus(torch.tensor(5.0)) + 15 * math.log(2)) / 30
+    torch.testing.assert_close(loss, expected)
+
+
+def test_sam2_loss_trains_best_mask_and_true_iou():
+    targets = torch.zeros(1, 8, 8, dtype=torch.bool)
+    targets[0, :4] = True
+    good = torch.where(targets[0], 10.0, -10.0)
+    logits = torch.stack([-good, good, torch.zeros(8, 8)])[None]  # candidate 1 is perfect
+    iou_scores = torch.tensor([[0.0, 1.0, 0.5]], requires_grad=True)
+    out = sam2_loss(logits, iou_scores, torch.tensor([[5.0]]), targets)
+    assert out.mask_iou.tolist() == [1.0]  # the best candidate was chosen
+    true_iou = mask_iou(logits, targets[:, None].float().expand_as(logits))
+    torch.testing.assert_close(out.iou, F.mse_loss(iou_scores, true_iou).detach())
+    assert out.loss.requires_grad
+
+
+def test_absent_object_trains_only_the_object_score():
+    targets = torch.zeros(2, 8, 8, dtype=torch.bool)
+    targets[0, 2:5, 2:5] = True
+    logits = torch.randn(2, 1, 4, 4, requires_grad=True)
+    scores = torch.tensor([[0.3], [0.2]], requires_grad=True)
+    object_logits = torch.tensor([[1.0], [1.0]], requires_grad=True)
+    out = sam2_loss(logits, scores, object_logits, targets, LossConfig())
+    out.loss.backward()
+    assert logits.grad[1].abs().sum() == 0 and scores.grad[1].abs().sum() == 0
+    assert logits.grad[0].abs().sum() > 0
+    assert object_logits.grad[1, 0] > 0  # pushed towards "absent"
+    with pytest.raises(ValueError, match="mask_loss"):
+        LossConfig(mask_loss="l2")

@@ -1,0 +1,144 @@
+"""The trainer end to end on tiny models: outputs, plain-peft reload, resume, non-finite losses, 2-process DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import Sam2Model
+
+from recipes.lora_decoder import main as lora_recipe
+from sam2_peft.training import trainer as trainer_module
+from sam2_peft.training.trainer import NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(base), "--data", str(data), "--output-dir", str(out), "--val-fraction", "0.34",
+        "--report-to", "none", "--batch-size", "2", "--lora-r", "4", "--lr", "1e-3", "--num-panels", "1", *extra,
+    ]  # fmt: skip
+
+
+def _adapter(path: Path) -> dict:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_recipe_end_to_end_outputs_and_plain_peft_reload(saved_tiny_model, folder_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "4", "--eval-every", "2"))
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "training_config.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("iou", "dice", "boundary_iou", "pixel_accuracy"):
+        assert 0 <= metrics["base"][key] <= 1 and 0 <= metrics["fine_tuned"][key] <= 1
+    assert metrics["steps"] == 4 and metrics["trainable_parameters"] > 0
+    assert metrics["fine_tuned"] == result["fine_tuned"]
+    assert len(metrics["per_image"]) == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    panels = sorted((out / "panels" / "final").glob("*.png"))
+    assert len(panels) == 1 and panels[0].stat().st_size > 1000
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(saved_tiny_model)
+
+    # Plain peft + transformers reproduce the masks the trainer evaluated at the end.
+    base = Sam2Model.from_pretrained(saved_tiny_model)
+    model = PeftModel.from_pretrained(base, out).eval()
+    image = torch.randn(1, 3, 128, 128)
+    box = torch.tensor([[[20.0, 20, 80, 90]]])
+    with torch.no_grad():
+        adapted = model(pixel_values=image, input_boxes=box, multimask_output=False).pred_masks
+        with model.disable_adapter():
+            plain = model(pixel_values=image, input_boxes=box, multimask_output=False).pred_masks
+    assert not torch.allclose(adapted, plain)  # the adapter changed something
+    trained = load_file(str(out / "checkpoints" / "step-4" / "adapter" / "adapter_model.safetensors"))
+    for key, value in _adapter(out).items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+
+
+def test_resume_continues_with_the_same_state(saved_tiny_model, folder_dataset, tmp_path):
+    full = tmp_path / "full"
+    lora_recipe(_args(saved_tiny_model, folder_dataset, full, "--max-steps", "4", "--eval-every", "2"))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    shutil.copy(full / "base_predictions.npz", resumed / "base_predictions.npz")
+    lora_recipe(_args(saved_tiny_model, folder_dataset, resumed, "--max-steps", "4", "--eval-every", "2", "--resume"))
+    state = json.loads((resumed / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    expected, got = _adapter(full), _adapter(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
+    # Checkpoints keep only trainable weights: adapter-sized, not model-sized.
+    weights = resumed / "checkpoints" / "step-4" / "model.safetensors"
+    assert weights.stat().st_size < 3 * (resumed / "adapter_model.safetensors").stat().st_size
+
+
+def test_resume_without_checkpoint_is_a_clear_error(saved_tiny_model, folder_dataset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        lora_recipe(_args(saved_tiny_model, folder_dataset, tmp_path / "x", "--max-steps", "2", "--resume"))
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(saved_tiny_model, folder_dataset, tmp_path, monkeypatch):
+    real_loss = trainer_module.sam2_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        out = real_loss(*args, **kwargs)
+        if calls["n"] == 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "sam2_loss", sometimes_nan)
+    out = tmp_path / "one-nan"
+    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--eval-every", "100"))
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+    assert np.isfinite(np.concatenate([v.numpy().ravel() for v in _adapter(out).values()])).all()
+
+    def always_nan(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "sam2_loss", always_nan)
+    with pytest.raises(NonFiniteLossError, match="5 consecutive non-finite losses"):
+        lora_recipe(_args(saved_tiny_model, folder_dataset, tmp_path / "all-nan", "--max-steps", "10"))
+
+
+def test_bf16_autocast_and_gradient_accumulation_on_cpu(saved_tiny_model, folder_dataset, tmp_path):
+    out = tmp_path / "bf16"
+    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--grad-accum", "2",
+                      "--mixed-precision", "bf16", "--eval-every", "100"))  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    assert all(np.isfinite(v.float().numpy()).all() for v in _adapter(out).values())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_ranks_identical(saved_tiny_model, folder_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "tests" / "scripts" / "ddp_train.py"),
+        *_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--grad-accum", "2", "--batch-size", "1"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1 of 2: steps 3" in result.stdout and "rank 0 of 2: steps 3" in result.stdout
+    rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and rank0
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+    assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)  # training happened
