@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -563,3 +565,12 @@ def test_cli_converts_and_reports_errors(checkpoint, tmp_path, capsys):
     )
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "already exists" in error
+
+
+def test_converter_does_not_import_meta_sam2():
+    code = "import sys, sam2_peft.models.meta_checkpoint; print('sam2' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    assert result.stdout.strip() == "False"
