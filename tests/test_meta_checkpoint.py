@@ -146,9 +146,7 @@ def meta_state_dict() -> dict[str, torch.Tensor]:
     """Random Meta `sam2.1_hiera_t` state dict (every tensor distinct)."""
     shapes = json.loads(SHAPES_FILE.read_text())
     generator = torch.Generator().manual_seed(0)
-    return {
-        key: torch.randn(shape, generator=generator) for key, shape in shapes.items()
-    }
+    return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +161,7 @@ def _save(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def _official_yaml(
-    tmp_path: Path, name: str = "sam2.1_hiera_t", **model_overrides
-) -> Path:
+def _official_yaml(tmp_path: Path, name: str = "sam2.1_hiera_t", **model_overrides) -> Path:
     """A Meta-style YAML file with the settings of an official config, with `model_overrides` applied."""
     config = transformers_config_from_meta(name, video=True)
     backbone = config.vision_config.backbone_config
@@ -266,13 +262,8 @@ def test_image_model_gets_every_renamed_tensor(checkpoint, meta_state_dict):
     assert isinstance(model, Sam2Model) and not model.training
     state = model.state_dict()
     for meta_key, hf_key in IMAGE_RENAMES:
-        torch.testing.assert_close(
-            state[hf_key], meta_state_dict[meta_key], atol=0, rtol=0, msg=meta_key
-        )
-    point_embeddings = [
-        meta_state_dict[f"sam_prompt_encoder.point_embeddings.{i}.weight"]
-        for i in range(4)
-    ]
+        torch.testing.assert_close(state[hf_key], meta_state_dict[meta_key], atol=0, rtol=0, msg=meta_key)
+    point_embeddings = [meta_state_dict[f"sam_prompt_encoder.point_embeddings.{i}.weight"] for i in range(4)]
     torch.testing.assert_close(
         state["prompt_encoder.point_embed.weight"],
         torch.cat(point_embeddings),
@@ -287,19 +278,16 @@ def test_video_model_gets_memory_and_pointer_tensors(checkpoint, meta_state_dict
     assert isinstance(model, Sam2VideoModel)
     state = model.state_dict()
     for meta_key, hf_key in IMAGE_RENAMES + VIDEO_RENAMES:
-        torch.testing.assert_close(
-            state[hf_key], meta_state_dict[meta_key], atol=0, rtol=0, msg=meta_key
-        )
+        torch.testing.assert_close(state[hf_key], meta_state_dict[meta_key], atol=0, rtol=0, msg=meta_key)
 
 
-def test_positional_encoding_matrix_is_one_tensor(checkpoint, meta_state_dict):
+def test_positional_encoding_matrix_is_loaded_into_both_modules(checkpoint, meta_state_dict, tmp_path):
     model = load_meta_checkpoint(checkpoint, "sam2.1_hiera_t")
 
     shared = model.shared_image_embedding.positional_embedding
-    assert model.prompt_encoder.shared_embedding.positional_embedding is shared
-    expected = meta_state_dict[
-        "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
-    ]
+    torch.testing.assert_close(model.prompt_encoder.shared_embedding.positional_embedding, shared, atol=0, rtol=0)
+    model.save_pretrained(tmp_path)  # equal copies, not one shared tensor: saves like any model
+    expected = meta_state_dict["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
     torch.testing.assert_close(shared, expected, atol=0, rtol=0)
 
 
@@ -311,21 +299,15 @@ def test_bare_state_dict_and_dtype(meta_state_dict, tmp_path):
 
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     shared = model.shared_image_embedding.positional_embedding
-    assert (
-        shared.dtype == torch.bfloat16
-        and model.prompt_encoder.shared_embedding.positional_embedding is shared
-    )
+    assert shared.dtype == torch.bfloat16
+    torch.testing.assert_close(model.prompt_encoder.shared_embedding.positional_embedding, shared, atol=0, rtol=0)
     expected = meta_state_dict["sam_mask_decoder.iou_token.weight"].to(torch.bfloat16)
-    torch.testing.assert_close(
-        model.mask_decoder.iou_token.weight, expected, atol=0, rtol=0
-    )
+    torch.testing.assert_close(model.mask_decoder.iou_token.weight, expected, atol=0, rtol=0)
 
 
 def test_sam2_0_layout_loads_and_sam2_1_keys_are_refused(meta_state_dict, tmp_path):
     sam2_0 = {k: v for k, v in meta_state_dict.items() if k not in SAM2_1_ONLY_KEYS}
-    model = load_meta_checkpoint(
-        _save(sam2_0, tmp_path / "sam2.pt"), "sam2_hiera_t", video=True
-    )
+    model = load_meta_checkpoint(_save(sam2_0, tmp_path / "sam2.pt"), "sam2_hiera_t", video=True)
 
     assert model.occlusion_spatial_embedding_parameter is None
     assert not model.config.enable_temporal_pos_encoding_for_object_pointers
@@ -333,21 +315,16 @@ def test_sam2_0_layout_loads_and_sam2_1_keys_are_refused(meta_state_dict, tmp_pa
         MetaCheckpointError,
         match=r"unexpected key.*no_obj_embed_spatial.*obj_ptr_tpos_proj\.weight",
     ):
-        load_meta_checkpoint(
-            _save(meta_state_dict, tmp_path / "sam2.1.pt"), "sam2_hiera_t", video=True
-        )
+        load_meta_checkpoint(_save(meta_state_dict, tmp_path / "sam2.1.pt"), "sam2_hiera_t", video=True)
 
 
 # ------------------------------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize(
-    "spelling", ["configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_t.yaml"]
-)
+@pytest.mark.parametrize("spelling", ["configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_t.yaml"])
 def test_config_name_spellings(spelling):
     assert (
-        transformers_config_from_meta(spelling).to_dict()
-        == transformers_config_from_meta("sam2.1_hiera_t").to_dict()
+        transformers_config_from_meta(spelling).to_dict() == transformers_config_from_meta("sam2.1_hiera_t").to_dict()
     )
 
 
@@ -393,9 +370,7 @@ def test_official_architectures(name, dims, blocks, global_blocks, windows, back
 
 
 def test_yaml_file_sets_image_size_everywhere(tmp_path):
-    config = transformers_config_from_meta(
-        _official_yaml(tmp_path, image_size=512), video=True
-    )
+    config = transformers_config_from_meta(_official_yaml(tmp_path, image_size=512), video=True)
 
     assert config.image_size == 512
     assert config.prompt_encoder_config.image_size == 512
@@ -407,16 +382,11 @@ def test_yaml_file_sets_image_size_everywhere(tmp_path):
     ]
     assert config.memory_attention_rope_feat_sizes == [32, 32]
     assert config.memory_fuser_layer_scale_init_value == 1e-6
-    assert (
-        config.enable_occlusion_spatial_embedding
-        and config.enable_temporal_pos_encoding_for_object_pointers
-    )
+    assert config.enable_occlusion_spatial_embedding and config.enable_temporal_pos_encoding_for_object_pointers
 
 
 def test_unknown_config_name_lists_valid_names():
-    with pytest.raises(
-        MetaCheckpointError, match="Unknown SAM 2 config 'sam2.1_hiera_xl'"
-    ) as info:
+    with pytest.raises(MetaCheckpointError, match="Unknown SAM 2 config 'sam2.1_hiera_xl'") as info:
         transformers_config_from_meta("sam2.1_hiera_xl")
     assert all(name in str(info.value) for name in META_CONFIG_NAMES)
 
@@ -465,16 +435,10 @@ def test_missing_unexpected_and_mis_shaped_keys_are_named(meta_state_dict, tmp_p
         load_meta_checkpoint(_save(broken, tmp_path / "broken.pt"), "sam2.1_hiera_t")
 
     message = str(info.value)
-    assert (
-        "unexpected key(s) with no place in Sam2Model: sam_mask_decoder.extra_head.weight;"
-        in message
-    )
+    assert "unexpected key(s) with no place in Sam2Model: sam_mask_decoder.extra_head.weight;" in message
     assert "missing key(s): sam_prompt_encoder.point_embeddings.2.weight;" in message
     assert "no checkpoint key maps to them): mask_decoder.iou_token.weight;" in message
-    assert (
-        "sam_mask_decoder.mask_tokens.weight (5, 256) -> mask_decoder.mask_tokens.weight (4, 256)"
-        in message
-    )
+    assert "sam_mask_decoder.mask_tokens.weight (5, 256) -> mask_decoder.mask_tokens.weight (4, 256)" in message
 
 
 def test_wrong_architecture_is_reported_by_shape(checkpoint):
@@ -492,9 +456,7 @@ def test_wrong_architecture_is_reported_by_shape(checkpoint):
     ("video", "model_class", "processor_class"),
     [(False, Sam2Model, Sam2Processor), (True, Sam2VideoModel, Sam2VideoProcessor)],
 )
-def test_converted_folder_loads_with_from_pretrained(
-    checkpoint, tmp_path, video, model_class, processor_class
-):
+def test_converted_folder_loads_with_from_pretrained(checkpoint, tmp_path, video, model_class, processor_class):
     out_dir = convert_meta_checkpoint(
         checkpoint,
         _official_yaml(tmp_path, image_size=512),
@@ -502,9 +464,7 @@ def test_converted_folder_loads_with_from_pretrained(
         video=video,
     )
 
-    reference = load_meta_checkpoint(
-        checkpoint, _official_yaml(tmp_path, image_size=512), video=video
-    )
+    reference = load_meta_checkpoint(checkpoint, _official_yaml(tmp_path, image_size=512), video=video)
     model = model_class.from_pretrained(out_dir)
     assert model.config.prompt_encoder_config.image_size == 512
     assert model.config.vision_config.backbone_feature_sizes == [
@@ -534,9 +494,7 @@ def test_conversion_never_leaves_partial_output(checkpoint, meta_state_dict, tmp
 
     broken = {k: v for k, v in meta_state_dict.items() if k != "no_mem_embed"}
     with pytest.raises(MetaCheckpointError, match="no_memory_embedding"):
-        convert_meta_checkpoint(
-            _save(broken, tmp_path / "broken.pt"), "sam2.1_hiera_t", tmp_path / "out"
-        )
+        convert_meta_checkpoint(_save(broken, tmp_path / "broken.pt"), "sam2.1_hiera_t", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt", "existing"]
 
 
@@ -546,31 +504,23 @@ def test_cli_help(capsys):
 
     assert info.value.code == 0
     help_text = capsys.readouterr().out
-    assert help_text.startswith(
-        "usage: sam2-peft convert-meta [-h] --config NAME [--video] CHECKPOINT OUT_DIR"
-    )
+    assert help_text.startswith("usage: sam2-peft convert-meta [-h] --config NAME [--video] CHECKPOINT OUT_DIR")
     assert all(name in help_text for name in META_CONFIG_NAMES)
 
 
 def test_cli_converts_and_reports_errors(checkpoint, tmp_path, capsys):
-    assert (
-        main([str(checkpoint), "--config", "sam2.1_hiera_t", str(tmp_path / "hf")]) == 0
-    )
+    assert main([str(checkpoint), "--config", "sam2.1_hiera_t", str(tmp_path / "hf")]) == 0
     assert "Wrote Sam2Model and processor to" in capsys.readouterr().out
     assert isinstance(Sam2Model.from_pretrained(tmp_path / "hf"), Sam2Model)
     capsys.readouterr()
 
-    assert (
-        main([str(checkpoint), "--config", "sam2.1_hiera_t", str(tmp_path / "hf")]) == 1
-    )
+    assert main([str(checkpoint), "--config", "sam2.1_hiera_t", str(tmp_path / "hf")]) == 1
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "already exists" in error
 
 
 def test_converter_does_not_import_meta_sam2():
     code = "import sys, sam2_peft.models.meta_checkpoint; print('sam2' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
     assert result.stdout.strip() == "False"

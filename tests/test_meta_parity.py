@@ -64,13 +64,9 @@ def _config_file(name: str) -> str:
     return f"configs/{name.split('_hiera_')[0]}/{name}.yaml"
 
 
-def _assert_close(
-    actual: torch.Tensor, expected: torch.Tensor | np.ndarray, what: str
-) -> None:
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor | np.ndarray, what: str) -> None:
     expected = torch.as_tensor(expected).reshape(actual.shape)
-    print(
-        f"{what}: max |diff| = {(actual - expected).abs().max().item():.3g} (max |Meta| {expected.abs().max():.3g})"
-    )
+    print(f"{what}: max |diff| = {(actual - expected).abs().max().item():.3g} (max |Meta| {expected.abs().max():.3g})")
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=what)
 
 
@@ -79,9 +75,7 @@ def _perturb_constant_parameters(model: torch.nn.Module) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.parameters():
-            if parameter.numel() > 1 and bool(
-                (parameter == parameter.flatten()[0]).all()
-            ):
+            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
                 parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
 
 
@@ -107,9 +101,7 @@ def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
         width // 8 + 1,
         generator=torch.Generator().manual_seed(seed),
     )
-    image = torch.nn.functional.interpolate(
-        noise, size=(height, width), mode="bicubic", align_corners=False
-    )
+    image = torch.nn.functional.interpolate(noise, size=(height, width), mode="bicubic", align_corners=False)
     return (image[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
@@ -129,9 +121,7 @@ def test_official_name_table_matches_packaged_yaml(name):
 def test_every_official_layout_maps_onto_transformers(name):
     """Names and shapes of Meta's full state dict map exactly onto Sam2Model and Sam2VideoModel (no values)."""
     with no_init_weights():
-        meta_state_dict = instantiate(
-            compose(config_name=_config_file(name)).model, _recursive_=True
-        ).state_dict()
+        meta_state_dict = instantiate(compose(config_name=_config_file(name)).model, _recursive_=True).state_dict()
     with torch.device("meta"):
         models = [
             Sam2Model(transformers_config_from_meta(name)),
@@ -143,9 +133,7 @@ def test_every_official_layout_maps_onto_transformers(name):
         assert converted.keys() == model.state_dict().keys()
     if name == "sam2.1_hiera_t":
         fixture = json.loads(SHAPES_FILE.read_text())
-        assert fixture == {
-            key: list(value.shape) for key, value in meta_state_dict.items()
-        }
+        assert fixture == {key: list(value.shape) for key, value in meta_state_dict.items()}
 
 
 # ------------------------------------------------------------------------------------------------- preprocessing
@@ -155,21 +143,15 @@ def test_every_official_layout_maps_onto_transformers(name):
 def test_processor_matches_sam2_transforms_on_non_square_image(image_size):
     image = _image(200, 300)
     points = np.array([[10.5, 20.25], [299.0, 0.0], [150.0, 199.0]], dtype=np.float32)
-    boxes = np.array(
-        [[12.0, 30.5, 250.0, 190.0], [0.0, 0.0, 300.0, 200.0]], dtype=np.float32
-    )
+    boxes = np.array([[12.0, 30.5, 250.0, 190.0], [0.0, 0.0, 300.0, 200.0]], dtype=np.float32)
     meta = SAM2Transforms(resolution=image_size, mask_threshold=0.0)
     size = {"height": image_size, "width": image_size}
     processor = Sam2Processor(
-        Sam2ImageProcessor(
-            size=size, mask_size={"height": image_size // 4, "width": image_size // 4}
-        )
+        Sam2ImageProcessor(size=size, mask_size={"height": image_size // 4, "width": image_size // 4})
     )
 
     expected_pixels = meta(image)
-    as_float = processor(
-        images=image.astype(np.float32) / 255, do_rescale=False, return_tensors="pt"
-    )
+    as_float = processor(images=image.astype(np.float32) / 255, do_rescale=False, return_tensors="pt")
     _assert_close(as_float.pixel_values[0], expected_pixels, "pixels (float input)")
     as_uint8 = processor(
         images=image,
@@ -254,31 +236,21 @@ def test_image_model_parity(name, image_size, tmp_path):
     predictor._bb_feat_sizes = [(image_size // stride,) * 2 for stride in (4, 8, 16)]
     predictor.set_image(image)
     object_scores = []
-    meta_model.sam_mask_decoder.register_forward_hook(
-        lambda module, args, out: object_scores.append(out[3])
-    )
+    meta_model.sam_mask_decoder.register_forward_hook(lambda module, args, out: object_scores.append(out[3]))
     size = {"height": image_size, "width": image_size}
     processor = Sam2Processor(
-        Sam2ImageProcessor(
-            size=size, mask_size={"height": image_size // 4, "width": image_size // 4}
-        )
+        Sam2ImageProcessor(size=size, mask_size={"height": image_size // 4, "width": image_size // 4})
     )
     pixel_values = predictor._transforms(image)[None]
 
     with torch.no_grad():
         trunk = meta_model.image_encoder.trunk(pixel_values)
-        hf_trunk = hf_model.vision_encoder.backbone(
-            pixel_values
-        ).intermediate_hidden_states
+        hf_trunk = hf_model.vision_encoder.backbone(pixel_values).intermediate_hidden_states
         for stage, (expected, actual) in enumerate(zip(trunk, hf_trunk, strict=True)):
             _assert_close(actual.permute(0, 3, 1, 2), expected, f"Hiera stage {stage}")
         embeddings = hf_model.get_image_embeddings(pixel_values)
-        expected_features = predictor._features["high_res_feats"] + [
-            predictor._features["image_embed"]
-        ]
-        for level, (expected, actual) in enumerate(
-            zip(expected_features, embeddings, strict=True)
-        ):
+        expected_features = predictor._features["high_res_feats"] + [predictor._features["image_embed"]]
+        for level, (expected, actual) in enumerate(zip(expected_features, embeddings, strict=True)):
             _assert_close(actual, expected, f"image embeddings level {level}")
 
     for index, (meta_prompt, hf_prompt, multimask) in enumerate(PROMPTS):
@@ -288,27 +260,15 @@ def test_image_model_parity(name, image_size, tmp_path):
             return_logits=True,
         )
         inputs = processor(images=image, **hf_prompt, return_tensors="pt")
-        prompts = {
-            key: value for key, value in inputs.items() if key.startswith("input_")
-        }
+        prompts = {key: value for key, value in inputs.items() if key.startswith("input_")}
         # The first prompt runs the whole model; the others reuse the image embeddings, as Meta's predictor does.
-        image_inputs = (
-            {"pixel_values": pixel_values}
-            if index == 0
-            else {"image_embeddings": embeddings}
-        )
+        image_inputs = {"pixel_values": pixel_values} if index == 0 else {"image_embeddings": embeddings}
         with torch.no_grad():
             outputs = hf_model(**image_inputs, **prompts, multimask_output=multimask)
-        full_res = processor.post_process_masks(
-            outputs.pred_masks, inputs["original_sizes"], binarize=False
-        )[0]
-        assert (
-            outputs.pred_masks[0].std() > 1e-2
-        )  # the comparison is not between near-constant masks
+        full_res = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], binarize=False)[0]
+        assert outputs.pred_masks[0].std() > 1e-2  # the comparison is not between near-constant masks
         what = f"prompt {index} ({'+'.join(meta_prompt)})"
-        _assert_close(
-            outputs.pred_masks[0], low_res_masks, f"{what}: low-res mask logits"
-        )
+        _assert_close(outputs.pred_masks[0], low_res_masks, f"{what}: low-res mask logits")
         _assert_close(full_res, masks, f"{what}: mask logits at 200x300")
         _assert_close(outputs.iou_scores[0], iou_scores, f"{what}: IoU scores")
         _assert_close(
@@ -328,12 +288,8 @@ VIDEO_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "image_size", "object_score_bias", "num_frames"), VIDEO_CASES
-)
-def test_video_propagation_parity(
-    name, image_size, object_score_bias, num_frames, tmp_path
-):
+@pytest.mark.parametrize(("name", "image_size", "object_score_bias", "num_frames"), VIDEO_CASES)
+def test_video_propagation_parity(name, image_size, object_score_bias, num_frames, tmp_path):
     torch.manual_seed(0)
     meta_model = build_sam2_video_predictor(
         _config_file(name),
@@ -342,18 +298,14 @@ def test_video_propagation_parity(
     )
     _perturb_constant_parameters(meta_model)
     with torch.no_grad():
-        meta_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(
-            object_score_bias
-        )
+        meta_model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(object_score_bias)
     # Hole filling runs a CUDA-only kernel (Meta skips it with a warning on CPU); transformers has none.
     meta_model.fill_hole_area = 0
     hf_model = _convert(meta_model, name, image_size, tmp_path, video=True)
     frames_dir = tmp_path / "frames"
     frames_dir.mkdir()
     for index in range(num_frames):
-        Image.fromarray(np.roll(_image(120, 160), 6 * index, axis=1)).save(
-            frames_dir / f"{index:05d}.jpg"
-        )
+        Image.fromarray(np.roll(_image(120, 160), 6 * index, axis=1)).save(frames_dir / f"{index:05d}.jpg")
 
     state = meta_model.init_state(str(frames_dir))
     meta_model.add_new_points_or_box(
@@ -363,21 +315,13 @@ def test_video_propagation_parity(
         points=np.array([[60.0, 40.0]]),
         labels=np.array([1]),
     )
-    meta_model.add_new_points_or_box(
-        state, frame_idx=0, obj_id=2, box=np.array([20.0, 30.0, 90.0, 100.0])
-    )
-    meta_masks = {
-        frame: masks for frame, _, masks in meta_model.propagate_in_video(state)
-    }
+    meta_model.add_new_points_or_box(state, frame_idx=0, obj_id=2, box=np.array([20.0, 30.0, 90.0, 100.0]))
+    meta_masks = {frame: masks for frame, _, masks in meta_model.propagate_in_video(state)}
 
     size = {"height": image_size, "width": image_size}
-    processor = Sam2VideoProcessor(
-        Sam2ImageProcessor(size=size), Sam2VideoVideoProcessor(size=size)
-    )
+    processor = Sam2VideoProcessor(Sam2ImageProcessor(size=size), Sam2VideoVideoProcessor(size=size))
     # The same normalised frames as Meta's (Meta resizes its JPEGs with PIL, which is not under test here).
-    session = Sam2VideoInferenceSession(
-        video=state["images"], video_height=120, video_width=160, dtype=torch.float32
-    )
+    session = Sam2VideoInferenceSession(video=state["images"], video_height=120, video_width=160, dtype=torch.float32)
     processor.add_inputs_to_inference_session(
         session,
         frame_idx=0,
@@ -390,23 +334,14 @@ def test_video_propagation_parity(
         session, frame_idx=0, obj_ids=2, input_boxes=[[[20.0, 30.0, 90.0, 100.0]]]
     )
     hf_model(inference_session=session, frame_idx=0)
-    hf_outputs = {
-        output.frame_idx: output
-        for output in hf_model.propagate_in_video_iterator(session)
-    }
+    hf_outputs = {output.frame_idx: output for output in hf_model.propagate_in_video_iterator(session)}
 
     assert sorted(hf_outputs) == sorted(meta_masks) == list(range(num_frames))
     for frame, output in hf_outputs.items():
         kind = "cond_frame_outputs" if frame == 0 else "non_cond_frame_outputs"
-        meta_outputs = [
-            state["output_dict_per_obj"][index][kind][frame] for index in (0, 1)
-        ]
-        expected_scores = torch.cat(
-            [out["object_score_logits"] for out in meta_outputs]
-        )
-        assert bool(
-            ((expected_scores > 0) == (object_score_bias > 0)).all()
-        )  # the intended regime
+        meta_outputs = [state["output_dict_per_obj"][index][kind][frame] for index in (0, 1)]
+        expected_scores = torch.cat([out["object_score_logits"] for out in meta_outputs])
+        assert bool(((expected_scores > 0) == (object_score_bias > 0)).all())  # the intended regime
         _assert_close(
             output.object_score_logits,
             expected_scores,
@@ -417,7 +352,5 @@ def test_video_propagation_parity(
             torch.cat([out["pred_masks"] for out in meta_outputs]),
             f"frame {frame} low-res masks",
         )
-        video_res = processor.post_process_masks(
-            [output.pred_masks], original_sizes=[[120, 160]], binarize=False
-        )[0]
+        video_res = processor.post_process_masks([output.pred_masks], original_sizes=[[120, 160]], binarize=False)[0]
         _assert_close(video_res, meta_masks[frame], f"frame {frame} masks at 120x160")

@@ -182,9 +182,7 @@ _OFFICIAL_VERSIONS: dict[str, dict[str, Any]] = {
 }
 
 META_CONFIG_NAMES: tuple[str, ...] = tuple(
-    f"{version}_hiera_{size}"
-    for version in _OFFICIAL_VERSIONS
-    for size in _OFFICIAL_TRUNKS
+    f"{version}_hiera_{size}" for version in _OFFICIAL_VERSIONS for size in _OFFICIAL_TRUNKS
 )
 """The official Meta config names, e.g. `sam2.1_hiera_t` (also accepted as `configs/sam2.1/sam2.1_hiera_t.yaml`)."""
 
@@ -267,9 +265,7 @@ def _read_yaml_model_config(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         document = yaml.safe_load(f)
     if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
-        raise MetaCheckpointError(
-            f"{path} is not a Meta SAM 2 config: it has no `model:` section."
-        )
+        raise MetaCheckpointError(f"{path} is not a Meta SAM 2 config: it has no `model:` section.")
     return document["model"]
 
 
@@ -304,9 +300,7 @@ def _get(model_cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
 def _require(model_cfg: Mapping[str, Any], dotted: str) -> Any:
     value = _get(model_cfg, dotted)
     if value is None:
-        raise MetaCheckpointError(
-            f"The SAM 2 config has no `model.{dotted}` setting, which conversion needs."
-        )
+        raise MetaCheckpointError(f"The SAM 2 config has no `model.{dotted}` setting, which conversion needs.")
     return value
 
 
@@ -315,33 +309,22 @@ def _check_supported(model_cfg: Mapping[str, Any]) -> None:
     unsupported = []
     for dotted, supported, default in _FIXED_IN_TRANSFORMERS:
         value = _get(model_cfg, dotted, default)
-        if (
-            isinstance(supported, (int, float))
-            and not isinstance(supported, bool)
-            and value is not None
-        ):
+        if isinstance(supported, (int, float)) and not isinstance(supported, bool) and value is not None:
             value = type(supported)(value)
         if value != supported:
-            unsupported.append(
-                f"model.{dotted} = {value!r} (transformers implements {supported!r})"
-            )
+            unsupported.append(f"model.{dotted} = {value!r} (transformers implements {supported!r})")
     add_tpos = _get(model_cfg, "add_tpos_enc_to_obj_ptrs", True)
     for dotted in ("proj_tpos_enc_in_obj_ptrs", "use_signed_tpos_enc_to_obj_ptrs"):
         if add_tpos and not _get(model_cfg, dotted, False):
-            unsupported.append(
-                f"model.{dotted} = False with add_tpos_enc_to_obj_ptrs = True (transformers: both True)"
-            )
+            unsupported.append(f"model.{dotted} = False with add_tpos_enc_to_obj_ptrs = True (transformers: both True)")
     self_attn = _get(model_cfg, "memory_attention.layer.self_attention", {})
     cross_attn = _get(model_cfg, "memory_attention.layer.cross_attention", {})
     for key in ("rope_theta", "num_heads", "downsample_rate", "dropout"):
         if self_attn.get(key) != cross_attn.get(key):
-            unsupported.append(
-                f"memory_attention self_attention.{key} != cross_attention.{key} (transformers: equal)"
-            )
+            unsupported.append(f"memory_attention self_attention.{key} != cross_attention.{key} (transformers: equal)")
     if unsupported:
         raise MetaCheckpointError(
-            "The SAM 2 config uses settings transformers does not implement: "
-            + "; ".join(unsupported)
+            "The SAM 2 config uses settings transformers does not implement: " + "; ".join(unsupported)
         )
 
 
@@ -358,18 +341,14 @@ def _vision_config(model_cfg: Mapping[str, Any], image_size: int) -> dict[str, A
             "image_size": [image_size, image_size],
             "query_stride": list(trunk["q_stride"]),
             "num_query_pool_stages": trunk["q_pool"],
-            "window_positional_embedding_background_size": list(
-                trunk["window_pos_embed_bkg_spatial_size"]
-            ),
+            "window_positional_embedding_background_size": list(trunk["window_pos_embed_bkg_spatial_size"]),
             "blocks_per_stage": list(trunk["stages"]),
             "embed_dim_per_stage": dims,
             "num_attention_heads_per_stage": heads,
             "window_size_per_stage": list(trunk["window_spec"]),
             "global_attention_blocks": list(trunk["global_att_blocks"]),
         },
-        "backbone_channel_list": list(
-            _require(model_cfg, "image_encoder.neck.backbone_channel_list")
-        ),
+        "backbone_channel_list": list(_require(model_cfg, "image_encoder.neck.backbone_channel_list")),
         "backbone_feature_sizes": [[image_size // stride] * 2 for stride in (4, 8, 16)],
         "fpn_hidden_size": _require(model_cfg, "image_encoder.neck.d_model"),
         "fpn_top_down_levels": list(range(4)) if top_down is None else list(top_down),
@@ -385,32 +364,18 @@ def _memory_config(model_cfg: Mapping[str, Any], image_size: int) -> dict[str, A
     add_tpos = bool(_get(model_cfg, "add_tpos_enc_to_obj_ptrs", True))
     return {
         "num_maskmem": _get(model_cfg, "num_maskmem", 7),
-        "sigmoid_scale_for_mem_enc": float(
-            _get(model_cfg, "sigmoid_scale_for_mem_enc", 1.0)
-        ),
-        "sigmoid_bias_for_mem_enc": float(
-            _get(model_cfg, "sigmoid_bias_for_mem_enc", 0.0)
-        ),
-        "enable_occlusion_spatial_embedding": bool(
-            _get(model_cfg, "no_obj_embed_spatial", False)
-        ),
+        "sigmoid_scale_for_mem_enc": float(_get(model_cfg, "sigmoid_scale_for_mem_enc", 1.0)),
+        "sigmoid_bias_for_mem_enc": float(_get(model_cfg, "sigmoid_bias_for_mem_enc", 0.0)),
+        "enable_occlusion_spatial_embedding": bool(_get(model_cfg, "no_obj_embed_spatial", False)),
         "enable_temporal_pos_encoding_for_object_pointers": add_tpos,
-        "multimask_output_in_sam": bool(
-            _get(model_cfg, "multimask_output_in_sam", False)
-        ),
+        "multimask_output_in_sam": bool(_get(model_cfg, "multimask_output_in_sam", False)),
         "multimask_min_pt_num": _get(model_cfg, "multimask_min_pt_num", 1),
         "multimask_max_pt_num": _get(model_cfg, "multimask_max_pt_num", 1),
-        "multimask_output_for_tracking": bool(
-            _get(model_cfg, "multimask_output_for_tracking", False)
-        ),
-        "max_object_pointers_in_encoder": _get(
-            model_cfg, "max_obj_ptrs_in_encoder", 16
-        ),
+        "multimask_output_for_tracking": bool(_get(model_cfg, "multimask_output_for_tracking", False)),
+        "max_object_pointers_in_encoder": _get(model_cfg, "max_obj_ptrs_in_encoder", 16),
         "max_cond_frame_num": _get(model_cfg, "max_cond_frames_in_attn", -1),
         "memory_attention_hidden_size": _require(model_cfg, "memory_attention.d_model"),
-        "memory_attention_num_layers": _require(
-            model_cfg, "memory_attention.num_layers"
-        ),
+        "memory_attention_num_layers": _require(model_cfg, "memory_attention.num_layers"),
         "memory_attention_num_attention_heads": self_attn["num_heads"],
         "memory_attention_downsample_rate": self_attn.get("downsample_rate", 1),
         "memory_attention_feed_forward_hidden_size": layer["dim_feedforward"],
@@ -430,22 +395,16 @@ def _memory_config(model_cfg: Mapping[str, Any], image_size: int) -> dict[str, A
         "mask_downsampler_stride": downsampler.get("stride", 4),
         "mask_downsampler_padding": downsampler.get("padding", 0),
         "mask_downsampler_total_stride": downsampler.get("total_stride", 16),
-        "memory_fuser_num_layers": _require(
-            model_cfg, "memory_encoder.fuser.num_layers"
-        ),
+        "memory_fuser_num_layers": _require(model_cfg, "memory_encoder.fuser.num_layers"),
         "memory_fuser_embed_dim": fuser_layer["dim"],
         "memory_fuser_intermediate_dim": 4 * fuser_layer["dim"],
         "memory_fuser_kernel_size": fuser_layer.get("kernel_size", 7),
         "memory_fuser_padding": fuser_layer.get("padding", 3),
-        "memory_fuser_layer_scale_init_value": float(
-            fuser_layer.get("layer_scale_init_value", 1e-6)
-        ),
+        "memory_fuser_layer_scale_init_value": float(fuser_layer.get("layer_scale_init_value", 1e-6)),
     }
 
 
-def transformers_config_from_meta(
-    config: str | os.PathLike, *, video: bool = False
-) -> Sam2Config | Sam2VideoConfig:
+def transformers_config_from_meta(config: str | os.PathLike, *, video: bool = False) -> Sam2Config | Sam2VideoConfig:
     """Build the transformers config equivalent to a Meta SAM 2 config.
 
     Args:
@@ -457,9 +416,7 @@ def transformers_config_from_meta(
     _check_supported(model_cfg)
     image_size = int(_get(model_cfg, "image_size", 512))
     if image_size % 32:
-        raise MetaCheckpointError(
-            f"model.image_size = {image_size} is not a multiple of 32, which Hiera needs."
-        )
+        raise MetaCheckpointError(f"model.image_size = {image_size} is not a multiple of 32, which Hiera needs.")
     hidden_size = _require(model_cfg, "image_encoder.neck.d_model")
     decoder_extra = _get(model_cfg, "sam_mask_decoder_extra_args") or {}
     kwargs: dict[str, Any] = {
@@ -472,29 +429,23 @@ def transformers_config_from_meta(
         "mask_decoder_config": {
             "hidden_size": hidden_size,
             # Meta's `build_sam2*` turn on dynamic multimask selection unless `apply_postprocessing=False`.
-            "dynamic_multimask_via_stability": decoder_extra.get(
-                "dynamic_multimask_via_stability", True
-            ),
-            "dynamic_multimask_stability_delta": decoder_extra.get(
-                "dynamic_multimask_stability_delta", 0.05
-            ),
-            "dynamic_multimask_stability_thresh": decoder_extra.get(
-                "dynamic_multimask_stability_thresh", 0.98
-            ),
+            "dynamic_multimask_via_stability": decoder_extra.get("dynamic_multimask_via_stability", True),
+            "dynamic_multimask_stability_delta": decoder_extra.get("dynamic_multimask_stability_delta", 0.05),
+            "dynamic_multimask_stability_thresh": decoder_extra.get("dynamic_multimask_stability_thresh", 0.98),
         },
     }
     if not video:
         return Sam2Config(**kwargs)
-    return Sam2VideoConfig(
-        image_size=image_size, **kwargs, **_memory_config(model_cfg, image_size)
-    )
+    return Sam2VideoConfig(image_size=image_size, **kwargs, **_memory_config(model_cfg, image_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # State-dict keys
 # ---------------------------------------------------------------------------------------------------------------
 
-_ATTENTIONS = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image|cross_attn_image)"
+_ATTENTIONS = (
+    r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image|cross_attn_image)"
+)
 _THREE_LAYER_MLPS = r"(output_hypernetworks_mlps\.\d+|iou_prediction_head|pred_obj_score_head|object_pointer_proj)"
 
 # Ordered (pattern, replacement) renames from Meta's `SAM2Base` keys to transformers' `Sam2VideoModel` keys.
@@ -546,14 +497,10 @@ _KEY_RENAMES: tuple[tuple[str, str], ...] = (
     (rf"(^|\.){_THREE_LAYER_MLPS}\.layers\.1\.", r"\1\2.layers.0."),
     (rf"(^|\.){_THREE_LAYER_MLPS}\.layers\.2\.", r"\1\2.proj_out."),
 )
-_COMPILED_RENAMES = tuple(
-    (re.compile(pattern), replacement) for pattern, replacement in _KEY_RENAMES
-)
+_COMPILED_RENAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in _KEY_RENAMES)
 
 _POINT_EMBEDDING = re.compile(r"^sam_prompt_encoder\.point_embeddings\.(\d+)\.weight$")
-_MASK_DOWNSAMPLER = re.compile(
-    r"^memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(weight|bias)$"
-)
+_MASK_DOWNSAMPLER = re.compile(r"^memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(weight|bias)$")
 
 # Meta keys an image-only `Sam2Model` legitimately has no place for: the video memory and object-pointer modules.
 _VIDEO_ONLY_META_KEYS = re.compile(
@@ -581,9 +528,7 @@ def _rename_key(key: str, num_downsampler_layers: int) -> str:
     """The transformers name of one Meta state-dict key (keys with no counterpart come back unchanged)."""
     match = _MASK_DOWNSAMPLER.match(key)
     if match:
-        return _rename_mask_downsampler(
-            int(match.group(1)), match.group(2), num_downsampler_layers
-        )
+        return _rename_mask_downsampler(int(match.group(1)), match.group(2), num_downsampler_layers)
     for pattern, replacement in _COMPILED_RENAMES:
         key = pattern.sub(replacement, key)
     return key
@@ -591,11 +536,7 @@ def _rename_key(key: str, num_downsampler_layers: int) -> str:
 
 def _missing_point_embeddings(indices: set[int]) -> list[str]:
     """Meta names of the gaps in `sam_prompt_encoder.point_embeddings.{i}` (they are stacked into one tensor)."""
-    return [
-        f"sam_prompt_encoder.point_embeddings.{i}.weight"
-        for i in range(max(indices))
-        if i not in indices
-    ]
+    return [f"sam_prompt_encoder.point_embeddings.{i}.weight" for i in range(max(indices)) if i not in indices]
 
 
 def meta_state_dict_to_transformers(
@@ -615,18 +556,11 @@ def meta_state_dict_to_transformers(
     config = model.config
     video = isinstance(model, Sam2VideoModel)
     num_downsampler_layers = (
-        int(
-            math.log2(config.mask_downsampler_total_stride)
-            // math.log2(config.mask_downsampler_stride)
-        )
+        int(math.log2(config.mask_downsampler_total_stride) // math.log2(config.mask_downsampler_stride))
         if video
         else 0
     )
-    expected = {
-        key: tuple(value.shape)
-        for key, value in model.state_dict().items()
-        if key != _PROMPT_PE_KEY
-    }
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items() if key != _PROMPT_PE_KEY}
 
     converted: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
@@ -647,15 +581,11 @@ def meta_state_dict_to_transformers(
             continue
         converted[key] = tensor
         origin[key] = meta_key
-    missing_meta = (
-        _missing_point_embeddings(set(point_embeddings)) if point_embeddings else []
-    )
+    missing_meta = _missing_point_embeddings(set(point_embeddings)) if point_embeddings else []
     if point_embeddings and not missing_meta:
         stacked = [state_dict[point_embeddings[i]] for i in sorted(point_embeddings)]
         converted["prompt_encoder.point_embed.weight"] = torch.cat(stacked, dim=0)
-        origin["prompt_encoder.point_embed.weight"] = (
-            "sam_prompt_encoder.point_embeddings.*.weight"
-        )
+        origin["prompt_encoder.point_embed.weight"] = "sam_prompt_encoder.point_embeddings.*.weight"
     if skipped:
         logger.info(
             "Skipped %d video-only tensors of the Meta checkpoint for the image model.",
@@ -663,9 +593,7 @@ def meta_state_dict_to_transformers(
         )
 
     missing = sorted(
-        set(expected)
-        - set(converted)
-        - ({"prompt_encoder.point_embed.weight"} if missing_meta else set())
+        set(expected) - set(converted) - ({"prompt_encoder.point_embed.weight"} if missing_meta else set())
     )
     mis_shaped = [
         f"{origin[key]} {tuple(tensor.shape)} -> {key} {expected[key]}"
@@ -674,24 +602,16 @@ def meta_state_dict_to_transformers(
     ]
     problems = []
     if unexpected:
-        problems.append(
-            f"unexpected key(s) with no place in {type(model).__name__}: {', '.join(unexpected)}"
-        )
+        problems.append(f"unexpected key(s) with no place in {type(model).__name__}: {', '.join(unexpected)}")
     if missing_meta:
         problems.append(f"missing key(s): {', '.join(missing_meta)}")
     if missing:
-        problems.append(
-            f"missing key(s) (transformers names, no checkpoint key maps to them): {', '.join(missing)}"
-        )
+        problems.append(f"missing key(s) (transformers names, no checkpoint key maps to them): {', '.join(missing)}")
     if mis_shaped:
-        problems.append(
-            f"mis-shaped key(s) (checkpoint shape -> expected shape): {', '.join(mis_shaped)}"
-        )
+        problems.append(f"mis-shaped key(s) (checkpoint shape -> expected shape): {', '.join(mis_shaped)}")
     if problems:
         raise MetaCheckpointError(
-            "The Meta checkpoint does not match the config. "
-            + "; ".join(problems)
-            + ". Check that --config "
+            "The Meta checkpoint does not match the config. " + "; ".join(problems) + ". Check that --config "
             "names the architecture the checkpoint was trained with."
         )
     if _SHARED_PE_KEY in converted:
@@ -716,9 +636,7 @@ def _read_meta_state_dict(
             "which can run code, so it is refused. Re-save its state dict with torch.save(model.state_dict(), path)."
         ) from err
     state_dict = payload.get("model", payload) if isinstance(payload, dict) else payload
-    if not isinstance(state_dict, dict) or not all(
-        isinstance(value, torch.Tensor) for value in state_dict.values()
-    ):
+    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
         raise MetaCheckpointError(
             f"{checkpoint_path} holds neither a state dict nor a dict with a 'model' state dict of tensors."
         )
@@ -741,9 +659,9 @@ def load_meta_checkpoint(
         dtype: cast the loaded model to this dtype (the checkpoint is float32).
 
     Returns:
-        The model, whose `prompt_encoder.shared_embedding.positional_embedding` is the very tensor
-        `shared_image_embedding.positional_embedding` (Meta has one matrix). transformers does not declare this tie, so
-        `save_pretrained` refuses the shared tensor; use `convert_meta_checkpoint` to write a transformers folder.
+        The model. Meta's one positional-encoding matrix is loaded into both `shared_image_embedding` and
+        `prompt_encoder.shared_embedding` as equal copies (as the Hub's SAM 2 checkpoints store it), so the model
+        saves with `save_pretrained` like any other.
 
     Raises:
         MetaCheckpointError: the file needs unpickling, the config is unknown or unsupported, or keys do not match.
@@ -753,22 +671,13 @@ def load_meta_checkpoint(
     model_class = Sam2VideoModel if video else Sam2Model
     with no_init_weights():
         model = model_class(hf_config)
-    model.load_state_dict(
-        meta_state_dict_to_transformers(state_dict, model), strict=True
-    )
+    model.load_state_dict(meta_state_dict_to_transformers(state_dict, model), strict=True)
     if dtype is not None:
         model = model.to(dtype)
-    # Meta's prompt encoder and image positional encoding use one matrix: make both modules hold the same tensor
-    # (after any `.to()`, which would give each module its own copy).
-    model.prompt_encoder.shared_embedding.positional_embedding = (
-        model.shared_image_embedding.positional_embedding
-    )
     return model.eval()
 
 
-def _processor(
-    config: Sam2Config | Sam2VideoConfig, video: bool
-) -> Sam2Processor | Sam2VideoProcessor:
+def _processor(config: Sam2Config | Sam2VideoConfig, video: bool) -> Sam2Processor | Sam2VideoProcessor:
     """A processor resizing to the model's square input (`image_size`) with matching low-res mask size."""
     image_size = config.prompt_encoder_config.image_size
     size = {"height": image_size, "width": image_size}
@@ -803,15 +712,8 @@ def convert_meta_checkpoint(
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new output folder.")
     model = load_meta_checkpoint(checkpoint, config, video=video)
-    # safetensors cannot store one tensor under two names, and transformers does not declare this tie: save two
-    # copies of the matrix (as the Hub's SAM 2 checkpoints do); `from_pretrained` loads both keys.
-    model.prompt_encoder.shared_embedding.positional_embedding = (
-        model.shared_image_embedding.positional_embedding.clone()
-    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(
-        tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent)
-    )
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp_dir)
         _processor(model.config, video).save_pretrained(tmp_dir)
@@ -840,9 +742,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="Meta .pt checkpoint to convert."
-    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Meta .pt checkpoint to convert.")
     parser.add_argument(
         "--config",
         required=True,
@@ -850,9 +750,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Meta config the checkpoint was trained with: an official name (e.g. sam2.1_hiera_t, sam2_hiera_l, "
         "configs/sam2.1/sam2.1_hiera_b+.yaml) or the path of a Meta YAML file.",
     )
-    parser.add_argument(
-        "out_dir", metavar="OUT_DIR", help="Folder to create (must not exist)."
-    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="Folder to create (must not exist).")
     parser.add_argument(
         "--video",
         action="store_true",
@@ -866,15 +764,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI `sam2-peft convert-meta CHECKPOINT --config NAME OUT_DIR [--video]`; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        out_dir = convert_meta_checkpoint(
-            args.checkpoint, args.config, args.out_dir, video=args.video
-        )
+        out_dir = convert_meta_checkpoint(args.checkpoint, args.config, args.out_dir, video=args.video)
     except (MetaCheckpointError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(
-        f"Wrote {'Sam2VideoModel' if args.video else 'Sam2Model'} and processor to {out_dir}"
-    )
+    print(f"Wrote {'Sam2VideoModel' if args.video else 'Sam2Model'} and processor to {out_dir}")
     return 0
 
 
