@@ -3,7 +3,7 @@
 accelerate launch recipes/lora_decoder.py --model facebook/sam2.1-hiera-small --data path/to/data
 """
 
-from sam2_peft.training.arguments import recipe_parser, run_recipe
+from sam2_peft.training.arguments import recipe_parser, run_from_command_line, run_recipe
 from sam2_peft.tuners.lora import LORA_PRESETS
 from sam2_peft.tuners.methods import LoraMethod
 
@@ -22,4 +22,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -4,7 +4,7 @@
         --component-lr mask_decoder=5e-6 prompt_encoder=5e-6 vision_encoder=1e-6
 """
 
-from sam2_peft.training.arguments import recipe_parser, run_recipe
+from sam2_peft.training.arguments import recipe_parser, run_from_command_line, run_recipe
 from sam2_peft.tuners.methods import PartialFinetuneMethod
 
 
@@ -35,4 +35,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

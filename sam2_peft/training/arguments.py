@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ..data.augment import AugmentationConfig
 from ..data.dataset import DatasetConfig, SegmentationDataset
 from ..data.prompts import PROMPT_TYPES, PromptConfig
-from ..data.sources import open_records, read_split_file, split_records
+from ..data.sources import DataError, open_records, read_split_file, split_records
 from ..data.validation import ValidationConfig, validate_records
-from ..models.loading import BUILTIN_ARCHITECTURES, DEFAULT_MODEL, load_base_model
-from ..tuners.methods import TuningMethod
+from ..models.loading import BUILTIN_ARCHITECTURES, DEFAULT_MODEL, Sam2LoadError, load_base_model
+from ..tuners.methods import AdapterMismatchError, TuningMethod
 from .config import MIXED_PRECISION, TrainingConfig
 from .losses import LossConfig
 from .trainer import Trainer
@@ -138,6 +140,18 @@ def build_datasets(args: argparse.Namespace, processor, config: DatasetConfig):
         logger.info("Validation data: %s", val_report.summary())
         val_dataset = SegmentationDataset(val_records, processor, config, train=False, seed=args.seed)
     return SegmentationDataset(train_records, processor, config, train=True, seed=args.seed), val_dataset
+
+
+USER_ERRORS = (Sam2LoadError, DataError, AdapterMismatchError, FileNotFoundError)
+"""Errors caused by the user's input: a recipe run from the command line prints them without a traceback."""
+
+
+def run_from_command_line(main: Callable[[], object]) -> None:
+    """Run a recipe's `main`, turning input errors into a one-paragraph message and exit status 2."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
 
 
 def run_recipe(args: argparse.Namespace, method: TuningMethod, target_mode: str = "instances") -> dict:
