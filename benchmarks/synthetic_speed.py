@@ -23,9 +23,7 @@ from sam2_peft.data.synthetic import SyntheticSceneConfig, SyntheticSceneDataset
 
 def measure(image_size: int, num_scenes: int, seed: int) -> dict[str, float]:
     """Generate `num_scenes` scenes after one warm-up scene; return timing figures."""
-    dataset = SyntheticSceneDataset(
-        num_scenes + 1, seed, SyntheticSceneConfig(image_size=image_size)
-    )
+    dataset = SyntheticSceneDataset(num_scenes + 1, seed, SyntheticSceneConfig(image_size=image_size))
     dataset[num_scenes]
     durations = []
     for index in range(num_scenes):
@@ -47,9 +45,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--num-scenes", type=int, nargs="+", default=[200, 20])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--output", type=Path, default=Path("outputs/synthetic_speed.json")
-    )
+    parser.add_argument("--output", type=Path, default=Path("outputs/synthetic_speed.json"))
     args = parser.parse_args()
     if len(args.num_scenes) != len(args.sizes):
         parser.error("--num-scenes needs one value per --sizes value")
