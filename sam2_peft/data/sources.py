@@ -214,10 +214,46 @@ def hf_dataset_records(
     ]
 
 
+def synthetic_records(num_scenes: int, seed: int = 0, image_size: int = 256) -> list[SampleRecord]:
+    """Records of procedurally generated scenes (`sam2_peft.data.synthetic`), generated when loaded."""
+    from .synthetic import SyntheticSceneConfig, SyntheticSceneDataset
+
+    scenes = SyntheticSceneDataset(num_scenes, seed, SyntheticSceneConfig(image_size=image_size))
+    return [
+        SampleRecord(
+            sample_id=f"scene_{index:06d}",
+            origin=f"synthetic:{num_scenes}:{seed} scene {index}",
+            load_image=lambda i=index: scenes[i].image,
+            load_instances=lambda i=index: label_map_to_instances(scenes[i].instances, f"synthetic scene {i}"),
+        )
+        for index in range(num_scenes)
+    ]
+
+
+def parse_synthetic_spec(data: str) -> tuple[int, int, int] | None:
+    """`synthetic:N[:SEED[:SIZE]]` -> (N, SEED, SIZE); None for any other source."""
+    if not data.startswith("synthetic:"):
+        return None
+    parts = data.split(":")[1:]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or values[0] < 1:
+        raise DataError(f"Synthetic data is written 'synthetic:N[:SEED[:SIZE]]' with whole numbers, got '{data}'.")
+    seed = values[1] if len(values) > 1 else 0
+    size = values[2] if len(values) > 2 else 256
+    return values[0], seed, size
+
+
 def open_records(
     data: str, *, split: str = "train", image_column: str = "image", mask_column: str = "mask"
 ) -> list[SampleRecord]:
-    """Records from any supported source: a folder, a COCO `.json`, or a `datasets` name or folder."""
+    """Records from any supported source: a folder, a COCO `.json`, a `datasets` name or folder, or
+    `synthetic:N[:SEED[:SIZE]]` (N generated scenes)."""
+    synthetic = parse_synthetic_spec(data)
+    if synthetic is not None:
+        return synthetic_records(*synthetic)
     path = Path(data)
     if path.suffix.lower() == ".json":
         if not path.exists():

@@ -170,6 +170,21 @@ class PartialFinetuneMethod(TuningMethod):
         write_sidecar(model, Path(directory), self.name, base_name)
 
 
+@dataclass
+class FullMethod(TuningMethod):
+    """Every parameter trains (from-scratch pre-training or continued training); saves a whole model folder."""
+
+    name: str = field(default="full", init=False)
+
+    def prepare(self, model: nn.Module, base_name: str | None) -> nn.Module:
+        return model.requires_grad_(True)
+
+    def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
+        with atomic_write_dir(directory) as staging:
+            model.save_pretrained(staging)
+        write_sidecar(model, Path(directory), self.name, base_name)
+
+
 def _component(model: nn.Module, name: str) -> nn.Module:
     module = getattr(unwrap_sam(model), name, None)
     if module is None:
@@ -207,5 +222,5 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, **peft_kwargs
     )
 
 
-METHODS: dict[str, type[TuningMethod]] = {"lora": LoraMethod, "partial": PartialFinetuneMethod}
+METHODS: dict[str, type[TuningMethod]] = {"lora": LoraMethod, "partial": PartialFinetuneMethod, "full": FullMethod}
 """Registry of tuning methods by name; other modules add theirs here."""

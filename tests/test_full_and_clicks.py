@@ -1,0 +1,61 @@
+"""Full training, synthetic data as a source, and correction clicks."""
+
+import numpy as np
+import pytest
+import torch
+
+from sam2_peft.data.prompts import NEGATIVE, POSITIVE
+from sam2_peft.data.sources import DataError, open_records, parse_synthetic_spec
+from sam2_peft.models.loading import load_base_model
+from sam2_peft.training.clicks import add_correction_clicks, correction_click
+from sam2_peft.tuners.methods import FullMethod
+
+
+def test_synthetic_source_spec_and_records():
+    assert parse_synthetic_spec("synthetic:5") == (5, 0, 256)
+    assert parse_synthetic_spec("synthetic:5:7:128") == (5, 7, 128)
+    assert parse_synthetic_spec("path/to/folder") is None
+    with pytest.raises(DataError, match="synthetic:N"):
+        parse_synthetic_spec("synthetic:many")
+    records = open_records("synthetic:3:1:128")
+    image, instances = records[2].load_image(), records[2].load_instances()
+    assert image.shape == (128, 128, 3) and instances.shape[1:] == (128, 128)
+    assert 3 <= len(instances) <= 15 and instances.reshape(len(instances), -1).any(1).all()
+    np.testing.assert_array_equal(open_records("synthetic:3:1:128")[2].load_image(), image)  # deterministic
+
+
+def test_full_method_trains_every_parameter_and_saves_a_model(tmp_path, tiny_model):
+    method = FullMethod()
+    model = method.prepare(tiny_model.requires_grad_(False), "tiny")
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight.add_(1)
+    method.save(model, tmp_path, "tiny")
+    reloaded, _ = load_base_model(str(tmp_path))
+    torch.testing.assert_close(reloaded.mask_decoder.iou_token.weight, model.mask_decoder.iou_token.weight)
+
+
+def test_correction_click_goes_to_the_centre_of_the_largest_error():
+    target = np.zeros((20, 30), dtype=bool)
+    target[2:12, 2:12] = True
+    predicted = target.copy()
+    predicted[2:12, 2:7] = False  # missed the left half: 50 px
+    predicted[15:17, 20:22] = True  # small false positive: 4 px
+    (x, y), label = correction_click(predicted, target)
+    assert label == POSITIVE and 2 <= x <= 6 and 4 <= y <= 9
+    (x, y), label = correction_click(target | (np.arange(30) >= 25)[None, :], target)
+    assert label == NEGATIVE and x >= 25
+    assert correction_click(target, target) is None
+
+
+def test_add_correction_clicks_appends_and_pads():
+    targets = torch.zeros(2, 16, 16, dtype=torch.bool)
+    targets[:, 4:12, 4:12] = True
+    logits = torch.full((2, 1, 16, 16), -5.0)  # nothing predicted for object 0
+    logits[1, 0] = torch.where(targets[1], 5.0, -5.0)  # object 1 exactly right
+    points, labels = add_correction_clicks(torch.zeros(2, 2, 2), torch.tensor([[2, 3], [2, 3]]), logits, targets)
+    assert points.shape == (2, 3, 2) and labels[:, :2].tolist() == [[2, 3], [2, 3]]
+    assert labels[0, 2] == POSITIVE and targets[0, int(points[0, 2, 1]), int(points[0, 2, 0])]
+    assert labels[1, 2] == -10
+    points, labels = add_correction_clicks(None, None, logits, targets)
+    assert points.shape == (2, 1, 2)
