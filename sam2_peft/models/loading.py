@@ -51,30 +51,39 @@ class BuiltinArchitecture:
         return _BUILTIN_CONFIGS[self.name](video)
 
 
-def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:
-    """A ~0.5 M parameter SAM 2 (Hiera widths 16-128, decoder width 64) for tests and offline smoke runs."""
-    dims = [16, 32, 64, 128]
-    hidden = 64
+def small_sam2_config(
+    image_size: int,
+    widths: list[int],
+    blocks: list[int],
+    heads: list[int],
+    hidden: int,
+    decoder_heads: int,
+    video: bool = False,
+) -> Sam2Config | Sam2VideoConfig:
+    """A reduced SAM 2: Hiera with the given stage `widths`/`blocks`/`heads`, neck and decoder of width `hidden`.
+
+    The last-but-one block attends globally, as in the full models; everything else keeps SAM 2's layout.
+    """
     sizes = [[image_size // 4] * 2, [image_size // 8] * 2, [image_size // 16] * 2]
     kwargs = dict(
         vision_config=dict(
             backbone_config=dict(
                 model_type="sam2_hiera_det_model",
                 image_size=[image_size, image_size],
-                hidden_size=dims[0],
-                embed_dim_per_stage=dims,
-                num_attention_heads_per_stage=[1, 1, 2, 4],
-                blocks_per_stage=[1, 1, 2, 1],
+                hidden_size=widths[0],
+                embed_dim_per_stage=widths,
+                num_attention_heads_per_stage=heads,
+                blocks_per_stage=blocks,
                 window_size_per_stage=[8, 4, 8, 4],
-                global_attention_blocks=[3],
+                global_attention_blocks=[sum(blocks) - 2],
             ),
-            backbone_channel_list=dims[::-1],
+            backbone_channel_list=widths[::-1],
             backbone_feature_sizes=sizes,
             fpn_hidden_size=hidden,
         ),
         prompt_encoder_config=dict(hidden_size=hidden, image_size=image_size, patch_size=16),
         mask_decoder_config=dict(
-            hidden_size=hidden, mlp_dim=4 * hidden, num_attention_heads=2, iou_head_hidden_dim=hidden
+            hidden_size=hidden, mlp_dim=4 * hidden, num_attention_heads=decoder_heads, iou_head_hidden_dim=hidden
         ),
     )
     if video:
@@ -93,6 +102,16 @@ def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2
     return Sam2Config(**kwargs)
 
 
+def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:
+    """A ~0.5 M parameter SAM 2 (Hiera widths 16-128, decoder width 64) for tests and offline smoke runs."""
+    return small_sam2_config(image_size, [16, 32, 64, 128], [1, 1, 2, 1], [1, 1, 2, 4], 64, 2, video)
+
+
+def compact_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:
+    """A ~2.3 M parameter SAM 2 (Hiera widths 32-256, decoder width 128): big enough to learn, small enough for CPU."""
+    return small_sam2_config(image_size, [32, 64, 128, 256], [1, 2, 3, 1], [1, 2, 4, 8], 128, 4, video)
+
+
 def hiera_tiny_config(video: bool = False) -> Sam2Config | Sam2VideoConfig:
     """The sam2.1-hiera-tiny architecture at 1024 px (transformers' defaults), for benchmarks."""
     return Sam2VideoConfig() if video else Sam2Config()
@@ -100,11 +119,13 @@ def hiera_tiny_config(video: bool = False) -> Sam2Config | Sam2VideoConfig:
 
 _BUILTIN_CONFIGS = {
     "tiny-random": lambda video: tiny_config(256, video),
+    "compact-random": lambda video: compact_config(256, video),
     "hiera-tiny-random": hiera_tiny_config,
 }
 
 BUILTIN_ARCHITECTURES = {
     "tiny-random": BuiltinArchitecture("tiny-random", "0.5 M parameters, 256 px, random weights", 256),
+    "compact-random": BuiltinArchitecture("compact-random", "2.3 M parameters, 256 px, random weights", 256),
     "hiera-tiny-random": BuiltinArchitecture(
         "hiera-tiny-random", "sam2.1-hiera-tiny architecture, 1024 px, random weights", 1024
     ),
