@@ -58,27 +58,18 @@ class SyntheticSceneConfig:
         metadata={"help": "Height and width of the square image, in pixels."},
     )
     min_objects: int = field(default=3, metadata={"help": "Fewest objects in a scene."})
-    max_objects: int = field(
-        default=15, metadata={"help": "Most objects in a scene (inclusive)."}
-    )
+    max_objects: int = field(default=15, metadata={"help": "Most objects in a scene (inclusive)."})
     min_object_area: int = field(
         default=48,
-        metadata={
-            "help": "Smallest visible area of any object after occlusion, in pixels."
-        },
+        metadata={"help": "Smallest visible area of any object after occlusion, in pixels."},
     )
     min_visible_fraction: float = field(
         default=0.25,
-        metadata={
-            "help": "Smallest fraction of an object's drawn area left visible by "
-            "the objects drawn over it."
-        },
+        metadata={"help": "Smallest fraction of an object's drawn area left visible by the objects drawn over it."},
     )
     object_radius: tuple[float, float] = field(
         default=(0.06, 0.24),
-        metadata={
-            "help": "Range of an object's radius, as a fraction of `image_size`."
-        },
+        metadata={"help": "Range of an object's radius, as a fraction of `image_size`."},
     )
     shape_kinds: tuple[str, ...] = field(
         default=SHAPE_KINDS,
@@ -86,9 +77,7 @@ class SyntheticSceneConfig:
     )
     texture_kinds: tuple[str, ...] = field(
         default=TEXTURE_KINDS,
-        metadata={
-            "help": f"Object textures to draw from, a subset of {TEXTURE_KINDS}."
-        },
+        metadata={"help": f"Object textures to draw from, a subset of {TEXTURE_KINDS}."},
     )
     background_kinds: tuple[str, ...] = field(
         default=BACKGROUND_KINDS,
@@ -96,9 +85,7 @@ class SyntheticSceneConfig:
     )
     touching_probability: float = field(
         default=0.35,
-        metadata={
-            "help": "Probability that an object is placed against a previous one."
-        },
+        metadata={"help": "Probability that an object is placed against a previous one."},
     )
     min_contrast: float = field(
         default=0.25,
@@ -118,28 +105,19 @@ class SyntheticSceneConfig:
     )
     noise_std: float = field(
         default=4.0,
-        metadata={
-            "help": "Upper bound of the additive Gaussian noise std, in 8-bit levels."
-        },
+        metadata={"help": "Upper bound of the additive Gaussian noise std, in 8-bit levels."},
     )
     blur_sigma: float = field(
         default=1.0,
-        metadata={
-            "help": "Upper bound of the Gaussian blur sigma, in pixels at 256 px."
-        },
+        metadata={"help": "Upper bound of the Gaussian blur sigma, in pixels at 256 px."},
     )
     illumination_strength: float = field(
         default=0.35,
-        metadata={
-            "help": "Upper bound of the relative brightness change across the image."
-        },
+        metadata={"help": "Upper bound of the relative brightness change across the image."},
     )
     max_attempts: int = field(
         default=40,
-        metadata={
-            "help": "Random draws (shape, size, position) tried per object before "
-            "the object is skipped."
-        },
+        metadata={"help": "Random draws (shape, size, position) tried per object before the object is skipped."},
     )
 
     def __post_init__(self) -> None:
@@ -156,9 +134,7 @@ class SyntheticSceneConfig:
         ):
             kinds = getattr(self, name)
             if not kinds or not set(kinds) <= set(allowed):
-                raise ValueError(
-                    f"{name} must be a non-empty subset of {allowed}, got {kinds}"
-                )
+                raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {kinds}")
         for name in (
             "touching_probability",
             "grey_probability",
@@ -209,9 +185,7 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
     return t * t * (3.0 - 2.0 * t)
 
 
-def _value_noise(
-    rng: np.random.Generator, shape: tuple[int, int], cell: float
-) -> np.ndarray:
+def _value_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np.ndarray:
     """Smooth noise in [0, 1]: random values every `cell` pixels, interpolated."""
     gy = np.arange(shape[0]) / cell + rng.random()
     gx = np.arange(shape[1]) / cell + rng.random()
@@ -224,14 +198,9 @@ def _value_noise(
     return top * (1 - fy) + bottom * fy
 
 
-def _fractal_noise(
-    rng: np.random.Generator, shape: tuple[int, int], cell: float, octaves: int = 3
-) -> np.ndarray:
+def _fractal_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float, octaves: int = 3) -> np.ndarray:
     """Sum of `octaves` value-noise layers of halving cell size, stretched to [0, 1]."""
-    total = sum(
-        0.5**octave * _value_noise(rng, shape, max(cell / 2**octave, 1.0))
-        for octave in range(octaves)
-    )
+    total = sum(0.5**octave * _value_noise(rng, shape, max(cell / 2**octave, 1.0)) for octave in range(octaves))
     return (total - total.min()) / max(np.ptp(total), 1e-6)
 
 
@@ -259,9 +228,7 @@ def _gradient(rng: np.random.Generator, grid: Grid, scale: float) -> np.ndarray:
 def _stripes(rng: np.random.Generator, grid: Grid, scale: float) -> np.ndarray:
     period = rng.uniform(0.025, 0.08) * scale
     sharpness = rng.uniform(1.0, 4.0)
-    wave = np.sin(
-        2 * np.pi * _direction(rng, grid) / period + rng.uniform(0, 2 * np.pi)
-    )
+    wave = np.sin(2 * np.pi * _direction(rng, grid) / period + rng.uniform(0, 2 * np.pi))
     return np.clip(0.5 + sharpness * wave / 2, 0, 1)
 
 
@@ -349,11 +316,7 @@ def _curve(rng: np.random.Generator, grid: Grid, radius: float) -> np.ndarray:
     dy, dx = grid
     start = rng.uniform(0, 2 * np.pi)
     ends = np.array([start, start + np.pi + rng.uniform(-0.6, 0.6)])
-    ends = (
-        radius
-        * rng.uniform(0.7, 1.0, (2, 1))
-        * np.stack([np.sin(ends), np.cos(ends)], 1)
-    )
+    ends = radius * rng.uniform(0.7, 1.0, (2, 1)) * np.stack([np.sin(ends), np.cos(ends)], 1)
     middle = rng.uniform(-radius, radius, (2, 2))
     controls = np.stack([ends[0], middle[0], middle[1], ends[1]])
     half_width = max(radius * rng.uniform(0.05, 0.1), 1.0)
@@ -452,9 +415,7 @@ def _try_place(
     if area < config.min_object_area:
         return None
     window = (slice(y0, y1), slice(x0, x1))
-    covered = np.bincount(
-        canvas.instances[window][mask], minlength=len(canvas.visible_area)
-    )
+    covered = np.bincount(canvas.instances[window][mask], minlength=len(canvas.visible_area))
     remaining = np.asarray(canvas.visible_area) - covered
     needed = np.maximum(
         config.min_object_area,
@@ -480,9 +441,7 @@ def _centred_grid(size: int) -> Grid:
     return np.arange(size)[:, None] - centre, np.arange(size)[None, :] - centre
 
 
-def _background(
-    rng: np.random.Generator, config: SyntheticSceneConfig
-) -> tuple[np.ndarray, str]:
+def _background(rng: np.random.Generator, config: SyntheticSceneConfig) -> tuple[np.ndarray, str]:
     kind = config.background_kinds[int(rng.integers(len(config.background_kinds)))]
     size = config.image_size
     base = rng.uniform(0.1, 0.9, 3)
@@ -514,9 +473,7 @@ def _degrade(
     return np.ascontiguousarray(np.broadcast_to(pixels, (size, size, 3)))
 
 
-def generate_scene(
-    seed: int, config: SyntheticSceneConfig | None = None
-) -> SyntheticScene:
+def generate_scene(seed: int, config: SyntheticSceneConfig | None = None) -> SyntheticScene:
     """Generate one scene, a deterministic function of `seed` and `config`.
 
     Objects are drawn back to front (later objects occlude earlier ones). An object is
@@ -527,9 +484,7 @@ def generate_scene(
     rng = np.random.default_rng(seed)
     size = config.image_size
     image, background_kind = _background(rng, config)
-    canvas = _Canvas(
-        image, np.zeros((size, size), dtype=np.int32), [size * size], [0], []
-    )
+    canvas = _Canvas(image, np.zeros((size, size), dtype=np.int32), [size * size], [0], [])
     grey = bool(rng.random() < config.grey_probability)
     target = int(rng.integers(config.min_objects, config.max_objects + 1))
     low, high = config.object_radius
@@ -570,9 +525,7 @@ class SyntheticSceneDataset:
     without changing its first scenes. Negative indices count from `num_scenes`.
     """
 
-    def __init__(
-        self, num_scenes: int, seed: int = 0, config: SyntheticSceneConfig | None = None
-    ) -> None:
+    def __init__(self, num_scenes: int, seed: int = 0, config: SyntheticSceneConfig | None = None) -> None:
         if num_scenes < 0 or seed < 0:
             raise ValueError("num_scenes and seed must be non-negative")
         self.num_scenes = num_scenes
@@ -581,9 +534,7 @@ class SyntheticSceneDataset:
 
     def scene_seed(self, index: int) -> int:
         """Seed of scene `index`: `np.random.SeedSequence` of ``(seed, index)``."""
-        state = np.random.SeedSequence([self.seed, index]).generate_state(
-            1, dtype=np.uint64
-        )
+        state = np.random.SeedSequence([self.seed, index]).generate_state(1, dtype=np.uint64)
         return int(state[0])
 
     def __len__(self) -> int:
@@ -642,9 +593,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m sam2_peft.data.synthetic",
         description="Write synthetic segmentation scenes as images/ and masks/.",
     )
-    parser.add_argument(
-        "out_dir", type=Path, help="folder to write images/ and masks/ into"
-    )
+    parser.add_argument("out_dir", type=Path, help="folder to write images/ and masks/ into")
     parser.add_argument("--num-scenes", type=int, default=24, help="number of scenes")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--size", type=int, default=256, help="image height and width")

@@ -83,6 +83,24 @@ class PtsamModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        """Put the wrapped SAM 2 modules back. PTSAM adds tokens rather than weight deltas, so nothing can be merged."""
+        if merge:
+            raise ValueError("PTSAM adapters add prompt tokens; they cannot be merged into weights. Use unload().")
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, PtsamLayer):
+                parent_name, _, child_name = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name), child_name, module.get_base_layer())
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
 
 def sam2_widths(model: nn.Module) -> tuple[int, list[int], list[int]]:
     """(decoder width, input width of each Hiera block, stage of each Hiera block) of a SAM 2 model.
