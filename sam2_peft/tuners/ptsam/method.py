@@ -46,5 +46,5 @@ class PtsamMethod(TuningMethod):
     def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
         model.peft_config["default"].base_model_name_or_path = base_name
         with atomic_write_dir(directory) as staging:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, save_embedding_layers=False)
         write_sidecar(model, Path(directory), self.name, base_name, {"ptsam": asdict(self)})
