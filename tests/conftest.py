@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+# Tests never reach the Hub (the Hub tests point huggingface_hub at a loopback server and lift this themselves).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import numpy as np
