@@ -6,8 +6,8 @@ import torch
 
 from sam2_peft.data.prompts import NEGATIVE, POSITIVE
 from sam2_peft.data.sources import DataError, open_records, parse_synthetic_spec
+from sam2_peft.models.clicks import add_correction_clicks, correction_click
 from sam2_peft.models.loading import load_base_model
-from sam2_peft.training.clicks import add_correction_clicks, correction_click
 from sam2_peft.tuners.methods import FullMethod
 
 
@@ -59,3 +59,33 @@ def test_add_correction_clicks_appends_and_pads():
     assert labels[1, 2] == -10
     points, labels = add_correction_clicks(None, None, logits, targets)
     assert points.shape == (2, 1, 2)
+
+
+def test_segmenter_correction_rounds_share_one_encoding(tiny_model, monkeypatch):
+    from sam2_peft.models.segmenter import Sam2Segmenter
+
+    segmenter = Sam2Segmenter(tiny_model)
+    calls = {"encoder": 0}
+    original = segmenter.vision_features
+
+    def counting(pixels):
+        calls["encoder"] += 1
+        return original(pixels)
+
+    monkeypatch.setattr(segmenter, "vision_features", counting)
+    targets = torch.zeros(2, 128, 128, dtype=torch.bool)
+    targets[:, 30:70, 40:90] = True
+    output = segmenter(
+        torch.tensor([0, 0]),
+        pixel_values=torch.randn(1, 3, 128, 128),
+        points=torch.tensor([[[60.0, 50.0]], [[45.0, 35.0]]]),
+        point_labels=torch.ones(2, 1, dtype=torch.long),
+        multimask_output=True,
+        correction_rounds=2,
+        target_masks=targets,
+    )
+    assert calls["encoder"] == 1 and len(output.corrections) == 2
+    assert output.mask_logits.shape == (2, 3, 32, 32)
+    assert all(c.mask_logits.shape == (2, 1, 32, 32) for c in output.corrections)
+    with pytest.raises(ValueError, match="target_masks"):
+        segmenter(torch.tensor([0]), pixel_values=torch.randn(1, 3, 128, 128), correction_rounds=1)

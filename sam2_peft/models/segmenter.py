@@ -8,11 +8,13 @@ trainable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import Sam2Model
+
+from .clicks import add_correction_clicks
 
 
 @dataclass
@@ -23,11 +25,13 @@ class SegmenterOutput:
         mask_logits: `(N, M, S/4, S/4)` low-resolution mask logits (M = 3 with multimask output, else 1).
         iou_scores: `(N, M)` predicted IoU of each mask.
         object_score_logits: `(N, 1)` logit that the prompted object is present.
+        corrections: the predictions of each correction round, when asked for (interactive training).
     """
 
     mask_logits: torch.Tensor
     iou_scores: torch.Tensor
     object_score_logits: torch.Tensor
+    corrections: list[SegmenterOutput] = field(default_factory=list)
 
 
 def unwrap_sam(model: nn.Module) -> Sam2Model:
@@ -70,6 +74,8 @@ class Sam2Segmenter(nn.Module):
         point_labels: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
         multimask_output: bool = False,
+        correction_rounds: int = 0,
+        target_masks: torch.Tensor | None = None,
     ) -> SegmenterOutput:
         """Predict masks for N prompts.
 
@@ -80,13 +86,35 @@ class Sam2Segmenter(nn.Module):
             point_labels: `(N, P)` long; None with `points` None for prompt-free prediction.
             mask_inputs: `(N, 1, S/4, S/4)` dense mask prompts (logits), optional.
             multimask_output: return the 3 candidate masks instead of the single-mask output.
+            correction_rounds: after the first prediction, this many rounds of SAM-style interactive training: a
+                click in the largest error region against `target_masks` `(N, S, S)` is added to the prompts and
+                the previous mask is fed back as a mask prompt. All rounds share one image encoding.
         """
         if (pixel_values is None) == (vision_features is None):
             raise ValueError("Give exactly one of pixel_values or vision_features.")
+        if correction_rounds and target_masks is None:
+            raise ValueError("Correction rounds need target_masks to click on.")
         if vision_features is None:
             vision_features = self.vision_features(pixel_values)
         per_image = self.image_embeddings(vision_features)
         per_object = [embedding[object_image_index] for embedding in per_image]
+        output = self._decode(per_object, points, point_labels, mask_inputs, multimask_output)
+        previous = output
+        for _ in range(correction_rounds):
+            best = select_best_mask(previous)
+            points, point_labels = add_correction_clicks(points, point_labels, best, target_masks)
+            previous = self._decode(per_object, points, point_labels, best.detach(), False)
+            output.corrections.append(previous)
+        return output
+
+    def _decode(
+        self,
+        per_object: list[torch.Tensor],
+        points: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        mask_inputs: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> SegmenterOutput:
         outputs = self.sam(
             image_embeddings=per_object,
             input_points=None if points is None else points[:, None],

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..data.prompts import NEGATIVE, POSITIVE
+from ..data.prompts import NEGATIVE, PADDING, POSITIVE
 
 
 def correction_click(predicted: np.ndarray, target: np.ndarray) -> tuple[tuple[float, float], int] | None:
@@ -50,7 +50,7 @@ def add_correction_clicks(
     predicted = (upsampled[:, 0] > 0).cpu().numpy()
     truth = targets.bool().cpu().numpy()
     new_points = torch.zeros(len(truth), 1, 2)
-    new_labels = torch.full((len(truth), 1), -10, dtype=torch.long)
+    new_labels = torch.full((len(truth), 1), PADDING, dtype=torch.long)
     for index, (pred, target) in enumerate(zip(predicted, truth)):
         click = correction_click(pred, target)
         if click is not None:
