@@ -1,5 +1,7 @@
 """Full training, synthetic data as a source, and correction clicks."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,25 @@ def test_segmenter_correction_rounds_share_one_encoding(tiny_model, monkeypatch)
     assert all(c.mask_logits.shape == (2, 1, 32, 32) for c in output.corrections)
     with pytest.raises(ValueError, match="target_masks"):
         segmenter(torch.tensor([0]), pixel_values=torch.randn(1, 3, 128, 128), correction_rounds=1)
+
+
+def test_pretrain_recipe_from_a_config_file_on_synthetic_scenes(tmp_path):
+    from recipes.pretrain import main as pretrain
+    from sam2_peft.models.loading import tiny_config
+
+    config = tmp_path / "config.json"
+    tiny_config(128).to_json_file(config)
+    out = tmp_path / "pretrained"
+    result = pretrain([
+        "--model", str(config), "--data", "synthetic:6:0:128", "--val-data", "synthetic:2:99:128",
+        "--max-steps", "2", "--batch-size", "2", "--correction-rounds", "1", "--report-to", "none",
+        "--output-dir", str(out), "--num-panels", "1", "--log-every", "1",
+    ])  # fmt: skip
+    assert set(result) == {"base", "fine_tuned"}
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert "train_iou_last_round" in history[0]
+    model, _ = load_base_model(str(out))
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == json.loads((out / "metrics.json").read_text())["trainable_parameters"]
+    )

@@ -184,8 +184,9 @@ def load_base_model(
 
     Args:
         name_or_path: a Hub id (`facebook/sam2.1-hiera-small`), a local folder saved with `save_pretrained`,
-            a Meta checkpoint (`*.pt`, needs `meta_config`), or a built-in random architecture
-            (`tiny-random`, `hiera-tiny-random`; smoke tests only, never pretrained).
+            a Meta checkpoint (`*.pt`, needs `meta_config`), a `config.json` (random weights, for pre-training),
+            or a built-in random architecture (`tiny-random`, `compact-random`, `hiera-tiny-random`; smoke tests
+            and pre-training only, never pretrained).
         video: load `Sam2VideoModel` instead of `Sam2Model`.
         dtype: weights dtype (`torch.float16`, `"bfloat16"`, ...); default float32.
         device: where to put the model.
@@ -207,6 +208,11 @@ def load_base_model(
         model = build_model_from_config(arch.config(video))
         model.config._name_or_path = arch.name
         processor = processor_for_image_size(arch.image_size)
+    elif name_or_path.endswith(".json"):
+        model = build_model_from_config(_config_from_json(name_or_path, video))
+        model.config._name_or_path = name_or_path
+        logger.warning("Built '%s' from a config file: its weights are RANDOM.", name_or_path)
+        processor = processor_for_image_size(model_image_size(model))
     elif name_or_path.endswith((".pt", ".pth")):
         model, processor = _load_meta_checkpoint(name_or_path, meta_config, video)
     else:
@@ -216,6 +222,14 @@ def load_base_model(
     if device is not None:
         model = model.to(device)
     return model.eval(), processor
+
+
+def _config_from_json(path: str, video: bool) -> Sam2Config | Sam2VideoConfig:
+    config_cls = Sam2VideoConfig if video else Sam2Config
+    try:
+        return config_cls.from_json_file(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise Sam2LoadError(f"Cannot build a {config_cls.__name__} from '{path}': {err}") from err
 
 
 def _load_pretrained(name_or_path: str, video: bool, revision: str | None) -> tuple[torch.nn.Module, Sam2Processor]:

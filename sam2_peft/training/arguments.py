@@ -72,6 +72,7 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     train.add_argument("--keep-best", type=int, default=3, help="Checkpoints kept by validation Dice.")
     train.add_argument("--resume", nargs="?", const="latest", default=None, help="Resume: 'latest' or a checkpoint.")
     train.add_argument("--mask-loss", choices=("focal", "bce"), default="focal")
+    train.add_argument("--correction-rounds", type=int, default=0, help="Interactive correction rounds per step.")
     train.add_argument("--log-every", type=int, default=10, help="Log training losses every N steps.")
     train.add_argument("--report-to", default="tensorboard", help="tensorboard, wandb, all or none.")
     train.add_argument("--num-workers", type=int, default=0)
@@ -117,6 +118,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         report_to=args.report_to,
         num_workers=args.num_workers,
         num_panels=args.num_panels,
+        correction_rounds=args.correction_rounds,
         loss=LossConfig(mask_loss=args.mask_loss),
     )
 

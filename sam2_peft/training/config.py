@@ -44,6 +44,8 @@ class TrainingConfig:
     num_workers: int = 0
     num_panels: int = 4
     """Validation images drawn side by side (image | ground truth | base | fine-tuned) at each evaluation."""
+    correction_rounds: int = 0
+    """Extra interactive rounds per step (a click in the largest error, the previous mask fed back), as SAM trains."""
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:

@@ -42,9 +42,12 @@ class LossOutput:
     iou: torch.Tensor
     object_score: torch.Tensor
     mask_iou: torch.Tensor
+    last_round_iou: torch.Tensor | None = None
+    """With correction rounds: the IoU of the last round's masks `(N,)`."""
 
     def log_dict(self) -> dict[str, float]:
-        return {
+        extra = {} if self.last_round_iou is None else {"train_iou_last_round": self.last_round_iou.mean().item()}
+        return extra | {
             "loss": self.loss.item(),
             "loss_mask": self.mask.item(),
             "loss_dice": self.dice.item(),
@@ -86,6 +89,16 @@ def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     intersection = (predicted & targets).sum(-1).float()
     union = (predicted | targets).sum(-1).float()
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+def combine_rounds(losses: list[LossOutput]) -> LossOutput:
+    """One loss for an interactive step: the mean of the rounds' totals; parts logged are the first round's."""
+    if len(losses) == 1:
+        return losses[0]
+    first = losses[0]
+    first.loss = torch.stack([part.loss for part in losses]).mean()
+    first.last_round_iou = losses[-1].mask_iou
+    return first
 
 
 def sam2_loss(

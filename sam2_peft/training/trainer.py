@@ -33,7 +33,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import TrainingConfig
-from .losses import LossOutput, sam2_loss
+from .losses import LossOutput, combine_rounds, sam2_loss
 
 logger = logging.getLogger(__name__)
 
@@ -211,10 +211,20 @@ class Trainer:
             and random.random() >= self.train_dataset.config.prompts.mask_prompt_probability
         ):
             inputs["mask_inputs"] = None
-        with self.accelerator.autocast():
-            output = self.wrapped(**inputs, multimask_output=wants_multimask(inputs["point_labels"]))
         targets = batch["target_masks"].to(self.accelerator.device)
-        return sam2_loss(output.mask_logits, output.iou_scores, output.object_score_logits, targets, self.config.loss)
+        rounds = self.config.correction_rounds
+        with self.accelerator.autocast():
+            output = self.wrapped(
+                **inputs,
+                multimask_output=wants_multimask(inputs["point_labels"]),
+                correction_rounds=rounds,
+                target_masks=targets if rounds else None,
+            )
+        losses = [
+            sam2_loss(o.mask_logits, o.iou_scores, o.object_score_logits, targets, self.config.loss)
+            for o in (output, *output.corrections)
+        ]
+        return combine_rounds(losses)
 
     def _log_training(self, running: list[dict], seconds: float, progress: tqdm) -> None:
         means = {k: float(np.nanmean([r[k] for r in running])) for k in running[0]} if running else {}
