@@ -128,3 +128,17 @@ def test_absent_object_trains_only_the_object_score():
     assert object_logits.grad[1, 0] > 0  # pushed towards "absent"
     with pytest.raises(ValueError, match="mask_loss"):
         LossConfig(mask_loss="l2")
+
+
+def test_evaluate_module_matches_the_functions(tmp_path):
+    import evaluate
+
+    from sam2_peft.evaluation import segmentation_metric
+
+    metric = evaluate.load(segmentation_metric.__file__, cache_dir=str(tmp_path))
+    target = _box((20, 30), 2, 12, 3, 20)
+    pred = _box((20, 30), 4, 14, 3, 18)
+    result = metric.compute(predictions=[pred, target], references=[target, target], per_object=True)
+    assert result["iou"] == pytest.approx((iou(pred, target) + 1.0) / 2)
+    assert result["boundary_iou"] == pytest.approx((boundary_iou(pred, target) + 1.0) / 2)
+    assert result["per_object"][1]["dice"] == 1.0
