@@ -160,3 +160,14 @@ def test_adapter_for_another_architecture_is_refused(lora_dir, tmp_path):
     with pytest.raises(AdapterMismatchError, match="image_size: adapter expects 128"):
         merge_adapter(lora_dir, tmp_path / "merged", base_model=str(other))
     assert not (tmp_path / "merged").exists()
+
+
+def test_bfloat16_autocast_keeps_float32_outputs(lora_dir):
+    full = Sam2PeftPredictor.from_pretrained(lora_dir, device="cpu")
+    half = Sam2PeftPredictor.from_pretrained(lora_dir, device="cpu", dtype="bfloat16")
+    image = non_square_images(1)[0]
+    ours = half.predict(image, boxes=[[30, 20, 90, 50]], return_logits=True)
+    reference_ = full.predict(image, boxes=[[30, 20, 90, 50]], return_logits=True)
+    assert ours.logits.dtype == np.float32 and ours.masks.shape == reference_.masks.shape
+    assert not np.array_equal(ours.logits, reference_.logits)  # autocast did run in bfloat16
+    assert np.abs(ours.scores - reference_.scores).max() < 0.02
