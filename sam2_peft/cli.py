@@ -1,11 +1,16 @@
-"""`sam2-peft`: one command with subcommands for training, conversion and (with the inference extras) prediction."""
+"""`sam2-peft`: one command with subcommands for training, conversion, evaluation, prediction and sharing."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import runpy
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -37,8 +42,258 @@ def convert_meta(argv: list[str]) -> None:
     sys.exit(convert_main(argv))
 
 
+def _user_errors(run: Callable[[], None]) -> None:
+    """Run a command; bad input (missing files, repos, mismatched adapters, Hub refusals) exits with its message."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .training.arguments import USER_ERRORS
+
+    try:
+        run()
+    except (*USER_ERRORS, HfHubHTTPError) as error:
+        sys.exit(f"error: {error}")
+
+
+def _parser(command: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"sam2-peft {command}",
+        description=textwrap.fill(description, 100),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (give --adapter or --model)")
+    which = group.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="adapter: a training output folder or a Hub repo id (org/name)")
+    which.add_argument("--model", help="a base model alone: Hub id, local folder, or tiny-random (no adapter)")
+    group.add_argument("--revision", default=None, help="Hub branch, tag or commit of the adapter (or of --model)")
+    group.add_argument("--base-model", default=None, help="base to load the adapter into (default: the one it records)")
+    group.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="autocast dtype")
+
+
+def _load_predictor(args: argparse.Namespace):
+    from .inference.predictor import Sam2PeftPredictor
+    from .models.loading import load_base_model
+
+    if args.adapter:
+        return Sam2PeftPredictor.from_pretrained(
+            args.adapter,
+            revision=args.revision,
+            base_model=args.base_model,
+            dtype=args.dtype,
+            device=args.device,
+            token=args.token,
+        )
+    model, processor = load_base_model(args.model, revision=args.revision)
+    return Sam2PeftPredictor(model, processor, dtype=args.dtype, device=args.device)
+
+
+def evaluate(argv: list[str]) -> None:
+    """`sam2-peft eval`: score an adapter (or a base model) on an annotated dataset."""
+    parser = _parser(
+        "eval",
+        "Score an adapter or a base model on an annotated dataset (IoU, Dice, boundary IoU, pixel accuracy at the "
+        "original image size) and write the numbers as JSON.",
+        "example:\n  sam2-peft eval --adapter org/sam2-nuclei-lora --data data/val --output val_metrics.json",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="images/+masks/ folder, COCO .json, or datasets name/folder")
+    parser.add_argument("--split", default="train", help="split of a datasets source")
+    parser.add_argument("--image-column", default="image", help="image column of a datasets source")
+    parser.add_argument("--mask-column", default="mask", help="mask column of a datasets source")
+    parser.add_argument("--prompt", choices=("box", "point", "none"), default="box", help="prompt per object, or none")
+    parser.add_argument("--max-images", type=int, default=None, help="score only the first N images")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per batch")
+    parser.add_argument("--output", default=None, help="write metrics here (JSON); default: print only")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from accelerate import Accelerator
+        from torch.utils.data import DataLoader
+
+        from .data.dataset import DatasetConfig, SegmentationDataset, collate_segmentation
+        from .data.prompts import PromptConfig
+        from .data.sources import open_records
+        from .data.validation import validate_records
+        from .evaluation.runner import evaluate_segmenter
+        from .io import atomic_write_json
+        from .models.segmenter import Sam2Segmenter
+
+        predictor = _load_predictor(args)
+        mixed = {"float16": "fp16", "bfloat16": "bf16"}.get(args.dtype or "", "no")
+        accelerator = Accelerator(cpu=predictor.device.type == "cpu", mixed_precision=mixed)
+        source = dict(split=args.split, image_column=args.image_column, mask_column=args.mask_column)
+        records = open_records(args.data, **source)[: args.max_images]
+        config = DatasetConfig(
+            target_mode="semantic" if args.prompt == "none" else "instances", prompts=PromptConfig(prompt=args.prompt)
+        )
+        records, report = validate_records(records, config.validation)
+        dataset = SegmentationDataset(records, predictor.processor, config, train=False)
+        loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_segmentation)
+        segmenter = Sam2Segmenter(predictor.model).to(accelerator.device)
+        result = evaluate_segmenter(segmenter, loader, predictor.processor, accelerator)
+        summary = {
+            "metrics": result.metrics,
+            "per_image": result.per_image,
+            "adapter": args.adapter,
+            "model": args.model or (predictor.adapter.base_model if predictor.adapter else None),
+            "data": args.data,
+            "prompt": args.prompt,
+            "num_images": len(records),
+            "data_report": report.summary(),
+        }
+        if args.output:
+            atomic_write_json(args.output, summary)
+        print(json.dumps(result.metrics, indent=2))
+
+    _user_errors(run)
+
+
+def predict(argv: list[str]) -> None:
+    """`sam2-peft predict`: masks for a folder of images."""
+    parser = _parser(
+        "predict",
+        "Predict masks for every image in a folder. Writes OUT_DIR/masks/<name>.png (label maps: 0 background, k = "
+        "k-th prompt), OUT_DIR/overlays/<name>.png and OUT_DIR/predictions.json (scores). Without --boxes every image "
+        "gets one prompt-free mask (meant for prompt-free adapters such as PTSAM).",
+        "boxes file: JSON mapping image file names (or stems) to [[x0, y0, x1, y1], ...] in pixels;\n"
+        "only the images it lists are predicted.\n\n"
+        "example:\n  sam2-peft predict --adapter org/sam2-nuclei-lora --boxes boxes.json images/ predictions/",
+    )
+    parser.add_argument("images", metavar="IMAGES", help="folder of images")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where masks, overlays and predictions.json go")
+    _add_model_arguments(parser)
+    parser.add_argument("--boxes", default=None, help="JSON file of boxes per image (see below)")
+    args = parser.parse_args(argv)
+    _user_errors(lambda: _predict_folder(args))
+
+
+def _predict_folder(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from .data.sources import IMAGE_SUFFIXES, DataError, read_image
+    from .evaluation.panels import overlay
+    from .io import atomic_write_dir, atomic_write_json
+
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Expected a folder of images, found no folder at '{folder}'.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    boxes = None
+    if args.boxes:
+        boxes = _read_boxes(Path(args.boxes))
+        by_name = {p.name: p for p in files} | {p.stem: p for p in files}
+        unknown = sorted(set(boxes) - set(by_name))
+        if unknown:
+            raise DataError(f"'{args.boxes}' names images not in '{folder}': {unknown[:5]}")
+        files = [by_name[name] for name in boxes]
+    if not files:
+        raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'.")
+    predictor = _load_predictor(args)
+    summary = {}
+    with atomic_write_dir(args.out_dir) as staging:
+        (staging / "masks").mkdir()
+        (staging / "overlays").mkdir()
+        for path in files:
+            image = read_image(path)
+            image_boxes = boxes.get(path.name, boxes.get(path.stem)) if boxes is not None else None
+            prediction = predictor.predict(image, boxes=image_boxes)
+            labels = np.zeros(image.shape[:2], np.uint16 if len(prediction.masks) > 255 else np.uint8)
+            for index, mask in enumerate(prediction.masks, start=1):
+                labels[mask] = index
+            Image.fromarray(labels).save(staging / "masks" / f"{path.stem}.png")
+            Image.fromarray(overlay(image, prediction.masks)).save(staging / "overlays" / f"{path.stem}.png")
+            summary[path.name] = {"scores": prediction.scores.tolist(), "boxes": image_boxes}
+        atomic_write_json(staging / "predictions.json", summary)
+    print(f"Wrote masks and overlays of {len(files)} image(s) to {args.out_dir}")
+
+
+def _read_boxes(path: Path) -> dict[str, list[list[float]]]:
+    from .data.sources import DataError
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"Cannot read the boxes file '{path}': {err}") from err
+    if not isinstance(data, dict):
+        raise DataError(f"'{path}': expected a JSON object {{image name: [[x0, y0, x1, y1], ...]}}.")
+    for name, boxes in data.items():
+        if not isinstance(boxes, list) or any(not isinstance(b, list) or len(b) != 4 for b in boxes):
+            raise DataError(f"'{path}', image '{name}': expected a list of [x0, y0, x1, y1] boxes, found {boxes!r}.")
+    return data
+
+
+def push(argv: list[str]) -> None:
+    """`sam2-peft push`: upload a training run's adapter with a model card."""
+    parser = _parser(
+        "push",
+        "Upload the adapter in a training output folder to the Hugging Face Hub, with a generated model card "
+        "(metadata, base vs. fine-tuned metrics, size, usage) and one comparison picture. Log in first with "
+        "`hf auth login`, or set HF_TOKEN.",
+        "example:\n  sam2-peft push outputs/nuclei-lora my-org/sam2-nuclei-lora --private",
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="training output folder (holds the adapter files)")
+    parser.add_argument("repo_id", metavar="ID", help="Hub repo id, e.g. my-org/sam2-nuclei-lora (created if needed)")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--base-model", default=None, help="record this Hub id as the base (if trained on a copy)")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from .hub.push import push_adapter
+
+        commit = push_adapter(
+            args.output_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            token=args.token,
+            commit_message=args.commit_message,
+            base_model=args.base_model,
+        )
+        print(f"Pushed: {commit.commit_url}")
+
+    _user_errors(run)
+
+
+def merge(argv: list[str]) -> None:
+    """`sam2-peft merge`: fold an adapter into its base and save a plain transformers model."""
+    parser = _parser(
+        "merge",
+        "Fold a LoRA adapter (or partial fine-tune) into its base model and save a full model folder that "
+        "transformers.Sam2Model.from_pretrained loads without peft, with the same outputs.",
+        "example:\n  sam2-peft merge org/sam2-nuclei-lora merged/",
+    )
+    parser.add_argument("adapter", metavar="ADAPTER", help="training output folder or Hub repo id")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the merged model and processor")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of the adapter")
+    parser.add_argument("--base-model", default=None, help="base to merge into (default: the one it records)")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        from .hub.merge import merge_adapter
+
+        out = merge_adapter(
+            args.adapter, args.out_dir, revision=args.revision, base_model=args.base_model, token=args.token
+        )
+        print(f"Merged model written to {out}")
+
+    _user_errors(run)
+
+
 COMMANDS = {
     "train": (train, "fine-tune with a recipe (lora_decoder, partial_finetune, ...)"),
+    "eval": (evaluate, "score an adapter or base model on a dataset, write metrics JSON"),
+    "predict": (predict, "masks and overlays for a folder of images (boxes JSON or prompt-free)"),
+    "push": (push, "upload a trained adapter with a model card to the Hub"),
+    "merge": (merge, "fold a LoRA adapter into its base, save a plain transformers model"),
     "convert-meta": (convert_meta, "convert a Meta SAM 2 .pt checkpoint into a transformers folder"),
 }
 

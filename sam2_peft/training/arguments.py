@@ -13,6 +13,7 @@ from ..data.dataset import DatasetConfig, SegmentationDataset
 from ..data.prompts import PROMPT_TYPES, PromptConfig
 from ..data.sources import DataError, open_records, read_split_file, split_records
 from ..data.validation import ValidationConfig, validate_records
+from ..hub.resolve import AdapterLoadError
 from ..models.loading import BUILTIN_ARCHITECTURES, DEFAULT_MODEL, Sam2LoadError, load_base_model
 from ..tuners.methods import AdapterMismatchError, TuningMethod
 from .config import MIXED_PRECISION, TrainingConfig
@@ -77,6 +78,10 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     train.add_argument("--report-to", default="tensorboard", help="tensorboard, wandb, all or none.")
     train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--num-panels", type=int, default=4, help="Side-by-side pictures per evaluation.")
+    hub = parser.add_argument_group("sharing")
+    hub.add_argument("--push-to-hub", metavar="ID", default=None, help="Upload the adapter and a model card to ID.")
+    hub.add_argument("--hub-private", action="store_true", help="Create the Hub repo as private.")
+    hub.add_argument("--hub-revision", default=None, help="Branch to push to (created if missing).")
     return parser
 
 
@@ -144,7 +149,7 @@ def build_datasets(args: argparse.Namespace, processor, config: DatasetConfig):
     return SegmentationDataset(train_records, processor, config, train=True, seed=args.seed), val_dataset
 
 
-USER_ERRORS = (Sam2LoadError, DataError, AdapterMismatchError, FileNotFoundError)
+USER_ERRORS = (Sam2LoadError, DataError, AdapterMismatchError, AdapterLoadError, FileNotFoundError)
 """Errors caused by the user's input: a recipe run from the command line prints them without a traceback."""
 
 
@@ -173,4 +178,10 @@ def run_recipe(args: argparse.Namespace, method: TuningMethod, target_mode: str 
         base_name=args.model,
         run_info=run_info,
     )
-    return trainer.train()
+    metrics = trainer.train()
+    if args.push_to_hub and trainer.accelerator.is_main_process:
+        from ..hub.push import push_adapter
+
+        commit = push_adapter(args.output_dir, args.push_to_hub, private=args.hub_private, revision=args.hub_revision)
+        logger.info("Pushed the adapter to %s", commit.commit_url)
+    return metrics

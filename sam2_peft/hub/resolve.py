@@ -1,0 +1,173 @@
+"""Find an adapter (local folder or Hub repo), check what it is, and load it onto its base model.
+
+Every failure is an `AdapterLoadError` naming what was asked for, what was expected and what was found, so that the
+predictor, `merge_adapter` and the CLI report bad input the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from torch import nn
+from transformers import Sam2Processor
+
+from ..models.loading import load_base_model
+from ..tuners.methods import PARTIAL_CONFIG_FILE, PARTIAL_WEIGHTS_FILE, SIDECAR_FILE, load_adapter
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+ADAPTER_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PARTIAL_CONFIG_FILE, PARTIAL_WEIGHTS_FILE, SIDECAR_FILE)
+"""Every file an adapter folder may hold (a peft adapter, or a partial fine-tune, plus the sidecar)."""
+
+CUSTOM_PEFT_MODULES = {"PTSAM": "sam2_peft.tuners.ptsam"}
+"""Peft types this package adds to peft: importing the module registers the type."""
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter could not be found, fetched or understood; the message says what was expected and found."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A resolved adapter folder and what it declares.
+
+    Attributes:
+        directory: local folder holding the adapter files (a Hub snapshot in the cache, or the given path).
+        kind: `"peft"` (adapter_config.json) or `"partial"` (partial_config.json).
+        peft_type: the peft type (`"LORA"`, `"PTSAM"`, ...) or None for partial fine-tunes.
+        base_model: `base_model_name_or_path` recorded with the adapter (None if it was not recorded).
+    """
+
+    directory: Path
+    kind: str
+    peft_type: str | None
+    base_model: str | None
+
+
+def download_adapter(
+    adapter_id_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """A local folder with the adapter files: `adapter_id_or_path` itself if it is a folder, else a Hub snapshot."""
+    path = Path(adapter_id_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(adapter_id_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise AdapterLoadError(f"Expected an adapter folder or a Hub repo id ('org/name'), found '{name}'.")
+    at = f"'{name}'" + (f" at revision '{revision}'" if revision else "")
+    try:
+        folder = snapshot_download(name, revision=revision, token=token, allow_patterns=[*ADAPTER_FILES, "README.md"])
+    except RevisionNotFoundError as err:
+        raise AdapterLoadError(
+            f"The Hub repo '{name}' has no revision '{revision}' (expected a branch, tag or commit of it)."
+        ) from err
+    except (RepositoryNotFoundError, GatedRepoError) as err:
+        raise AdapterLoadError(
+            f"No adapter repo {at} on the Hub (nor a local folder of that name): it does not exist, or it is private "
+            "and no valid token was given "
+            "(log in with `hf auth login` or set HF_TOKEN)."
+        ) from err
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        raise AdapterLoadError(
+            f"Cannot fetch {at}: the Hub is unreachable or offline mode is on (HF_HUB_OFFLINE), and it is not in "
+            "the local cache. Connect once to cache it, or pass a local folder."
+        ) from err
+    except HfHubHTTPError as err:
+        raise AdapterLoadError(f"The Hub refused {at}: {err}") from err
+    return Path(folder)
+
+
+def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
+    """Read what an adapter folder declares; raise `AdapterLoadError` if files are missing or the type is unknown."""
+    directory = Path(directory)
+    partial, peft = directory / PARTIAL_CONFIG_FILE, directory / PEFT_CONFIG_FILE
+    if partial.exists():
+        if not (directory / PARTIAL_WEIGHTS_FILE).exists():
+            raise AdapterLoadError(f"'{directory}' has {PARTIAL_CONFIG_FILE} but no {PARTIAL_WEIGHTS_FILE}.")
+        return AdapterInfo(directory, "partial", None, _read_json(partial).get("base_model_name_or_path"))
+    if not peft.exists():
+        found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        raise AdapterLoadError(
+            f"No adapter in '{directory}': expected {PEFT_CONFIG_FILE} (peft) or {PARTIAL_CONFIG_FILE} (partial "
+            f"fine-tune), found {found or 'nothing'}."
+        )
+    if not any((directory / name).exists() for name in (PEFT_WEIGHTS_FILE, "adapter_model.bin")):
+        raise AdapterLoadError(f"'{directory}' has {PEFT_CONFIG_FILE} but no weights ({PEFT_WEIGHTS_FILE}).")
+    config = _read_json(peft)
+    peft_type = config.get("peft_type")
+    _ensure_peft_type(peft_type, peft)
+    return AdapterInfo(directory, "peft", peft_type, config.get("base_model_name_or_path"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterLoadError(f"Could not read '{path}' as JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"Expected a JSON object in '{path}', found {type(data).__name__}.")
+    return data
+
+
+def _ensure_peft_type(peft_type: str | None, config_file: Path) -> None:
+    """Import the module of a custom peft type so peft knows it; fail clearly on a type nobody registers."""
+    if peft_type in CUSTOM_PEFT_MODULES:
+        try:
+            importlib.import_module(CUSTOM_PEFT_MODULES[peft_type])
+        except ImportError as err:
+            raise AdapterLoadError(
+                f"'{config_file}' is a {peft_type} adapter, but {CUSTOM_PEFT_MODULES[peft_type]} is not available "
+                f"in this installation of sam2_peft: {err}"
+            ) from err
+    known = sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
+    if peft_type not in known:
+        raise AdapterLoadError(
+            f"Unknown peft_type '{peft_type}' in '{config_file}'; expected one of peft's types ({', '.join(known[:8])}"
+            f", ...) or one this package adds ({', '.join(CUSTOM_PEFT_MODULES)})."
+        )
+
+
+def load_adapted_model(
+    adapter_id_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    token: str | bool | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[nn.Module, Sam2Processor, AdapterInfo]:
+    """Download (if needed) an adapter, load the base it names (or `base_model`), and apply the adapter.
+
+    Returns the adapted model in eval mode (a `PeftModel` for peft adapters, a `Sam2Model` for partial fine-tunes),
+    the base model's processor, and the resolved `AdapterInfo`. The adapter's recorded base architecture is checked
+    against the loaded base (`AdapterMismatchError` on a different image size or widths).
+    """
+    info = inspect_adapter(download_adapter(adapter_id_or_path, revision=revision, token=token))
+    base_name = base_model or info.base_model
+    if not base_name:
+        raise AdapterLoadError(
+            f"The adapter '{adapter_id_or_path}' does not record its base model (base_model_name_or_path is empty): "
+            "pass base_model='facebook/sam2.1-hiera-...' or a local folder."
+        )
+    model, processor = load_base_model(base_name, revision=base_revision, device=device)
+    model = load_adapter(model, info.directory)
+    return model.eval(), processor, info

@@ -1,0 +1,219 @@
+"""Downstream use in one line: `Sam2PeftPredictor.from_pretrained("org/sam2-nuclei-lora").predict(image, boxes=...)`.
+
+The predictor runs the adapted model's own forward (`Sam2Model.forward`, through the peft wrapper when there is one)
+and uses the model's `Sam2Processor` for everything around it: resizing images, moving prompt coordinates from
+original pixels to the model input, and scaling masks back to the original size. Each image is encoded once; all
+its prompts go through the mask decoder together.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import Sam2Processor
+
+from ..hub.resolve import AdapterInfo, load_adapted_model
+from ..models.segmenter import unwrap_sam
+
+ImageLike = np.ndarray | Image.Image | torch.Tensor
+"""`(H, W, 3)` or `(H, W)` uint8 array, a PIL image, or a `(3, H, W)` uint8 tensor."""
+
+
+@dataclass
+class Prediction:
+    """Masks for one image, at its original size.
+
+    Attributes:
+        masks: `(N, H, W)` bool, one mask per prompt (`(N, 3, H, W)` with `multimask_output=True`); for prompt-free
+            prediction N = 1.
+        scores: `(N,)` predicted IoU of each mask (`(N, 3)` with `multimask_output=True`).
+        logits: mask logits shaped like `masks` (float32), only when asked for with `return_logits=True`.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray | None = None
+
+
+class Sam2PeftPredictor:
+    """Predict masks with a SAM 2 model, adapted or not, from prompts given in original image pixels.
+
+    Args:
+        model: a `Sam2Model`, or a peft-wrapped one.
+        processor: the model's `Sam2Processor`.
+        dtype: `torch.float16` / `torch.bfloat16` run the model under autocast (weights stay float32); None = float32.
+        device: where to run; default CUDA when available.
+        batch_size: images encoded together.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Sam2Processor,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int = 8,
+        adapter: AdapterInfo | None = None,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.batch_size = batch_size
+        self.adapter = adapter
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        adapter_id_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        base_model: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        token: str | bool | None = None,
+        batch_size: int = 8,
+    ) -> Sam2PeftPredictor:
+        """Load an adapter (Hub id or local folder, at `revision`) and the base model it records.
+
+        `base_model` overrides the recorded base (a Hub id or a local folder with the same architecture). Raises
+        `AdapterLoadError` (not found, offline and not cached, unknown type, missing files) or `AdapterMismatchError`
+        (the base has another image size or widths than the adapter was trained for).
+        """
+        model, processor, info = load_adapted_model(
+            adapter_id_or_path, revision=revision, base_model=base_model, token=token
+        )
+        return cls(model, processor, dtype=dtype, device=device, batch_size=batch_size, adapter=info)
+
+    def _autocast(self):
+        if self.dtype in (None, torch.float32):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        boxes: np.ndarray | Sequence | None = None,
+        points: np.ndarray | Sequence | None = None,
+        labels: np.ndarray | Sequence | None = None,
+        *,
+        multimask_output: bool = False,
+        return_logits: bool = False,
+    ) -> Prediction | list[Prediction]:
+        """Predict masks for one image or a list of images.
+
+        Prompts are in original image pixels, per image: `boxes` `(N, 4)` as `x0, y0, x1, y1`; `points` `(N, P, 2)`
+        as `x, y` with `labels` `(N, P)` (1 foreground, 0 background; default all 1). Give boxes, points or both
+        (then box n and points n describe the same object). With a list of images, give a list of per-image prompts.
+        With no prompts the model predicts one mask per image on its own (prompt-free, e.g. PTSAM adapters).
+
+        Returns one `Prediction` for a single image, a list for a list of images.
+        """
+        single = not isinstance(images, (list, tuple))
+        image_list = [images] if single else list(images)
+        per_image = [
+            _per_image(prompt, len(image_list), single, name)
+            for prompt, name in ((boxes, "boxes"), (points, "points"), (labels, "labels"))
+        ]
+        arrays = [_to_array(image, index) for index, image in enumerate(image_list)]
+        results = []
+        for start in range(0, len(arrays), self.batch_size):
+            chunk = arrays[start : start + self.batch_size]
+            encoded = self.processor(images=chunk, return_tensors="pt")
+            pixel_values = encoded["pixel_values"].to(self.device)
+            with self._autocast():
+                embeddings = unwrap_sam(self.model).get_image_embeddings(pixel_values)
+            for offset, original_size in enumerate(encoded["original_sizes"].tolist()):
+                prompts = [p[start + offset] for p in per_image]
+                results.append(
+                    self._decode(
+                        [e[offset : offset + 1] for e in embeddings],
+                        original_size,
+                        *prompts,
+                        multimask_output,
+                        return_logits,
+                    )
+                )
+        return results[0] if single else results
+
+    def _decode(
+        self,
+        embeddings: list[torch.Tensor],
+        original_size: list[int],
+        boxes,
+        points,
+        labels,
+        multimask_output: bool,
+        return_logits: bool,
+    ) -> Prediction:
+        prompts = self._prompt_tensors(original_size, boxes, points, labels)
+        with self._autocast():
+            outputs = self.model(image_embeddings=embeddings, multimask_output=multimask_output, **prompts)
+        logits = self.processor.post_process_masks(
+            [outputs.pred_masks[0].float().cpu()], [original_size], binarize=False
+        )[0]
+        scores = outputs.iou_scores[0].float().cpu()
+        if not multimask_output:
+            logits, scores = logits[:, 0], scores[:, 0]
+        return Prediction(
+            masks=(logits > 0).numpy(), scores=scores.numpy(), logits=logits.numpy() if return_logits else None
+        )
+
+    def _prompt_tensors(self, original_size: list[int], boxes, points, labels) -> dict[str, torch.Tensor]:
+        """Prompts in model-input coordinates, batched as `Sam2Model.forward` takes them (one image)."""
+        if boxes is None and points is None:
+            if labels is not None:
+                raise ValueError("labels were given without points.")
+            return {}
+        kwargs: dict = {}
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if len(boxes) else np.zeros((0, 4), np.float32)
+            kwargs["input_boxes"] = [boxes.tolist()]
+        if points is not None:
+            points = np.asarray(points, dtype=np.float32)
+            if points.ndim != 3 or points.shape[-1] != 2:
+                raise ValueError(f"points must be (N, P, 2) per image (x, y pixels), found shape {points.shape}.")
+            labels = np.ones(points.shape[:2], np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+            if labels.shape != points.shape[:2]:
+                raise ValueError(f"labels must be (N, P) = {points.shape[:2]} to match points, found {labels.shape}.")
+            kwargs["input_points"], kwargs["input_labels"] = [points.tolist()], [labels.tolist()]
+        if boxes is not None and points is not None and len(boxes) != len(points):
+            raise ValueError(f"boxes and points describe the same objects: found {len(boxes)} boxes, {len(points)}.")
+        encoded = self.processor(original_sizes=[original_size], return_tensors="pt", **kwargs)
+        return {k: encoded[k].to(self.device) for k in ("input_boxes", "input_points", "input_labels") if k in encoded}
+
+
+def _per_image(prompt, num_images: int, single: bool, name: str) -> list:
+    """Split a prompt argument into one entry per image (None when absent)."""
+    if prompt is None:
+        return [None] * num_images
+    if single:
+        return [prompt]
+    if len(prompt) != num_images:
+        raise ValueError(f"{name} must hold one entry per image: {num_images} images, {len(prompt)} entries.")
+    return list(prompt)
+
+
+def _to_array(image: ImageLike, index: int) -> np.ndarray:
+    """An `(H, W, 3)` uint8 array from any supported image type."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.permute(1, 2, 0).cpu().numpy() if image.ndim == 3 and image.shape[0] in (1, 3) else image.numpy()
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"Image {index}: expected (H, W, 3) or (H, W), found shape {array.shape}.")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return array[..., :3]

@@ -1,0 +1,142 @@
+"""Push adapters to the loopback Hub and use them from there, online, at a revision, and offline from the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from peft import PeftModel
+
+from sam2_peft.hub.push import push_adapter
+from sam2_peft.hub.resolve import AdapterLoadError
+from sam2_peft.inference.predictor import Sam2PeftPredictor
+from sam2_peft.models.loading import build_model_from_config, load_base_model, processor_for_image_size, tiny_config
+from tests.adapter_helpers import make_adapter, non_square_images
+
+BOX = [[30, 20, 90, 50], [5, 5, 40, 60]]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """The base is a local folder, so it resolves with the Hub down too."""
+    folder = tmp_path_factory.mktemp("hub-base")
+    build_model_from_config(tiny_config(128), seed=0).save_pretrained(folder)
+    processor_for_image_size(128).save_pretrained(folder)
+    return folder
+
+
+def logits(predictor: Sam2PeftPredictor, image: np.ndarray) -> np.ndarray:
+    return predictor.predict(image, boxes=BOX, return_logits=True).logits
+
+
+@pytest.mark.parametrize("kind", ["lora", "partial"])
+def test_push_then_load_online_and_offline(kind, hub_server, make_hub_repo_id, hub_offline, base_dir, tmp_path):
+    adapter = make_adapter(kind, base_dir, tmp_path / kind)
+    repo_id = make_hub_repo_id(kind)
+    commit = push_adapter(adapter, repo_id)
+
+    api = HfApi()
+    weights = "adapter_model.safetensors" if kind == "lora" else "partial_model.safetensors"
+    config = "adapter_config.json" if kind == "lora" else "partial_config.json"
+    expected = {".gitattributes", "README.md", "comparison.png", "sam2_peft.json", config, weights}
+    assert set(api.list_repo_files(repo_id)) == expected
+    assert api.model_info(repo_id).sha == commit.oid
+    paths = {entry.path: entry for entry in api.get_paths_info(repo_id, [weights, config])}
+    assert paths[weights].lfs is not None  # LFS upload (.safetensors rule)
+    assert paths[config].lfs is None  # regular upload
+    assert Path(hf_hub_download(repo_id, weights)).read_bytes() == (adapter / weights).read_bytes()
+
+    card = ModelCard.load(repo_id)
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "mask-generation"
+    assert {"sam2", "peft", kind} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local folder is not a Hub id; the text says so
+    assert "| IoU | 0.4100 | 0.7200 |" in card.text and "| Dice | 0.5500 | 0.8300 |" in card.text
+    assert (
+        "nuclei-coelho2009" in card.text
+        and "12,345" in card.text
+        and "![Base vs. fine-tuned](comparison.png)" in card.text
+    )
+    picture = next((adapter / "panels" / "final").glob("*.png")).read_bytes()
+    assert Path(hf_hub_download(repo_id, "comparison.png")).read_bytes() == picture
+
+    image = non_square_images(1)[0]
+    local = logits(Sam2PeftPredictor.from_pretrained(adapter, device="cpu"), image)
+    from_hub = Sam2PeftPredictor.from_pretrained(repo_id, device="cpu")
+    np.testing.assert_array_equal(logits(from_hub, image), local)
+    if kind == "lora":  # plain peft reads the same repo
+        base, processor = load_base_model(str(base_dir))
+        plain = Sam2PeftPredictor(PeftModel.from_pretrained(base, repo_id), processor, device="cpu")
+        np.testing.assert_array_equal(logits(plain, image), local)
+
+    requests = len(hub_server.requests)
+    with hub_offline():
+        offline = Sam2PeftPredictor.from_pretrained(repo_id, device="cpu")
+        np.testing.assert_array_equal(logits(offline, image), local)
+        with pytest.raises(AdapterLoadError, match="offline mode is on .* not in the local cache"):
+            Sam2PeftPredictor.from_pretrained(make_hub_repo_id("never-pushed"))
+    assert len(hub_server.requests) == requests
+
+
+def test_revisions_private_repos_and_missing_repos(hub_server, make_hub_repo_id, base_dir, tmp_path):
+    first = make_adapter("lora", base_dir, tmp_path / "v1", seed=1)
+    second = make_adapter("lora", base_dir, tmp_path / "v2", seed=2)
+    repo_id = make_hub_repo_id("private")
+    push_adapter(first, repo_id, private=True, base_model="facebook/sam2.1-hiera-tiny")
+    commit = push_adapter(second, repo_id, revision="v2", commit_message="Second try")
+
+    api = HfApi()
+    assert api.model_info(repo_id).private is True
+    with pytest.raises(AdapterLoadError, match="No adapter repo .* private and no valid token"):
+        Sam2PeftPredictor.from_pretrained(repo_id, token=False)
+    assert {b.name for b in api.list_repo_refs(repo_id).branches} == {"main", "v2"}
+    assert api.model_info(repo_id, revision="v2").sha == commit.oid != api.model_info(repo_id).sha
+    card = ModelCard.load(repo_id)
+    assert card.data.base_model == "facebook/sam2.1-hiera-tiny"
+    config = json.loads(Path(hf_hub_download(repo_id, "adapter_config.json")).read_text())
+    assert config["base_model_name_or_path"] == "facebook/sam2.1-hiera-tiny"
+
+    image = non_square_images(1)[0]
+    expected_v1 = logits(Sam2PeftPredictor.from_pretrained(first, device="cpu"), image)
+    expected_v2 = logits(Sam2PeftPredictor.from_pretrained(second, device="cpu"), image)
+    assert not np.allclose(expected_v1, expected_v2)
+    main = Sam2PeftPredictor.from_pretrained(repo_id, base_model=str(base_dir), device="cpu")
+    np.testing.assert_array_equal(logits(main, image), expected_v1)
+    at_v2 = Sam2PeftPredictor.from_pretrained(repo_id, revision="v2", device="cpu")  # v2 records the local base
+    np.testing.assert_array_equal(logits(at_v2, image), expected_v2)
+
+    with pytest.raises(AdapterLoadError, match=f"'{repo_id}' has no revision 'nope'"):
+        Sam2PeftPredictor.from_pretrained(repo_id, revision="nope")
+    missing = make_hub_repo_id("missing")
+    with pytest.raises(AdapterLoadError, match=f"No adapter repo '{missing}' on the Hub"):
+        Sam2PeftPredictor.from_pretrained(missing)
+
+
+def test_push_refuses_a_folder_without_adapter(hub_server, hub_repo_id, tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(AdapterLoadError, match=r"expected adapter_config.json .* found \['metrics.json'\]"):
+        push_adapter(tmp_path, hub_repo_id)
+    assert not HfApi().repo_exists(hub_repo_id)
+
+
+def test_ptsam_adapter_round_trip(hub_server, hub_repo_id, base_dir, tmp_path):
+    pytest.importorskip("sam2_peft.tuners.ptsam")
+    from sam2_peft.tuners.methods import METHODS
+
+    model, _ = load_base_model(str(base_dir))
+    method = METHODS["ptsam"]()
+    model = method.prepare(model, str(base_dir))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    method.save(model, tmp_path / "ptsam", str(base_dir))
+    push_adapter(tmp_path / "ptsam", hub_repo_id)
+    image = non_square_images(1)[0]
+    local = Sam2PeftPredictor.from_pretrained(tmp_path / "ptsam", device="cpu").predict(image, return_logits=True)
+    remote = Sam2PeftPredictor.from_pretrained(hub_repo_id, device="cpu").predict(image, return_logits=True)
+    assert remote.masks.shape == (1, *image.shape[:2])
+    np.testing.assert_array_equal(remote.logits, local.logits)
