@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import nn
 from transformers import Sam2Processor
 
 from ..tuners.ptsam.layer import PtsamPromptEncoderLayer
+from .predictor import Sam2PeftPredictor
 
 
-@torch.no_grad()
 def predict_prompt_free(
     model: nn.Module,
     processor: Sam2Processor,
@@ -35,22 +34,13 @@ def predict_prompt_free(
     """
     if not has_active_ptsam(model):
         raise ValueError("predict_prompt_free needs a model with an active PTSAM adapter; load one with PeftModel.")
-    parameter = next(model.parameters())
     was_training = model.training
-    model.eval()
-    results: list[tuple[np.ndarray, float]] = []
+    device = next(model.parameters()).device
     try:
-        for start in range(0, len(images), batch_size):
-            chunk = [_rgb(image) for image in images[start : start + batch_size]]
-            inputs = processor(images=chunk, return_tensors="pt")
-            pixel_values = inputs["pixel_values"].to(parameter.device, parameter.dtype)
-            output = model(pixel_values=pixel_values, multimask_output=False)
-            masks = processor.post_process_masks(output.pred_masks.float().cpu(), inputs["original_sizes"])
-            scores = output.iou_scores[:, 0, 0].float().cpu()
-            results.extend((mask[0, 0].numpy().astype(bool), float(score)) for mask, score in zip(masks, scores))
+        predictions = Sam2PeftPredictor(model, processor, device=device, batch_size=batch_size).predict(list(images))
     finally:
         model.train(was_training)
-    return results
+    return [(p.masks[0], float(p.scores[0])) for p in predictions]
 
 
 def has_active_ptsam(model: nn.Module) -> bool:
@@ -58,12 +48,3 @@ def has_active_ptsam(model: nn.Module) -> bool:
     return any(
         isinstance(m, PtsamPromptEncoderLayer) and m._active_entry(m.ptsam_tokens) is not None for m in model.modules()
     )
-
-
-def _rgb(image: np.ndarray | Image.Image) -> np.ndarray:
-    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"Expected an (H, W, 3) or (H, W) image, got shape {array.shape}.")
-    return array
