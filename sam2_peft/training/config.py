@@ -45,11 +45,19 @@ class TrainingConfig:
     num_panels: int = 4
     """Validation images drawn side by side (image | ground truth | base | fine-tuned) at each evaluation."""
     loss: LossConfig = field(default_factory=LossConfig)
+    cache_embeddings: bool = True
+    """Cache the image encoder's outputs when the method leaves the encoder frozen (see `embedding_cache`)."""
+    cache_dir: str | None = None
+    """Folder keeping cached features on disk (memory-mapped, reused by later runs); None = memory only."""
+    cache_memory_gb: float = 8.0
+    """Memory budget of cached features; beyond it they live in `cache_dir` (or are re-encoded without one)."""
+    cache_views: int = 4
+    """With augmentation on and the cache on: fixed augmented views encoded per image, one drawn per epoch."""
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got '{self.mixed_precision}'.")
-        for name in ("batch_size", "grad_accum", "epochs"):
+        for name in ("batch_size", "grad_accum", "epochs", "cache_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
