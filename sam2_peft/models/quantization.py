@@ -8,6 +8,7 @@ device  is kept unquantized and reported. LoRA on quantized layers is then peft'
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -32,6 +33,19 @@ class QuantizationReport:
     bytes_after: int = 0
 
 
+@functools.cache
+def _flat_linear8bit_class() -> type:
+    import bitsandbytes as bnb
+
+    class FlatLinear8bit(bnb.nn.Linear8bitLt):
+        """`Linear8bitLt` on `(..., in)` inputs flattened to 2-D: its no-grad CPU path fails on Hiera's 4-D inputs."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+    return FlatLinear8bit
+
+
 def _quantized_linear(linear: nn.Linear, mode: str) -> nn.Module:
     import bitsandbytes as bnb
 
@@ -49,7 +63,7 @@ def _quantized_linear(linear: nn.Linear, mode: str) -> nn.Module:
         # training forwards fail; keep the standard path, which serves both.
         layer.support_avx512bf16_for_cpu = False
     else:
-        layer = bnb.nn.Linear8bitLt(
+        layer = _flat_linear8bit_class()(
             linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
         )
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
