@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from sam2_peft.data.augment import AugmentationConfig
 from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset
@@ -15,6 +16,14 @@ from sam2_peft.models.segmenter import Sam2Segmenter
 from sam2_peft.training.config import TrainingConfig
 from sam2_peft.training.trainer import Trainer
 from sam2_peft.tuners.methods import LoraMethod
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state; a run with another mixed precision needs it reset around it."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _trainer(folder, processor, tmp_path, model, method, mixed_precision: str) -> Trainer:
