@@ -46,7 +46,7 @@ class SegmentationDataset(Dataset):
         `points` `(N, P, 2)` float in model-input coordinates and `point_labels` `(N, P)` long (see `prompts`);
         `mask_inputs` `(N, 1, S/4, S/4)` float or None;
         `target_masks` `(N, S, S)` bool, the objects at model-input resolution;
-        `original_size` `(H, W)`; `sample_id`; and, for evaluation, `original_masks` `(N, H, W)` bool.
+        `original_size` `(H, W)`; `sample_id`; `view` (which fixed augmentation, see `set_augmentation_views`); and, for evaluation, `original_masks` `(N, H, W)` bool.
     """
 
     def __init__(
@@ -64,6 +64,7 @@ class SegmentationDataset(Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.augmentation_views: int | None = None
         self.image_size = int(processor.image_processor.size["height"])
         self.transform = build_augmentation(self.config.augmentation) if train else None
         self._index = {record.sample_id: i for i, record in enumerate(records)}
@@ -71,6 +72,10 @@ class SegmentationDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Change the random draws (augmentation, prompts, object subsets) for a new epoch."""
         self.epoch = epoch
+
+    def set_augmentation_views(self, views: int | None) -> None:
+        """Draw each item's augmentation from `views` fixed ones per image (cached encoder features), or afresh."""
+        self.augmentation_views = views
 
     def __len__(self) -> int:
         return len(self.records)
@@ -91,8 +96,9 @@ class SegmentationDataset(Dataset):
             image = v2.functional.resize(image, [self.image_size, self.image_size], antialias=True)
             size = [self.image_size, self.image_size]
             masks = v2.functional.resize(masks.to(torch.uint8), size, InterpolationMode.NEAREST_EXACT).bool()
+        view, augment_seed = self._augmentation_view(index, seed)
         if self.transform is not None:
-            augmented_image, augmented_masks = augment(self.transform, image, masks, seed)
+            augmented_image, augmented_masks = augment(self.transform, image, masks, augment_seed)
             visible = augmented_masks.flatten(1).any(1)
             if visible.any():  # objects pushed out of the frame are dropped; if all were, keep the unaugmented view
                 image, masks = augmented_image, augmented_masks[visible]
@@ -103,6 +109,7 @@ class SegmentationDataset(Dataset):
         pixel_values = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         item = {
             "sample_id": record.sample_id,
+            "view": view,
             "pixel_values": pixel_values,
             "points": to_model_coordinates(points, original_size, self.image_size),
             "point_labels": labels,
@@ -113,6 +120,13 @@ class SegmentationDataset(Dataset):
         if not self.train:
             item["original_masks"] = masks
         return item
+
+    def _augmentation_view(self, index: int, seed: int) -> tuple[int, int]:
+        """(view, augmentation seed): one of `augmentation_views` fixed views per image, or the item's own seed."""
+        if self.transform is None or not self.augmentation_views:
+            return 0, seed
+        view = int(np.random.default_rng(seed).integers(self.augmentation_views))
+        return view, int(np.random.SeedSequence([self.seed, index, view, 1]).generate_state(1)[0])
 
     def original(self, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
         """A validation image `(H, W, 3)` uint8 and its evaluated target masks `(N, H, W)` bool, unaugmented."""
@@ -163,6 +177,7 @@ def collate_segmentation(items: list[dict]) -> dict:
     has_mask_inputs = items[0]["mask_inputs"] is not None
     batch = {
         "sample_ids": [item["sample_id"] for item in items],
+        "views": [item["view"] for item in items],
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "object_image_index": torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts)),
         "points": torch.cat(points) if max_points else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,10 +39,12 @@ def evaluate_segmenter(
     accelerator: Accelerator,
     keep_ids: set[str] | frozenset[str] = frozenset(),
     dilation_ratio: float = 0.02,
+    encode: Callable[[list[str], torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> EvaluationResult:
     """Predict every validation batch (single mask, or the best of 3 for single clicks) and score each image.
 
-    Works in several processes: each scores its shard and the per-image results are gathered.
+    Works in several processes: each scores its shard and the per-image results are gathered. `encode(keys,
+    pixel_values)`, e.g. `EmbeddingCache.get_or_compute`, supplies the encoder features (keys `eval/<sample_id>`).
     """
     was_training = segmenter.training
     segmenter.eval()
@@ -49,6 +52,8 @@ def evaluate_segmenter(
     kept: dict[str, np.ndarray] = {}
     for batch in dataloader:
         inputs = batch_inputs(batch, accelerator.device)
+        if encode is not None:
+            inputs["vision_features"] = encode([f"eval/{s}" for s in batch["sample_ids"]], inputs.pop("pixel_values"))
         with accelerator.autocast():
             output = segmenter(**inputs, multimask_output=wants_multimask(inputs["point_labels"]))
         logits = select_best_mask(output).float().cpu()

@@ -15,6 +15,7 @@ from ..data.sources import DataError, open_records, read_split_file, split_recor
 from ..data.validation import ValidationConfig, validate_records
 from ..hub.resolve import AdapterLoadError
 from ..models.loading import BUILTIN_ARCHITECTURES, DEFAULT_MODEL, Sam2LoadError, load_base_model
+from ..models.quantization import QUANTIZATION_MODES, quantize_image_encoder
 from ..tuners.methods import AdapterMismatchError, TuningMethod
 from .config import MIXED_PRECISION, TrainingConfig
 from .losses import LossConfig
@@ -24,6 +25,8 @@ SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "sample"
 """The small synthetic dataset bundled with the package (the recipes' default `--data`)."""
 
 logger = logging.getLogger(__name__)
+
+BASE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.ArgumentParser:
@@ -38,6 +41,18 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     )
     model.add_argument("--revision", default=None, help="Hub revision of --model.")
     model.add_argument("--meta-config", default=None, help="Meta config name for a .pt checkpoint (sam2.1_hiera_s).")
+    model.add_argument(
+        "--base-dtype",
+        choices=BASE_DTYPES,
+        default="float32",
+        help="Dtype of the frozen base weights (trainable ones stay float32; half needs --mixed-precision).",
+    )
+    model.add_argument(
+        "--quantize-encoder",
+        choices=QUANTIZATION_MODES,
+        default=None,
+        help="QLoRA: load the image encoder's Linear layers in 4/8-bit with bitsandbytes (extra 'quant').",
+    )
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data", default=str(SAMPLE_DATA), help="images/+masks/ folder, COCO .json, or datasets name/folder."
@@ -82,6 +97,15 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     hub.add_argument("--push-to-hub", metavar="ID", default=None, help="Upload the adapter and a model card to ID.")
     hub.add_argument("--hub-private", action="store_true", help="Create the Hub repo as private.")
     hub.add_argument("--hub-revision", default=None, help="Branch to push to (created if missing).")
+    cache = parser.add_argument_group("embedding cache (frozen image encoder)")
+    cache.add_argument(
+        "--no-cache-embeddings", action="store_true", help="Re-encode every image on every step (no feature cache)."
+    )
+    cache.add_argument("--cache-dir", default=None, help="Keep cached features on disk here (reused by later runs).")
+    cache.add_argument("--cache-memory-gb", type=float, default=8.0, help="Memory budget of cached features.")
+    cache.add_argument(
+        "--cache-views", type=int, default=4, help="With augmentation: fixed augmented views encoded per image."
+    )
     return parser
 
 
@@ -125,6 +149,10 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         num_panels=args.num_panels,
         correction_rounds=args.correction_rounds,
         loss=LossConfig(mask_loss=args.mask_loss),
+        cache_embeddings=not args.no_cache_embeddings,
+        cache_dir=args.cache_dir,
+        cache_memory_gb=args.cache_memory_gb,
+        cache_views=args.cache_views,
     )
 
 
@@ -164,7 +192,11 @@ def run_from_command_line(main: Callable[[], object]) -> None:
 def run_recipe(args: argparse.Namespace, method: TuningMethod, target_mode: str = "instances") -> dict:
     """Everything a recipe does after parsing: load, build data, train, save. Returns the final metrics."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model, processor = load_base_model(args.model, revision=args.revision, meta_config=args.meta_config)
+    model, processor = load_base_model(
+        args.model, revision=args.revision, meta_config=args.meta_config, dtype=args.base_dtype
+    )
+    if args.quantize_encoder:
+        quantize_image_encoder(model, args.quantize_encoder)
     data_config = dataset_config_from_args(args, target_mode)
     train_dataset, val_dataset = build_datasets(args, processor, data_config)
     run_info = {"method": method.name, "base_model": args.model, "data": args.data}

@@ -47,11 +47,19 @@ class TrainingConfig:
     correction_rounds: int = 0
     """Extra interactive rounds per step (a click in the largest error, the previous mask fed back), as SAM trains."""
     loss: LossConfig = field(default_factory=LossConfig)
+    cache_embeddings: bool = True
+    """Cache the image encoder's outputs when the method leaves the encoder frozen (see `embedding_cache`)."""
+    cache_dir: str | None = None
+    """Folder keeping cached features on disk (memory-mapped, reused by later runs); None = memory only."""
+    cache_memory_gb: float = 8.0
+    """Memory budget of cached features; beyond it they live in `cache_dir` (or are re-encoded without one)."""
+    cache_views: int = 4
+    """With augmentation on and the cache on: fixed augmented views encoded per image, one drawn per epoch."""
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got '{self.mixed_precision}'.")
-        for name in ("batch_size", "grad_accum", "epochs"):
+        for name in ("batch_size", "grad_accum", "epochs", "cache_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:

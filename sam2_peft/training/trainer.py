@@ -33,6 +33,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import TrainingConfig
+from .embedding_cache import EmbeddingCache, encoder_fingerprint, plan_embedding_cache
 from .losses import LossOutput, combine_rounds, sam2_loss
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,10 @@ class Trainer:
         )
         set_seed(config.seed)
         self.model = method.prepare(model, base_name)
+        keep_trainable_fp32(self.model, config.mixed_precision)
         self.segmenter = Sam2Segmenter(self.model)
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.cache = self._embedding_cache()
         self.train_loader = self._loader(train_dataset, shuffle=True)
         self.val_loader = self._loader(val_dataset, shuffle=False) if val_dataset is not None else None
         optimizer = torch.optim.AdamW(method.parameter_groups(self.model, config.lr, config.weight_decay))
@@ -104,6 +107,32 @@ class Trainer:
         self.state = TrainerState()
         self.panel_ids = self._panel_ids()
         self.base_predictions: dict[str, np.ndarray] = {}
+
+    def _embedding_cache(self) -> EmbeddingCache | None:
+        """Cache encoder features when the method leaves the encoder frozen (decided and logged here)."""
+        config = self.config
+        plan = plan_embedding_cache(
+            config.cache_embeddings,
+            self.method.trains_image_encoder(self.model),
+            self.train_dataset.transform is not None,
+            config.cache_views,
+        )
+        logger.info("Embedding cache %s.", plan.reason)
+        self.run_info["embedding_cache"] = {"enabled": plan.enabled, "views": plan.views}
+        if not plan.enabled:
+            return None
+        self.train_dataset.set_augmentation_views(plan.views)
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+        return EmbeddingCache(
+            self._encode,
+            encoder_fingerprint(self.model, self.processor, self.base_name, dtype=autocast_dtype),
+            memory_budget_bytes=int(config.cache_memory_gb * 1e9),
+            directory=config.cache_dir,
+        )
+
+    def _encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        with self.accelerator.autocast():
+            return self.segmenter.vision_features(pixel_values)
 
     def _loader(self, dataset: SegmentationDataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -203,9 +232,14 @@ class Trainer:
                 if not config.eval_every:
                     self._evaluate_and_checkpoint()
         progress.close()
+        if self.cache is not None:
+            logger.info("Embedding cache: %s", self.cache.stats)
 
     def _step(self, batch: dict) -> LossOutput:
         inputs = batch_inputs(batch, self.accelerator.device)
+        if self.cache is not None:
+            keys = [f"train/{sample_id}/view-{view}" for sample_id, view in zip(batch["sample_ids"], batch["views"])]
+            inputs["vision_features"] = self.cache.get_or_compute(keys, inputs.pop("pixel_values"))
         if (
             inputs["mask_inputs"] is not None
             and random.random() >= self.train_dataset.config.prompts.mask_prompt_probability
@@ -239,7 +273,12 @@ class Trainer:
     def evaluate(self, keep_ids: set[str] | None = None) -> EvaluationResult:
         """Score the current model on the validation set."""
         return evaluate_segmenter(
-            self.wrapped, self.val_loader, self.processor, self.accelerator, keep_ids=frozenset(keep_ids or ())
+            self.wrapped,
+            self.val_loader,
+            self.processor,
+            self.accelerator,
+            keep_ids=frozenset(keep_ids or ()),
+            encode=None if self.cache is None else self.cache.get_or_compute,
         )
 
     def _evaluate_and_checkpoint(self) -> None:
@@ -326,6 +365,19 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return {"base": state.base_metrics, "fine_tuned": final.metrics if final else {}}
+
+
+def keep_trainable_fp32(model: nn.Module, mixed_precision: str) -> None:
+    """Cast trainable parameters to float32 (base weights may stay half precision, which needs autocast)."""
+    frozen_half = any(not p.requires_grad and p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+    if frozen_half and mixed_precision == "no":
+        raise ValueError(
+            "The base weights are in half precision: train with mixed_precision 'bf16' or 'fp16' (--mixed-precision) "
+            "so that the float32 adapters and the half base meet under autocast."
+        )
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _adapter_bytes(directory: Path) -> int:

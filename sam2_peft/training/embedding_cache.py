@@ -1,0 +1,269 @@
+"""Cached image-encoder outputs for frozen-encoder training: encode each image (view) once, reuse it every epoch.
+
+What is cached is `Sam2Segmenter.vision_features`: the encoder's three FPN maps, *before* the decoder's
+`conv_s0/conv_s1` projections, so the cache stays exact when those decoder layers train.
+
+Two tiers: a memory tier within a byte budget, and an optional folder (one memory-mapped safetensors file per
+entry) that persists between runs. The folder's `manifest.json` records the encoder fingerprint
+(`encoder_fingerprint`: base model id and revision, a hash of the encoder weights, image size, preprocessing,
+dtype, library versions); a folder written for another fingerprint is never used (rebuilt with a warning, or
+`ForeignCacheError`). Each entry also stores a hash of the preprocessed pixels it was computed from; a changed image
+is re-encoded (and logged), never served stale.
+
+Augmentation policy (`plan_embedding_cache`): the encoder output depends on the augmented image, so with
+augmentation on each image is encoded in K fixed augmented views (geometric + photometric transforms applied before
+encoding, `--cache-views K`) and each epoch draws one of them; prompts and object subsets are still drawn afresh
+every step from the view's masks. No augmentation is dropped; their variety is bounded by K, which is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+import xxhash
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..io import atomic_write_json
+from ..models.segmenter import unwrap_sam
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ENTRY_SUFFIX = ".safetensors"
+
+
+class ForeignCacheError(RuntimeError):
+    """A cache folder was written for another encoder, image size, preprocessing or format."""
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A 128-bit content hash of a tensor's bytes (xxh3), its dtype and shape."""
+    hasher = xxhash.xxh3_128(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    hasher.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return hasher.hexdigest()
+
+
+def encoder_fingerprint(
+    model: nn.Module,
+    processor,
+    base_name: str | None = None,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict:
+    """Everything that changes an image's encoder output, as a JSON-able dict (the cache key of a whole cache).
+
+    Args:
+        model: the base `Sam2Model` (peft-wrapped or not); its image encoder's weights are hashed.
+        processor: the `Sam2Processor` whose image preprocessing produced the pixels.
+        base_name, revision: the base model's id/path and Hub revision (informative; the weight hash decides).
+        dtype: the dtype features are computed in (autocast), when not the weights' own.
+    """
+    encoder = unwrap_sam(model).vision_encoder
+    hasher = xxhash.xxh3_128()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        hasher.update(name.encode())
+        hasher.update(tensor_digest(tensor).encode())
+    preprocessing = json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str)
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "base_model": base_name,
+        "revision": revision,
+        "encoder_weights_xxh3": hasher.hexdigest(),
+        "image_size": int(unwrap_sam(model).config.prompt_encoder_config.image_size),
+        "preprocessing_xxh3": xxhash.xxh3_128_hexdigest(preprocessing.encode()),
+        "dtype": str(dtype or next(encoder.parameters()).dtype),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    stale: int = 0
+    memory_bytes: int = 0
+    memory_entries: int = 0
+    disk_entries: int = 0
+
+
+class EmbeddingCache:
+    """Encoder features keyed by sample (and view), in memory within a budget and optionally on disk.
+
+    Args:
+        encode: `(B, 3, S, S)` pixels -> list of 3 feature maps `(B, C_l, h_l, w_l)` (no gradients needed).
+        fingerprint: `encoder_fingerprint(...)`; a folder written under another fingerprint is not used.
+        memory_budget_bytes: bytes of features kept in memory; entries beyond it go to `directory` only (or are
+            re-encoded every time when there is no folder, with a warning).
+        directory: persistent folder of memory-mapped entries, or None for memory only.
+        rebuild_foreign: on a foreign folder, delete its entries and start again (warning) instead of raising.
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[torch.Tensor], list[torch.Tensor]],
+        fingerprint: dict,
+        memory_budget_bytes: int,
+        directory: str | Path | None = None,
+        rebuild_foreign: bool = True,
+    ) -> None:
+        self.encode = encode
+        self.fingerprint = fingerprint
+        self.memory_budget_bytes = memory_budget_bytes
+        self.directory = Path(directory) if directory is not None else None
+        self.stats = CacheStats()
+        self._memory: dict[str, tuple[str, list[torch.Tensor]]] = {}
+        self._warned_full = False
+        if self.directory is not None:
+            self._open_directory(rebuild_foreign)
+
+    def _open_directory(self, rebuild_foreign: bool) -> None:
+        manifest = self.directory / MANIFEST_FILE
+        if manifest.exists():
+            try:
+                found = json.loads(manifest.read_text()).get("fingerprint")
+            except json.JSONDecodeError as err:
+                found = f"unreadable manifest ({err})"
+            if found != self.fingerprint:
+                differences = _differences(found, self.fingerprint)
+                if not rebuild_foreign:
+                    raise ForeignCacheError(
+                        f"The embedding cache in '{self.directory}' was written for another encoder or preprocessing "
+                        f"({differences}). Delete it or point --cache-dir elsewhere."
+                    )
+                logger.warning("Embedding cache '%s' is stale (%s): rebuilding it.", self.directory, differences)
+                for entry in self.directory.glob(f"*{ENTRY_SUFFIX}"):
+                    entry.unlink()
+        elif self.directory.exists() and any(self.directory.iterdir()):
+            raise ForeignCacheError(
+                f"'{self.directory}' is not empty and has no {MANIFEST_FILE}: not an embedding cache. Choose an empty "
+                "or new folder for --cache-dir."
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(manifest, {"fingerprint": self.fingerprint, "entry_format": "safetensors, one per key"})
+        self.stats.disk_entries = sum(1 for _ in self.directory.glob(f"*{ENTRY_SUFFIX}"))
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{xxhash.xxh3_64_hexdigest(key.encode())}{ENTRY_SUFFIX}"
+
+    def _lookup(self, key: str, digest: str) -> list[torch.Tensor] | None:
+        if key in self._memory:
+            stored_digest, features = self._memory[key]
+            if stored_digest == digest:
+                return features
+            self._evict(key)
+            self._note_stale(key)
+        if self.directory is None or not self._path(key).exists():
+            return None
+        with safe_open(str(self._path(key)), framework="pt") as file:
+            metadata = file.metadata()
+            if metadata.get("key") != key or metadata.get("digest") != digest:
+                self._note_stale(key)
+                return None
+            features = [file.get_tensor(f"level_{level}") for level in range(int(metadata["levels"]))]
+        self._remember(key, digest, features)
+        return features
+
+    def _note_stale(self, key: str) -> None:
+        self.stats.stale += 1
+        logger.warning("Embedding cache: the pixels of '%s' changed since it was cached; re-encoding it.", key)
+
+    def _evict(self, key: str) -> None:
+        _, features = self._memory.pop(key)
+        self.stats.memory_bytes -= _nbytes(features)
+        self.stats.memory_entries -= 1
+
+    def _remember(self, key: str, digest: str, features: list[torch.Tensor]) -> None:
+        size = _nbytes(features)
+        if self.stats.memory_bytes + size > self.memory_budget_bytes:
+            if not self._warned_full and self.directory is None:
+                logger.warning(
+                    "Embedding cache memory budget (%.2f GB) is full after %d entries: further images are re-encoded "
+                    "every time. Raise --cache-memory-gb or give --cache-dir to keep them on disk.",
+                    self.memory_budget_bytes / 1e9,
+                    self.stats.memory_entries,
+                )
+                self._warned_full = True
+            return
+        self._memory[key] = (digest, features)
+        self.stats.memory_bytes += size
+        self.stats.memory_entries += 1
+
+    def _store(self, key: str, digest: str, features: list[torch.Tensor]) -> None:
+        self._remember(key, digest, features)
+        if self.directory is not None:
+            path = self._path(key)
+            temp = path.with_name(f".{path.name}.tmp")
+            tensors = {f"level_{level}": f.contiguous() for level, f in enumerate(features)}
+            save_file(tensors, str(temp), metadata={"key": key, "digest": digest, "levels": str(len(features))})
+            temp.replace(path)
+            self.stats.disk_entries += 1
+
+    def get_or_compute(self, keys: list[str], pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Features of a batch: `(B, 3, S, S)` pixels named by `keys` -> 3 maps `(B, C_l, h_l, w_l)`.
+
+        Cached entries are checked against a hash of their pixels; missing or stale ones are encoded together in one
+        batch and stored. Returned on the pixels' device.
+        """
+        digests = [tensor_digest(p) for p in pixel_values]
+        found = [self._lookup(key, digest) for key, digest in zip(keys, digests)]
+        missing = [i for i, features in enumerate(found) if features is None]
+        self.stats.hits += len(keys) - len(missing)
+        self.stats.misses += len(missing)
+        if missing:
+            with torch.no_grad():
+                encoded = self.encode(pixel_values[missing])
+            for j, i in enumerate(missing):
+                found[i] = [level[j].detach().cpu().clone() for level in encoded]
+                self._store(keys[i], digests[i], found[i])
+        device = pixel_values.device
+        return [torch.stack([f[level] for f in found]).to(device) for level in range(len(found[0]))]
+
+
+def _nbytes(features: list[torch.Tensor]) -> int:
+    return sum(f.numel() * f.element_size() for f in features)
+
+
+def _differences(found: dict | str | None, expected: dict) -> str:
+    if not isinstance(found, dict):
+        return str(found)
+    changed = [f"{k}: cache has {found.get(k)!r}, now {v!r}" for k, v in expected.items() if found.get(k) != v]
+    return "; ".join(changed) or "different keys"
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Whether a run caches encoder features, how many augmented views per image, and why (logged)."""
+
+    enabled: bool
+    views: int
+    reason: str
+
+
+def plan_embedding_cache(requested: bool, trains_image_encoder: bool, augmentation: bool, views: int) -> CachePlan:
+    """Decide the cache mode of a training run (see the module docstring for the augmentation policy)."""
+    if not requested:
+        return CachePlan(False, 0, "turned off (--no-cache-embeddings): the image encoder runs on every step")
+    if trains_image_encoder:
+        return CachePlan(False, 0, "off: the method trains the image encoder, so its outputs change every step")
+    if not augmentation:
+        return CachePlan(True, 1, "on: frozen image encoder, no augmentation; each image is encoded once")
+    if views < 1:
+        raise ValueError(f"cache_views must be at least 1, got {views}.")
+    return CachePlan(
+        True,
+        views,
+        f"on: frozen image encoder; augmentation on, so each image is encoded in {views} fixed augmented views "
+        "(flips, affine, colour, blur applied before encoding) and each epoch draws one; prompts and object subsets "
+        "are still re-drawn every step. --cache-views N for more variety, --no-cache-embeddings for a fresh "
+        "augmentation every epoch",
+    )
