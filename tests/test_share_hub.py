@@ -123,7 +123,6 @@ def test_push_refuses_a_folder_without_adapter(hub_server, hub_repo_id, tmp_path
 
 
 def test_ptsam_adapter_round_trip(hub_server, hub_repo_id, base_dir, tmp_path):
-    pytest.importorskip("sam2_peft.tuners.ptsam")
     from sam2_peft.tuners.methods import METHODS
 
     model, _ = load_base_model(str(base_dir))
