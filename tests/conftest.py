@@ -44,12 +44,13 @@ def tiny_processor():
     return processor_for_image_size(TINY_SIZE)
 
 
-@pytest.fixture
-def saved_tiny_model(tmp_path_factory, tiny_model, tiny_processor) -> Path:
-    """The tiny model and processor saved with `save_pretrained`, as a base-model folder."""
+@pytest.fixture(scope="module")
+def saved_tiny_model(tmp_path_factory) -> Path:
+    """The tiny model (seed 0) and its processor saved with `save_pretrained`: a base-model folder, which resolves
+    with the Hub down too."""
     folder = tmp_path_factory.mktemp("tiny-base")
-    tiny_model.save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
+    build_model_from_config(tiny_config(TINY_SIZE), seed=0).save_pretrained(folder)
+    processor_for_image_size(TINY_SIZE).save_pretrained(folder)
     return folder
 
 

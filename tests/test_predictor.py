@@ -14,27 +14,19 @@ from transformers import Sam2Model
 from sam2_peft.hub.merge import merge_adapter
 from sam2_peft.hub.resolve import AdapterLoadError
 from sam2_peft.inference.predictor import Sam2PeftPredictor
-from sam2_peft.models.loading import build_model_from_config, load_base_model, processor_for_image_size, tiny_config
+from sam2_peft.models.loading import build_model_from_config, load_base_model, tiny_config
 from sam2_peft.tuners.methods import AdapterMismatchError, load_adapter
 from tests.adapter_helpers import make_adapter, non_square_images
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base128")
-    build_model_from_config(tiny_config(128), seed=0).save_pretrained(folder)
-    processor_for_image_size(128).save_pretrained(folder)
-    return folder
+def lora_dir(tmp_path_factory, saved_tiny_model):
+    return make_adapter("lora", saved_tiny_model, tmp_path_factory.mktemp("lora"))
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory, base_dir):
-    return make_adapter("lora", base_dir, tmp_path_factory.mktemp("lora"))
-
-
-@pytest.fixture(scope="module")
-def partial_dir(tmp_path_factory, base_dir):
-    return make_adapter("partial", base_dir, tmp_path_factory.mktemp("partial"))
+def partial_dir(tmp_path_factory, saved_tiny_model):
+    return make_adapter("partial", saved_tiny_model, tmp_path_factory.mktemp("partial"))
 
 
 def reference(model, processor, image, **prompts):
@@ -58,9 +50,9 @@ def differs(a, b, rel: float = 0.05) -> bool:
     return (a - b).abs().max().item() > rel * b.abs().max().item()
 
 
-def test_predictor_matches_peft_forward_at_original_size_batched(lora_dir, base_dir):
+def test_predictor_matches_peft_forward_at_original_size_batched(lora_dir, saved_tiny_model):
     predictor = Sam2PeftPredictor.from_pretrained(lora_dir, device="cpu")
-    base, processor = load_base_model(str(base_dir))
+    base, processor = load_base_model(str(saved_tiny_model))
     peft_model = PeftModel.from_pretrained(base, str(lora_dir)).eval()
     images = non_square_images(2)
     boxes = [[[30, 20, 90, 50], [5, 5, 40, 60]], [[10, 15, 70, 60]]]
@@ -80,11 +72,11 @@ def test_predictor_matches_peft_forward_at_original_size_batched(lora_dir, base_
         np.testing.assert_array_equal(prediction.masks, (expected > 0).numpy())
         assert_same(prediction.scores, scores)
     # The adapter changes the result: the same prediction with the bare base differs.
-    bare, _ = reference(load_base_model(str(base_dir))[0], processor, images[1], input_boxes=[boxes[1]])
+    bare, _ = reference(load_base_model(str(saved_tiny_model))[0], processor, images[1], input_boxes=[boxes[1]])
     assert differs(bare, predictions[1].logits)
 
 
-def test_prompt_free_and_single_image(lora_dir, base_dir):
+def test_prompt_free_and_single_image(lora_dir, saved_tiny_model):
     predictor = Sam2PeftPredictor.from_pretrained(lora_dir, device="cpu")
     image = non_square_images(1)[0]
     prediction = predictor.predict(image, return_logits=True)
@@ -99,9 +91,9 @@ def test_prompt_free_and_single_image(lora_dir, base_dir):
         predictor.predict(image, points=[[[5, 5]]], labels=[[1, 1]])
 
 
-def test_predictor_partial_adapter(partial_dir, base_dir):
+def test_predictor_partial_adapter(partial_dir, saved_tiny_model):
     predictor = Sam2PeftPredictor.from_pretrained(partial_dir, device="cpu")
-    base, processor = load_base_model(str(base_dir))
+    base, processor = load_base_model(str(saved_tiny_model))
     tuned = load_adapter(base, partial_dir)
     image = non_square_images(1)[0]
     prediction = predictor.predict(image, boxes=[[30, 20, 90, 50]], return_logits=True)
@@ -110,7 +102,7 @@ def test_predictor_partial_adapter(partial_dir, base_dir):
 
 
 @pytest.mark.parametrize("kind", ["lora", "partial"])
-def test_merge_loads_in_plain_transformers_with_same_outputs(kind, lora_dir, partial_dir, base_dir, tmp_path):
+def test_merge_loads_in_plain_transformers_with_same_outputs(kind, lora_dir, partial_dir, saved_tiny_model, tmp_path):
     adapter = lora_dir if kind == "lora" else partial_dir
     out = merge_adapter(adapter, tmp_path / "merged")
     merged = Sam2Model.from_pretrained(out).eval()
@@ -121,7 +113,7 @@ def test_merge_loads_in_plain_transformers_with_same_outputs(kind, lora_dir, par
     ours = adapted.predict(image, boxes=[[30, 20, 90, 50]], return_logits=True).logits
     theirs = plain.predict(image, boxes=[[30, 20, 90, 50]], return_logits=True).logits
     assert_same(theirs, ours)
-    base = Sam2PeftPredictor(*load_base_model(str(base_dir)), device="cpu")
+    base = Sam2PeftPredictor(*load_base_model(str(saved_tiny_model)), device="cpu")
     assert differs(base.predict(image, boxes=[[30, 20, 90, 50]], return_logits=True).logits, ours)
 
 

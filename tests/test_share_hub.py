@@ -14,19 +14,10 @@ from peft import PeftModel
 from sam2_peft.hub.push import push_adapter
 from sam2_peft.hub.resolve import AdapterLoadError
 from sam2_peft.inference.predictor import Sam2PeftPredictor
-from sam2_peft.models.loading import build_model_from_config, load_base_model, processor_for_image_size, tiny_config
+from sam2_peft.models.loading import load_base_model
 from tests.adapter_helpers import make_adapter, non_square_images
 
 BOX = [[30, 20, 90, 50], [5, 5, 40, 60]]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """The base is a local folder, so it resolves with the Hub down too."""
-    folder = tmp_path_factory.mktemp("hub-base")
-    build_model_from_config(tiny_config(128), seed=0).save_pretrained(folder)
-    processor_for_image_size(128).save_pretrained(folder)
-    return folder
 
 
 def logits(predictor: Sam2PeftPredictor, image: np.ndarray) -> np.ndarray:
@@ -34,8 +25,8 @@ def logits(predictor: Sam2PeftPredictor, image: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["lora", "partial"])
-def test_push_then_load_online_and_offline(kind, hub_server, make_hub_repo_id, hub_offline, base_dir, tmp_path):
-    adapter = make_adapter(kind, base_dir, tmp_path / kind)
+def test_push_then_load_online_and_offline(kind, hub_server, make_hub_repo_id, hub_offline, saved_tiny_model, tmp_path):
+    adapter = make_adapter(kind, saved_tiny_model, tmp_path / kind)
     repo_id = make_hub_repo_id(kind)
     commit = push_adapter(adapter, repo_id)
 
@@ -68,7 +59,7 @@ def test_push_then_load_online_and_offline(kind, hub_server, make_hub_repo_id, h
     from_hub = Sam2PeftPredictor.from_pretrained(repo_id, device="cpu")
     np.testing.assert_array_equal(logits(from_hub, image), local)
     if kind == "lora":  # plain peft reads the same repo
-        base, processor = load_base_model(str(base_dir))
+        base, processor = load_base_model(str(saved_tiny_model))
         plain = Sam2PeftPredictor(PeftModel.from_pretrained(base, repo_id), processor, device="cpu")
         np.testing.assert_array_equal(logits(plain, image), local)
 
@@ -81,9 +72,9 @@ def test_push_then_load_online_and_offline(kind, hub_server, make_hub_repo_id, h
     assert len(hub_server.requests) == requests
 
 
-def test_revisions_private_repos_and_missing_repos(hub_server, make_hub_repo_id, base_dir, tmp_path):
-    first = make_adapter("lora", base_dir, tmp_path / "v1", seed=1)
-    second = make_adapter("lora", base_dir, tmp_path / "v2", seed=2)
+def test_revisions_private_repos_and_missing_repos(hub_server, make_hub_repo_id, saved_tiny_model, tmp_path):
+    first = make_adapter("lora", saved_tiny_model, tmp_path / "v1", seed=1)
+    second = make_adapter("lora", saved_tiny_model, tmp_path / "v2", seed=2)
     repo_id = make_hub_repo_id("private")
     push_adapter(first, repo_id, private=True, base_model="facebook/sam2.1-hiera-tiny")
     commit = push_adapter(second, repo_id, revision="v2", commit_message="Second try")
@@ -103,7 +94,7 @@ def test_revisions_private_repos_and_missing_repos(hub_server, make_hub_repo_id,
     expected_v1 = logits(Sam2PeftPredictor.from_pretrained(first, device="cpu"), image)
     expected_v2 = logits(Sam2PeftPredictor.from_pretrained(second, device="cpu"), image)
     assert not np.allclose(expected_v1, expected_v2)
-    main = Sam2PeftPredictor.from_pretrained(repo_id, base_model=str(base_dir), device="cpu")
+    main = Sam2PeftPredictor.from_pretrained(repo_id, base_model=str(saved_tiny_model), device="cpu")
     np.testing.assert_array_equal(logits(main, image), expected_v1)
     at_v2 = Sam2PeftPredictor.from_pretrained(repo_id, revision="v2", device="cpu")  # v2 records the local base
     np.testing.assert_array_equal(logits(at_v2, image), expected_v2)
@@ -122,17 +113,17 @@ def test_push_refuses_a_folder_without_adapter(hub_server, hub_repo_id, tmp_path
     assert not HfApi().repo_exists(hub_repo_id)
 
 
-def test_ptsam_adapter_round_trip(hub_server, hub_repo_id, base_dir, tmp_path):
+def test_ptsam_adapter_round_trip(hub_server, hub_repo_id, saved_tiny_model, tmp_path):
     from sam2_peft.tuners.methods import METHODS
 
-    model, _ = load_base_model(str(base_dir))
+    model, _ = load_base_model(str(saved_tiny_model))
     method = METHODS["ptsam"]()
-    model = method.prepare(model, str(base_dir))
+    model = method.prepare(model, str(saved_tiny_model))
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.05 * torch.randn_like(parameter))
-    method.save(model, tmp_path / "ptsam", str(base_dir))
+    method.save(model, tmp_path / "ptsam", str(saved_tiny_model))
     push_adapter(tmp_path / "ptsam", hub_repo_id)
     image = non_square_images(1)[0]
     local = Sam2PeftPredictor.from_pretrained(tmp_path / "ptsam", device="cpu").predict(image, return_logits=True)
