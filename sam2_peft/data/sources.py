@@ -35,6 +35,8 @@ class SampleRecord:
     origin: str
     load_image: Callable[[], np.ndarray]
     load_instances: Callable[[], np.ndarray]
+    known_valid: bool = False
+    """Set by sources that guarantee readable, matching, non-empty samples (generated data): not decoded up front."""
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -225,6 +227,7 @@ def synthetic_records(num_scenes: int, seed: int = 0, image_size: int = 256) -> 
             origin=f"synthetic:{num_scenes}:{seed} scene {index}",
             load_image=lambda i=index: scenes[i].image,
             load_instances=lambda i=index: label_map_to_instances(scenes[i].instances, f"synthetic scene {i}"),
+            known_valid=True,
         )
         for index in range(num_scenes)
     ]

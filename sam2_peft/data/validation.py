@@ -65,6 +65,8 @@ def _disk(radius: int) -> np.ndarray:
 
 def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, int]:
     """Return (skip reason or None, number of objects dropped). Raises DataError for bad files unless skipping."""
+    if record.known_valid:
+        return None, 0
     try:
         image = record.load_image()
         instances = record.load_instances()
