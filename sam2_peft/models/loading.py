@@ -54,7 +54,7 @@ class BuiltinArchitecture:
 def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:
     """A ~0.5 M parameter SAM 2 (Hiera widths 16-128, decoder width 64) for tests and offline smoke runs."""
     dims = [16, 32, 64, 128]
-    hidden = 64
+    hidden = 128 if video else 64  # video: transformers fails when the width equals the memory width (64)
     sizes = [[image_size // 4] * 2, [image_size // 8] * 2, [image_size // 16] * 2]
     kwargs = dict(
         vision_config=dict(
@@ -83,6 +83,7 @@ def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2
             image_size=image_size,
             memory_attention_hidden_size=hidden,
             memory_attention_num_layers=1,
+            memory_attention_rope_feat_sizes=[image_size // 16] * 2,
             memory_attention_feed_forward_hidden_size=4 * hidden,
             memory_encoder_hidden_size=hidden,
             memory_encoder_output_channels=64,
