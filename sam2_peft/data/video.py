@@ -233,3 +233,16 @@ def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
 def collate_clips(items: list[dict]) -> list[dict]:
     """Clips differ in length and object count, so a batch is simply the list of clips."""
     return items
+
+
+class VideoSequenceDataset(Dataset):
+    """Whole sequences for evaluation: each item is a `VideoSequence` (its frames are decoded by the evaluator)."""
+
+    def __init__(self, sequences: list[VideoSequence]) -> None:
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> VideoSequence:
+        return self.sequences[index]

@@ -119,8 +119,9 @@ class Sam2VideoTracker(nn.Module):
         """Yield one `FrameOutput` per frame of `frames` (`(3, S, S)` each), the prompt applying to the first.
 
         Args:
-            num_frames: the clip length, as transformers uses it to scale object-pointer positions; None streams
-                (frames come one by one, memory bounded by the bank size, not by the video length).
+            num_frames: the clip length, as transformers uses it to scale object-pointer positions; None when
+                streaming a video of unknown length. Either way frames are consumed one by one and only the frames
+                that memory can still reach are kept, so the bank's size, not the video's length, bounds memory.
             keep_memory_of_last: also encode the memory of the final frame (needed only to continue tracking).
         """
         base = self.base
@@ -139,9 +140,8 @@ class Sam2VideoTracker(nn.Module):
             ]
             if following is not None or keep_memory_of_last:
                 self._encode_memories(banks, frame_idx, vision_feats[-1], outputs, from_prompt=frame_idx == 0)
-            if streaming:
-                for bank in banks:
-                    bank.forget_before(frame_idx - window)
+            for bank in banks:  # memory stays bounded by the bank size, whatever the video length
+                bank.forget_before(frame_idx - window)
             yield FrameOutput(
                 mask_logits=torch.cat([o["mask_logits"] for o in outputs]),
                 iou_scores=torch.cat([o["iou_scores"] for o in outputs]),
