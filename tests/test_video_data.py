@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,27 +12,7 @@ from sam2_peft.data.video import VideoClipDataset, VideoDatasetConfig, open_vide
 from sam2_peft.models.loading import processor_for_image_size
 
 from .conftest import real_dataset
-
-
-def write_video_folder(root: Path, name: str = "seq", frames: int = 6, size=(48, 64), palette: bool = True) -> Path:
-    """A moving square (id 1) and a disc (id 2) that leaves the picture after frame 3; palette PNG labels."""
-    (root / "JPEGImages" / name).mkdir(parents=True, exist_ok=True)
-    (root / "Annotations" / name).mkdir(parents=True, exist_ok=True)
-    height, width = size
-    yy, xx = np.mgrid[:height, :width]
-    for t in range(frames):
-        labels = np.zeros(size, np.uint8)
-        labels[10:22, 5 + 3 * t : 17 + 3 * t] = 1
-        if t <= 3:
-            labels[(yy - 32) ** 2 + (xx - 45) ** 2 <= 36] = 2
-        image = np.where(labels[..., None] > 0, 220, 30).astype(np.uint8).repeat(3, axis=2)
-        Image.fromarray(image).save(root / "JPEGImages" / name / f"{t:05d}.jpg")
-        mask = Image.fromarray(labels if palette else (labels == 1).astype(np.uint8) * 255)
-        if palette:
-            mask = mask.convert("P")
-            mask.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
-        mask.save(root / "Annotations" / name / f"{t:05d}.png")
-    return root
+from .video_helpers import write_video_folder
 
 
 def test_open_folder_reads_palette_and_binary_labels(tmp_path):
@@ -53,11 +31,11 @@ def test_sparse_annotation_keeps_every_kth_frame(tmp_path):
 
 
 def test_clips_targets_prompts_and_absent_objects(tmp_path):
-    write_video_folder(tmp_path, frames=6)
+    write_video_folder(tmp_path, frames=7)
     sequences = open_video_folder(tmp_path, annotated_every=2)
     config = VideoDatasetConfig(clip_len=5, prompts=PromptConfig(prompt="box", box_jitter=0.0))
     dataset = VideoClipDataset(sequences, processor_for_image_size(128), config)
-    assert len(dataset) == 3  # clips start at the annotated frames 0, 2, 4
+    assert len(dataset) == 3  # clips start at the annotated frames 0, 2, 4 (not 6: no second annotated frame)
     item = dataset[0]
     assert item["sample_id"] == "seq@0"
     assert item["pixel_values"].shape == (5, 3, 128, 128)
@@ -70,8 +48,16 @@ def test_clips_targets_prompts_and_absent_objects(tmp_path):
     np.testing.assert_allclose(item["points"][0].flatten().numpy(), [10, 10 * 128 / 48, 32, 21 * 128 / 48], atol=1.5)
     assert item["point_labels"].tolist() == [[2, 3], [2, 3]]
     last = dataset[2]
-    assert last["pixel_values"].shape[0] == 2  # frames 4 and 5: a shorter clip at the end
+    assert last["pixel_values"].shape[0] == 3  # frames 4 to 6: a shorter clip at the end
     assert last["object_ids"].tolist() == [1]
+
+
+def test_clips_too_short_to_reach_a_second_annotation_are_refused(tmp_path):
+    write_video_folder(tmp_path, frames=7)
+    sequences = open_video_folder(tmp_path, annotated_every=3)
+    with pytest.raises(DataError, match="raise clip_len"):
+        VideoClipDataset(sequences, processor_for_image_size(128), VideoDatasetConfig(clip_len=3))
+    assert len(VideoClipDataset(sequences, processor_for_image_size(128), VideoDatasetConfig(clip_len=1))) == 3
 
 
 def test_missing_folders_are_named(tmp_path):
@@ -106,6 +92,7 @@ def test_annotation_without_frame_is_named(tmp_path):
         open_video_folder(tmp_path)
 
 
+@pytest.mark.real_data
 def test_davis_mini_opens():
     root = real_dataset("video-davis2016-mini")
     sequences = open_video_folder(root, annotated_every=5)

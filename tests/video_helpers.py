@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
 from transformers import Sam2ImageProcessor, Sam2VideoModel, Sam2VideoProcessor
 from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
 
@@ -38,3 +42,24 @@ def video_processor(size: int = VIDEO_SIZE) -> Sam2VideoProcessor:
     )
     video = Sam2VideoVideoProcessor(size={"height": size, "width": size})
     return Sam2VideoProcessor(image_processor=image, video_processor=video, target_size=size)
+
+
+def write_video_folder(root: Path, name: str = "seq", frames: int = 6, size=(48, 64), palette: bool = True) -> Path:
+    """A moving square (id 1) and a disc (id 2) that leaves the picture after frame 3; palette PNG labels."""
+    (root / "JPEGImages" / name).mkdir(parents=True, exist_ok=True)
+    (root / "Annotations" / name).mkdir(parents=True, exist_ok=True)
+    height, width = size
+    yy, xx = np.mgrid[:height, :width]
+    for t in range(frames):
+        labels = np.zeros(size, np.uint8)
+        labels[10:22, 5 + 3 * t : 17 + 3 * t] = 1
+        if t <= 3:
+            labels[(yy - 32) ** 2 + (xx - 45) ** 2 <= 36] = 2
+        image = np.where(labels[..., None] > 0, 220, 30).astype(np.uint8).repeat(3, axis=2)
+        Image.fromarray(image).save(root / "JPEGImages" / name / f"{t:05d}.jpg")
+        mask = Image.fromarray(labels if palette else (labels == 1).astype(np.uint8) * 255)
+        if palette:
+            mask = mask.convert("P")
+            mask.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+        mask.save(root / "Annotations" / name / f"{t:05d}.png")
+    return root

@@ -147,6 +147,8 @@ class VideoDatasetConfig:
 class VideoClipDataset(Dataset):
     """Training clips: one per annotated frame with an object on it, starting there (where the prompt goes).
 
+    Clips whose only annotated frame is the prompted one are skipped (they cannot train tracking through memory).
+
     Each item is a dict:
         `pixel_values` `(T, 3, S, S)` preprocessed frames; `points` `(N, P, 2)` in model-input pixels and
         `point_labels` `(N, P)` for frame 0 (or, with chance `prompts.mask_prompt_probability`, the ground truth
@@ -173,10 +175,15 @@ class VideoClipDataset(Dataset):
             (s, frame)
             for s, sequence in enumerate(sequences)
             for frame in sequence.annotated_frames
-            if sequence.load_labels(frame).any()
+            if self._annotated_in_clip(sequence, frame) >= min(2, self.config.clip_len)
+            and sequence.load_labels(frame).any()
         ]
         if not self.starts:
-            raise DataError("No annotated frame with an object in any sequence: nothing to prompt.")
+            raise DataError(
+                "No clip to train on: a clip must start on an annotated frame with an object and (unless clip_len is "
+                f"1) hold a second annotated frame; with clip_len {self.config.clip_len} and stride "
+                f"{self.config.stride} none does (raise clip_len above the annotation spacing)."
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Change the random draws (prompts, object subsets) for a new epoch."""
@@ -185,13 +192,19 @@ class VideoClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.starts)
 
+    def _clip_frames(self, sequence: VideoSequence, start: int) -> list[int]:
+        return list(range(start, len(sequence.frames), self.config.stride))[: self.config.clip_len]
+
+    def _annotated_in_clip(self, sequence: VideoSequence, start: int) -> int:
+        return sum(t in sequence.annotations for t in self._clip_frames(sequence, start))
+
     def __getitem__(self, index: int) -> dict:
         seq_index, start = self.starts[index]
         sequence = self.sequences[seq_index]
         seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
         config = self.config
-        frame_ids = list(range(start, len(sequence.frames), config.stride))[: config.clip_len]
+        frame_ids = self._clip_frames(sequence, start)
         first = sequence.load_labels(start)
         object_ids = np.unique(first[first > 0])
         if len(object_ids) > config.max_objects:
