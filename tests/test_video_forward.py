@@ -119,3 +119,13 @@ def test_last_frame_loss_reaches_the_first_frames_prompt_through_memory():
     corners = model.prompt_encoder.point_embed.weight.grad
     # the box corner embeddings are used on frame 0 only: their gradient came through memory and object pointers
     assert corners is not None and corners[2:4].abs().sum() > 0
+
+
+def test_memory_bank_stays_bounded_on_long_videos():
+    model = tiny_video_model()
+    model.config.max_object_pointers_in_encoder = 4  # window max(7, 4) = 7 frames
+    frames = (torch.randn(3, S, S, generator=torch.Generator().manual_seed(t)) for t in range(14))
+    with torch.no_grad():
+        held = [out.memory_frames for out in Sam2VideoTracker(model).track(frames, _prompt("box"))]
+    assert held[:3] == [1, 2, 3]
+    assert max(held) == held[-1] == held[-4] <= 7 + 2  # the prompted frame + the window, whatever the length

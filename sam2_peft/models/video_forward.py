@@ -58,6 +58,7 @@ class FrameOutput:
         pred_masks: `(N, 1, S/4, S/4)` the candidate the model keeps (best predicted IoU) and writes to memory;
             a constant `NO_OBJ_SCORE` where the object score is not positive.
         from_mask_prompt: the frame's masks are the mask prompt itself (nothing to train on this frame).
+        memory_frames: frames held in each object's memory bank after this one (bounded by the bank's window).
     """
 
     mask_logits: torch.Tensor
@@ -65,6 +66,7 @@ class FrameOutput:
     object_score_logits: torch.Tensor
     pred_masks: torch.Tensor
     from_mask_prompt: bool = False
+    memory_frames: int = 0
 
 
 @dataclass
@@ -79,6 +81,9 @@ class _MemoryBank:
     @property
     def outputs(self) -> dict:
         return self.output_dict_per_obj[0]
+
+    def __len__(self) -> int:
+        return len(self.outputs["cond_frame_outputs"]) + len(self.outputs["non_cond_frame_outputs"])
 
     def forget_before(self, frame_idx: int) -> None:
         """Drop tracked frames older than `frame_idx` (no longer reachable by memory or pointers)."""
@@ -148,6 +153,7 @@ class Sam2VideoTracker(nn.Module):
                 object_score_logits=torch.cat([o["object_score_logits"] for o in outputs]).view(-1, 1),
                 pred_masks=torch.cat([o["pred_masks"] for o in outputs]),
                 from_mask_prompt=frame_idx == 0 and prompt.masks is not None,
+                memory_frames=len(banks[0]),
             )
             current, frame_idx = following, frame_idx + 1
 
