@@ -8,7 +8,7 @@ from transformers import Sam2VideoInferenceSession
 
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
 from sam2_peft.training.video import video_loss
-from sam2_peft.tuners.methods import LoraMethod
+from sam2_peft.tuners.methods import LoraMethod, PartialFinetuneMethod
 
 from .video_helpers import VIDEO_SIZE, tiny_video_model, video_processor
 
@@ -129,3 +129,13 @@ def test_memory_bank_stays_bounded_on_long_videos():
         held = [out.memory_frames for out in Sam2VideoTracker(model).track(frames, _prompt("box"))]
     assert held[:3] == [1, 2, 3]
     assert max(held) == held[-1] == held[-4] <= 7 + 2  # the prompted frame + the window, whatever the length
+
+
+def test_partial_finetuning_of_video_components_has_per_component_learning_rates():
+    method = PartialFinetuneMethod({"memory_attention": 1e-4, "object_pointer_proj": 1e-5})
+    model = method.prepare(tiny_video_model(), "tiny")
+    groups = method.parameter_groups(model, lr=1.0, weight_decay=0.0)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-5]
+    _last_frame_loss(model, num_frames=3).backward()
+    trained = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {"memory_attention", "object_pointer_proj"}

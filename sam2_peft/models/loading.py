@@ -52,9 +52,13 @@ class BuiltinArchitecture:
 
 
 def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:
-    """A ~0.5 M parameter SAM 2 (Hiera widths 16-128, decoder width 64) for tests and offline smoke runs."""
+    """A ~0.5 M parameter SAM 2 (Hiera widths 16-128, decoder width 64) for tests and offline smoke runs.
+
+    The video variant (~2 M parameters) uses width 128 for the decoder and memory attention: transformers' video
+    inference fails when that width equals the 64-channel memory, and its RoPE grid must match the image size.
+    """
     dims = [16, 32, 64, 128]
-    hidden = 128 if video else 64  # video: transformers fails when the width equals the memory width (64)
+    hidden = 128 if video else 64
     sizes = [[image_size // 4] * 2, [image_size // 8] * 2, [image_size // 16] * 2]
     kwargs = dict(
         vision_config=dict(
