@@ -62,7 +62,8 @@ def small_sam2_config(
 ) -> Sam2Config | Sam2VideoConfig:
     """A reduced SAM 2: Hiera with the given stage `widths`/`blocks`/`heads`, neck and decoder of width `hidden`.
 
-    The last-but-one block attends globally, as in the full models; everything else keeps SAM 2's layout.
+    The last-but-one block attends globally, as in the full models; everything else keeps SAM 2's layout. Video
+    configs size memory attention's RoPE grid to the image (transformers' default assumes 1024 px).
     """
     sizes = [[image_size // 4] * 2, [image_size // 8] * 2, [image_size // 16] * 2]
     kwargs = dict(
@@ -92,6 +93,7 @@ def small_sam2_config(
             image_size=image_size,
             memory_attention_hidden_size=hidden,
             memory_attention_num_layers=1,
+            memory_attention_rope_feat_sizes=[image_size // 16] * 2,
             memory_attention_feed_forward_hidden_size=4 * hidden,
             memory_encoder_hidden_size=hidden,
             memory_encoder_output_channels=64,
@@ -103,8 +105,13 @@ def small_sam2_config(
 
 
 def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:
-    """A ~0.5 M parameter SAM 2 (Hiera widths 16-128, decoder width 64) for tests and offline smoke runs."""
-    return small_sam2_config(image_size, [16, 32, 64, 128], [1, 1, 2, 1], [1, 1, 2, 4], 64, 2, video)
+    """A ~0.5 M parameter SAM 2 (Hiera widths 16-128, decoder width 64) for tests and offline smoke runs.
+
+    The video variant (~2 M parameters) uses width 128 for the decoder and memory attention: transformers' video
+    inference fails when that width equals the 64-channel memory.
+    """
+    hidden = 128 if video else 64
+    return small_sam2_config(image_size, [16, 32, 64, 128], [1, 1, 2, 1], [1, 1, 2, 4], hidden, 2, video)
 
 
 def compact_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:

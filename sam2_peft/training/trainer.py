@@ -59,7 +59,14 @@ class Trainer:
         train_dataset / val_dataset: `SegmentationDataset`s (validation built with `train=False`).
         config: optimisation, evaluation and checkpointing knobs.
         base_name: the base model's id or path, recorded in the saved adapter.
+
+    Other tasks (video clips) reuse the loop, checkpoints, mixed precision and resume by subclassing: they set
+    `segmenter_class` and `collate_fn` and override `_step`, `evaluate`, `_panel_ids` and `_write_panels`.
     """
+
+    segmenter_class: type[nn.Module] = Sam2Segmenter
+    """The module that runs the (adapted) model on a batch; accelerate wraps it."""
+    collate_fn = staticmethod(collate_segmentation)
 
     def __init__(
         self,
@@ -89,7 +96,7 @@ class Trainer:
         set_seed(config.seed)
         self.model = method.prepare(model, base_name)
         keep_trainable_fp32(self.model, config.mixed_precision)
-        self.segmenter = Sam2Segmenter(self.model)
+        self.segmenter = self.segmenter_class(self.model)
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.cache = self._embedding_cache()
         self.train_loader = self._loader(train_dataset, shuffle=True)
@@ -139,7 +146,7 @@ class Trainer:
             dataset,
             batch_size=self.config.batch_size if shuffle else 1,
             shuffle=shuffle,
-            collate_fn=collate_segmentation,
+            collate_fn=self.collate_fn,
             num_workers=self.config.num_workers,
             generator=torch.Generator().manual_seed(self.config.seed),
         )

@@ -29,7 +29,14 @@ SIDECAR_FILE = "sam2_peft.json"
 PARTIAL_CONFIG_FILE = "partial_config.json"
 PARTIAL_WEIGHTS_FILE = "partial_model.safetensors"
 
-COMPONENTS = ("vision_encoder", "prompt_encoder", "mask_decoder", "memory_attention", "memory_encoder")
+COMPONENTS = (
+    "vision_encoder",
+    "prompt_encoder",
+    "mask_decoder",
+    "memory_attention",
+    "memory_encoder",
+    "object_pointer_proj",
+)
 
 
 class AdapterMismatchError(ValueError):
