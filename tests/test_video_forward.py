@@ -9,6 +9,7 @@ from transformers import Sam2VideoInferenceSession
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
 from sam2_peft.training.video import video_loss
 from sam2_peft.tuners.methods import LoraMethod, PartialFinetuneMethod
+from sam2_peft.tuners.ptsam import PtsamMethod
 
 from .video_helpers import VIDEO_SIZE, tiny_video_model, video_processor
 
@@ -140,3 +141,18 @@ def test_partial_finetuning_of_video_components_has_per_component_learning_rates
     _last_frame_loss(model, num_frames=3).backward()
     trained = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert trained == {"memory_attention", "object_pointer_proj"}
+
+
+def test_ptsam_decoder_tokens_train_through_video_memory():
+    model = PtsamMethod(num_tokens=4).prepare(tiny_video_model(), "tiny-video")
+    tracker = Sam2VideoTracker(model)
+    frames = torch.randn(3, 3, 128, 128)
+    prompt = ClipPrompt(points=torch.tensor([[[20.0, 20.0], [80.0, 90.0]]]), point_labels=torch.tensor([[2, 3]]))
+    outputs = tracker(frames, prompt)
+    outputs[-1].mask_logits.float().sum().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert list(trainable) == ["base_model.model.prompt_encoder.ptsam_tokens.default"]
+    assert trainable["base_model.model.prompt_encoder.ptsam_tokens.default"].grad.abs().sum() > 0
+    with torch.no_grad(), model.disable_adapter():
+        plain = tracker(frames, prompt)[-1].mask_logits
+    assert not torch.allclose(plain, outputs[-1].mask_logits.detach())

@@ -88,7 +88,7 @@ class SegmentationDataset(Dataset):
         record = self.records[index]
         seed = self._sample_seed(index)
         generator = torch.Generator().manual_seed(seed)
-        image = torch.from_numpy(np.ascontiguousarray(record.load_image())).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(record.load_image())).permute(2, 0, 1)  # a writable copy
         masks = torch.from_numpy(clean_instances(record.load_instances(), self.config.validation))
         masks = self._select_objects(masks, generator)
         if self.train:
