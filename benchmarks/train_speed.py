@@ -46,6 +46,8 @@ ROWS = (
     "video-clip",
 )
 CPU_ARCHS = ("tiny-random", "hiera-tiny-random")
+CLIP_LEN = 4
+"""Frames per clip in the video row (its images/s counts frames)."""
 GPU_ARCHS = ("hiera-tiny", "hiera-small", "hiera-base-plus", "hiera-large")
 
 # Backbone settings of Meta's sam2.1 configs (random weights here: speed and memory only).
@@ -104,18 +106,44 @@ def method_for(row: str):
         return _ptsam(METHODS["ptsam"], encoder=row == "ptsam-encoder")
     if row == "qlora-encoder":
         return LoraMethod("encoder+decoder", r=16, lora_alpha=32)
-    return "video clip training not available in this tree"
+    if row == "video-clip":
+        return LoraMethod("decoder+memory", r=16, lora_alpha=32)
+    raise ValueError(f"Unknown row {row}")
 
 
 def _ptsam(method_cls, encoder: bool):
-    """PTSAM with or without encoder prompts; its constructor is the other branch's, so read its fields."""
-    import dataclasses
+    """PTSAM decoder tokens (8), plus 8 prompts in every Hiera block for the encoder row."""
+    return method_cls(num_tokens=8, encoder_prompts=8 if encoder else 0)
 
-    fields = {f.name for f in dataclasses.fields(method_cls)} if dataclasses.is_dataclass(method_cls) else set()
-    for name in ("encoder_prompts", "deep_prompts", "train_encoder_prompts"):
-        if name in fields:
-            return method_cls(**{name: encoder})
-    return method_cls() if not encoder else "PTSAM encoder prompts: no known switch on this PTSAM class"
+
+def video_clip(arch: str, method, dataset, args) -> list[float]:
+    """Decoder + memory LoRA trained through `Sam2VideoTracker` on clips of `CLIP_LEN` frames, loss on the last."""
+    from sam2_peft.models.loading import load_base_model
+    from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
+    from sam2_peft.training.losses import sam2_loss
+
+    if arch not in ("tiny-random", "hiera-tiny-random"):
+        raise ValueError("video rows use the built-in architectures")
+    model, _ = load_base_model(arch, video=True)
+    model = method.prepare(model, arch).to(args.device).train()
+    tracker = Sam2VideoTracker(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    items = [dataset[i] for i in range(CLIP_LEN)]
+    frames = torch.stack([item["pixel_values"] for item in items]).to(args.device)
+    prompt = ClipPrompt(points=items[0]["points"][:1].to(args.device), point_labels=items[0]["point_labels"][:1])
+    target = items[0]["target_masks"][:1].to(args.device)
+    times: list[float] = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        last = tracker(frames, prompt)[-1]
+        loss = sam2_loss(last.mask_logits, last.iou_scores, last.object_score_logits, target).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times[args.warmup :]
 
 
 def datasets(processor, images: int, objects: int):
@@ -217,13 +245,16 @@ def worker(args) -> dict:
     dataset = datasets(processor, args.images, args.objects)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    images_per_step = args.batch_size
     if args.row == "usual-recipe":
         times = usual_recipe(model, dataset, args)
+    elif args.row == "video-clip":
+        times, images_per_step = video_clip(args.arch, method, dataset, args), CLIP_LEN
     else:
         times = toolkit(args.row, method, model, processor, dataset, args)
     return {
         "status": "measured",
-        "images_per_second": args.batch_size * len(times) / sum(times),
+        "images_per_second": images_per_step * len(times) / sum(times),
         "seconds_per_step": sum(times) / len(times),
         "peak_memory_mb": peak_memory_mb(args.device),
         "steps_timed": len(times),
