@@ -33,3 +33,23 @@ def test_lora_decoder_on_nuclei_instances_with_box_prompts(tmp_path):
     assert metrics["base_model"] == "tiny-random" and metrics["data"] == str(data)
     assert len(list((out / "panels" / "final").glob("*.png"))) == 2
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_video_lora_on_davis_trains_on_three_sequences_and_scores_two(tmp_path):
+    from recipes.video_lora import main as video_recipe
+
+    data = real_dataset("video-davis2016-mini")
+    out = tmp_path / "davis"
+    video_recipe([
+        "--model", "tiny-random", "--data", str(data), "--annotated-every", "5", "--clip-len", "6",
+        "--train-sequences", "blackswan,breakdance,car-shadow", "--val-sequences", "dog,libby",
+        "--max-steps", "6", "--eval-every", "1000", "--batch-size", "1", "--lr", "5e-4", "--mask-loss", "bce",
+        "--log-every", "1", "--output-dir", str(out), "--report-to", "none", "--num-panels", "1",
+    ])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_image"]) == {"dog", "libby"}
+    for key in ("J", "F", "J&F"):
+        assert 0 <= metrics["base"][key] <= 1 and 0 <= metrics["fine_tuned"][key] <= 1
+    losses = [h["loss"] for h in metrics["history"] if "loss" in h]
+    assert len(losses) == 6 and np.isfinite(losses).all()
+    assert (out / "adapter_model.safetensors").is_file()
