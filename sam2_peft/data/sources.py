@@ -70,15 +70,19 @@ def label_map_to_instances(labels: np.ndarray, origin: str) -> np.ndarray:
     return labels[None] == values[:, None, None]
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a binary or instance-label mask file (PNG, TIFF, palette PNG) as `(N, H, W)` bool."""
+def read_label_image(path: str | os.PathLike, kind: str = "mask") -> np.ndarray:
+    """The raw values of a label image (PNG, TIFF; palette PNGs give their indices); `kind` names it in errors."""
     try:
         with Image.open(path) as image:
             image.load()
-            labels = np.asarray(image)
+            return np.asarray(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"Cannot read mask '{path}': {err}") from err
-    return label_map_to_instances(labels, str(path))
+        raise DataError(f"Cannot read {kind} '{path}': {err}") from err
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a binary or instance-label mask file (PNG, TIFF, palette PNG) as `(N, H, W)` bool."""
+    return label_map_to_instances(read_label_image(path), str(path))
 
 
 def folder_records(root: str | os.PathLike) -> list[SampleRecord]:

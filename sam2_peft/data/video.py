@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from transformers import Sam2Processor
 
 from .prompts import PromptConfig, sample_prompts, to_model_coordinates
-from .sources import IMAGE_SUFFIXES, DataError, read_image
+from .sources import IMAGE_SUFFIXES, DataError, read_image, read_label_image
 
 FRAMES_DIR = "JPEGImages"
 ANNOTATIONS_DIR = "Annotations"
@@ -48,12 +48,7 @@ class VideoSequence:
 
 def read_label_map(path: str | os.PathLike) -> np.ndarray:
     """Read a binary or palette/instance annotation as `(H, W)` int64 labels; binary 0/255 becomes 0/1."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            labels = np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"Cannot read annotation '{path}': {err}") from err
+    labels = read_label_image(path, "annotation")
     if labels.ndim != 2:
         raise DataError(f"Annotation '{path}' has shape {labels.shape}: expected a single-channel (H, W) label map.")
     labels = labels.astype(np.int64)
