@@ -3,6 +3,7 @@
 accelerate launch recipes/ptsam_decoder.py --model facebook/sam2.1-hiera-small --data path/to/data --train-images 16
 """
 
+from sam2_peft.training.arguments import run_from_command_line
 from sam2_peft.tuners.ptsam.recipe import ptsam_parser, run_ptsam
 
 
@@ -12,4 +13,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

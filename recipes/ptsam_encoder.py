@@ -3,6 +3,7 @@
 accelerate launch recipes/ptsam_encoder.py --model facebook/sam2.1-hiera-small --data path/to/data --encoder-prompts 8
 """
 
+from sam2_peft.training.arguments import run_from_command_line
 from sam2_peft.tuners.ptsam.recipe import ptsam_parser, run_ptsam
 
 
@@ -14,4 +15,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

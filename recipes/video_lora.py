@@ -4,7 +4,7 @@ accelerate launch recipes/video_lora.py --model facebook/sam2.1-hiera-small --da
     --clip-len 8 --annotated-every 5 --loss-frames last --targets decoder,memory
 """
 
-from sam2_peft.training.arguments import recipe_parser
+from sam2_peft.training.arguments import recipe_parser, run_from_command_line
 from sam2_peft.training.video_arguments import add_video_arguments, run_video_recipe
 from sam2_peft.tuners.lora import LORA_PRESETS
 from sam2_peft.tuners.methods import LoraMethod
@@ -27,4 +27,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_from_command_line(main)

@@ -42,16 +42,11 @@ def convert_meta(argv: list[str]) -> None:
     sys.exit(convert_main(argv))
 
 
-def _user_errors(run: Callable[[], None]) -> None:
-    """Run a command; bad input (missing files, repos, mismatched adapters, Hub refusals) exits with its message."""
-    from huggingface_hub.errors import HfHubHTTPError
+def _run(command: Callable[[], object]) -> None:
+    """Run a command with the recipes' error handling (imported here: it loads torch and transformers)."""
+    from .training.arguments import run_from_command_line
 
-    from .training.arguments import USER_ERRORS
-
-    try:
-        run()
-    except (*USER_ERRORS, HfHubHTTPError) as error:
-        sys.exit(f"error: {error}")
+    run_from_command_line(command)
 
 
 def _parser(command: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
@@ -150,7 +145,7 @@ def evaluate(argv: list[str]) -> None:
             atomic_write_json(args.output, summary)
         print(json.dumps(result.metrics, indent=2))
 
-    _user_errors(run)
+    _run(run)
 
 
 def predict(argv: list[str]) -> None:
@@ -169,7 +164,7 @@ def predict(argv: list[str]) -> None:
     _add_model_arguments(parser)
     parser.add_argument("--boxes", default=None, help="JSON file of boxes per image (see below)")
     args = parser.parse_args(argv)
-    _user_errors(lambda: _predict_folder(args))
+    _run(lambda: _predict_folder(args))
 
 
 def _predict_folder(args: argparse.Namespace) -> None:
@@ -259,7 +254,7 @@ def push(argv: list[str]) -> None:
         )
         print(f"Pushed: {commit.commit_url}")
 
-    _user_errors(run)
+    _run(run)
 
 
 def merge(argv: list[str]) -> None:
@@ -285,7 +280,7 @@ def merge(argv: list[str]) -> None:
         )
         print(f"Merged model written to {out}")
 
-    _user_errors(run)
+    _run(run)
 
 
 COMMANDS = {

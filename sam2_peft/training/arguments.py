@@ -182,10 +182,13 @@ USER_ERRORS = (Sam2LoadError, DataError, AdapterMismatchError, AdapterLoadError,
 
 
 def run_from_command_line(main: Callable[[], object]) -> None:
-    """Run a recipe's `main`, turning input errors into a one-paragraph message and exit status 2."""
+    """Run a recipe or command: bad input (missing files, repos, mismatched adapters, Hub refusals) exits with its
+    message and status 1, without a traceback."""
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         main()
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, HfHubHTTPError) as error:
         sys.exit(f"error: {error}")
 
 
