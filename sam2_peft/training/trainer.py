@@ -114,6 +114,8 @@ class Trainer:
         self.state = TrainerState()
         self.panel_ids = self._panel_ids()
         self.base_predictions: dict[str, np.ndarray] = {}
+        self.last_evaluation: tuple[int, EvaluationResult | None] = (-1, None)
+        """(step, result) of the newest evaluation, so that the end of training does not repeat it."""
 
     def _embedding_cache(self) -> EmbeddingCache | None:
         """Cache encoder features when the method leaves the encoder frozen (decided and logged here)."""
@@ -291,6 +293,7 @@ class Trainer:
     def _evaluate_and_checkpoint(self) -> None:
         if self.val_loader is not None:
             result = self.evaluate(keep_ids=set(self.panel_ids))
+            self.last_evaluation = (self.state.global_step, result)
             self.state.metrics = result.metrics
             self.state.history.append(
                 {"step": self.state.global_step, **{f"val_{k}": v for k, v in result.metrics.items()}}
@@ -346,7 +349,10 @@ class Trainer:
 
     def _finish(self) -> dict:
         accelerator, state = self.accelerator, self.state
-        final = self.evaluate(keep_ids=set(self.panel_ids)) if self.val_loader is not None else None
+        final = None
+        if self.val_loader is not None:
+            step, result = self.last_evaluation
+            final = result if step == state.global_step else self.evaluate(keep_ids=set(self.panel_ids))
         if accelerator.is_main_process:
             self._save_adapter(self.output_dir)
             if final is not None:
