@@ -5,8 +5,11 @@ interactive correction rounds.
     accelerate launch recipes/pretrain.py --model path/to/config.json ...   # any Sam2Config, random weights
     accelerate launch recipes/pretrain.py --model path/to/model ...         # continue training a saved model
 
-The result is a whole model folder (`config.json` + `model.safetensors`) that `--model` accepts as a base.
+The result is a whole model folder (`config.json` + `model.safetensors`) that `--model` accepts as a base;
+`--save-dtype float16` halves its size (training itself stays in float32 or --mixed-precision).
 """
+
+import torch
 
 from sam2_peft.training.arguments import recipe_parser, run_from_command_line, run_recipe
 from sam2_peft.tuners.methods import FullMethod
@@ -27,8 +30,11 @@ def main(argv: list[str] | None = None) -> dict:
         eval_every=1000,
         weight_decay=0.01,
     )
+    parser.add_argument(
+        "--save-dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="Dtype of saved weights."
+    )
     args = parser.parse_args(argv)
-    return run_recipe(args, FullMethod())
+    return run_recipe(args, FullMethod(save_dtype=getattr(torch, args.save_dtype)))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from sam2_peft.data.prompts import NEGATIVE, POSITIVE
 from sam2_peft.data.sources import DataError, open_records, parse_synthetic_spec
 from sam2_peft.models.clicks import add_correction_clicks, correction_click
-from sam2_peft.models.loading import load_base_model
+from sam2_peft.models.loading import is_random_weights, load_base_model
 from sam2_peft.tuners.methods import FullMethod
 
 
@@ -35,6 +36,20 @@ def test_full_method_trains_every_parameter_and_saves_a_model(tmp_path, tiny_mod
     method.save(model, tmp_path, "tiny")
     reloaded, _ = load_base_model(str(tmp_path))
     torch.testing.assert_close(reloaded.mask_decoder.iou_token.weight, model.mask_decoder.iou_token.weight)
+    assert not is_random_weights(reloaded)  # trained: the saved config no longer says random
+
+
+def test_full_method_saves_half_precision_without_touching_the_trained_model(tmp_path, tiny_model):
+    trained = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    FullMethod(save_dtype=torch.float16).save(tiny_model, tmp_path, "tiny")
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as stored:
+        assert {stored.get_slice(key).get_dtype() for key in stored.keys()} == {"F16"}
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in trained.items())
+    assert next(tiny_model.parameters()).dtype == torch.float32
+    reloaded, _ = load_base_model(str(tmp_path))
+    assert next(reloaded.parameters()).dtype == torch.float32
+    for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, trained[key].half().float(), rtol=0, atol=0)
 
 
 def test_correction_click_goes_to_the_centre_of_the_largest_error():

@@ -12,6 +12,8 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from transformers import Sam2Processor
 
+from ..data.dataset import SegmentationDataset
+from ..data.prompts import mask_to_boxes
 from ..models.segmenter import Sam2Segmenter, select_best_mask, wants_multimask
 from .metrics import MetricAccumulator
 
@@ -72,3 +74,17 @@ def evaluate_segmenter(
         kept.update(part)
     accumulator.per_image = per_image
     return EvaluationResult(metrics=accumulator.compute(), per_image=per_image, kept_predictions=kept)
+
+
+def box_baseline_metrics(dataset: SegmentationDataset, dilation_ratio: float = 0.02) -> dict[str, float]:
+    """Scores of the trivial prediction "mask = the object's tight box" on the objects `dataset` evaluates: what a
+    box-prompted model has to beat to show it segments at all."""
+    accumulator = MetricAccumulator(dilation_ratio=dilation_ratio)
+    for record in dataset.records:
+        _, masks = dataset.original(record.sample_id)
+        boxes = mask_to_boxes(torch.from_numpy(masks)).long().tolist()
+        filled = np.zeros_like(masks)
+        for box_mask, (x0, y0, x1, y1) in zip(filled, boxes):
+            box_mask[y0 : y1 + 1, x0 : x1 + 1] = True
+        accumulator.update(record.sample_id, filled, masks)
+    return accumulator.compute()

@@ -1,10 +1,12 @@
-"""Loading SAM 2 base models and processors: Hub ids, local folders and the built-in random architectures."""
+"""Loading SAM 2 base models and processors: Hub ids, local folders, the built-in random architectures and the
+small built-in model pre-trained on synthetic scenes."""
 
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -139,6 +141,14 @@ BUILTIN_ARCHITECTURES = {
 }
 
 
+BUILTIN_PRETRAINED = {
+    "compact-synthetic": Path(__file__).parent / "weights" / "compact-synthetic",
+}
+"""Models shipped with the package (half-precision files, loaded as float32). `compact-synthetic` is the
+`compact-random` architecture pre-trained by `recipes/pretrain.py` on synthetic scenes only: a base that segments,
+for tests and CI, not a foundation model (its README holds the command, seed and scores)."""
+
+
 def tie_positional_encodings(model: Sam2Model | Sam2VideoModel) -> None:
     """Make the prompt encoder use the image's positional-encoding matrix, as real checkpoints do.
 
@@ -192,8 +202,9 @@ def load_base_model(
     Args:
         name_or_path: a Hub id (`facebook/sam2.1-hiera-small`), a local folder saved with `save_pretrained`,
             a Meta checkpoint (`*.pt`, needs `meta_config`), a `config.json` (random weights, for pre-training),
-            or a built-in random architecture (`tiny-random`, `compact-random`, `hiera-tiny-random`; smoke tests
-            and pre-training only, never pretrained).
+            a built-in random architecture (`tiny-random`, `compact-random`, `hiera-tiny-random`; smoke tests
+            and pre-training only, never pretrained), or `compact-synthetic` (shipped, pre-trained on synthetic
+            scenes: a test base that segments).
         video: load `Sam2VideoModel` instead of `Sam2Model`.
         dtype: weights dtype (`torch.float16`, `"bfloat16"`, ...); default float32.
         device: where to put the model.
@@ -215,6 +226,12 @@ def load_base_model(
         model = build_model_from_config(arch.config(video))
         model.config._name_or_path = arch.name
         processor = processor_for_image_size(arch.image_size)
+    elif name_or_path in BUILTIN_PRETRAINED:
+        if video:
+            raise Sam2LoadError(f"'{name_or_path}' was pre-trained on images only; it has no trained video memory.")
+        model, processor = _load_pretrained(str(BUILTIN_PRETRAINED[name_or_path]), video=False, revision=None)
+        model.config._name_or_path = name_or_path
+        logger.info("Using '%s': pre-trained on synthetic scenes only (a test base, not SAM 2).", name_or_path)
     elif name_or_path.endswith(".json"):
         model = build_model_from_config(_config_from_json(name_or_path, video))
         model.config._name_or_path = name_or_path

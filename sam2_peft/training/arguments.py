@@ -14,7 +14,7 @@ from ..data.prompts import PROMPT_TYPES, PromptConfig
 from ..data.sources import DataError, open_records, read_split_file, split_records
 from ..data.validation import ValidationConfig, validate_records
 from ..hub.resolve import AdapterLoadError
-from ..models.loading import BUILTIN_ARCHITECTURES, DEFAULT_MODEL, Sam2LoadError, load_base_model
+from ..models.loading import BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, Sam2LoadError, load_base_model
 from ..models.quantization import QUANTIZATION_MODES, quantize_image_encoder
 from ..tuners.methods import AdapterMismatchError, TuningMethod
 from .config import MIXED_PRECISION, TrainingConfig
@@ -36,8 +36,9 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     model.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Hub id, local folder, Meta .pt checkpoint, or a built-in random architecture "
-        f"({', '.join(BUILTIN_ARCHITECTURES)}; offline smoke tests only).",
+        help=f"Hub id, local folder, Meta .pt checkpoint, a built-in random architecture "
+        f"({', '.join(BUILTIN_ARCHITECTURES)}; offline smoke tests only), or the built-in test base pre-trained "
+        f"on synthetic scenes ({', '.join(BUILTIN_PRETRAINED)}).",
     )
     model.add_argument("--revision", default=None, help="Hub revision of --model.")
     model.add_argument("--meta-config", default=None, help="Meta config name for a .pt checkpoint (sam2.1_hiera_s).")

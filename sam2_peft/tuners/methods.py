@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..io import atomic_write_dir, atomic_write_json
+from ..models.loading import RANDOM_WEIGHTS_KEY
 from ..models.segmenter import unwrap_sam
 from .lora import sam2_lora_config
 
@@ -178,17 +179,33 @@ class PartialFinetuneMethod(TuningMethod):
 
 
 @dataclass
+@dataclass
 class FullMethod(TuningMethod):
-    """Every parameter trains (from-scratch pre-training or continued training); saves a whole model folder."""
+    """Every parameter trains (from-scratch pre-training or continued training); saves a whole model folder.
 
+    `save_dtype` (e.g. `torch.float16`) stores the weights in that dtype, leaving the trained model untouched.
+    """
+
+    save_dtype: torch.dtype | None = None
     name: str = field(default="full", init=False)
 
     def prepare(self, model: nn.Module, base_name: str | None) -> nn.Module:
         return model.requires_grad_(True)
 
     def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
+        sam = unwrap_sam(model)
+        setattr(sam.config, RANDOM_WEIGHTS_KEY, False)  # trained: no longer the random initialisation
+        state = None
+        if self.save_dtype is not None:
+            state = {k: v.to(self.save_dtype) if v.is_floating_point() else v for k, v in sam.state_dict().items()}
+        trained_dtype = sam.config.dtype
         with atomic_write_dir(directory) as staging:
-            model.save_pretrained(staging)
+            try:
+                if self.save_dtype is not None:
+                    sam.config.dtype = self.save_dtype
+                sam.save_pretrained(staging, state_dict=state)
+            finally:
+                sam.config.dtype = trained_dtype
         write_sidecar(model, Path(directory), self.name, base_name)
 
 
