@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sam2_peft.data.augment import AugmentationConfig, augment, build_augmentation
 from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset, collate_segmentation
 from sam2_peft.data.prompts import PromptConfig, mask_to_boxes, sample_prompts, to_model_coordinates
 from sam2_peft.data.sources import (
@@ -214,3 +215,21 @@ def test_semantic_mode_merges_instances_and_has_no_prompt(folder_dataset, tiny_p
     assert item["original_masks"].shape == (1, 96, 120)
     np.testing.assert_array_equal(item["original_masks"][0].numpy(), records[0].load_instances().any(0))
     assert collate_segmentation([item])["points"] is None
+
+
+def test_augmentation_moves_masks_with_the_image_and_jitter_strength_reaches_dim_images():
+    image = torch.full((3, 32, 32), 40, dtype=torch.uint8)
+    mask = torch.zeros(1, 32, 32, dtype=torch.bool)
+    mask[0, 4:12, 4:20] = True
+    image[:, mask[0]] = 200
+    off = dict(horizontal_flip=0.0, vertical_flip=0.0, color_jitter=0.0, blur=0.0, affine=0.0)
+    flip = build_augmentation(AugmentationConfig(**{**off, "horizontal_flip": 1.0}))
+    flipped_image, flipped_mask = augment(flip, image, mask, seed=0)
+    assert torch.equal(flipped_image, image.flip(-1)) and torch.equal(flipped_mask, mask.flip(-1))
+
+    def darkest(strength: float) -> float:
+        jitter = build_augmentation(AugmentationConfig(**{**off, "color_jitter": 1.0}, color_jitter_strength=strength))
+        return min(augment(jitter, image, mask, seed)[0].float().mean().item() for seed in range(40))
+
+    mean = image.float().mean().item()
+    assert darkest(0.8) < 0.4 * mean < 0.7 * mean < darkest(0.2)

@@ -40,7 +40,7 @@ def test_unknown_hub_id_offline_names_the_id_and_the_offline_option(monkeypatch)
         load_base_model("facebook/sam2.1-hiera-small-does-not-exist")
     message = str(error.value)
     assert "facebook/sam2.1-hiera-small-does-not-exist" in message
-    assert "tiny-random" in message and "local folder" in message
+    assert "compact-synthetic" in message and "tiny-random" in message and "local folder" in message
 
 
 def test_local_folder_round_trip_keeps_weights_and_random_label(saved_tiny_model, tiny_model):

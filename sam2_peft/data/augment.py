@@ -17,7 +17,9 @@ class AugmentationConfig:
     horizontal_flip: float = 0.5
     vertical_flip: float = 0.5
     color_jitter: float = 0.8
-    """Probability of brightness/contrast jitter (strength 0.2)."""
+    """Probability of brightness/contrast/saturation jitter."""
+    color_jitter_strength: float = 0.2
+    """Each factor is drawn from [1 - strength, 1 + strength] (0.8 also gives dim, low-contrast images)."""
     blur: float = 0.2
     """Probability of a light Gaussian blur (sigma 0.1-1.5)."""
     affine: float = 0.5
@@ -34,7 +36,9 @@ def build_augmentation(config: AugmentationConfig) -> v2.Transform | None:
     if config.vertical_flip > 0:
         steps.append(v2.RandomVerticalFlip(config.vertical_flip))
     if config.color_jitter > 0:
-        steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2)], p=config.color_jitter))
+        strength = config.color_jitter_strength
+        jitter = v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength)
+        steps.append(v2.RandomApply([jitter], p=config.color_jitter))
     if config.blur > 0:
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=config.blur))
     if config.affine > 0:

@@ -269,7 +269,8 @@ def _load_pretrained(name_or_path: str, video: bool, revision: str | None) -> tu
             f"  Cause: {err}\n"
             "  A local folder works instead (--model /path/to/folder saved with save_pretrained), as does a Meta "
             "checkpoint (--model sam2.1_hiera_small.pt --meta-config sam2.1_hiera_s).\n"
-            "  Offline smoke test without pretrained weights: --model tiny-random (random weights, not for results)."
+            "  Offline, without SAM 2 weights: --model compact-synthetic (shipped, pre-trained on synthetic scenes "
+            "only: a test base that segments, not SAM 2) or --model tiny-random (random weights, smoke tests)."
         ) from err
     try:
         processor = Sam2Processor.from_pretrained(name_or_path, revision=revision)

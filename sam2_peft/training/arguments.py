@@ -70,6 +70,9 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     data.add_argument("--skip-bad-files", action="store_true", help="Skip unreadable/mis-sized samples (else error).")
     data.add_argument("--max-objects", type=int, default=16, help="Objects (prompts) per training image per step.")
     data.add_argument("--no-augment", action="store_true", help="Turn off training augmentation.")
+    data.add_argument(
+        "--color-jitter-strength", type=float, default=0.2, help="Brightness/contrast/saturation jitter range (±)."
+    )
     data.add_argument("--prompt", choices=PROMPT_TYPES, default="box", help="Training prompt type.")
     data.add_argument("--num-points", type=int, default=1, help="Positive points per object for point prompts.")
     data.add_argument("--num-negative-points", type=int, default=0, help="Negative points per object.")
@@ -120,7 +123,7 @@ def dataset_config_from_args(args: argparse.Namespace, target_mode: str = "insta
             num_negative_points=args.num_negative_points,
             mask_prompt_probability=args.mask_prompt_prob,
         ),
-        augmentation=AugmentationConfig(enabled=not args.no_augment),
+        augmentation=AugmentationConfig(enabled=not args.no_augment, color_jitter_strength=args.color_jitter_strength),
         validation=ValidationConfig(
             min_object_area=args.min_object_area,
             closing_radius=args.closing_radius,
