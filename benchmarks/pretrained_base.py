@@ -18,6 +18,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
+from transformers import Sam2Model, Sam2Processor
 
 from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset, collate_segmentation
 from sam2_peft.data.prompts import PromptConfig
@@ -42,9 +43,8 @@ def sources(polyp_images: int) -> dict[str, tuple[str, int | None]]:
     return found
 
 
-def score(model_name: str, spec: str, limit: int | None, batch_size: int) -> dict:
+def score(model: Sam2Model, processor: Sam2Processor, spec: str, limit: int | None, batch_size: int) -> dict:
     """Box-prompted metrics of the model and of the box itself, on the same objects."""
-    model, processor = load_base_model(model_name)
     records, _ = validate_records(open_records(spec)[:limit], ValidationConfig())
     dataset = SegmentationDataset(records, processor, DatasetConfig(prompts=PromptConfig(prompt="box")), train=False)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_segmentation)
@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--json", default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
+    model, processor = load_base_model(args.model)
     results = {
-        name: score(args.model, spec, limit, args.batch_size)
+        name: score(model, processor, spec, limit, args.batch_size)
         for name, (spec, limit) in sources(args.polyp_images).items()
     }
     print(f"\n{args.model}: tight box prompts, mean over images of the mean over objects")

@@ -43,7 +43,7 @@ def test_shipped_base_reproduces_its_reported_box_prompted_scores():
     from benchmarks.pretrained_base import SYNTHETIC_VALIDATION, score
 
     reported = json.loads(REPORTED.read_text())["results"]["synthetic validation"]
-    measured = score(BASE, SYNTHETIC_VALIDATION, None, batch_size=8)
+    measured = score(*load_base_model(BASE), SYNTHETIC_VALIDATION, None, batch_size=8)
     for key in ("iou", "dice", "boundary_iou"):
         assert measured["model"][key] == pytest.approx(reported["model"][key], abs=2e-3), key
         assert measured["mask_is_box"][key] == pytest.approx(reported["mask_is_box"][key], abs=1e-9), key

@@ -130,12 +130,16 @@ class SegmentationDataset(Dataset):
 
     def original(self, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
         """A validation image `(H, W, 3)` uint8 and its evaluated target masks `(N, H, W)` bool, unaugmented."""
+        return self.records[self._index[sample_id]].load_image(), self.evaluated_masks(sample_id)
+
+    def evaluated_masks(self, sample_id: str) -> np.ndarray:
+        """The target masks `(N, H, W)` bool that evaluation scores for a sample, at its original size."""
         record = self.records[self._index[sample_id]]
         masks = torch.from_numpy(clean_instances(record.load_instances(), self.config.validation))
         masks = self._select_objects(masks, torch.Generator())
         if self.config.target_mode == "semantic":
             masks = masks.any(dim=0, keepdim=True)
-        return record.load_image(), masks.numpy()
+        return masks.numpy()
 
     def _prompt_config(self, masks: torch.Tensor) -> PromptConfig:
         config = self.config.prompts

@@ -81,7 +81,7 @@ def box_baseline_metrics(dataset: SegmentationDataset, dilation_ratio: float = 0
     box-prompted model has to beat to show it segments at all."""
     accumulator = MetricAccumulator(dilation_ratio=dilation_ratio)
     for record in dataset.records:
-        _, masks = dataset.original(record.sample_id)
+        masks = dataset.evaluated_masks(record.sample_id)
         boxes = mask_to_boxes(torch.from_numpy(masks)).long().tolist()
         filled = np.zeros_like(masks)
         for box_mask, (x0, y0, x1, y1) in zip(filled, boxes):
