@@ -66,3 +66,61 @@ def test_build_from_config_is_deterministic_by_seed():
     a = build_model_from_config(tiny_config(128), seed=3)
     b = build_model_from_config(tiny_config(128), seed=3)
     torch.testing.assert_close(a.mask_decoder.iou_token.weight, b.mask_decoder.iou_token.weight, rtol=0, atol=0)
+
+
+def test_a_path_that_does_not_exist_is_named_as_a_missing_folder(tmp_path):
+    with pytest.raises(Sam2LoadError, match="no such folder") as error:
+        load_base_model("./my-models/sam2-small")
+    assert "repo_type" not in str(error.value)
+
+
+def test_a_typo_of_a_builtin_name_suggests_it_without_going_to_the_hub(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a typo must not reach the network")
+
+    monkeypatch.setattr("socket.create_connection", no_network)
+    with pytest.raises(Sam2LoadError, match="did you mean 'compact-synthetic'"):
+        load_base_model("compact-synthtic")
+
+
+def _unreachable_hub(monkeypatch):
+    """A Hub endpoint on a loopback port that nothing listens on, with offline mode off."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+
+
+def test_an_unreachable_hub_fails_fast_and_names_the_offline_switch(monkeypatch, tmp_path):
+    import time
+
+    import huggingface_hub.constants
+
+    _unreachable_hub(monkeypatch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    start = time.perf_counter()
+    with pytest.raises(Sam2LoadError, match="HF_HUB_OFFLINE=1") as error:
+        load_base_model("facebook/sam2.1-hiera-tiny")
+    assert time.perf_counter() - start < 10
+    assert "unreachable" in str(error.value) and "compact-synthetic" in str(error.value)
+
+
+def test_an_unreachable_hub_loads_a_cached_model(monkeypatch, tmp_path, saved_tiny_model):
+    import shutil
+
+    import huggingface_hub.constants
+
+    _unreachable_hub(monkeypatch)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(saved_tiny_model, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, _ = load_base_model("org/tiny")
+    assert model_image_size(model) == 128

@@ -3,10 +3,13 @@ small built-in model pre-trained on synthetic scenes."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -22,15 +25,14 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "facebook/sam2.1-hiera-tiny"
 
-KNOWN_HUB_IDS = (
-    "facebook/sam2.1-hiera-tiny",
-    "facebook/sam2.1-hiera-small",
-    "facebook/sam2.1-hiera-base-plus",
-    "facebook/sam2.1-hiera-large",
-    "facebook/sam2-hiera-tiny",
-    "facebook/sam2-hiera-small",
-    "facebook/sam2-hiera-base-plus",
-    "facebook/sam2-hiera-large",
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long to wait for a TCP connection to the Hub before calling it unreachable (instead of minutes of retries)."""
+
+OFFLINE_OPTIONS = (
+    "Offline, set HF_HUB_OFFLINE=1 to use models already in the Hugging Face cache; a local folder saved with "
+    "save_pretrained or a Meta checkpoint (--model sam2.1_hiera_small.pt --meta-config sam2.1_hiera_s) works "
+    "too; without SAM 2 weights use --model compact-synthetic (shipped, pre-trained on synthetic scenes only: a "
+    "test base that segments, not SAM 2) or --model tiny-random (random weights, smoke tests)."
 )
 
 RANDOM_WEIGHTS_KEY = "sam2_peft_random_weights"
@@ -240,12 +242,67 @@ def load_base_model(
     elif name_or_path.endswith((".pt", ".pth")):
         model, processor = _load_meta_checkpoint(name_or_path, meta_config, video)
     else:
+        check_model_name(name_or_path)
         model, processor = _load_pretrained(name_or_path, video, revision)
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
     return model.eval(), processor
+
+
+def builtin_names() -> list[str]:
+    return [*BUILTIN_ARCHITECTURES, *BUILTIN_PRETRAINED]
+
+
+def check_model_name(name_or_path: str) -> None:
+    """Fail fast, before any download, on a model name that can only be a mistake.
+
+    A path (`./x`, `/x`, `~/x`, `../x`, or anything that is not `org/name`) must be an existing folder; a bare
+    name that is not built in is a typo (the closest built-in name is suggested) rather than a Hub id.
+    """
+    if os.path.isdir(name_or_path):
+        return
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if os.path.exists(name_or_path):
+        raise Sam2LoadError(
+            f"Model '{name_or_path}' is a file, not a model folder (a folder saved with "
+            "save_pretrained, a Meta .pt checkpoint, or a config .json)."
+        )
+    if looks_like_path:
+        raise Sam2LoadError(
+            f"Model '{name_or_path}': no such folder ({Path(name_or_path).expanduser().resolve()}). Give a folder "
+            "saved with save_pretrained, a Hub id such as facebook/sam2.1-hiera-small, or a built-in name "
+            f"({', '.join(builtin_names())})."
+        )
+    if "/" not in name_or_path:
+        close = difflib.get_close_matches(name_or_path, builtin_names(), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise Sam2LoadError(
+            f"Model '{name_or_path}' is neither a built-in model nor a Hub id of the form org/name: {hint}"
+            f"Built-in: {', '.join(builtin_names())}; Hub: e.g. {DEFAULT_MODEL}."
+        )
+
+
+def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hub cannot be reached (a name or connection failure within `timeout` seconds), or None if it can."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"cannot connect to {endpoint.hostname}:{port} ({err})"
+    return None
+
+
+def _is_cached(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
 
 
 def _config_from_json(path: str, video: bool) -> Sam2Config | Sam2VideoConfig:
@@ -259,21 +316,28 @@ def _config_from_json(path: str, video: bool) -> Sam2Config | Sam2VideoConfig:
 def _load_pretrained(name_or_path: str, video: bool, revision: str | None) -> tuple[torch.nn.Module, Sam2Processor]:
     model_cls = Sam2VideoModel if video else Sam2Model
     is_local = os.path.isdir(name_or_path)
+    local_only = False
+    if not is_local:
+        unreachable = hub_unreachable_reason()
+        local_only = unreachable is not None
+        if local_only and not _is_cached(name_or_path, revision):
+            raise Sam2LoadError(
+                f"Cannot download '{name_or_path}': the Hugging Face Hub is unreachable ({unreachable}), the model "
+                f"is not in the local cache and there is no local folder of that name. {OFFLINE_OPTIONS}"
+            )
+        if local_only:
+            logger.info("Hub unreachable (%s): loading '%s' from the local cache.", unreachable, name_or_path)
     try:
-        model = model_cls.from_pretrained(name_or_path, revision=revision)
+        model = model_cls.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
     except (OSError, ValueError) as err:
         if is_local:
             raise Sam2LoadError(f"Could not load a SAM 2 model from the folder '{name_or_path}': {err}") from err
         raise Sam2LoadError(
-            f"Could not load '{name_or_path}' from the Hugging Face Hub (offline, unreachable, or no such repo).\n"
-            f"  Cause: {err}\n"
-            "  A local folder works instead (--model /path/to/folder saved with save_pretrained), as does a Meta "
-            "checkpoint (--model sam2.1_hiera_small.pt --meta-config sam2.1_hiera_s).\n"
-            "  Offline, without SAM 2 weights: --model compact-synthetic (shipped, pre-trained on synthetic scenes "
-            "only: a test base that segments, not SAM 2) or --model tiny-random (random weights, smoke tests)."
+            f"Could not load '{name_or_path}' from the Hugging Face Hub (no such repo or revision, or no access: "
+            f"{str(err).splitlines()[0]}). {OFFLINE_OPTIONS}"
         ) from err
     try:
-        processor = Sam2Processor.from_pretrained(name_or_path, revision=revision)
+        processor = Sam2Processor.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
     except (OSError, ValueError):
         logger.warning("No processor found with '%s'; using the standard one for its image size.", name_or_path)
         processor = processor_for_image_size(model_image_size(model))
