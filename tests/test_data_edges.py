@@ -240,6 +240,9 @@ def test_val_data_of_a_dataset_dict_uses_its_validation_split_and_refuses_traini
     train, val = build_datasets(args, tiny_processor, dataset_config_from_args(args))
     assert len(train) == 4 and len(val) == 2
     assert not {r.sample_id for r in train.records} & {r.sample_id for r in val.records}
+    assert {r.sample_id for r in val.records} == {"validation-000000", "validation-000001"}
+    by_split = _args("--data", hf, "--val-split", "validation")  # no --val-data: that split of --data
+    assert len(build_datasets(by_split, tiny_processor, dataset_config_from_args(by_split))[1]) == 2
     leak = _args("--data", hf, "--split", "train", "--val-data", hf, "--val-split", "train")
     with pytest.raises(DataError, match=r"4 validation sample.*train-000000"):
         build_datasets(leak, tiny_processor, dataset_config_from_args(leak))
@@ -317,3 +320,23 @@ def test_file_names_that_are_not_utf8_work_with_a_readable_id(folder_dataset, ti
     train, val = build_datasets(args, tiny_processor, dataset_config_from_args(args))
     assert len(train) + len(val) == 6
     json.dumps(sorted(r.sample_id for r in train.records), ensure_ascii=False).encode("utf-8")
+
+
+def test_edge_errors_end_in_one_error_line_from_the_command_line(tmp_path, folder_dataset, tiny_processor, monkeypatch):
+    from sam2_peft.training.arguments import run_from_command_line
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(sources, "_max_image_pixels", sources._max_image_pixels)
+    coco = _coco_with(tmp_path, [[5, 5]])
+    hf = _hf_dict(tmp_path, folder_dataset)
+    cases = {
+        ("--data", str(coco)): "annotation id 7",
+        ("--data", hf, "--split", "nope"): "--split",
+        ("--data", str(folder_dataset), "--max-image-pixels", "100"): "--max-image-pixels",
+    }
+    for argv, named in cases.items():
+        args = _args(*argv)
+        with pytest.raises(SystemExit) as exit_info:
+            run_from_command_line(lambda a=args: build_datasets(a, tiny_processor, dataset_config_from_args(a)))
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and "\n" not in message and named in message
