@@ -101,7 +101,8 @@ def _load(path: str | os.PathLike, kind: str) -> Image.Image:
                     f"--max-image-pixels (0 = no limit), {SKIP_HINT}."
                 )
             image.load()
-            return ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+            return image
     except DataError:
         raise
     except Image.DecompressionBombError as err:
@@ -334,7 +335,9 @@ def _check_segmentation(annotation: dict, height: int, width: int, where: str) -
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 0 for v in size)):
             raise DataError(f"{where}: RLE 'size' must be [height, width], got {size!r}: {fix}.")
         if size != [height, width]:
-            raise DataError(f"{where}: RLE 'size' {size} differs from the image's [height, width] {[height, width]}.")
+            raise DataError(
+                f"{where}: RLE 'size' {size} differs from the image's [height, width] {[height, width]}: {fix}."
+            )
         if isinstance(counts, str):
             try:
                 counts = _compressed_rle_counts(counts)
@@ -448,7 +451,7 @@ def _load_hf_dataset(name_or_path: str, split: str | None):
         if isinstance(loaded, datasets.DatasetDict):
             split = _choose_split(list(loaded), split, name_or_path)
             return loaded[split], split, Path(name_or_path)
-        return loaded, split or "train", Path(name_or_path)
+        return loaded, "train", Path(name_or_path)  # one saved Dataset: its rows, whatever split was asked for
     if split is None:
         split = _choose_split(datasets.get_dataset_split_names(name_or_path), None, name_or_path)
     try:
