@@ -1,27 +1,43 @@
 """Data sources: a folder of images and masks, COCO JSON, and Hugging Face `datasets`.
 
 Every source yields `SampleRecord`s: an id, a description for error messages, and two loaders. Nothing is decoded
-until a loader is called, so large datasets cost nothing to list.
+until a loader is called, so large datasets cost nothing to list. Images are read as an image viewer shows them
+(EXIF orientation applied), so masks drawn on the viewed image line up.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+"""JPEG masks are noisy (grey levels near 0 and 255); `--mask-type auto` reads them as binary."""
+MASK_TYPES = ("auto", "binary", "instance")
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
+"""Split names taken, in this order, as the validation split of a `datasets` source when none is named."""
+SKIP_HINT = "or pass --skip-bad-files to skip it"
+
+DEFAULT_MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 0
+"""PIL's decompression-bomb limit (89,478,485 pixels unless changed before this import)."""
+_max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS or None
+"""Images with more pixels are refused (None: no limit); see `set_max_image_pixels`."""
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file or field."""
+    """Bad input data; the message names the file or field and the fix."""
 
 
 @dataclass
@@ -37,91 +53,304 @@ class SampleRecord:
     load_instances: Callable[[], np.ndarray]
     known_valid: bool = False
     """Set by sources that guarantee readable, matching, non-empty samples (generated data): not decoded up front."""
+    identity: str = ""
+    """What the sample is, however its source was spelled (a resolved file path, a dataset row in a split); two
+    records with one identity are the same sample. Empty: the origin."""
+
+    @property
+    def key(self) -> str:
+        return self.identity or self.origin
+
+
+def printable(text: str | os.PathLike) -> str:
+    """`text` as valid UTF-8: bytes of a file name that are not UTF-8 (Linux allows any) shown as `\\xNN`.
+
+    File names are kept as they are for reading; ids and messages use this form, because cache keys, JSON and logs
+    need valid text, and a user cannot always rename files (read-only shared data).
+    """
+    text = os.fspath(text)
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that did not come from a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Refuse images with more than `limit` pixels (0 or None: no limit), naming `--max-image-pixels`.
+
+    This check replaces PIL's process-wide decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`), which warns above
+    its limit and raises, with no hint of the fix, above twice its limit.
+    """
+    global _max_image_pixels
+    if limit is not None and limit < 0:
+        raise DataError(f"--max-image-pixels must be a pixel count, or 0 for no limit; got {limit}.")
+    _max_image_pixels = limit or None
+    Image.MAX_IMAGE_PIXELS = None
+
+
+def _load(path: str | os.PathLike, kind: str) -> Image.Image:
+    """Decode an image file in viewer orientation; unreadable or oversized files raise DataError naming them."""
+    shown = printable(path)
+    try:
+        with Image.open(path) as image:
+            pixels = image.width * image.height
+            if _max_image_pixels and pixels > _max_image_pixels:
+                raise DataError(
+                    f"{kind.capitalize()} '{shown}' is {image.width}x{image.height} = {pixels} pixels, over the limit "
+                    f"of {_max_image_pixels} (a guard against decompression bombs): if the file is trusted, raise "
+                    f"--max-image-pixels (0 = no limit), {SKIP_HINT}."
+                )
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+            return image
+    except DataError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise DataError(
+            f"{kind.capitalize()} '{shown}' is over PIL's decompression-bomb limit ({err}): if the file is trusted, "
+            f"raise --max-image-pixels (0 = no limit), {SKIP_HINT}."
+        ) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"Cannot read {kind} '{shown}': {err}. Replace or re-export the file, {SKIP_HINT}.") from err
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """`(H, W, 3)` uint8 RGB; 16-bit and float images are stretched to their value range first."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        span = max(float(array.max() - array.min()), 1e-9)
+        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
+    return np.array(image.convert("RGB"))
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as `(H, W, 3)` uint8 RGB (grey and 16-bit images are converted)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("I;16", "I;16B", "I", "F"):
-                array = np.asarray(image, dtype=np.float64)
-                span = max(float(array.max() - array.min()), 1e-9)
-                image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
-            return np.array(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"Cannot read image '{path}': {err}") from err
+    """Read an image file as `(H, W, 3)` uint8 RGB as a viewer shows it (EXIF orientation; grey, 16-bit converted)."""
+    return _to_rgb(_load(path, "image"))
 
 
-def label_map_to_instances(labels: np.ndarray, origin: str) -> np.ndarray:
-    """Turn a binary or instance-label mask `(H, W)` into `(N, H, W)` bool, one channel per label.
+def read_label_image(path: str | os.PathLike, kind: str = "mask") -> np.ndarray:
+    """The raw values of a label image (PNG, TIFF; palette PNGs give their indices) in viewer orientation; `kind`
+    names it in errors."""
+    return np.asarray(_load(path, kind))
 
-    A mask whose only non-zero value is 1 or 255 is binary (one object); otherwise each distinct non-zero value is
-    one object.
+
+def _mask_kind(labels: np.ndarray, origin: str) -> str:
+    """What `--mask-type auto` makes of a label map: "binary", "noisy binary" or "instance"; DataError if unclear.
+
+    Two levels are binary. A mask whose maximum is the white of its format (255, 65535, or any non-integer maximum
+    such as 1.0) with nearly every pixel near 0 or near that maximum is binary with JPEG or anti-aliasing noise.
+    Integer labels using most values from 1 to their maximum are instances. Anything else is refused.
     """
+    values, counts = np.unique(labels, return_counts=True)
+    if len(values) <= 2:
+        return "binary"
+    top = float(values[-1])
+    integral = np.issubdtype(labels.dtype, np.integer) or bool(np.all(values == np.round(values)))
+    band = top / 8
+    high = counts[values >= top - band].sum()
+    middle = counts[(values > band) & (values < top - band)].sum()
+    low_nonzero = counts[(values > 0) & (values <= band)].sum()
+    white = top in (255, 65535) or not integral
+    if white and high > 0 and middle <= 0.25 * high and low_nonzero <= 0.5 * high:
+        return "noisy binary"
+    nonzero = int((values != 0).sum())
+    if integral and top >= 1 and nonzero >= 0.5 * top:
+        return "instance"
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    raise DataError(
+        f"Mask '{origin}' has {len(values)} grey levels ({shown}) that look neither binary (values near 0 and the "
+        "maximum) nor instance labels (1, 2, 3, ...): say which with --mask-type binary (threshold at half the "
+        "maximum) or --mask-type instance (each non-zero value is one object)."
+    )
+
+
+def label_map_to_instances(
+    labels: np.ndarray,
+    origin: str,
+    mask_type: str = "auto",
+    on_noisy_binary: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """Turn a binary or instance-label mask `(H, W)` into `(N, H, W)` bool, one channel per object.
+
+    `mask_type` "binary" thresholds at half the mask's maximum (one object); "instance" makes each distinct non-zero
+    value one object; "auto" decides per mask (see `_mask_kind`) and calls `on_noisy_binary(origin)` when it reads
+    a mask of more than two levels as binary.
+    """
+    if mask_type not in MASK_TYPES:
+        raise DataError(f"--mask-type must be one of {', '.join(MASK_TYPES)}; got '{mask_type}'.")
     if labels.ndim == 3:
         if not (labels[..., :1] == labels).all():
-            raise DataError(f"Mask '{origin}' is a colour image: expected single-channel binary or instance labels.")
+            raise DataError(
+                f"Mask '{origin}' is a colour image: save it as single-channel binary or instance labels (grey or "
+                "palette PNG)."
+            )
         labels = labels[..., 0]
     if labels.ndim != 2:
-        raise DataError(f"Mask '{origin}' has shape {labels.shape}: expected (height, width).")
+        raise DataError(f"Mask '{origin}' has shape {labels.shape}: save it as a (height, width) label image.")
+    kind = _mask_kind(labels, origin) if mask_type == "auto" else mask_type
+    if kind == "noisy binary" and on_noisy_binary is not None:
+        on_noisy_binary(origin)
+    if kind != "instance":
+        foreground = labels > labels.max() / 2 if labels.size else np.zeros(labels.shape, bool)
+        return foreground[None] if foreground.any() else np.zeros((0, *labels.shape), bool)
     values = np.unique(labels)
     values = values[values != 0]
     return labels[None] == values[:, None, None]
 
 
-def read_label_image(path: str | os.PathLike, kind: str = "mask") -> np.ndarray:
-    """The raw values of a label image (PNG, TIFF; palette PNGs give their indices); `kind` names it in errors."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"Cannot read {kind} '{path}': {err}") from err
+class MaskReader:
+    """Label maps to objects for one dataset, per `mask_type`; says once (not per image) when it reads noisy masks
+    as binary."""
+
+    def __init__(self, mask_type: str, dataset: str) -> None:
+        if mask_type not in MASK_TYPES:
+            raise DataError(f"--mask-type must be one of {', '.join(MASK_TYPES)}; got '{mask_type}'.")
+        self.mask_type = mask_type
+        self.dataset = dataset
+        self._noted = False
+        self._lock = threading.Lock()
+
+    def __call__(self, labels: np.ndarray, origin: str) -> np.ndarray:
+        return label_map_to_instances(labels, origin, self.mask_type, self._note)
+
+    def _note(self, origin: str) -> None:
+        with self._lock:
+            if self._noted:
+                return
+            self._noted = True
+        logger.info(
+            "Masks of '%s' have more than two grey levels but look binary (e.g. '%s': values near 0 and near the "
+            "maximum, as from JPEG or anti-aliasing): reading them as binary, thresholded at half the maximum. Pass "
+            "--mask-type instance if every value is an object.",
+            self.dataset,
+            origin,
+        )
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a binary or instance-label mask file (PNG, TIFF, palette PNG) as `(N, H, W)` bool."""
-    return label_map_to_instances(read_label_image(path), str(path))
+def read_mask(path: str | os.PathLike, mask_type: str = "auto") -> np.ndarray:
+    """Read a binary or instance-label mask file (PNG, TIFF, palette PNG, JPEG) as `(N, H, W)` bool."""
+    return label_map_to_instances(read_label_image(path), printable(path), mask_type)
 
 
-def folder_records(root: str | os.PathLike) -> list[SampleRecord]:
+def folder_records(root: str | os.PathLike, mask_type: str = "auto") -> list[SampleRecord]:
     """Records from `root/images/*` and `root/masks/*`, matched by file stem."""
     root = Path(root)
     image_dir, mask_dir = root / "images", root / "masks"
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
-            raise DataError(f"Data folder '{root}' needs 'images/' and 'masks/' subfolders; '{folder}' is missing.")
+            raise DataError(
+                f"Data folder '{printable(root)}' needs 'images/' and 'masks/' subfolders; create "
+                f"'{printable(folder)}' or point --data at the folder that holds both."
+            )
     images = _files_by_stem(image_dir, IMAGE_SUFFIXES)
     masks = _files_by_stem(mask_dir, MASK_SUFFIXES)
     missing = sorted(set(images) - set(masks))
     if missing:
         raise DataError(
-            f"{len(missing)} image(s) in '{image_dir}' have no mask in '{mask_dir}' with the same stem, "
-            f"e.g. '{images[missing[0]].name}'."
+            f"{len(missing)} image(s) in '{printable(image_dir)}' have no mask in '{printable(mask_dir)}' with the "
+            f"same stem, e.g. '{printable(images[missing[0]].name)}': add their masks or move the images out."
         )
+    reader = MaskReader(mask_type, printable(root))
     return [
         SampleRecord(
             sample_id=stem,
-            origin=str(images[stem]),
+            origin=printable(images[stem]),
             load_image=lambda p=images[stem]: read_image(p),
-            load_instances=lambda p=masks[stem]: read_mask(p),
+            load_instances=lambda p=masks[stem]: reader(read_label_image(p), printable(p)),
+            identity=os.fspath(images[stem].resolve()),
         )
         for stem in sorted(images)
     ]
 
 
 def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Files by printable stem (the sample id)."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in suffixes or path.name.startswith("."):
             continue
-        if path.stem in files:
+        stem = printable(path.stem)
+        if stem in files:
             raise DataError(
-                f"Two files in '{folder}' share the stem '{path.stem}': {files[path.stem].name}, {path.name}."
+                f"Two files in '{printable(folder)}' share the stem '{stem}': {printable(files[stem].name)}, "
+                f"{printable(path.name)}. Rename or remove one."
             )
-        files[path.stem] = path
+        files[stem] = path
     return files
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _compressed_rle_counts(text: str) -> list[int]:
+    """The run lengths of a COCO compressed RLE string (pycocotools' `rleFrString`, which trusts its input)."""
+    counts: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(text):
+                raise ValueError("it ends inside a number")
+            char = ord(text[position]) - 48
+            if not 0 <= char < 64:
+                raise ValueError(f"it holds the character {text[position]!r}")
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            position += 1
+            shift += 5
+            if not more and char & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
+
+
+def _check_segmentation(annotation: dict, height: int, width: int, where: str) -> None:
+    """Refuse geometry that pycocotools cannot handle safely (NaN coordinates exhaust memory, bad RLE overruns its
+    buffer): a DataError naming the annotation and the fix."""
+    fix = f"correct or delete that annotation, {SKIP_HINT.replace('it', 'its image')}"
+    segmentation = annotation.get("segmentation")
+    if isinstance(segmentation, list):
+        if not segmentation:
+            raise DataError(f"{where} has an empty polygon list: {fix}.")
+        for k, polygon in enumerate(segmentation):
+            if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+                raise DataError(f"{where}: polygon {k} is not a list of numbers [x0, y0, x1, y1, ...]: {fix}.")
+            if not all(math.isfinite(v) for v in polygon):
+                raise DataError(f"{where}: polygon {k} holds values that are not finite numbers (NaN, inf): {fix}.")
+            if len(polygon) % 2:
+                raise DataError(f"{where}: polygon {k} has {len(polygon)} values, not an even count of x, y: {fix}.")
+            if len(polygon) < 6:
+                raise DataError(
+                    f"{where}: polygon {k} has {len(polygon) // 2} point(s); a polygon needs at least 3 points (6 "
+                    f"numbers): {fix}."
+                )
+            xs, ys = polygon[0::2], polygon[1::2]
+            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+                raise DataError(f"{where}: polygon {k} reaches far outside the {width}x{height} image: {fix}.")
+    elif isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 0 for v in size)):
+            raise DataError(f"{where}: RLE 'size' must be [height, width], got {size!r}: {fix}.")
+        if size != [height, width]:
+            raise DataError(
+                f"{where}: RLE 'size' {size} differs from the image's [height, width] {[height, width]}: {fix}."
+            )
+        if isinstance(counts, str):
+            try:
+                counts = _compressed_rle_counts(counts)
+            except ValueError as err:
+                raise DataError(f"{where}: RLE 'counts' is not COCO-compressed RLE ({err}): {fix}.") from err
+        if not isinstance(counts, list) or not all(isinstance(v, int) and v >= 0 for v in counts):
+            raise DataError(f"{where}: RLE 'counts' must be run lengths (whole numbers >= 0) or a string: {fix}.")
+        if sum(counts) != height * width:
+            raise DataError(
+                f"{where}: RLE 'counts' add up to {sum(counts)} pixels, not {height}x{width} = {height * width}: {fix}."
+            )
+    else:
+        raise DataError(f"{where}: 'segmentation' must be polygons (a list) or RLE (a dict), got {segmentation!r}.")
 
 
 def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[SampleRecord]:
@@ -132,14 +361,18 @@ def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLi
     from pycocotools.coco import COCO
 
     annotation_file = Path(annotation_file)
+    shown = printable(annotation_file)
     try:
         with open(annotation_file) as handle:
             dataset = json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"Cannot read COCO annotations '{annotation_file}': {err}") from err
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"Cannot read COCO annotations '{shown}': {err}. Fix or re-export the file.") from err
     for field in ("images", "annotations"):
         if field not in dataset:
-            raise DataError(f"COCO file '{annotation_file}' has no '{field}' field.")
+            raise DataError(f"COCO file '{shown}' has no '{field}' field: is it a COCO instances file?")
+    bad_images = [info for info in dataset["images"] if "id" not in info or "file_name" not in info]
+    if bad_images:
+        raise DataError(f"COCO file '{shown}': image entry {bad_images[0]!r} needs an 'id' and a 'file_name'.")
     coco = COCO()
     coco.dataset = dataset
     coco.createIndex()
@@ -153,13 +386,26 @@ def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLi
 
     def instances(image_id: int) -> np.ndarray:
         info = coco.imgs[image_id]
+        height, width = info.get("height"), info.get("width")
+        if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+            raise DataError(
+                f"COCO file '{shown}', image id {image_id}: 'height' and 'width' must be positive whole numbers, "
+                f"got {height!r} x {width!r}; fix them, {SKIP_HINT.replace('it', 'the image')}."
+            )
         anns = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        for a in anns:
+            _check_segmentation(
+                a, height, width, f"COCO file '{shown}', annotation id {a.get('id')} (image id {image_id})"
+            )
         if not anns:
-            return np.zeros((0, info["height"], info["width"]), dtype=bool)
+            return np.zeros((0, height, width), dtype=bool)
         try:
             masks = [coco.annToMask(a) for a in anns]
         except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise DataError(f"Bad segmentation in '{annotation_file}' for image id {image_id}: {err}") from err
+            raise DataError(
+                f"Bad segmentation in '{shown}' for image id {image_id}: {err}. Fix its annotations, "
+                f"{SKIP_HINT.replace('it', 'the image')}."
+            ) from err
         return np.stack(masks).astype(bool)
 
     records = []
@@ -167,40 +413,89 @@ def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLi
         path = resolve(info["file_name"])
         records.append(
             SampleRecord(
-                sample_id=str(Path(info["file_name"]).with_suffix("")),
-                origin=str(path),
+                sample_id=printable(str(Path(info["file_name"]).with_suffix(""))),
+                origin=printable(path),
                 load_image=lambda p=path: read_image(p),
                 load_instances=lambda i=image_id: instances(i),
+                identity=os.fspath(path.resolve()),
             )
         )
     return records
 
 
-def hf_dataset_records(
-    name_or_path: str, split: str = "train", image_column: str = "image", mask_column: str = "mask"
-) -> list[SampleRecord]:
-    """Records from a Hugging Face dataset (Hub name or `save_to_disk` folder) with image and mask columns."""
+def _choose_split(available: list[str], wanted: str | None, name: str) -> str:
+    """`wanted` if the dataset has it; with `wanted` None, its validation split (see VALIDATION_SPLITS) or its only one."""
+    if wanted is None:
+        for candidate in VALIDATION_SPLITS:
+            if candidate in available:
+                return candidate
+        if len(available) == 1:
+            return available[0]
+        raise DataError(
+            f"Dataset '{name}' has the splits {available} and none is named {' or '.join(VALIDATION_SPLITS)}: name "
+            "the split to validate on with --val-split."
+        )
+    if wanted not in available:
+        raise DataError(f"Dataset '{name}' has no split '{wanted}' (splits: {available}): choose one with --split.")
+    return wanted
+
+
+def _load_hf_dataset(name_or_path: str, split: str | None):
+    """(dataset, split name, folder relative paths start from or None) for a saved folder or a Hub dataset."""
     import datasets
 
-    if os.path.isdir(name_or_path) and Path(name_or_path, "dataset_info.json").exists():
+    if os.path.isdir(name_or_path) and any(
+        Path(name_or_path, f).exists() for f in ("dataset_info.json", "dataset_dict.json")
+    ):
         loaded = datasets.load_from_disk(name_or_path)
-    elif os.path.isdir(name_or_path) and Path(name_or_path, "dataset_dict.json").exists():
-        loaded = datasets.load_from_disk(name_or_path)[split]
-    else:
-        loaded = datasets.load_dataset(name_or_path, split=split)
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = loaded[split]
+        if isinstance(loaded, datasets.DatasetDict):
+            split = _choose_split(list(loaded), split, name_or_path)
+            return loaded[split], split, Path(name_or_path)
+        return loaded, "train", Path(name_or_path)  # one saved Dataset: its rows, whatever split was asked for
+    if split is None:
+        split = _choose_split(datasets.get_dataset_split_names(name_or_path), None, name_or_path)
+    try:
+        return datasets.load_dataset(name_or_path, split=split), split, None
+    except ValueError as err:
+        if "split" not in str(err).lower():
+            raise
+        _choose_split(datasets.get_dataset_split_names(name_or_path), split, name_or_path)  # names the splits
+        raise
+
+
+def hf_dataset_records(
+    name_or_path: str,
+    split: str | None = "train",
+    image_column: str = "image",
+    mask_column: str = "mask",
+    mask_type: str = "auto",
+) -> list[SampleRecord]:
+    """Records from a Hugging Face dataset (Hub name or `save_to_disk` folder) with image and mask columns.
+
+    Columns hold images, arrays, or paths to image files (relative ones from the saved folder, else the working
+    directory). `split` None takes the dataset's validation split. Sample ids are `SPLIT-ROW`, so one row of one split
+    has one id and rows of different splits never share one.
+    """
+    loaded, split, base = _load_hf_dataset(name_or_path, split)
     for column in (image_column, mask_column):
         if column not in loaded.column_names:
             raise DataError(
                 f"Dataset '{name_or_path}' has no column '{column}' (columns: {loaded.column_names}); "
                 "set --image-column / --mask-column."
             )
+    reader = MaskReader(mask_type, f"{name_or_path}[{split}]")
+    where = str(Path(name_or_path).resolve()) if base is not None else name_or_path
 
     def cell(index: int, column: str) -> np.ndarray:
         value = loaded[index][column]
+        is_image = column == image_column
+        if isinstance(value, str):
+            path = Path(value)
+            if not path.is_absolute() and base is not None:
+                path = base / path
+            return read_image(path) if is_image else read_label_image(path)
         if isinstance(value, Image.Image):
-            return np.asarray(value.convert("RGB") if column == image_column else value)
+            return _to_rgb(value) if is_image else np.asarray(value)
         return np.asarray(value)
 
     def image(index: int) -> np.ndarray:
@@ -211,10 +506,11 @@ def hf_dataset_records(
 
     return [
         SampleRecord(
-            sample_id=f"{index:06d}",
+            sample_id=f"{split}-{index:06d}",
             origin=f"{name_or_path}[{split}][{index}]",
             load_image=lambda i=index: image(i),
-            load_instances=lambda i=index: label_map_to_instances(cell(i, mask_column), f"{name_or_path}[{i}]"),
+            load_instances=lambda i=index: reader(cell(i, mask_column), f"{name_or_path}[{split}][{i}]"),
+            identity=f"datasets:{where}[{split}][{index}]",
         )
         for index in range(len(loaded))
     ]
@@ -230,8 +526,11 @@ def synthetic_records(num_scenes: int, seed: int = 0, image_size: int = 256) -> 
             sample_id=f"scene_{index:06d}",
             origin=f"synthetic:{num_scenes}:{seed} scene {index}",
             load_image=lambda i=index: scenes[i].image,
-            load_instances=lambda i=index: label_map_to_instances(scenes[i].instances, f"synthetic scene {i}"),
+            load_instances=lambda i=index: label_map_to_instances(
+                scenes[i].instances, f"synthetic scene {i}", "instance"
+            ),
             known_valid=True,
+            identity=f"synthetic:{seed}:{image_size}:{index}",
         )
         for index in range(num_scenes)
     ]
@@ -254,23 +553,34 @@ def parse_synthetic_spec(data: str) -> tuple[int, int, int] | None:
 
 
 def open_records(
-    data: str, *, split: str = "train", image_column: str = "image", mask_column: str = "mask"
+    data: str,
+    *,
+    split: str | None = "train",
+    image_column: str = "image",
+    mask_column: str = "mask",
+    mask_type: str = "auto",
 ) -> list[SampleRecord]:
     """Records from any supported source: a folder, a COCO `.json`, a `datasets` name or folder, or
-    `synthetic:N[:SEED[:SIZE]]` (N generated scenes)."""
+    `synthetic:N[:SEED[:SIZE]]` (N generated scenes). `split` (None: the validation split) and the columns apply to
+    `datasets` sources, `mask_type` to folder and `datasets` masks (COCO and synthetic data are instances)."""
     synthetic = parse_synthetic_spec(data)
     if synthetic is not None:
         return synthetic_records(*synthetic)
     path = Path(data)
     if path.suffix.lower() == ".json":
         if not path.exists():
-            raise DataError(f"COCO annotation file '{data}' does not exist.")
+            raise DataError(f"COCO annotation file '{data}' does not exist: check the path given to --data/--val-data.")
         return coco_records(path)
     if (path / "images").is_dir() or (path / "masks").is_dir():
-        return folder_records(path)
+        return folder_records(path, mask_type)
     if path.is_dir() and not any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
-        raise DataError(f"'{data}' is neither an images/ + masks/ folder, a COCO .json, nor a saved `datasets` folder.")
-    return hf_dataset_records(data, split=split, image_column=image_column, mask_column=mask_column)
+        raise DataError(
+            f"'{data}' is neither an images/ + masks/ folder, a COCO .json, nor a saved `datasets` folder: point "
+            "--data at one of those."
+        )
+    return hf_dataset_records(
+        data, split=split, image_column=image_column, mask_column=mask_column, mask_type=mask_type
+    )
 
 
 def split_records(
@@ -288,10 +598,13 @@ def split_records(
         wanted = set(val_ids)
         unknown = wanted - {r.sample_id for r in records}
         if unknown:
-            raise DataError(f"Validation split names ids not in the data: {sorted(unknown)[:5]}")
+            raise DataError(
+                f"The validation id list names {len(unknown)} id(s) not in the data, e.g. {sorted(unknown)[:5]}: "
+                "list sample ids as the data names them (file stems; SPLIT-ROW for datasets rows)."
+            )
         return [r for r in records if r.sample_id not in wanted], [r for r in records if r.sample_id in wanted]
     if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
     ranked = sorted(records, key=lambda r: hashlib.sha256(f"{seed}:{r.sample_id}".encode()).hexdigest())
     num_val = int(round(len(records) * val_fraction))
     if val_fraction > 0 and len(records) > 1:
@@ -305,5 +618,18 @@ def read_split_file(path: str | os.PathLike) -> list[str]:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as err:
-        raise DataError(f"Cannot read split file '{path}': {err}") from err
+        raise DataError(f"Cannot read split file '{path}': {err}. Check the path given to --val-split-file.") from err
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def check_disjoint(train: list[SampleRecord], val: list[SampleRecord]) -> None:
+    """Refuse validation samples that are also training samples (same file, or same dataset row of the same split):
+    scores on them say nothing about new images."""
+    train_keys = {record.key for record in train}
+    shared = [record for record in val if record.key in train_keys]
+    if shared:
+        raise DataError(
+            f"{len(shared)} validation sample(s) are also training samples (e.g. id '{shared[0].sample_id}', "
+            f"{shared[0].origin}): validate on other images: another split with --val-split, another source with "
+            "--val-data, or no --val-data to split --data."
+        )

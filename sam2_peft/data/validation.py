@@ -73,7 +73,8 @@ def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, 
         if instances.shape[1:] != image.shape[:2]:
             raise DataError(
                 f"Mask for '{record.origin}' is {instances.shape[2]}x{instances.shape[1]} (width x height) "
-                f"but the image is {image.shape[1]}x{image.shape[0]}."
+                f"but the image is {image.shape[1]}x{image.shape[0]} (as a viewer shows it, EXIF orientation "
+                "applied): save the mask at the image's size, or pass --skip-bad-files to skip it."
             )
     except DataError as err:
         if not config.skip_bad_files:
@@ -111,5 +112,8 @@ def validate_records(
     report.kept = len(kept)
     logger.info("Data validation: %s", report.summary())
     if not kept and records:
-        raise DataError(f"No usable sample among {len(records)}: {report.summary()}")
+        raise DataError(
+            f"No usable sample among {len(records)}: {report.summary()}. Fix the files named, or lower "
+            "--min-object-area if the objects are small."
+        )
     return kept, report

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from transformers import Sam2Processor
 
 from .prompts import PromptConfig, sample_prompts, to_model_coordinates
-from .sources import IMAGE_SUFFIXES, DataError, read_image, read_label_image
+from .sources import IMAGE_SUFFIXES, DataError, printable, read_image, read_label_image
 
 FRAMES_DIR = "JPEGImages"
 ANNOTATIONS_DIR = "Annotations"
@@ -38,7 +38,7 @@ class VideoSequence:
         return sorted(self.annotations)
 
     def load_frame(self, index: int) -> np.ndarray:
-        """Frame `index` as `(H, W, 3)` uint8 RGB."""
+        """Frame `index` as `(H, W, 3)` uint8 RGB, as a viewer shows it (EXIF orientation)."""
         return read_image(self.frames[index])
 
     def load_labels(self, index: int) -> np.ndarray:
@@ -50,7 +50,10 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
     """Read a binary or palette/instance annotation as `(H, W)` int64 labels; binary 0/255 becomes 0/1."""
     labels = read_label_image(path, "annotation")
     if labels.ndim != 2:
-        raise DataError(f"Annotation '{path}' has shape {labels.shape}: expected a single-channel (H, W) label map.")
+        raise DataError(
+            f"Annotation '{printable(path)}' has shape {labels.shape}: save it as a single-channel (H, W) label map "
+            "(grey or palette PNG)."
+        )
     labels = labels.astype(np.int64)
     if set(np.unique(labels).tolist()) <= {0, 255}:
         labels = (labels > 0).astype(np.int64)
@@ -76,26 +79,40 @@ def open_video_folder(
             )
     names = sequences if sequences is not None else sorted(p.name for p in frames_root.iterdir() if p.is_dir())
     if not names:
-        raise DataError(f"No sequence folders in '{frames_root}'.")
+        raise DataError(
+            f"No sequence folders in '{printable(frames_root)}': put each video's frames in a folder SEQ/ there."
+        )
     return [_open_sequence(frames_root / name, annotations_root / name, annotated_every) for name in names]
 
 
 def _open_sequence(frame_dir: Path, annotation_dir: Path, annotated_every: int) -> VideoSequence:
     if not frame_dir.is_dir():
-        raise DataError(f"Sequence folder '{frame_dir}' is missing.")
+        raise DataError(f"Sequence folder '{printable(frame_dir)}' is missing: check the sequence names given.")
     if not annotation_dir.is_dir():
-        raise DataError(f"Sequence '{frame_dir.name}' has no annotation folder '{annotation_dir}'.")
+        raise DataError(
+            f"Sequence '{printable(frame_dir.name)}' has no annotation folder '{printable(annotation_dir)}': add its "
+            "annotations there or leave the sequence out."
+        )
     frames = sorted(p for p in frame_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not frames:
-        raise DataError(f"Sequence folder '{frame_dir}' holds no frames ({', '.join(IMAGE_SUFFIXES)}).")
+        raise DataError(
+            f"Sequence folder '{printable(frame_dir)}' holds no frames ({', '.join(IMAGE_SUFFIXES)}): add them or "
+            "remove the folder."
+        )
     index_by_stem = {p.stem: i for i, p in enumerate(frames)}
     annotations: dict[int, Path] = {}
     for path in sorted(annotation_dir.glob("*.png")):
         if path.stem not in index_by_stem:
-            raise DataError(f"Annotation '{path}' has no frame named '{path.stem}.*' in '{frame_dir}'.")
+            raise DataError(
+                f"Annotation '{printable(path)}' has no frame named '{printable(path.stem)}.*' in "
+                f"'{printable(frame_dir)}': rename it after its frame or remove it."
+            )
         annotations[index_by_stem[path.stem]] = path
     if not annotations:
-        raise DataError(f"Sequence '{frame_dir.name}' has no annotated frame: no PNG in '{annotation_dir}'.")
+        raise DataError(
+            f"Sequence '{printable(frame_dir.name)}' has no annotated frame: no PNG in '{printable(annotation_dir)}'; "
+            "annotate at least one frame or leave the sequence out."
+        )
     kept = sorted(annotations)[::annotated_every]
     annotations = {i: annotations[i] for i in kept}
     frame_size = _size(frames[0])
@@ -110,12 +127,14 @@ def _open_sequence(frame_dir: Path, annotation_dir: Path, annotated_every: int) 
 
 
 def _size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding."""
+    """(width, height) as a viewer shows the image (EXIF orientation), from the file header, without decoding."""
     try:
         with Image.open(path) as image:
-            return image.size
+            width, height = image.size
+            turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)  # a quarter turn
+            return (height, width) if turned else (width, height)
     except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"Cannot read '{path}': {err}") from err
+        raise DataError(f"Cannot read '{printable(path)}': {err}. Replace or re-export the file.") from err
 
 
 @dataclass

@@ -11,7 +11,16 @@ from pathlib import Path
 from ..data.augment import AugmentationConfig
 from ..data.dataset import DatasetConfig, SegmentationDataset
 from ..data.prompts import PROMPT_TYPES, PromptConfig
-from ..data.sources import DataError, open_records, read_split_file, split_records
+from ..data.sources import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MASK_TYPES,
+    DataError,
+    check_disjoint,
+    open_records,
+    read_split_file,
+    set_max_image_pixels,
+    split_records,
+)
 from ..data.validation import ValidationConfig, validate_records
 from ..hub.resolve import AdapterLoadError
 from ..models.loading import BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, Sam2LoadError, load_base_model
@@ -59,12 +68,32 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
         "--data", default=str(SAMPLE_DATA), help="images/+masks/ folder, COCO .json, or datasets name/folder."
     )
     data.add_argument("--val-data", default=None, help="Separate validation source (else a split of --data).")
+    data.add_argument(
+        "--val-split",
+        default=None,
+        help="Split of a datasets validation source (default: its 'validation', 'valid', 'val' or 'dev' split, or its "
+        "only one); without --val-data, validate on this split of --data.",
+    )
     data.add_argument("--val-fraction", type=float, default=0.2, help="Validation share when splitting --data.")
     data.add_argument("--val-split-file", default=None, help="File listing validation ids, one per line.")
     data.add_argument("--train-images", type=int, default=None, help="Train on the first N training images only.")
     data.add_argument("--image-column", default="image", help="Image column of a datasets source.")
     data.add_argument("--mask-column", default="mask", help="Mask column of a datasets source.")
     data.add_argument("--split", default="train", help="Split of a datasets source.")
+    data.add_argument(
+        "--mask-type",
+        choices=MASK_TYPES,
+        default="auto",
+        help="binary: threshold at half the mask's maximum (one object); instance: each non-zero value is an object; "
+        "auto: two levels or values near 0 and the maximum (JPEG, anti-aliasing) are binary, labels 1, 2, 3... "
+        "are instances, anything else stops with an error.",
+    )
+    data.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="Refuse larger images (decompression-bomb guard; default PIL's); 0 = no limit.",
+    )
     data.add_argument("--min-object-area", type=int, default=50, help="Drop objects smaller than this (pixels).")
     data.add_argument("--closing-radius", type=int, default=0, help="Morphological closing of masks (0 = off).")
     data.add_argument("--skip-bad-files", action="store_true", help="Skip unreadable/mis-sized samples (else error).")
@@ -161,14 +190,20 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 
 def build_datasets(args: argparse.Namespace, processor, config: DatasetConfig):
-    """Open, validate and split the data named by the arguments; returns (train, validation) datasets."""
-    source = dict(split=args.split, image_column=args.image_column, mask_column=args.mask_column)
-    records = open_records(args.data, **source)
-    if args.val_data:
-        train_records, val_records = records, open_records(args.val_data, **source)
+    """Open, validate and split the data named by the arguments; returns (train, validation) datasets.
+
+    A validation set that shares samples with the training set is refused.
+    """
+    set_max_image_pixels(args.max_image_pixels)
+    source = dict(image_column=args.image_column, mask_column=args.mask_column, mask_type=args.mask_type)
+    records = open_records(args.data, split=args.split, **source)
+    val_source = args.val_data or (args.data if args.val_split else None)
+    if val_source:
+        train_records, val_records = records, open_records(val_source, split=args.val_split, **source)
     else:
         val_ids = read_split_file(args.val_split_file) if args.val_split_file else None
         train_records, val_records = split_records(records, args.val_fraction, args.seed, val_ids)
+    check_disjoint(train_records, val_records)
     train_records, report = validate_records(train_records, config.validation)
     logger.info("Training data: %s", report.summary())
     if args.train_images is not None:

@@ -1,0 +1,342 @@
+"""Data at the edges: EXIF orientation, noisy binary masks, bad COCO geometry, validation leaks, odd files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam2_peft.data import sources
+from sam2_peft.data.sources import (
+    DataError,
+    coco_records,
+    folder_records,
+    hf_dataset_records,
+    label_map_to_instances,
+    read_image,
+    split_records,
+)
+from sam2_peft.data.validation import ValidationConfig, validate_records
+from sam2_peft.data.video import open_video_folder
+from sam2_peft.training.arguments import build_datasets, dataset_config_from_args, recipe_parser
+
+from .conftest import write_folder_dataset
+
+ORIENTATION = 0x0112
+VIEWER_ROTATION = {3: 2, 6: -1}
+"""np.rot90 turns that show a raw pixel array as an image viewer shows it (3: 180 degrees, 6: 90 degrees clockwise)."""
+
+
+def _gradient(height: int, width: int) -> np.ndarray:
+    """An image whose every pixel differs, so any rotation or flip shows."""
+    yy, xx = np.mgrid[:height, :width]
+    return np.stack([yy * 255 // height, xx * 255 // width, (yy + xx) % 256], axis=-1).astype(np.uint8)
+
+
+def _save_oriented_jpeg(path, pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Save `pixels` as a JPEG tagged with an EXIF orientation; return the decoded pixels as a viewer shows them."""
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    Image.fromarray(pixels).save(path, quality=100, exif=exif)
+    with Image.open(path) as raw:
+        return np.rot90(np.asarray(raw.convert("RGB")), VIEWER_ROTATION[orientation])
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_images_are_read_in_viewer_orientation(tmp_path, orientation):
+    expected = _save_oriented_jpeg(tmp_path / "photo.jpg", _gradient(40, 64), orientation)
+    np.testing.assert_array_equal(read_image(tmp_path / "photo.jpg"), expected)
+
+
+def _oriented_folder(root, orientation: int):
+    """A folder dataset whose one image is a tagged JPEG and whose mask is drawn in viewer orientation."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    viewer = _save_oriented_jpeg(root / "images" / "photo.jpg", _gradient(40, 64), orientation)
+    mask = np.zeros(viewer.shape[:2], np.uint8)
+    mask[: viewer.shape[0] // 2, : viewer.shape[1] // 3] = 255  # the viewer's top-left corner
+    Image.fromarray(mask).save(root / "masks" / "photo.png")
+    return viewer, mask
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_training_reads_rotated_photos_against_viewer_masks(tmp_path, orientation):
+    viewer, mask = _oriented_folder(tmp_path / "data", orientation)
+    kept, _ = validate_records(folder_records(tmp_path / "data"))  # orientation 6 used to be a size mismatch
+    np.testing.assert_array_equal(kept[0].load_image(), viewer)
+    np.testing.assert_array_equal(kept[0].load_instances()[0], mask > 0)
+
+
+def test_video_frames_are_read_and_size_checked_in_viewer_orientation(tmp_path):
+    frames, annotations = tmp_path / "JPEGImages" / "seq", tmp_path / "Annotations" / "seq"
+    frames.mkdir(parents=True)
+    annotations.mkdir(parents=True)
+    viewer = _save_oriented_jpeg(frames / "00000.jpg", _gradient(40, 64), 6)
+    labels = np.zeros(viewer.shape[:2], np.uint8)
+    labels[5:20, 5:20] = 1
+    Image.fromarray(labels).save(annotations / "00000.png")
+    sequence = open_video_folder(tmp_path)[0]  # used to refuse the annotation as a different size
+    np.testing.assert_array_equal(sequence.load_frame(0), viewer)
+
+
+def test_predict_reads_boxes_and_writes_masks_in_viewer_orientation(tmp_path, saved_tiny_model):
+    from sam2_peft.cli import _predict_folder
+
+    (tmp_path / "in").mkdir()
+    viewer = _save_oriented_jpeg(tmp_path / "in" / "photo.jpg", _gradient(40, 64), 6)
+    height, width = viewer.shape[:2]  # 64 x 40 as shown
+    (tmp_path / "boxes.json").write_text(json.dumps({"photo.jpg": [[2, 30, 38, 62]]}))
+    args = argparse.Namespace(
+        images=str(tmp_path / "in"),
+        out_dir=str(tmp_path / "out"),
+        boxes=str(tmp_path / "boxes.json"),
+        adapter=None,
+        model=str(saved_tiny_model),
+        revision=None,
+        base_model=None,
+        dtype=None,
+        device="cpu",
+        token=None,
+    )
+    _predict_folder(args)
+    assert np.asarray(Image.open(tmp_path / "out" / "masks" / "photo.png")).shape == (height, width)
+    assert np.asarray(Image.open(tmp_path / "out" / "overlays" / "photo.png")).shape == (height, width, 3)
+
+
+def _disc(size: int = 64, radius: float = 18.0, scale: int = 1) -> np.ndarray:
+    yy, xx = (np.mgrid[: size * scale, : size * scale] + 0.5) / scale
+    return (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= radius**2
+
+
+def _jpeg_noisy_mask(path) -> np.ndarray:
+    """A 0/255 disc saved as JPEG and read back: grey levels near 0 and 255 around its edge."""
+    Image.fromarray(_disc().astype(np.uint8) * 255).save(path, quality=75)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"))
+
+
+def test_jpeg_saved_and_anti_aliased_binary_masks_are_one_object(tmp_path):
+    noisy = _jpeg_noisy_mask(tmp_path / "mask.jpg")
+    assert len(np.unique(noisy)) > 3  # the noise this is about
+    smooth = Image.fromarray(_disc(scale=4).astype(np.uint8) * 255).resize((64, 64), Image.Resampling.BOX)
+    anti_aliased = np.asarray(smooth)
+    assert len(np.unique(anti_aliased)) > 3
+    for labels in (noisy, anti_aliased):
+        objects = label_map_to_instances(labels, "mask.png")
+        assert objects.shape == (1, 64, 64)
+        assert (objects[0] ^ _disc()).sum() <= 0.05 * _disc().sum()
+
+
+def test_ambiguous_mask_names_file_and_option_and_forced_types_decide(tmp_path):
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:, 20:40], labels[:, 40:] = 128, 255  # a grey band as large as the white one: labels or soft mask?
+    with pytest.raises(DataError, match=r"odd\.png.*--mask-type"):
+        label_map_to_instances(labels, "odd.png")
+    assert label_map_to_instances(labels, "odd.png", mask_type="instance").shape == (2, 64, 64)
+    binary = label_map_to_instances(labels, "odd.png", mask_type="binary")
+    np.testing.assert_array_equal(binary[0], labels > 127)
+    instances = np.zeros((64, 64), np.uint8)
+    instances[5:20, 5:20], instances[30:50, 30:50], instances[52:60, 2:60] = 1, 2, 3
+    assert label_map_to_instances(instances, "labels.png").shape == (3, 64, 64)  # small integer labels
+
+
+def test_folder_and_datasets_sources_take_the_mask_type_and_note_binary_once(tmp_path, caplog):
+    import datasets
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    masks = []
+    for index in range(3):
+        Image.fromarray(_gradient(64, 64)).save(root / "images" / f"im{index}.png")
+        masks.append(_jpeg_noisy_mask(root / "masks" / f"im{index}.jpg"))
+    with caplog.at_level(logging.INFO):
+        kept, _ = validate_records(folder_records(root))
+    assert [len(r.load_instances()) for r in kept] == [1, 1, 1]
+    assert sum("--mask-type" in r.getMessage() for r in caplog.records) == 1  # once per dataset, not per image
+    assert len(folder_records(root, mask_type="instance")[0].load_instances()) > 2
+    table = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(_gradient(64, 64))], "mask": [Image.fromarray(masks[0])]},
+        features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image()}),
+    )
+    table.save_to_disk(tmp_path / "hf")
+    assert len(hf_dataset_records(str(tmp_path / "hf"))[0].load_instances()) == 1
+    assert len(hf_dataset_records(str(tmp_path / "hf"), mask_type="instance")[0].load_instances()) > 2
+
+
+def _coco_with(tmp_path, segmentation) -> str:
+    Image.fromarray(_gradient(40, 50)).save(tmp_path / "a.png")
+    Image.fromarray(_gradient(40, 50)).save(tmp_path / "b.png")
+    good = [[5, 5, 30, 5, 30, 30, 5, 30]]
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "height": 40, "width": 50},
+            {"id": 2, "file_name": "b.png", "height": 40, "width": 50},
+        ],
+        "annotations": [
+            {"id": 7, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": segmentation},
+            {"id": 8, "image_id": 2, "category_id": 1, "iscrowd": 0, "segmentation": good},
+        ],
+        "categories": [{"id": 1}],
+    }
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(data))  # json writes NaN as the literal NaN, which json.load reads back
+    return path
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "problem"),
+    [
+        ([[5.0, float("nan"), 30, 5, 30, 30]], "finite"),
+        ([[5, 5]], "at least 3 points"),
+        ([[5, 5, 30, 5, 30]], "even"),
+        ([[5, 5, 30, 5, 1e12, 30]], "outside"),
+        ({"size": [40, 50], "counts": [100, 5]}, "2000"),
+        ({"size": [40, 50], "counts": "zz!"}, "counts"),
+        ({"size": [40], "counts": [2000]}, "size"),
+    ],
+)
+def test_bad_coco_geometry_is_named_before_pycocotools_sees_it(tmp_path, segmentation, problem):
+    path = _coco_with(tmp_path, segmentation)
+    with pytest.raises(DataError, match=rf"coco\.json.*annotation id 7.*{problem}"):
+        validate_records(coco_records(path))
+    kept, report = validate_records(coco_records(path), ValidationConfig(skip_bad_files=True))
+    assert [r.sample_id for r in kept] == ["b"] and report.skipped["unreadable file"] == 1
+
+
+def _hf_dict(tmp_path, folder_dataset):
+    import datasets
+
+    records = folder_records(folder_dataset)
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+
+    def split(part):
+        return datasets.Dataset.from_dict(
+            {
+                "image": [Image.fromarray(r.load_image()) for r in part],
+                "mask": [Image.open(folder_dataset / "masks" / f"{r.sample_id}.png") for r in part],
+            },
+            features=features,
+        )
+
+    datasets.DatasetDict({"train": split(records[:4]), "validation": split(records[4:])}).save_to_disk(tmp_path / "hf")
+    return str(tmp_path / "hf")
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return recipe_parser("test").parse_args(list(argv))
+
+
+def test_val_data_of_a_dataset_dict_uses_its_validation_split_and_refuses_training_rows(
+    tmp_path, folder_dataset, tiny_processor
+):
+    hf = _hf_dict(tmp_path, folder_dataset)
+    args = _args("--data", hf, "--split", "train", "--val-data", hf)
+    train, val = build_datasets(args, tiny_processor, dataset_config_from_args(args))
+    assert len(train) == 4 and len(val) == 2
+    assert not {r.sample_id for r in train.records} & {r.sample_id for r in val.records}
+    assert {r.sample_id for r in val.records} == {"validation-000000", "validation-000001"}
+    by_split = _args("--data", hf, "--val-split", "validation")  # no --val-data: that split of --data
+    assert len(build_datasets(by_split, tiny_processor, dataset_config_from_args(by_split))[1]) == 2
+    leak = _args("--data", hf, "--split", "train", "--val-data", hf, "--val-split", "train")
+    with pytest.raises(DataError, match=r"4 validation sample.*train-000000"):
+        build_datasets(leak, tiny_processor, dataset_config_from_args(leak))
+    same_folder = _args("--data", str(folder_dataset), "--val-data", str(folder_dataset))
+    with pytest.raises(DataError, match=r"6 validation sample.*img_000"):
+        build_datasets(same_folder, tiny_processor, dataset_config_from_args(same_folder))
+
+
+def test_separate_folders_with_the_same_file_names_are_not_a_leak(tmp_path, tiny_processor):
+    train_dir = write_folder_dataset(tmp_path / "train", num_images=3, seed=1)
+    val_dir = write_folder_dataset(tmp_path / "val", num_images=2, seed=2)
+    args = _args("--data", str(train_dir), "--val-data", str(val_dir))
+    train, val = build_datasets(args, tiny_processor, dataset_config_from_args(args))
+    assert len(train) == 3 and len(val) == 2
+
+
+def test_missing_datasets_split_names_the_available_ones(tmp_path, folder_dataset):
+    hf = _hf_dict(tmp_path, folder_dataset)
+    with pytest.raises(DataError, match=r"'nope'.*train.*validation.*--split"):
+        hf_dataset_records(hf, split="nope")
+
+
+def test_image_column_of_relative_paths_is_loaded_from_the_dataset_folder(tmp_path, folder_dataset):
+    import datasets
+
+    records = folder_records(folder_dataset)[:2]
+    target = tmp_path / "hf"
+    (target / "files").mkdir(parents=True)
+    for record in records:
+        Image.fromarray(record.load_image()).save(target / "files" / f"{record.sample_id}.png")
+    table = datasets.Dataset.from_dict(
+        {
+            "image": [f"files/{r.sample_id}.png" for r in records],
+            "mask": [str(folder_dataset / "masks" / f"{r.sample_id}.png") for r in records],  # absolute
+        }
+    )
+    table.save_to_disk(target)
+    loaded = hf_dataset_records(str(target))
+    np.testing.assert_array_equal(loaded[1].load_image(), records[1].load_image())
+    np.testing.assert_array_equal(loaded[1].load_instances(), records[1].load_instances())
+
+
+def test_image_over_the_pixel_limit_names_the_option_or_is_skipped(folder_dataset, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    monkeypatch.setattr(sources, "_max_image_pixels", sources._max_image_pixels, raising=False)
+    args = _args("--data", str(folder_dataset), "--max-image-pixels", "1000")  # the images are 120 x 96
+    sources.set_max_image_pixels(args.max_image_pixels)
+    with pytest.raises(DataError, match=r"img_000\.png.*11520 pixels.*--max-image-pixels"):
+        validate_records(folder_records(folder_dataset))
+    with pytest.raises(DataError, match="No usable sample"):
+        validate_records(folder_records(folder_dataset), ValidationConfig(skip_bad_files=True))
+    sources.set_max_image_pixels(0)  # no limit
+    assert len(validate_records(folder_records(folder_dataset))[0]) == 6
+
+
+def test_pil_decompression_bomb_error_becomes_a_data_error(folder_dataset, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses above twice this
+    monkeypatch.setattr(sources, "_max_image_pixels", None, raising=False)
+    with pytest.raises(DataError, match=r"img_000\.png.*--max-image-pixels"):
+        read_image(folder_dataset / "images" / "img_000.png")
+
+
+def test_file_names_that_are_not_utf8_work_with_a_readable_id(folder_dataset, tiny_processor):
+    name = os.fsdecode(b"bad\xff.png")
+    for folder in ("images", "masks"):
+        os.rename(folder_dataset / folder / "img_000.png", folder_dataset / folder / name)
+    records = folder_records(folder_dataset)
+    ids = [r.sample_id for r in records]
+    assert "bad\\xff" in ids
+    for record in records:
+        record.sample_id.encode("utf-8")  # cache keys, JSON and logs need valid text
+        record.origin.encode("utf-8")
+    split_records(records, 0.5)
+    args = _args("--data", str(folder_dataset))
+    train, val = build_datasets(args, tiny_processor, dataset_config_from_args(args))
+    assert len(train) + len(val) == 6
+    json.dumps(sorted(r.sample_id for r in train.records), ensure_ascii=False).encode("utf-8")
+
+
+def test_edge_errors_end_in_one_error_line_from_the_command_line(tmp_path, folder_dataset, tiny_processor, monkeypatch):
+    from sam2_peft.training.arguments import run_from_command_line
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(sources, "_max_image_pixels", sources._max_image_pixels)
+    coco = _coco_with(tmp_path, [[5, 5]])
+    hf = _hf_dict(tmp_path, folder_dataset)
+    cases = {
+        ("--data", str(coco)): "annotation id 7",
+        ("--data", hf, "--split", "nope"): "--split",
+        ("--data", str(folder_dataset), "--max-image-pixels", "100"): "--max-image-pixels",
+    }
+    for argv, named in cases.items():
+        args = _args(*argv)
+        with pytest.raises(SystemExit) as exit_info:
+            run_from_command_line(lambda a=args: build_datasets(a, tiny_processor, dataset_config_from_args(a)))
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and "\n" not in message and named in message
