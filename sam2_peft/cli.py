@@ -187,7 +187,8 @@ def _predict_folder(args: argparse.Namespace) -> None:
 
     from .data.sources import IMAGE_SUFFIXES, DataError, read_image
     from .evaluation.panels import overlay
-    from .io import atomic_write_dir, atomic_write_json
+    from .inference.predictor import check_boxes
+    from .io import atomic_write_dir, atomic_write_json, check_output_dir
 
     folder = Path(args.images)
     if not folder.is_dir():
@@ -203,6 +204,16 @@ def _predict_folder(args: argparse.Namespace) -> None:
         files = [by_name[name] for name in boxes]
     if not files:
         raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'.")
+    if boxes is not None:  # every box checked (and clipped) against its image before the model loads
+        for path in files:
+            name = path.name if path.name in boxes else path.stem
+            try:
+                with Image.open(path) as image:
+                    size = image.size[::-1]
+            except OSError as err:
+                raise DataError(f"Cannot read image '{path}': {err}") from err
+            boxes[name] = check_boxes(boxes[name], size, f"'{args.boxes}', image '{name}'").tolist()
+    check_output_dir(args.out_dir)
     predictor = _load_predictor(args)
     summary = {}
     with atomic_write_dir(args.out_dir) as staging:
@@ -232,8 +243,15 @@ def _read_boxes(path: Path) -> dict[str, list[list[float]]]:
     if not isinstance(data, dict):
         raise DataError(f"'{path}': expected a JSON object {{image name: [[x0, y0, x1, y1], ...]}}.")
     for name, boxes in data.items():
-        if not isinstance(boxes, list) or any(not isinstance(b, list) or len(b) != 4 for b in boxes):
-            raise DataError(f"'{path}', image '{name}': expected a list of [x0, y0, x1, y1] boxes, found {boxes!r}.")
+        if not isinstance(boxes, list) or any(
+            not isinstance(b, list)
+            or len(b) != 4
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in b)
+            for b in boxes
+        ):
+            raise DataError(
+                f"'{path}', image '{name}': expected a list of [x0, y0, x1, y1] boxes of numbers, found {boxes!r}."
+            )
     return data
 
 
@@ -289,7 +307,9 @@ def merge(argv: list[str]) -> None:
 
     def run() -> None:
         from .hub.merge import merge_adapter
+        from .io import check_output_dir
 
+        check_output_dir(args.out_dir)
         out = merge_adapter(
             args.adapter, args.out_dir, revision=args.revision, base_model=args.base_model, token=args.token
         )

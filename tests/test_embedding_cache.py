@@ -195,3 +195,34 @@ def test_encoder_lora_turns_cache_off(folder_dataset, tiny_processor, tmp_path, 
         trainer = Trainer(model, tiny_processor, LoraMethod("encoder", r=2), train, None, config, "tiny")
     assert trainer.cache is None and train.augmentation_views is None
     assert "trains the image encoder" in caplog.text
+
+
+def _damage(path, how: str) -> None:
+    """Zero the tensor payload, fill it with NaN (header kept), or cut the file in half."""
+    data = bytearray(path.read_bytes())
+    payload = 8 + int.from_bytes(data[:8], "little")
+    if how == "zeroed":
+        data[payload:] = bytes(len(data) - payload)
+    elif how == "nan":
+        data[payload:] = torch.full(((len(data) - payload) // 4,), float("nan")).numpy().tobytes()
+    else:
+        del data[len(data) // 2 :]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["zeroed", "nan", "truncated"])
+def test_damaged_entry_is_rebuilt_with_a_warning(how, encoder, fingerprint, tmp_path, caplog):
+    folder = tmp_path / "cache"
+    expected = EmbeddingCache(encoder, fingerprint, 0, folder).get_or_compute(["a", "b"], pixels(0))
+    entry = EmbeddingCache(encoder, fingerprint, 0, folder)._path("a")
+    _damage(entry, how)
+    reopened = EmbeddingCache(encoder, fingerprint, 0, folder)
+    with caplog.at_level(logging.WARNING):
+        features = reopened.get_or_compute(["a", "b"], pixels(0))
+    assert str(entry) in caplog.text and "damaged" in caplog.text
+    assert reopened.stats.damaged == 1 and encoder.images == 3, "only the damaged entry is re-encoded"
+    for got, want in zip(features, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    healed = EmbeddingCache(encoder, fingerprint, 0, folder)
+    healed.get_or_compute(["a"], pixels(0)[:1])
+    assert healed.stats.hits == 1 and healed.stats.damaged == 0 and encoder.images == 3, "the entry was rewritten"

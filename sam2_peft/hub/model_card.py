@@ -10,6 +10,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..models.loading import BUILTIN_ARCHITECTURES
+from ..tuners.methods import AdapterLoadError
 
 METRIC_NAMES = {"iou": "IoU", "dice": "Dice", "boundary_iou": "Boundary IoU", "pixel_accuracy": "Pixel accuracy"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -153,4 +154,14 @@ def _usage(repo_id: str, method: str) -> str:
 
 
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterLoadError(
+            f"'{path}' is not valid JSON ({err}): fix or delete it, then build the card again."
+        ) from err
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"'{path}' must hold a JSON object: fix or delete it, then build the card again.")
+    return data

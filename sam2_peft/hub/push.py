@@ -7,18 +7,49 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, HfApi
+import httpx2
+from huggingface_hub import CommitInfo, HfApi, constants
+from huggingface_hub.errors import OfflineModeIsEnabled
 
-from ..tuners.methods import PARTIAL_CONFIG_FILE, SIDECAR_FILE
+from ..tuners.methods import (
+    PARTIAL_CONFIG_FILE,
+    PARTIAL_WEIGHTS_FILE,
+    PEFT_WEIGHTS_FILE,
+    SIDECAR_FILE,
+    read_adapter_weights,
+)
 from .model_card import PICTURE_NAME, build_model_card, comparison_picture, is_hub_id
-from .resolve import ADAPTER_FILES, PEFT_CONFIG_FILE, inspect_adapter
+from .resolve import ADAPTER_FILES, PEFT_CONFIG_FILE, AdapterLoadError, inspect_adapter
 
 logger = logging.getLogger(__name__)
 
 EXTRA_FILES = ("training_config.json",)
 """Run files uploaded beside the adapter when present (small, and they say how it was trained)."""
+
+
+class HubUnreachableError(AdapterLoadError):
+    """The Hub could not be reached for an upload (offline mode, no network, a wrong endpoint)."""
+
+
+@contextmanager
+def _reaching_hub(repo_id: str) -> Iterator[None]:
+    """Turn offline mode and connection failures into a `HubUnreachableError` that says how to fix them."""
+    try:
+        yield
+    except OfflineModeIsEnabled as err:
+        raise HubUnreachableError(
+            f"Cannot push to '{repo_id}': Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1). Unset HF_HUB_OFFLINE "
+            "when you are online and run the push again; nothing was uploaded."
+        ) from err
+    except (httpx2.TransportError, ConnectionError, TimeoutError) as err:
+        raise HubUnreachableError(
+            f"Cannot push to '{repo_id}': the Hub at {constants.ENDPOINT} is unreachable ({err}); you seem to be "
+            "offline. Check your network (or HF_ENDPOINT) and run the push again; nothing was uploaded."
+        ) from err
 
 
 def push_adapter(
@@ -43,6 +74,9 @@ def push_adapter(
     """
     output_dir = Path(output_dir)
     info = inspect_adapter(output_dir)  # fails clearly on a folder without an adapter
+    for weights in (PEFT_WEIGHTS_FILE, PARTIAL_WEIGHTS_FILE):
+        if (output_dir / weights).exists():
+            read_adapter_weights(output_dir / weights)  # never publish a damaged or NaN adapter
     recorded = base_model or info.base_model
     if not is_hub_id(recorded):
         logger.warning(
@@ -51,10 +85,11 @@ def push_adapter(
             recorded,
         )
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sam2-peft-push-") as staging_name:
+    with _reaching_hub(repo_id):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with _reaching_hub(repo_id), tempfile.TemporaryDirectory(prefix="sam2-peft-push-") as staging_name:
         staging = Path(staging_name)
         for name in (*ADAPTER_FILES, *EXTRA_FILES):
             if (output_dir / name).exists():

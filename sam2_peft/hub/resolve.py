@@ -27,20 +27,22 @@ from torch import nn
 from transformers import Sam2Processor
 
 from ..models.loading import load_base_model
-from ..tuners.methods import PARTIAL_CONFIG_FILE, PARTIAL_WEIGHTS_FILE, SIDECAR_FILE, load_adapter
-
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+from ..tuners.methods import (  # AdapterLoadError is defined beside the loaders and re-exported here
+    PARTIAL_CONFIG_FILE,
+    PARTIAL_WEIGHTS_FILE,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    SIDECAR_FILE,
+    AdapterLoadError,
+    load_adapter,
+    read_sidecar,
+)
 
 ADAPTER_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PARTIAL_CONFIG_FILE, PARTIAL_WEIGHTS_FILE, SIDECAR_FILE)
 """Every file an adapter folder may hold (a peft adapter, or a partial fine-tune, plus the sidecar)."""
 
 CUSTOM_PEFT_MODULES = {"PTSAM": "sam2_peft.tuners.ptsam"}
 """Peft types this package adds to peft: importing the module registers the type."""
-
-
-class AdapterLoadError(RuntimeError):
-    """An adapter could not be found, fetched or understood; the message says what was expected and found."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
     """Read what an adapter folder declares; raise `AdapterLoadError` if files are missing or the type is unknown."""
     directory = Path(directory)
     partial, peft = directory / PARTIAL_CONFIG_FILE, directory / PEFT_CONFIG_FILE
+    read_sidecar(directory)  # a malformed sidecar fails here, before any download or model load
     if partial.exists():
         if not (directory / PARTIAL_WEIGHTS_FILE).exists():
             raise AdapterLoadError(f"'{directory}' has {PARTIAL_CONFIG_FILE} but no {PARTIAL_WEIGHTS_FILE}.")
@@ -121,8 +124,8 @@ def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise AdapterLoadError(f"Could not read '{path}' as JSON: {err}") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterLoadError(f"Could not read '{path}' as JSON ({err}): save the adapter again.") from err
     if not isinstance(data, dict):
         raise AdapterLoadError(f"Expected a JSON object in '{path}', found {type(data).__name__}.")
     return data
@@ -139,6 +142,11 @@ def _ensure_peft_type(peft_type: str | None, config_file: Path) -> None:
                 f"in this installation of sam2_peft: {err}"
             ) from err
     known = sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
+    if not peft_type:
+        raise AdapterLoadError(
+            f"'{config_file}' has no 'peft_type' field (e.g. \"LORA\"): it is not a peft adapter config; save the "
+            "adapter again."
+        )
     if peft_type not in known:
         raise AdapterLoadError(
             f"Unknown peft_type '{peft_type}' in '{config_file}'; expected one of peft's types ({', '.join(known[:8])}"

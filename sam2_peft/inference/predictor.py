@@ -8,6 +8,7 @@ its prompts go through the mask decoder together.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -19,11 +20,75 @@ from PIL import Image
 from torch import nn
 from transformers import Sam2Processor
 
+from ..data.sources import DataError
 from ..hub.resolve import AdapterInfo, load_adapted_model
 from ..models.segmenter import unwrap_sam
 
+logger = logging.getLogger(__name__)
+
 ImageLike = np.ndarray | Image.Image | torch.Tensor
 """`(H, W, 3)` or `(H, W)` uint8 array, a PIL image, or a `(3, H, W)` uint8 tensor."""
+
+
+class PromptError(DataError):
+    """A box or point that cannot describe an object of its image (non-finite, reversed, empty, outside it)."""
+
+
+def check_boxes(boxes: np.ndarray | Sequence, image_size: Sequence[int], where: str) -> np.ndarray:
+    """Boxes `(N, 4)` `x0, y0, x1, y1` in pixels, checked against an image of `image_size` `(H, W)`.
+
+    A box partly outside the image is clipped to it (with a warning); a NaN/infinite, reversed, zero-area or entirely
+    outside box raises `PromptError` naming `where` (the image), the box's index and its value, since the model
+    would otherwise return a mask for a box nobody meant.
+    """
+    array = np.asarray(boxes, dtype=np.float64)
+    if array.size == 0:
+        return np.zeros((0, 4), np.float32)
+    if array.shape[-1] != 4:
+        raise PromptError(f"{where}: boxes must be (N, 4) as x0, y0, x1, y1 pixels, found shape {array.shape}.")
+    array = array.reshape(-1, 4)
+    height, width = image_size
+    for index, box in enumerate(array):
+        value = box.tolist()
+        if not np.isfinite(box).all():
+            problem = "has a NaN or infinite coordinate"
+        elif box[2] < box[0] or box[3] < box[1]:
+            problem = "is reversed (x1 < x0 or y1 < y0; boxes are x0, y0, x1, y1, not x, y, width, height)"
+        elif box[2] == box[0] or box[3] == box[1]:
+            problem = "has zero area (x0 == x1 or y0 == y1)"
+        elif box[2] <= 0 or box[3] <= 0 or box[0] >= width or box[1] >= height:
+            problem = f"lies entirely outside the {width}x{height} image"
+        else:
+            continue
+        raise PromptError(f"{where}: box {index} {value} {problem}; give x0 < x1 and y0 < y1 in the image's pixels.")
+    clipped = np.clip(array, 0, [width, height, width, height])
+    for index in np.flatnonzero((clipped != array).any(axis=1)):
+        logger.warning(
+            "%s: box %d %s extends past the %dx%d image; clipped to %s.",
+            where,
+            index,
+            array[index].tolist(),
+            width,
+            height,
+            clipped[index].tolist(),
+        )
+    return clipped.astype(np.float32)
+
+
+def check_points(points: np.ndarray | Sequence, image_size: Sequence[int], where: str) -> np.ndarray:
+    """Points `(N, P, 2)` `x, y` in pixels; `PromptError` for a NaN/infinite point or one outside the image."""
+    array = np.asarray(points, dtype=np.float64)
+    if array.ndim != 3 or array.shape[-1] != 2:
+        raise PromptError(f"{where}: points must be (N, P, 2) as x, y pixels, found shape {array.shape}.")
+    height, width = image_size
+    inside = np.isfinite(array).all(-1) & (array >= 0).all(-1) & (array[..., 0] <= width) & (array[..., 1] <= height)
+    if not inside.all():
+        n, k = np.argwhere(~inside)[0]
+        raise PromptError(
+            f"{where}: point {k} of object {n} {array[n, k].tolist()} is not a finite pixel of the {width}x{height} "
+            "image; give x in [0, width] and y in [0, height]."
+        )
+    return array.astype(np.float32)
 
 
 @dataclass
@@ -116,7 +181,9 @@ class Sam2PeftPredictor:
         (then box n and points n describe the same object). With a list of images, give a list of per-image prompts.
         With no prompts the model predicts one mask per image on its own (prompt-free, e.g. PTSAM adapters).
 
-        Returns one `Prediction` for a single image, a list for a list of images.
+        Returns one `Prediction` for a single image, a list for a list of images. Boxes partly outside their image
+        are clipped to it (with a warning); NaN/infinite, reversed, zero-area or entirely outside boxes, and points
+        outside the image, raise `PromptError` (a `ValueError`) naming the image and the prompt.
         """
         single = not isinstance(images, (list, tuple))
         image_list = [images] if single else list(images)
@@ -125,6 +192,12 @@ class Sam2PeftPredictor:
             for prompt, name in ((boxes, "boxes"), (points, "points"), (labels, "labels"))
         ]
         arrays = [_to_array(image, index) for index, image in enumerate(image_list)]
+        for index, array in enumerate(arrays):
+            where = "image" if single else f"image {index}"
+            if per_image[0][index] is not None:
+                per_image[0][index] = check_boxes(per_image[0][index], array.shape[:2], where)
+            if per_image[1][index] is not None:
+                per_image[1][index] = check_points(per_image[1][index], array.shape[:2], where)
         results = []
         for start in range(0, len(arrays), self.batch_size):
             chunk = arrays[start : start + self.batch_size]

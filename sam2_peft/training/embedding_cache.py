@@ -8,7 +8,9 @@ entry) that persists between runs. The folder's `manifest.json` records the enco
 (`encoder_fingerprint`: base model id and revision, a hash of the encoder weights, image size, preprocessing,
 dtype, library versions); a folder written for another fingerprint is never used (rebuilt with a warning, or
 `ForeignCacheError`). Each entry also stores a hash of the preprocessed pixels it was computed from; a changed image
-is re-encoded (and logged), never served stale.
+is re-encoded (and logged), never served stale. Each entry file also stores a checksum of its own tensors, verified
+on every read: a damaged entry (zeroed, overwritten, truncated) is re-encoded and rewritten with a warning naming the
+file, never used.
 
 Augmentation policy (`plan_embedding_cache`): the encoder output depends on the augmented image, so with
 augmentation on each image is encoded in K fixed augmented views (geometric + photometric transforms applied before
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 import transformers
 import xxhash
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -36,7 +38,8 @@ from ..models.segmenter import unwrap_sam
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+"""2: entries carry a checksum of their tensors (older folders are rebuilt)."""
 MANIFEST_FILE = "manifest.json"
 ENTRY_SUFFIX = ".safetensors"
 
@@ -86,11 +89,17 @@ def encoder_fingerprint(
     }
 
 
+def features_checksum(features: list[torch.Tensor]) -> str:
+    """The checksum an entry file stores of its feature maps (their bytes, dtypes and shapes)."""
+    return xxhash.xxh3_128_hexdigest("".join(tensor_digest(level) for level in features).encode())
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
     misses: int = 0
     stale: int = 0
+    damaged: int = 0
     memory_bytes: int = 0
     memory_entries: int = 0
     disk_entries: int = 0
@@ -162,16 +171,29 @@ class EmbeddingCache:
                 return features
             self._evict(key)
             self._note_stale(key)
-        if self.directory is None or not self._path(key).exists():
+        path = self._path(key) if self.directory is not None else None
+        if path is None or not path.exists():
             return None
-        with safe_open(str(self._path(key)), framework="pt") as file:
-            metadata = file.metadata()
-            if metadata.get("key") != key or metadata.get("digest") != digest:
-                self._note_stale(key)
-                return None
-            features = [file.get_tensor(f"level_{level}") for level in range(int(metadata["levels"]))]
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                if metadata.get("key") != key or metadata.get("digest") != digest:
+                    self._note_stale(key)
+                    return None
+                features = [file.get_tensor(f"level_{level}") for level in range(int(metadata["levels"]))]
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            return self._note_damaged(path, key, f"unreadable: {err}")
+        if metadata.get("checksum") != features_checksum(features):
+            return self._note_damaged(path, key, "its contents do not match their checksum")
         self._remember(key, digest, features)
         return features
+
+    def _note_damaged(self, path: Path, key: str, reason: str) -> None:
+        """Drop a damaged entry file; returning None makes the caller re-encode the image and rewrite it."""
+        self.stats.damaged += 1
+        self.stats.disk_entries -= 1
+        logger.warning("Embedding cache file '%s' (of '%s') is damaged (%s): re-encoding it.", path, key, reason)
+        path.unlink(missing_ok=True)
 
     def _note_stale(self, key: str) -> None:
         self.stats.stale += 1
@@ -204,7 +226,13 @@ class EmbeddingCache:
             path = self._path(key)
             temp = path.with_name(f".{path.name}.tmp")
             tensors = {f"level_{level}": f.contiguous() for level, f in enumerate(features)}
-            save_file(tensors, str(temp), metadata={"key": key, "digest": digest, "levels": str(len(features))})
+            metadata = {
+                "key": key,
+                "digest": digest,
+                "levels": str(len(features)),
+                "checksum": features_checksum(features),
+            }
+            save_file(tensors, str(temp), metadata=metadata)
             temp.replace(path)
             self.stats.disk_entries += 1
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import atomic_write_dir, atomic_write_json
+from ..io import atomic_adapter_dir, atomic_write_json
 from ..models.loading import RANDOM_WEIGHTS_KEY
 from ..models.segmenter import unwrap_sam
 from .lora import sam2_lora_config
@@ -29,6 +30,12 @@ SIDECAR_FILE = "sam2_peft.json"
 
 PARTIAL_CONFIG_FILE = "partial_config.json"
 PARTIAL_WEIGHTS_FILE = "partial_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+ADAPTER_FILE_NAMES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PARTIAL_CONFIG_FILE, PARTIAL_WEIGHTS_FILE)
+"""Files that mark an adapter of some method: a save replaces (or removes) all of them, and the sidecar, at once,
+so that an old adapter of another method cannot linger beside the new one (see `io.atomic_adapter_dir`)."""
 
 COMPONENTS = (
     "vision_encoder",
@@ -44,6 +51,10 @@ class AdapterMismatchError(ValueError):
     """An adapter does not fit the base model it is being loaded into."""
 
 
+class AdapterLoadError(RuntimeError):
+    """An adapter could not be found, fetched or understood; the message says what was expected and found."""
+
+
 def base_signature(model: nn.Module) -> dict:
     """The architecture facts an adapter depends on: image size and the widths of each component."""
     config = unwrap_sam(model).config
@@ -57,12 +68,27 @@ def base_signature(model: nn.Module) -> dict:
     }
 
 
-def check_signature(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
-    """Raise `AdapterMismatchError` if the adapter in `adapter_dir` was trained for a different architecture."""
+def read_sidecar(adapter_dir: str | os.PathLike) -> dict | None:
+    """The adapter's sidecar (`sam2_peft.json`), or None when it has none; `AdapterLoadError` when it is malformed."""
     sidecar = Path(adapter_dir) / SIDECAR_FILE
     if not sidecar.exists():
+        return None
+    fix = f"re-save the adapter with sam2-peft, or delete {SIDECAR_FILE} to load it without the architecture check"
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterLoadError(f"'{sidecar}' is not valid JSON ({err}): {fix}.") from err
+    if not isinstance(data, dict) or not isinstance(data.get("base_signature", {}), dict):
+        raise AdapterLoadError(f"'{sidecar}' must be a JSON object with a 'base_signature' object: {fix}.")
+    return data
+
+
+def check_signature(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+    """Raise `AdapterMismatchError` if the adapter in `adapter_dir` was trained for a different architecture."""
+    sidecar = read_sidecar(adapter_dir)
+    if sidecar is None:
         return
-    expected = json.loads(sidecar.read_text()).get("base_signature", {})
+    expected = sidecar.get("base_signature", {})
     found = base_signature(model)
     differences = [
         f"{key}: adapter expects {expected[key]}, base model has {found.get(key)}"
@@ -70,16 +96,42 @@ def check_signature(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
         if key != "model_type" and expected[key] != found.get(key)
     ]
     if differences:
-        name = json.loads(sidecar.read_text()).get("base_model_name_or_path")
+        name = sidecar.get("base_model_name_or_path")
         raise AdapterMismatchError(
             f"The adapter in '{adapter_dir}' was trained for another base architecture"
             f"{f' ({name})' if name else ''}: " + "; ".join(differences)
         )
 
 
+def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter's safetensors file, refusing a damaged file or NaN/infinite values.
+
+    A truncated file would otherwise end in a safetensors traceback, and a non-finite weight would load silently and
+    give empty masks (or a NaN model after merging), so both are `AdapterLoadError`s naming the file and tensor.
+    """
+    path = Path(path)
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise AdapterLoadError(
+            f"'{path}' is not a complete safetensors file ({err}): it is truncated or damaged. Save the adapter "
+            "again, or download it again."
+        ) from err
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterLoadError(
+                f"'{path}': tensor '{name}' holds {bad} NaN or infinite value(s) of {tensor.numel()}, so every mask "
+                "would be empty. Training diverged: use an earlier checkpoint (checkpoints/step-N/adapter) or train "
+                "again with a lower --lr."
+            )
+    return state
+
+
 def write_sidecar(
     model: nn.Module, directory: Path, method: str, base_name: str | None, extra: dict | None = None
 ) -> None:
+    """Write the sidecar into `directory` (the staging folder of a save, so it is published with the weights)."""
     data = {"method": method, "base_model_name_or_path": base_name, "base_signature": base_signature(model)}
     atomic_write_json(directory / SIDECAR_FILE, {**data, **(extra or {})})
 
@@ -132,9 +184,9 @@ class LoraMethod(TuningMethod):
 
     def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
         model.peft_config["default"].base_model_name_or_path = base_name
-        with atomic_write_dir(directory) as staging:
+        with atomic_adapter_dir(directory, replaces=ADAPTER_FILE_NAMES) as staging:
             model.save_pretrained(staging, save_embedding_layers=False)
-        write_sidecar(model, Path(directory), self.name, base_name, {"lora": asdict(self)})
+            write_sidecar(model, staging, self.name, base_name, {"lora": asdict(self)})
 
 
 @dataclass
@@ -171,14 +223,13 @@ class PartialFinetuneMethod(TuningMethod):
     def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
         pattern = re.compile(rf"^({'|'.join(self.learning_rates)})\.")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if pattern.match(k)}
-        with atomic_write_dir(directory) as staging:
+        with atomic_adapter_dir(directory, replaces=ADAPTER_FILE_NAMES) as staging:
             save_file(state, str(staging / PARTIAL_WEIGHTS_FILE), metadata={"format": "pt"})
             config = {"components": sorted(self.learning_rates), "base_model_name_or_path": base_name}
             atomic_write_json(staging / PARTIAL_CONFIG_FILE, config)
-        write_sidecar(model, Path(directory), self.name, base_name)
+            write_sidecar(model, staging, self.name, base_name)
 
 
-@dataclass
 @dataclass
 class FullMethod(TuningMethod):
     """Every parameter trains (from-scratch pre-training or continued training); saves a whole model folder.
@@ -199,14 +250,14 @@ class FullMethod(TuningMethod):
         if self.save_dtype is not None:
             state = {k: v.to(self.save_dtype) if v.is_floating_point() else v for k, v in sam.state_dict().items()}
         trained_dtype = sam.config.dtype
-        with atomic_write_dir(directory) as staging:
+        with atomic_adapter_dir(directory, replaces=ADAPTER_FILE_NAMES) as staging:
             try:
                 if self.save_dtype is not None:
                     sam.config.dtype = self.save_dtype
                 sam.save_pretrained(staging, state_dict=state)
             finally:
                 sam.config.dtype = trained_dtype
-        write_sidecar(model, Path(directory), self.name, base_name)
+            write_sidecar(model, staging, self.name, base_name)
 
 
 def _component(model: nn.Module, name: str) -> nn.Module:
@@ -219,7 +270,7 @@ def _component(model: nn.Module, name: str) -> nn.Module:
 def load_partial(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load partially fine-tuned weights into `model` in place; every saved tensor must fit."""
     directory = Path(directory)
-    state = load_file(str(directory / PARTIAL_WEIGHTS_FILE))
+    state = read_adapter_weights(directory / PARTIAL_WEIGHTS_FILE)
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     wrong = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
@@ -233,16 +284,44 @@ def load_partial(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
+def load_peft(model: nn.Module, directory: str | os.PathLike, **peft_kwargs) -> PeftModel:
+    """`PeftModel.from_pretrained` with its weights checked first and config problems reported as `AdapterLoadError`."""
+    directory = Path(directory)
+    config_file = directory / PEFT_CONFIG_FILE
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterLoadError(f"'{config_file}' is not valid JSON ({err}): save the adapter again.") from err
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise AdapterLoadError(
+            f"'{config_file}' has no 'peft_type' field (e.g. \"LORA\"): it is not a peft adapter config; save the "
+            "adapter again."
+        )
+    if (directory / PEFT_WEIGHTS_FILE).exists():
+        read_adapter_weights(directory / PEFT_WEIGHTS_FILE)
+    try:
+        return PeftModel.from_pretrained(model, str(directory), **peft_kwargs)
+    except (ValueError, KeyError, TypeError) as err:
+        raise AdapterLoadError(
+            f"The adapter config '{config_file}' does not fit this base model or misses fields ({err}). Check its "
+            "target_modules (module names of the base model) and fields, or save the adapter again."
+        ) from err
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, **peft_kwargs) -> nn.Module:
-    """Load a saved adapter of any method into a base `Sam2Model` and return the adapted model."""
+    """Load a saved adapter of any method into a base `Sam2Model` and return the adapted model.
+
+    Raises `AdapterMismatchError` (another architecture) or `AdapterLoadError` (a damaged or non-finite weights
+    file, a malformed config or sidecar, target modules that match nothing).
+    """
     adapter_dir = Path(adapter_dir)
     check_signature(model, adapter_dir)
     if (adapter_dir / PARTIAL_CONFIG_FILE).exists():
         return load_partial(model, adapter_dir)
-    if (adapter_dir / "adapter_config.json").exists():
-        return PeftModel.from_pretrained(model, str(adapter_dir), **peft_kwargs)
+    if (adapter_dir / PEFT_CONFIG_FILE).exists():
+        return load_peft(model, adapter_dir, **peft_kwargs)
     raise FileNotFoundError(
-        f"No adapter in '{adapter_dir}': expected adapter_config.json (peft) or {PARTIAL_CONFIG_FILE} (partial)."
+        f"No adapter in '{adapter_dir}': expected {PEFT_CONFIG_FILE} (peft) or {PARTIAL_CONFIG_FILE} (partial)."
     )
 
 

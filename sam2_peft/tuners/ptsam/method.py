@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from peft import get_peft_model
 from torch import nn
 
-from ...io import atomic_write_dir
-from ..methods import TuningMethod, write_sidecar
+from ...io import atomic_adapter_dir
+from ..methods import ADAPTER_FILE_NAMES, TuningMethod, write_sidecar
 from .config import PtsamConfig
 
 
@@ -45,6 +44,6 @@ class PtsamMethod(TuningMethod):
 
     def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
         model.peft_config["default"].base_model_name_or_path = base_name
-        with atomic_write_dir(directory) as staging:
+        with atomic_adapter_dir(directory, replaces=ADAPTER_FILE_NAMES) as staging:
             model.save_pretrained(staging, save_embedding_layers=False)
-        write_sidecar(model, Path(directory), self.name, base_name, {"ptsam": asdict(self)})
+            write_sidecar(model, staging, self.name, base_name, {"ptsam": asdict(self)})
