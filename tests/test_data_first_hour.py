@@ -97,7 +97,7 @@ def test_wrong_data_path_names_it_and_what_data_accepts(tmp_path, folder_dataset
     args = _args("--data", str(missing))
     with pytest.raises(DataError, match="does not exist"):
         build_datasets(args, tiny_processor, dataset_config_from_args(args))
-    args = _args("--data", str(folder_dataset), "--val-data", str(missing))
+    args = _args("--data", "some-org/some-dataset", "--val-data", str(missing))  # before `datasets` asks the Hub
     with pytest.raises(DataError, match="--val-data"):
         build_datasets(args, tiny_processor, dataset_config_from_args(args))
 
