@@ -111,7 +111,7 @@ def validate_records(
     Unreadable files and masks of the wrong size raise `DataError` naming the file (or are skipped and counted with
     `skip_bad_files`); masks with no object, or none above the minimum area, are skipped and counted. With `limit`,
     samples are checked in order only until `limit` usable ones are found: the same ones whatever the thread count,
-    and a bad file after them is never opened.
+    and files after them are not checked (at most `num_threads - 1` are read ahead, their errors ignored).
     """
     config = config or ValidationConfig()
     report = ValidationReport()
