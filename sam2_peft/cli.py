@@ -96,22 +96,13 @@ def evaluate(argv: list[str]) -> None:
         "example:\n  sam2-peft eval --adapter org/sam2-nuclei-lora --data data/val --output val_metrics.json",
     )
     _add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="images/+masks/ folder, COCO .json, or datasets name/folder")
-    parser.add_argument("--split", default="train", help="split of a datasets source")
-    parser.add_argument("--image-column", default="image", help="image column of a datasets source")
-    parser.add_argument("--mask-column", default="mask", help="mask column of a datasets source")
-    parser.add_argument(
-        "--mask-type",
-        choices=("auto", "binary", "instance"),
-        default="auto",
-        help="how masks become objects (see `sam2-peft train RECIPE --help`)",
-    )
-    parser.add_argument(
-        "--max-image-pixels", type=int, default=None, help="refuse larger images (default PIL's limit; 0 = none)"
-    )
-    parser.add_argument("--skip-bad-files", action="store_true", help="skip unreadable/mis-sized samples (else error)")
+    from .training.arguments import add_data_selection_arguments
+
+    add_data_selection_arguments(parser.add_argument_group("data (as for training)"))
     parser.add_argument("--prompt", choices=("box", "point", "none"), default="box", help="prompt per object, or none")
-    parser.add_argument("--max-images", type=int, default=None, help="score only the first N images")
+    parser.add_argument(
+        "--max-images", type=int, default=None, help="score only the first N usable images (checked in order)"
+    )
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch")
     parser.add_argument("--output", default=None, help="write metrics here (JSON); default: print only")
     args = parser.parse_args(argv)
@@ -122,26 +113,30 @@ def evaluate(argv: list[str]) -> None:
 
         from .data.dataset import DatasetConfig, SegmentationDataset, collate_segmentation
         from .data.prompts import PromptConfig
-        from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, open_records, set_max_image_pixels
-        from .data.validation import ValidationConfig, validate_records
+        from .data.sources import check_data_source, open_records, set_max_image_pixels
+        from .data.validation import validate_records
         from .evaluation.runner import evaluate_segmenter
         from .io import atomic_write_json
         from .models.segmenter import Sam2Segmenter
+        from .training.arguments import validation_config_from_args
 
+        check_data_source(args.data, "--data")  # a wrong path is reported before the model loads
         predictor = _load_predictor(args)
         mixed = {"float16": "fp16", "bfloat16": "bf16"}.get(args.dtype or "", "no")
         accelerator = Accelerator(cpu=predictor.device.type == "cpu", mixed_precision=mixed)
-        set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels)
+        set_max_image_pixels(args.max_image_pixels)
         source = dict(
             split=args.split, image_column=args.image_column, mask_column=args.mask_column, mask_type=args.mask_type
         )
-        records = open_records(args.data, **source)[: args.max_images]
+        records = open_records(args.data, **source)
         config = DatasetConfig(
             target_mode="semantic" if args.prompt == "none" else "instances",
             prompts=PromptConfig(prompt=args.prompt),
-            validation=ValidationConfig(skip_bad_files=args.skip_bad_files),
+            validation=validation_config_from_args(args),
         )
-        records, report = validate_records(records, config.validation)
+        records, report = validate_records(
+            records, config.validation, limit=args.max_images, description="Checking evaluation images"
+        )
         dataset = SegmentationDataset(records, predictor.processor, config, train=False)
         loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_segmentation)
         segmenter = Sam2Segmenter(predictor.model).to(accelerator.device)

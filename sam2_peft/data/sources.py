@@ -29,6 +29,13 @@ MASK_TYPES = ("auto", "binary", "instance")
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 """Split names taken, in this order, as the validation split of a `datasets` source when none is named."""
 SKIP_HINT = "or pass --skip-bad-files to skip it"
+SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json")
+"""Files that `datasets`' `save_to_disk` writes into a folder (a `Dataset` and a `DatasetDict` respectively)."""
+DATA_SOURCES = (
+    "an images/ + masks/ folder, a COCO .json file, a saved `datasets` folder, a Hub dataset name (org/name), or "
+    "synthetic:N[:SEED[:SIZE]]"
+)
+"""What `--data` and `--val-data` take, for help texts and errors."""
 
 DEFAULT_MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 0
 """PIL's decompression-bomb limit (89,478,485 pixels unless changed before this import)."""
@@ -444,9 +451,7 @@ def _load_hf_dataset(name_or_path: str, split: str | None):
     """(dataset, split name, folder relative paths start from or None) for a saved folder or a Hub dataset."""
     import datasets
 
-    if os.path.isdir(name_or_path) and any(
-        Path(name_or_path, f).exists() for f in ("dataset_info.json", "dataset_dict.json")
-    ):
+    if os.path.isdir(name_or_path) and any(Path(name_or_path, f).exists() for f in SAVED_DATASET_FILES):
         loaded = datasets.load_from_disk(name_or_path)
         if isinstance(loaded, datasets.DatasetDict):
             split = _choose_split(list(loaded), split, name_or_path)
@@ -552,6 +557,54 @@ def parse_synthetic_spec(data: str) -> tuple[int, int, int] | None:
     return values[0], seed, size
 
 
+def _is_hub_name(data: str) -> bool:
+    """Whether `data` reads as a Hub dataset id `org/name` rather than a path (whose first folder would exist)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if data.count("/") != 1 or Path(data.split("/")[0]).is_dir():
+        return False
+    try:
+        validate_repo_id(data)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_data_source(data: str, flag: str = "--data") -> str:
+    """The kind of source `data` names ("synthetic", "coco", "folder", "saved datasets" or "hub"), or a DataError
+    naming `flag`, the path and what the flag takes.
+
+    Cheap (looks only at names and folders; reads no file, never asks the Hub), so that a typo in a path is reported
+    before a model is loaded. An `org/name` that is not a path is taken as a Hub name and left to `datasets`.
+    """
+    takes = f"{flag} takes {DATA_SOURCES}"
+    if parse_synthetic_spec(data) is not None:
+        return "synthetic"
+    path, shown = Path(data), printable(data)
+    if path.suffix.lower() == ".json" and path.is_file():
+        return "coco"
+    if path.is_dir():
+        if (path / "images").is_dir() or (path / "masks").is_dir():
+            return "folder"
+        if any((path / name).exists() for name in SAVED_DATASET_FILES):
+            return "saved datasets"
+        if path.name in ("images", "masks"):
+            raise DataError(
+                f"{flag} '{shown}' is the {path.name}/ folder of a dataset: point {flag} at its parent "
+                f"'{printable(path.absolute().parent)}', the folder that holds images/ and masks/."
+            )
+        raise DataError(
+            f"{flag} '{shown}' is a folder but not a data source (no images/ and masks/ subfolders, no saved "
+            f"`datasets` files): {takes}."
+        )
+    if path.exists():
+        raise DataError(f"{flag} '{shown}' is a file but not a data source: {takes}.")
+    if _is_hub_name(data):
+        return "hub"
+    raise DataError(f"{flag} '{shown}' does not exist: {takes}.")
+
+
 def open_records(
     data: str,
     *,
@@ -559,25 +612,19 @@ def open_records(
     image_column: str = "image",
     mask_column: str = "mask",
     mask_type: str = "auto",
+    flag: str = "--data",
 ) -> list[SampleRecord]:
     """Records from any supported source: a folder, a COCO `.json`, a `datasets` name or folder, or
     `synthetic:N[:SEED[:SIZE]]` (N generated scenes). `split` (None: the validation split) and the columns apply to
-    `datasets` sources, `mask_type` to folder and `datasets` masks (COCO and synthetic data are instances)."""
-    synthetic = parse_synthetic_spec(data)
-    if synthetic is not None:
-        return synthetic_records(*synthetic)
-    path = Path(data)
-    if path.suffix.lower() == ".json":
-        if not path.exists():
-            raise DataError(f"COCO annotation file '{data}' does not exist: check the path given to --data/--val-data.")
-        return coco_records(path)
-    if (path / "images").is_dir() or (path / "masks").is_dir():
-        return folder_records(path, mask_type)
-    if path.is_dir() and not any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
-        raise DataError(
-            f"'{data}' is neither an images/ + masks/ folder, a COCO .json, nor a saved `datasets` folder: point "
-            "--data at one of those."
-        )
+    `datasets` sources, `mask_type` to folder and `datasets` masks (COCO and synthetic data are instances). `flag`
+    names the option that gave `data` in errors (see `check_data_source`)."""
+    kind = check_data_source(data, flag)
+    if kind == "synthetic":
+        return synthetic_records(*parse_synthetic_spec(data))
+    if kind == "coco":
+        return coco_records(data)
+    if kind == "folder":
+        return folder_records(data, mask_type)
     return hf_dataset_records(
         data, split=split, image_column=image_column, mask_column=mask_column, mask_type=mask_type
     )

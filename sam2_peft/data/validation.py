@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from .sources import DataError, SampleRecord
 
@@ -33,6 +34,8 @@ class ValidationReport:
     """What validation kept and dropped, with one example file per reason."""
 
     kept: int = 0
+    checked: int = 0
+    """Samples decoded and judged (fewer than the records given when a limit was reached first)."""
     skipped: Counter = field(default_factory=Counter)
     dropped_objects: int = 0
     examples: dict[str, str] = field(default_factory=dict)
@@ -47,6 +50,14 @@ class ValidationReport:
         if self.dropped_objects:
             parts.append(f"{self.dropped_objects} objects dropped below the minimum area")
         return "; ".join(parts)
+
+    def skips(self) -> str:
+        """The skipped samples in one phrase: their count, then each reason with its count and an example."""
+        total = sum(self.skipped.values())
+        if not total:
+            return "none skipped"
+        reasons = ", ".join(f"{reason} ({n}, e.g. {self.examples[reason]})" for reason, n in self.skipped.items())
+        return f"{total} skipped: {reasons}"
 
 
 def clean_instances(instances: np.ndarray, config: ValidationConfig) -> np.ndarray:
@@ -65,8 +76,6 @@ def _disk(radius: int) -> np.ndarray:
 
 def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, int]:
     """Return (skip reason or None, number of objects dropped). Raises DataError for bad files unless skipping."""
-    if record.known_valid:
-        return None, 0
     try:
         image = record.load_image()
         instances = record.load_instances()
@@ -91,24 +100,55 @@ def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, 
 
 
 def validate_records(
-    records: list[SampleRecord], config: ValidationConfig | None = None
+    records: list[SampleRecord],
+    config: ValidationConfig | None = None,
+    *,
+    limit: int | None = None,
+    description: str = "Checking images",
 ) -> tuple[list[SampleRecord], ValidationReport]:
-    """Decode every sample once and keep the usable ones.
+    """Decode samples once and keep the usable ones, in order, showing a progress bar (decoding is slow).
 
     Unreadable files and masks of the wrong size raise `DataError` naming the file (or are skipped and counted with
-    `skip_bad_files`); masks with no object, or none above the minimum area, are skipped and counted.
+    `skip_bad_files`); masks with no object, or none above the minimum area, are skipped and counted. With `limit`,
+    samples are checked in order only until `limit` usable ones are found: the same ones whatever the thread count,
+    and files after them are not checked (at most `num_threads - 1` are read ahead, their errors ignored).
     """
     config = config or ValidationConfig()
     report = ValidationReport()
-    with ThreadPoolExecutor(max_workers=config.num_threads) as pool:
-        results = list(pool.map(lambda r: _check(r, config), records))
-    kept = []
-    for record, (reason, dropped) in zip(records, results):
-        report.dropped_objects += dropped
-        if reason is None:
-            kept.append(record)
-        else:
-            report.add_skip(reason, record.origin)
+    wanted = len(records) if limit is None else min(limit, len(records))
+    kept: list[SampleRecord] = []
+    upcoming = iter(records)
+    pending: deque[tuple[SampleRecord, Future | None]] = deque()
+    with (
+        ThreadPoolExecutor(max_workers=config.num_threads) as pool,
+        tqdm(total=wanted, desc=description, unit="image", leave=False) as progress,
+    ):
+
+        def submit_next() -> None:
+            record = next(upcoming, None)
+            if record is not None:  # generated samples need no check (nor a thread)
+                pending.append((record, None if record.known_valid else pool.submit(_check, record, config)))
+
+        for _ in range(config.num_threads):
+            submit_next()
+        try:
+            while pending and len(kept) < wanted:
+                record, check = pending.popleft()
+                reason, dropped = (None, 0) if check is None else check.result()
+                report.checked += 1
+                report.dropped_objects += dropped
+                if reason is None:
+                    kept.append(record)
+                else:
+                    report.add_skip(reason, record.origin)
+                if reason is None or limit is None:  # with a limit the bar counts usable images, else checked ones
+                    progress.update()
+                if len(kept) < wanted:
+                    submit_next()
+        finally:
+            for _, check in pending:  # checks after the last one needed (or after an error) are not waited for
+                if check is not None:
+                    check.cancel()
     report.kept = len(kept)
     logger.info("Data validation: %s", report.summary())
     if not kept and records:

@@ -12,16 +12,18 @@ from ..data.augment import AugmentationConfig
 from ..data.dataset import DatasetConfig, SegmentationDataset
 from ..data.prompts import PROMPT_TYPES, PromptConfig
 from ..data.sources import (
+    DATA_SOURCES,
     DEFAULT_MAX_IMAGE_PIXELS,
     MASK_TYPES,
     DataError,
+    check_data_source,
     check_disjoint,
     open_records,
     read_split_file,
     set_max_image_pixels,
     split_records,
 )
-from ..data.validation import ValidationConfig, validate_records
+from ..data.validation import ValidationConfig, ValidationReport, validate_records
 from ..hub.resolve import AdapterLoadError
 from ..models.loading import BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, Sam2LoadError, load_base_model
 from ..models.quantization import QUANTIZATION_MODES, quantize_image_encoder
@@ -64,9 +66,7 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
         help="QLoRA: load the image encoder's Linear layers in 4/8-bit with bitsandbytes (extra 'quant').",
     )
     data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data", default=str(SAMPLE_DATA), help="images/+masks/ folder, COCO .json, or datasets name/folder."
-    )
+    add_data_selection_arguments(data, default_data=str(SAMPLE_DATA))
     data.add_argument("--val-data", default=None, help="Separate validation source (else a split of --data).")
     data.add_argument(
         "--val-split",
@@ -76,27 +76,12 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     )
     data.add_argument("--val-fraction", type=float, default=0.2, help="Validation share when splitting --data.")
     data.add_argument("--val-split-file", default=None, help="File listing validation ids, one per line.")
-    data.add_argument("--train-images", type=int, default=None, help="Train on the first N training images only.")
-    data.add_argument("--image-column", default="image", help="Image column of a datasets source.")
-    data.add_argument("--mask-column", default="mask", help="Mask column of a datasets source.")
-    data.add_argument("--split", default="train", help="Split of a datasets source.")
     data.add_argument(
-        "--mask-type",
-        choices=MASK_TYPES,
-        default="auto",
-        help="binary: threshold at half the mask's maximum (one object); instance: each non-zero value is an object; "
-        "auto: two levels or values near 0 and the maximum (JPEG, anti-aliasing) are binary, labels 1, 2, 3... "
-        "are instances, anything else stops with an error.",
-    )
-    data.add_argument(
-        "--max-image-pixels",
+        "--train-images",
         type=int,
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        help="Refuse larger images (decompression-bomb guard; default PIL's); 0 = no limit.",
+        default=None,
+        help="Train on the first N usable training images only (checked in order until N pass the checks).",
     )
-    data.add_argument("--min-object-area", type=int, default=50, help="Drop objects smaller than this (pixels).")
-    data.add_argument("--closing-radius", type=int, default=0, help="Morphological closing of masks (0 = off).")
-    data.add_argument("--skip-bad-files", action="store_true", help="Skip unreadable/mis-sized samples (else error).")
     data.add_argument("--max-objects", type=int, default=16, help="Objects (prompts) per training image per step.")
     data.add_argument("--no-augment", action="store_true", help="Turn off training augmentation.")
     data.add_argument(
@@ -142,6 +127,44 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     return parser
 
 
+def add_data_selection_arguments(group: argparse._ActionsContainer, default_data: str | None = None) -> None:
+    """The flags that say which samples a source gives and how they are read and checked, shared by training and
+    `sam2-peft eval` so that both see the same data; `default_data` None makes `--data` required."""
+    group.add_argument("--data", default=default_data, required=default_data is None, help=f"The data: {DATA_SOURCES}.")
+    group.add_argument("--split", default="train", help="Split of a datasets source.")
+    group.add_argument("--image-column", default="image", help="Image column of a datasets source.")
+    group.add_argument("--mask-column", default="mask", help="Mask column of a datasets source.")
+    group.add_argument(
+        "--mask-type",
+        choices=MASK_TYPES,
+        default="auto",
+        help="binary: threshold at half the mask's maximum (one object); instance: each non-zero value is an object; "
+        "auto: two levels or values near 0 and the maximum (JPEG, anti-aliasing) are binary, labels 1, 2, 3... "
+        "are instances, anything else stops with an error.",
+    )
+    group.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="Refuse larger images (decompression-bomb guard; default PIL's); 0 = no limit.",
+    )
+    defaults = ValidationConfig()
+    group.add_argument(
+        "--min-object-area", type=int, default=defaults.min_object_area, help="Drop objects smaller than this (pixels)."
+    )
+    group.add_argument(
+        "--closing-radius", type=int, default=defaults.closing_radius, help="Morphological closing of masks (0 = off)."
+    )
+    group.add_argument("--skip-bad-files", action="store_true", help="Skip unreadable/mis-sized samples (else error).")
+
+
+def validation_config_from_args(args: argparse.Namespace) -> ValidationConfig:
+    """The sample checks asked for by the flags of `add_data_selection_arguments`."""
+    return ValidationConfig(
+        min_object_area=args.min_object_area, closing_radius=args.closing_radius, skip_bad_files=args.skip_bad_files
+    )
+
+
 def dataset_config_from_args(args: argparse.Namespace, target_mode: str = "instances") -> DatasetConfig:
     return DatasetConfig(
         target_mode=target_mode,
@@ -153,11 +176,7 @@ def dataset_config_from_args(args: argparse.Namespace, target_mode: str = "insta
             mask_prompt_probability=args.mask_prompt_prob,
         ),
         augmentation=AugmentationConfig(enabled=not args.no_augment, color_jitter_strength=args.color_jitter_strength),
-        validation=ValidationConfig(
-            min_object_area=args.min_object_area,
-            closing_radius=args.closing_radius,
-            skip_bad_files=args.skip_bad_files,
-        ),
+        validation=validation_config_from_args(args),
     )
 
 
@@ -192,28 +211,51 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
 def build_datasets(args: argparse.Namespace, processor, config: DatasetConfig):
     """Open, validate and split the data named by the arguments; returns (train, validation) datasets.
 
-    A validation set that shares samples with the training set is refused.
+    The sources are checked before anything is read. With `--train-images N`, training samples are checked in order
+    only until N usable ones are found. A validation set that shares samples with the training set is refused.
     """
+    val_source = args.val_data or (args.data if args.val_split else None)
+    val_flag = "--val-data" if args.val_data else "--data"
+    check_data_source(args.data, "--data")
+    if val_source:
+        check_data_source(val_source, val_flag)
+    if args.train_images is not None and args.train_images < 1:
+        raise DataError(f"--train-images must be at least 1, got {args.train_images}; leave it out to use every image.")
     set_max_image_pixels(args.max_image_pixels)
     source = dict(image_column=args.image_column, mask_column=args.mask_column, mask_type=args.mask_type)
     records = open_records(args.data, split=args.split, **source)
-    val_source = args.val_data or (args.data if args.val_split else None)
     if val_source:
-        train_records, val_records = records, open_records(val_source, split=args.val_split, **source)
+        train_records, val_records = records, open_records(val_source, split=args.val_split, flag=val_flag, **source)
     else:
         val_ids = read_split_file(args.val_split_file) if args.val_split_file else None
         train_records, val_records = split_records(records, args.val_fraction, args.seed, val_ids)
     check_disjoint(train_records, val_records)
-    train_records, report = validate_records(train_records, config.validation)
-    logger.info("Training data: %s", report.summary())
-    if args.train_images is not None:
-        train_records = train_records[: args.train_images]
+    available = len(train_records)
+    train_records, report = validate_records(
+        train_records, config.validation, limit=args.train_images, description="Checking training images"
+    )
+    _log_training_images(report, available, args.train_images)
     val_dataset = None
     if val_records:
-        val_records, val_report = validate_records(val_records, config.validation)
+        val_records, val_report = validate_records(
+            val_records, config.validation, description="Checking validation images"
+        )
         logger.info("Validation data: %s", val_report.summary())
         val_dataset = SegmentationDataset(val_records, processor, config, train=False, seed=args.seed)
     return SegmentationDataset(train_records, processor, config, train=True, seed=args.seed), val_dataset
+
+
+def _log_training_images(report: ValidationReport, available: int, asked: int | None) -> None:
+    """Say how many training images the run uses, out of how many, and why others were left out."""
+    used = f"Training on {report.kept} of {available} training images"
+    if asked is None:
+        logger.info("%s (%s)", used, report.skips())
+    elif report.kept < asked:
+        logger.warning(
+            "%s: --train-images %d asked for more than the %d usable (%s)", used, asked, report.kept, report.skips()
+        )
+    else:
+        logger.info("%s (--train-images %d; %d checked, %s)", used, asked, report.checked, report.skips())
 
 
 USER_ERRORS = (Sam2LoadError, DataError, AdapterMismatchError, AdapterLoadError, FileNotFoundError)
