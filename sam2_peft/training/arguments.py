@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..models.quantization import QUANTIZATION_MODES, quantize_image_encoder
 from ..tuners.methods import AdapterMismatchError, TuningMethod
 from .config import MIXED_PRECISION, TrainingConfig
 from .losses import LossConfig
-from .trainer import Trainer
+from .trainer import NonFiniteLossError, Trainer
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "sample"
 """The small synthetic dataset bundled with the package (the recipes' default `--data`)."""
@@ -86,11 +87,19 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     train.add_argument("--lr", type=float, default=default_lr)
     train.add_argument("--weight-decay", type=float, default=1e-4)
     train.add_argument("--warmup-ratio", type=float, default=0.1)
-    train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    train.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        default=None,
+        help="Default: Accelerate's choice (accelerate launch --mixed_precision, accelerate config), else no.",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval-every", type=int, default=0, help="Evaluate every N steps (0 = each epoch).")
     train.add_argument("--keep-best", type=int, default=3, help="Checkpoints kept by validation Dice.")
     train.add_argument("--resume", nargs="?", const="latest", default=None, help="Resume: 'latest' or a checkpoint.")
+    train.add_argument(
+        "--overwrite", action="store_true", help="Replace a previous run in --output-dir (deletes its checkpoints)."
+    )
     train.add_argument("--mask-loss", choices=("focal", "bce"), default="focal")
     train.add_argument("--correction-rounds", type=int, default=0, help="Interactive correction rounds per step.")
     train.add_argument("--log-every", type=int, default=10, help="Log training losses every N steps.")
@@ -147,6 +156,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         eval_every=args.eval_every,
         keep_best=args.keep_best,
         resume=args.resume,
+        overwrite=args.overwrite,
         log_every=args.log_every,
         report_to=args.report_to,
         num_workers=args.num_workers,
@@ -181,18 +191,29 @@ def build_datasets(args: argparse.Namespace, processor, config: DatasetConfig):
     return SegmentationDataset(train_records, processor, config, train=True, seed=args.seed), val_dataset
 
 
-USER_ERRORS = (Sam2LoadError, DataError, AdapterMismatchError, AdapterLoadError, FileNotFoundError)
+USER_ERRORS = (
+    Sam2LoadError,
+    DataError,
+    AdapterMismatchError,
+    AdapterLoadError,
+    FileNotFoundError,
+    NonFiniteLossError,
+)
 """Errors caused by the user's input: a recipe run from the command line prints them without a traceback."""
 
 
 def run_from_command_line(main: Callable[[], object]) -> None:
-    """Run a recipe or command: bad input (missing files, repos, mismatched adapters, Hub refusals) exits with its
-    message and status 1, without a traceback."""
+    """Run a recipe or command: bad input (missing files, repos, mismatched adapters, Hub refusals, a diverging run)
+    exits with its message and status 1, without a traceback. In a multi-process run only the main process prints
+    it (every process meets the same error); the others exit quietly with status 1."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         main()
     except (*USER_ERRORS, HfHubHTTPError) as error:
+        logging.shutdown()  # flush the log first, so that the error line is the last thing on screen
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(1)
         sys.exit(f"error: {error}")
 
 
