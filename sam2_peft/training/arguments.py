@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -202,17 +203,23 @@ USER_ERRORS = (
 """Errors caused by the user's input: a recipe run from the command line prints them without a traceback."""
 
 
+OTHER_RANKS_EXIT_AFTER_S = 20.0
+"""How long a non-main process waits (to be stopped by the launcher) before it exits after a user error."""
+
+
 def run_from_command_line(main: Callable[[], object]) -> None:
     """Run a recipe or command: bad input (missing files, repos, mismatched adapters, Hub refusals, a diverging run)
     exits with its message and status 1, without a traceback. In a multi-process run only the main process prints
-    it (every process meets the same error); the others exit quietly with status 1."""
+    it (every process meets the same error); the others exit quietly with status 1, after giving it time to print
+    (the launcher stops them as soon as the main process exits, so its line is not cut off by their exit)."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         main()
     except (*USER_ERRORS, HfHubHTTPError) as error:
-        logging.shutdown()  # flush the log first, so that the error line is the last thing on screen
+        logging.shutdown()  # flush the log first, so that the error line is the last thing our processes print
         if os.environ.get("RANK", "0") != "0":
+            time.sleep(OTHER_RANKS_EXIT_AFTER_S)
             sys.exit(1)
         sys.exit(f"error: {error}")
 
