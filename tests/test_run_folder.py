@@ -142,3 +142,22 @@ def test_unreadable_random_states_are_a_warning_naming_the_file(saved_tiny_model
         lora_recipe(args + ["--resume", str(out / "checkpoints" / "step-1")])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(rng_file) in w and "random" in w and "differ" in w for w in warnings), warnings
+
+
+@pytest.mark.slow
+def test_under_two_processes_only_the_main_one_prints_the_error(saved_tiny_model, folder_dataset, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "recipes" / "lora_decoder.py"), *_args(saved_tiny_model, folder_dataset, a_file, "--max-steps", "1"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: --output-dir '{a_file}' is a file, not a folder: choose another --output-dir."]
+    ours = result.stderr[: result.stderr.index(errors[0])]
+    assert "Traceback" not in ours  # what follows is the launcher's own report of the failed child
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 1" in result.stderr  # the main process is the root cause
