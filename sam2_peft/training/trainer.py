@@ -8,7 +8,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -396,7 +396,7 @@ class Trainer:
 
     def run_settings(self) -> dict:
         """What a resumed run must share with its checkpoint: method, base model, data and optimisation."""
-        method = {"name": self.method.name, **asdict(self.method)}
+        method = {"name": self.method.name, **(asdict(self.method) if is_dataclass(self.method) else vars(self.method))}
         data = {"source": self.run_info.get("data"), **asdict(self.train_dataset.config)}
         training = {name: getattr(self.config, name) for name in RESUME_SETTINGS}
         training["num_processes"] = self.accelerator.num_processes
