@@ -204,23 +204,27 @@ USER_ERRORS = (
 
 
 OTHER_RANKS_EXIT_AFTER_S = 20.0
-"""How long a non-main process waits (to be stopped by the launcher) before it exits after a user error."""
+"""How long a non-main process waits, after a user error, for the launcher to stop it (the main process has failed
+too and printed the error) before it prints the error itself."""
 
 
 def run_from_command_line(main: Callable[[], object]) -> None:
     """Run a recipe or command: bad input (missing files, repos, mismatched adapters, Hub refusals, a diverging run)
     exits with its message and status 1, without a traceback. In a multi-process run only the main process prints
-    it (every process meets the same error); the others exit quietly with status 1, after giving it time to print
-    (the launcher stops them as soon as the main process exits, so its line is not cut off by their exit)."""
+    it (every process meets the same error); the others wait for the launcher to stop them once the main process
+    has printed and exited, so that its line is not cut off by their exit. One still running after that wait (its
+    error was its own) prints it with its rank and exits with status 1."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         main()
     except (*USER_ERRORS, HfHubHTTPError) as error:
-        logging.shutdown()  # flush the log first, so that the error line is the last thing our processes print
-        if os.environ.get("RANK", "0") != "0":
+        for stream in (*logging.getLogger().handlers, sys.stdout):  # the error line comes last
+            stream.flush()
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
             time.sleep(OTHER_RANKS_EXIT_AFTER_S)
-            sys.exit(1)
+            sys.exit(f"error (process {rank}): {error}")
         sys.exit(f"error: {error}")
 
 
