@@ -63,6 +63,7 @@ def test_resume_with_changed_settings_names_what_differs(saved_tiny_model, folde
     message = _error_line(capsys, args + ["--resume", "--lora-r", "8"])
     assert "method.r 4 -> 8" in message and "step-2" in message
     lora_recipe(args + ["--resume"])  # the same settings resume (here: nothing left to train)
+    assert "pass only one" in _error_line(capsys, args + ["--resume", "--overwrite"])
 
 
 def test_a_second_concurrent_run_stops_naming_the_first_and_a_killed_run_does_not_block(

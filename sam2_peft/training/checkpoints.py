@@ -156,6 +156,8 @@ def claim_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> IO:
     the previous run's checkpoints, metrics, base predictions and panels are deleted (so that pruning and a later
     `--resume` never mix the two runs).
     """
+    if resume and overwrite:
+        raise RunFolderError("--resume continues the run in --output-dir and --overwrite deletes it: pass only one.")
     if output_dir.exists() and not output_dir.is_dir():
         raise RunFolderError(f"--output-dir '{output_dir}' is a file, not a folder: choose another --output-dir.")
     try:
