@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -140,7 +141,7 @@ class Trainer:
         self.last_evaluation: tuple[int, EvaluationResult | None] = (-1, None)
         """(step, result) of the newest evaluation, so that the end of training does not repeat it."""
 
-    def _claim_output_dir(self):
+    def _claim_output_dir(self) -> IO | None:
         """Lock the output folder on the main process (see `claim_output_dir`); every process raises its refusal."""
         lock, refusal = None, None
         if self.accelerator.is_main_process:
