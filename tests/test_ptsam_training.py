@@ -5,18 +5,25 @@ import json
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from peft import PeftModel
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from transformers import Sam2Model
 
 import sam2_peft  # noqa: F401
 from recipes.ptsam_decoder import main as ptsam_decoder
 from recipes.ptsam_encoder import main as ptsam_encoder
+from sam2_peft.data.dataset import collate_segmentation
 from sam2_peft.data.sources import open_records
+from sam2_peft.evaluation.runner import evaluate_segmenter
 from sam2_peft.inference.prompt_free import predict_prompt_free
 from sam2_peft.models.loading import build_model_from_config, hiera_tiny_config, load_base_model
+from sam2_peft.models.segmenter import Sam2Segmenter
+from sam2_peft.training.arguments import build_datasets, dataset_config_from_args
 from sam2_peft.tuners.methods import load_adapter
 from sam2_peft.tuners.ptsam import PtsamMethod
+from sam2_peft.tuners.ptsam.recipe import ptsam_parser
 
 from .conftest import real_dataset
 
@@ -49,6 +56,28 @@ def test_prompt_free_decoder_recipe_trains_only_tokens_and_reloads(saved_tiny_mo
     )
     assert np.array_equal(mask_a, mask_b) and score_a == score_b and mask_a.shape == (70, 90)
     assert json.loads((out / "sam2_peft.json").read_text())["method"] == "ptsam"
+
+
+@pytest.mark.parametrize("recipe", [ptsam_decoder, ptsam_encoder])
+def test_base_metrics_are_the_untouched_base_models(recipe, saved_tiny_model, folder_dataset, tmp_path):
+    """ "base" in metrics.json is the base model's own prompt-free output, not the adapter with untrained tokens."""
+    out = tmp_path / "run"
+    argv = _args(saved_tiny_model, folder_dataset, out, "--max-steps", "1", "--encoder-prompts", "2")
+    recipe(argv)
+    metrics = json.loads((out / "metrics.json").read_text())
+    with np.load(out / "base_predictions.npz") as saved:
+        base_predictions = {k: saved[k] for k in saved.files}
+    args = ptsam_parser("test", encoder_prompts=2).parse_args(argv)
+    model, processor = load_base_model(str(saved_tiny_model))
+    _, val_dataset = build_datasets(args, processor, dataset_config_from_args(args, "semantic"))
+    loader = DataLoader(val_dataset, batch_size=1, collate_fn=collate_segmentation)
+    untouched = evaluate_segmenter(
+        Sam2Segmenter(model), loader, processor, Accelerator(cpu=True), keep_ids=set(base_predictions)
+    )
+    assert metrics["base"] == pytest.approx(untouched.metrics, abs=1e-6)
+    assert base_predictions and base_predictions.keys() == untouched.kept_predictions.keys()
+    for sample_id, mask in base_predictions.items():
+        assert np.array_equal(mask, untouched.kept_predictions[sample_id])
 
 
 def test_encoder_recipe_and_prompted_mode_train(saved_tiny_model, folder_dataset, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Sam2Model
@@ -115,30 +116,93 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(saved_tiny_model, folde
         lora_recipe(_args(saved_tiny_model, folder_dataset, tmp_path / "all-nan", "--max-steps", "10"))
 
 
-def test_bf16_autocast_and_gradient_accumulation_on_cpu(saved_tiny_model, folder_dataset, tmp_path):
+def _record_logit_dtypes(monkeypatch) -> list[torch.dtype]:
+    """Record the dtype of the mask logits (an activation of the forward pass) that each training loss receives."""
+    dtypes, real_loss = [], trainer_module.sam2_loss
+
+    def recording(mask_logits, *args, **kwargs):
+        dtypes.append(mask_logits.dtype)
+        return real_loss(mask_logits, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "sam2_loss", recording)
+    return dtypes
+
+
+def test_bf16_autocast_and_gradient_accumulation_on_cpu(saved_tiny_model, folder_dataset, tmp_path, monkeypatch):
+    dtypes = _record_logit_dtypes(monkeypatch)
     out = tmp_path / "bf16"
     lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--grad-accum", "2",
                       "--mixed-precision", "bf16", "--eval-every", "100"))  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2
     assert all(np.isfinite(v.float().numpy()).all() for v in _adapter(out).values())
+    assert len(dtypes) == 4 and set(dtypes) == {torch.bfloat16}  # 2 steps x 2 micro-batches, under autocast
+
+    # One optimizer step over 2 micro-batches of 1 image is (nearly: objects are averaged per micro-batch) the step
+    # over one batch of the same 2 images, and unlike the step over the first image alone.
+    def one_step(name: str, batch_size: str, grad_accum: str) -> np.ndarray:
+        AcceleratorState._reset_state(reset_partial_state=True)  # leave bf16
+        run = tmp_path / name
+        lora_recipe(_args(saved_tiny_model, folder_dataset, run, "--max-steps", "1", "--warmup-ratio", "0",
+                          "--no-augment", "--batch-size", batch_size, "--grad-accum", grad_accum,
+                          "--eval-every", "100", "--mixed-precision", "no", "--lora-dropout", "0"))  # fmt: skip
+        return np.concatenate([v.numpy().ravel() for _, v in sorted(_adapter(run).items())])
+
+    accumulated, batched, single = one_step("accum", "1", "2"), one_step("batch", "2", "1"), one_step("one", "1", "1")
+    np.testing.assert_allclose(accumulated, batched, rtol=0, atol=1e-5)
+    assert np.linalg.norm(accumulated - single) > 0.01
+
+
+def test_mixed_precision_is_accelerates_choice_unless_given(saved_tiny_model, folder_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    dtypes = _record_logit_dtypes(monkeypatch)
+    out = tmp_path / "accelerate-choice"
+    # A half-precision base needs autocast: the check must see Accelerate's bf16, not a default "no".
+    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1", "--base-dtype", "bfloat16"))
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert json.loads((out / "training_config.json").read_text())["training"]["mixed_precision"] == "bf16"
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    dtypes.clear()
+    out = tmp_path / "flag"
+    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1", "--mixed-precision", "no"))
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert json.loads((out / "training_config.json").read_text())["training"]["mixed_precision"] == "no"
 
 
 @pytest.mark.slow
-def test_two_process_ddp_keeps_ranks_identical(saved_tiny_model, folder_dataset, tmp_path):
+def test_two_process_ddp_keeps_ranks_identical_and_the_schedule_of_one_process(
+    saved_tiny_model, folder_dataset, tmp_path
+):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(ROOT / "tests" / "scripts" / "ddp_train.py"),
-        *_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--grad-accum", "2", "--batch-size", "1"),
+        *_args(saved_tiny_model, folder_dataset, out, "--max-steps", "4", "--grad-accum", "2", "--batch-size", "1",
+               "--log-every", "1"),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rank 1 of 2: steps 3" in result.stdout and "rank 0 of 2: steps 3" in result.stdout
+    assert "rank 1 of 2: steps 4" in result.stdout and "rank 0 of 2: steps 4" in result.stdout
     rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert rank0.keys() == rank1.keys() and rank0
     for key in rank0:
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
     assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)  # training happened
+
+    # The learning rate of every optimizer step is that of one process with the same global batch (2 x 1 x 2).
+    single = tmp_path / "single"
+    lora_recipe(_args(saved_tiny_model, folder_dataset, single, "--max-steps", "4", "--grad-accum", "2",
+                      "--batch-size", "2", "--log-every", "1"))  # fmt: skip
+
+    def learning_rates(run: Path) -> list[tuple[int, float]]:
+        history = json.loads((run / "metrics.json").read_text())["history"]
+        return [(h["step"], h["lr"]) for h in history if "lr" in h]
+
+    expected = learning_rates(single)
+    assert [step for step, _ in expected] == [1, 2, 3, 4] and expected[-1][1] == 0
+    got = learning_rates(out)
+    assert [step for step, _ in got] == [1, 2, 3, 4]
+    assert [lr for _, lr in got] == pytest.approx([lr for _, lr in expected], abs=1e-12)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +30,10 @@ from ..hub.resolve import AdapterLoadError
 from ..models.loading import BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, Sam2LoadError, load_base_model
 from ..models.quantization import QUANTIZATION_MODES, quantize_image_encoder
 from ..tuners.methods import AdapterMismatchError, TuningMethod
+from .checkpoints import check_output_dir_before_run
 from .config import MIXED_PRECISION, TrainingConfig
 from .losses import LossConfig
-from .trainer import Trainer
+from .trainer import NonFiniteLossError, Trainer
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "sample"
 """The small synthetic dataset bundled with the package (the recipes' default `--data`)."""
@@ -100,11 +103,19 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     train.add_argument("--lr", type=float, default=default_lr)
     train.add_argument("--weight-decay", type=float, default=1e-4)
     train.add_argument("--warmup-ratio", type=float, default=0.1)
-    train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    train.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        default=None,
+        help="Default: Accelerate's choice (accelerate launch --mixed_precision, accelerate config), else no.",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval-every", type=int, default=0, help="Evaluate every N steps (0 = each epoch).")
     train.add_argument("--keep-best", type=int, default=3, help="Checkpoints kept by validation Dice.")
     train.add_argument("--resume", nargs="?", const="latest", default=None, help="Resume: 'latest' or a checkpoint.")
+    train.add_argument(
+        "--overwrite", action="store_true", help="Replace a previous run in --output-dir (deletes its checkpoints)."
+    )
     train.add_argument("--mask-loss", choices=("focal", "bce"), default="focal")
     train.add_argument("--correction-rounds", type=int, default=0, help="Interactive correction rounds per step.")
     train.add_argument("--log-every", type=int, default=10, help="Log training losses every N steps.")
@@ -195,6 +206,7 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         eval_every=args.eval_every,
         keep_best=args.keep_best,
         resume=args.resume,
+        overwrite=args.overwrite,
         log_every=args.log_every,
         report_to=args.report_to,
         num_workers=args.num_workers,
@@ -258,24 +270,50 @@ def _log_training_images(report: ValidationReport, available: int, asked: int | 
         logger.info("%s (--train-images %d; %d checked, %s)", used, asked, report.checked, report.skips())
 
 
-USER_ERRORS = (Sam2LoadError, DataError, AdapterMismatchError, AdapterLoadError, FileNotFoundError)
+USER_ERRORS = (
+    Sam2LoadError,
+    DataError,
+    AdapterMismatchError,
+    AdapterLoadError,
+    FileNotFoundError,
+    NonFiniteLossError,
+)
 """Errors caused by the user's input: a recipe run from the command line prints them without a traceback."""
 
 
+OTHER_RANKS_EXIT_AFTER_S = 20.0
+"""How long a non-main process waits, after a user error, for the launcher to stop it (the main process has failed
+too and printed the error) before it prints the error itself."""
+
+
 def run_from_command_line(main: Callable[[], object]) -> None:
-    """Run a recipe or command: bad input (missing files, repos, mismatched adapters, Hub refusals) exits with its
-    message and status 1, without a traceback."""
+    """Run a recipe or command: bad input (missing files, repos, mismatched adapters, Hub refusals, a diverging run)
+    exits with its message and status 1, without a traceback. In a multi-process run only the main process prints
+    it (every process meets the same error); the others wait for the launcher to stop them once the main process
+    has printed and exited, so that its line is not cut off by their exit. One still running after that wait (its
+    error was its own) prints it with its rank and exits with status 1."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         main()
     except (*USER_ERRORS, HfHubHTTPError) as error:
+        for stream in (*logging.getLogger().handlers, sys.stdout):  # the error line comes last
+            stream.flush()
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
+            time.sleep(OTHER_RANKS_EXIT_AFTER_S)
+            sys.exit(f"error (process {rank}): {error}")
         sys.exit(f"error: {error}")
 
 
 def run_recipe(args: argparse.Namespace, method: TuningMethod, target_mode: str = "instances") -> dict:
     """Everything a recipe does after parsing: load, build data, train, save. Returns the final metrics."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Mistakes in paths are reported before the (slow) model load, not after it.
+    check_data_source(args.data, "--data")
+    if args.val_data:
+        check_data_source(args.val_data, "--val-data")
+    check_output_dir_before_run(Path(args.output_dir), args.resume is not None, args.overwrite)
     model, processor = load_base_model(
         args.model, revision=args.revision, meta_config=args.meta_config, dtype=args.base_dtype
     )

@@ -1,26 +1,57 @@
 """Training checkpoints: written atomically, only trainable weights, best-k retention, and resume lookup.
 
 A checkpoint is a folder `checkpoints/step-N/` holding Accelerate's state (trainable weights, optimizer, scheduler,
-grad scaler, random states of every process), the adapter in its published form (`adapter/`), and
-`trainer_state.json` (step, epoch, validation metrics). It is written under a temporary name and renamed once
-complete, so a crash never leaves a half-written checkpoint behind.
+grad scaler, random states of every process), the adapter in its published form (`adapter/`),
+`trainer_state.json` (step, epoch, validation metrics) and `run_settings.json` (method, data and optimisation
+settings, compared on resume). It is written under a temporary name and renamed once complete, so a crash never
+leaves a half-written checkpoint behind.
+
+The output folder itself is claimed by one run at a time (`claim_output_dir`): a lock file held for the run's life,
+and a refusal to start over a previous run's results unless told to resume or overwrite.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 from accelerate import Accelerator
 from torch import nn
 
-from ..io import atomic_write_json
+from ..data.sources import DataError
+from ..io import OutputDirError, atomic_write_json, check_output_dir
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+SETTINGS_FILE = "run_settings.json"
+LOCK_FILE = ".sam2_peft.lock"
+RUN_MARKERS = (
+    "checkpoints",
+    "metrics.json",
+    "adapter_model.safetensors",
+    "partial_model.safetensors",
+    "model.safetensors",
+)
+"""What in an output folder shows that a run already wrote there."""
+OVERWRITTEN = ("checkpoints", "panels", "metrics.json", "base_predictions.npz")
+"""A previous run's outputs that `--overwrite` deletes (the adapter files are replaced when the new run ends)."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class RunFolderError(DataError):
+    """The output folder cannot take this run (not writable, in use, holds another run); the message says why."""
+
+
+class ResumeMismatchError(DataError):
+    """The checkpoint to resume was trained with other settings than the current run's."""
 
 
 @dataclass
@@ -75,8 +106,11 @@ def resolve_resume(resume: str, root: Path) -> Path:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, root: Path, state: TrainerState, save_adapter) -> Path:
-    """Write `root/step-N` atomically on every process; `save_adapter(folder)` writes the published adapter."""
+def save_checkpoint(
+    accelerator: Accelerator, root: Path, state: TrainerState, save_adapter, settings: dict | None = None
+) -> Path:
+    """Write `root/step-N` atomically on every process; `save_adapter(folder)` writes the published adapter and
+    `settings` (what a resume must match, see `check_run_settings`) goes to `run_settings.json`."""
     final = root / f"step-{state.global_step}"
     staging = root / f".tmp-step-{state.global_step}"
     if accelerator.is_main_process:
@@ -87,6 +121,8 @@ def save_checkpoint(accelerator: Accelerator, root: Path, state: TrainerState, s
     if accelerator.is_main_process:
         save_adapter(staging / "adapter")
         atomic_write_json(staging / STATE_FILE, asdict(state))
+        if settings is not None:
+            atomic_write_json(staging / SETTINGS_FILE, settings)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
     accelerator.wait_for_everyone()
@@ -109,3 +145,128 @@ def prune_checkpoints(root: Path, metric: str, keep_best: int) -> list[Path]:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
     return [p for p in found if p in keep]
+
+
+def claim_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> IO:
+    """Lock `output_dir` for this run and check that it may write there; returns the open lock file (keep it open
+    for the run: the lock ends when it is closed or the process dies, so a killed run never blocks a later one).
+
+    Raises `RunFolderError` when the path is a file or not writable, when another run holds the lock (naming its
+    pid), or when the folder holds a previous run and neither `resume` nor `overwrite` is set. With `overwrite`,
+    the previous run's checkpoints, metrics, base predictions and panels are deleted (so that pruning and a later
+    `--resume` never mix the two runs).
+    """
+    check_output_dir_before_run(output_dir, resume, overwrite)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(output_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the whole run)
+    except OSError as error:
+        raise RunFolderError(
+            f"--output-dir '{output_dir}' cannot be written ({error.strerror}): choose a writable --output-dir."
+        ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        _refuse_if_locked(output_dir)
+        raise RunFolderError(f"--output-dir '{output_dir}' is in use by another training run: try again.") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    found = [name for name in RUN_MARKERS if _holds(output_dir / name)]
+    if found and overwrite:
+        logger.warning("--overwrite: deleting the previous run's %s in %s.", ", ".join(OVERWRITTEN), output_dir)
+        for name in OVERWRITTEN:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    elif found and not resume:
+        lock.close()
+        raise _previous_run_error(output_dir, found)
+    return lock
+
+
+def check_output_dir_before_run(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """The checks of `claim_output_dir` that change nothing on disk, for a recipe to run before it loads a model:
+    raises `RunFolderError` for conflicting flags, a path that cannot be a writable folder, or a folder holding a
+    previous run without `resume` or `overwrite`."""
+    if resume and overwrite:
+        raise RunFolderError("--resume continues the run in --output-dir and --overwrite deletes it: pass only one.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunFolderError(f"--output-dir '{output_dir}' is a file, not a folder: choose another --output-dir.")
+    try:
+        check_output_dir(output_dir, "--output-dir")
+    except OutputDirError as error:
+        raise RunFolderError(str(error)) from None
+    _refuse_if_locked(output_dir)
+    found = [name for name in RUN_MARKERS if _holds(output_dir / name)]
+    if found and not (resume or overwrite):
+        raise _previous_run_error(output_dir, found)
+
+
+def _previous_run_error(output_dir: Path, found: list[str]) -> RunFolderError:
+    return RunFolderError(
+        f"--output-dir '{output_dir}' holds a previous run ({', '.join(found)}): pass --resume to continue it, "
+        "--overwrite to replace it, or choose another --output-dir."
+    )
+
+
+def _refuse_if_locked(output_dir: Path) -> None:
+    """Raise `RunFolderError` naming the pid of the run that holds `output_dir`'s lock, if one does."""
+    try:
+        lock = open(output_dir / LOCK_FILE)  # noqa: SIM115
+    except OSError:
+        return  # no lock file: no run has claimed the folder
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = lock.read().strip() or "unknown"
+    raise RunFolderError(
+        f"--output-dir '{output_dir}' is in use by another training run (pid {holder}): wait for it to end, or "
+        "choose another --output-dir."
+    )
+
+
+def _holds(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def check_run_settings(checkpoint: Path, current: dict) -> None:
+    """Raise `ResumeMismatchError` listing every setting that differs between `checkpoint` and the current run.
+
+    Checkpoints written before settings were saved cannot be checked: a warning says so.
+    """
+    path = checkpoint / SETTINGS_FILE
+    if not path.is_file():
+        logger.warning("%s has no %s: cannot check that the run resumes with the same settings.", checkpoint, path.name)
+        return
+    saved, now = _flatten(json.loads(path.read_text())), _flatten(_as_json(current))
+    changed = [
+        f"{key} {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+        for key in sorted(saved.keys() | now.keys())
+        if saved.get(key) != now.get(key)
+    ]
+    if changed:
+        raise ResumeMismatchError(
+            f"resuming '{checkpoint}' with changed settings: {'; '.join(changed)}. Resume with the checkpoint's "
+            "settings, or start a new run (--overwrite, or another --output-dir)."
+        )
+
+
+def _as_json(data: dict) -> dict:
+    """`data` as it reads back from JSON (tuples become lists, other objects strings), so saved and current compare."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

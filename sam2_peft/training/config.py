@@ -25,8 +25,10 @@ class TrainingConfig:
     warmup_ratio: float = 0.1
     """Linear warm-up over this fraction of the steps, then cosine decay to zero."""
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    """`no`, `fp16` (with dynamic loss scaling) or `bf16`."""
+    mixed_precision: str | None = None
+    """`no`, `fp16` (with dynamic loss scaling) or `bf16`; None leaves it to Accelerate (`accelerate launch
+    --mixed_precision`, `accelerate config`, `ACCELERATE_MIXED_PRECISION`, else `no`). The trainer replaces None by
+    what the Accelerator uses."""
     seed: int = 0
     eval_every: int = 0
     """Evaluate (and checkpoint) every N optimizer steps; 0 = at the end of each epoch."""
@@ -36,6 +38,8 @@ class TrainingConfig:
     """Checkpoints kept by `metric_for_best` (the latest is always kept too, for resuming)."""
     resume: str | None = None
     """`latest` for the newest checkpoint in `output_dir/checkpoints`, or a checkpoint folder."""
+    overwrite: bool = False
+    """Start afresh in an `output_dir` that holds a previous run (its checkpoints and metrics are deleted)."""
     max_nonfinite_steps: int = 5
     """Consecutive non-finite losses tolerated (each skipped and logged) before the run stops."""
     log_every: int = 10
@@ -57,7 +61,7 @@ class TrainingConfig:
     """With augmentation on and the cache on: fixed augmented views encoded per image, one drawn per epoch."""
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got '{self.mixed_precision}'.")
         for name in ("batch_size", "grad_accum", "epochs", "cache_views"):
             if getattr(self, name) < 1:

@@ -3,17 +3,21 @@ evaluation with base-vs-fine-tuned pictures, best-k checkpoints and resume."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils.other import load as accelerate_load
+from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -26,7 +30,10 @@ from ..io import atomic_write_json
 from ..models.segmenter import Sam2Segmenter, wants_multimask
 from ..tuners.methods import TuningMethod
 from .checkpoints import (
+    RunFolderError,
     TrainerState,
+    check_run_settings,
+    claim_output_dir,
     only_trainable_weights,
     prune_checkpoints,
     resolve_resume,
@@ -40,7 +47,15 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps produced a NaN or infinite loss."""
+    """Too many consecutive steps produced a NaN or infinite loss (a user-facing error: the message says what to
+    change)."""
+
+
+RESUME_SETTINGS = (
+    "max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+    "mixed_precision", "seed", "correction_rounds", "loss",
+)  # fmt: skip
+"""Training settings a resumed run must share with its checkpoint (they shape the schedule, batches or loss)."""
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -79,7 +94,6 @@ class Trainer:
         base_name: str | None = None,
         run_info: dict | None = None,
     ) -> None:
-        self.config = config
         self.method = method
         self.processor = processor
         self.base_name = base_name
@@ -92,7 +106,16 @@ class Trainer:
             project_dir=str(self.output_dir / "logs"),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            # The scheduler is stepped here once per optimizer step: Accelerate would step it once per process.
+            step_scheduler_with_optimizer=False,
         )
+        # None leaves the choice to Accelerate (`accelerate launch --mixed_precision`, `accelerate config`); from
+        # here on the config says what the Accelerator really uses.
+        chosen_by = (
+            "--mixed-precision" if config.mixed_precision else "Accelerate's setting: launch flag, config or env"
+        )
+        self.config = config = replace(config, mixed_precision=self.accelerator.mixed_precision)
+        logger.info("Mixed precision: %s (%s).", config.mixed_precision, chosen_by)
         set_seed(config.seed)
         self.model = method.prepare(model, base_name)
         keep_trainable_fp32(self.model, config.mixed_precision)
@@ -103,6 +126,7 @@ class Trainer:
         self.val_loader = self._loader(val_dataset, shuffle=False) if val_dataset is not None else None
         optimizer = torch.optim.AdamW(method.parameter_groups(self.model, config.lr, config.weight_decay))
         self.total_steps = self._total_steps()
+        # Built for optimizer steps (the same on every process) and stepped once per optimizer step in `_loop`.
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, math.ceil(config.warmup_ratio * self.total_steps), self.total_steps
         )
@@ -116,6 +140,20 @@ class Trainer:
         self.base_predictions: dict[str, np.ndarray] = {}
         self.last_evaluation: tuple[int, EvaluationResult | None] = (-1, None)
         """(step, result) of the newest evaluation, so that the end of training does not repeat it."""
+
+    def _claim_output_dir(self) -> IO | None:
+        """Lock the output folder on the main process (see `claim_output_dir`); every process raises its refusal."""
+        lock, refusal = None, None
+        if self.accelerator.is_main_process:
+            try:
+                lock = claim_output_dir(self.output_dir, self.config.resume is not None, self.config.overwrite)
+            except RunFolderError as error:
+                refusal = str(error)
+        if self.accelerator.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise RunFolderError(refusal)
+        return lock
 
     def _embedding_cache(self) -> EmbeddingCache | None:
         """Cache encoder features when the method leaves the encoder frozen (decided and logged here)."""
@@ -167,7 +205,17 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- training
 
     def train(self) -> dict:
-        """Run to `max_steps` (or `epochs`), evaluating and checkpointing; returns the final metrics dict."""
+        """Run to `max_steps` (or `epochs`), evaluating and checkpointing; returns the final metrics dict.
+
+        The output folder is locked for the run (see `claim_output_dir`), and released when it ends or fails."""
+        lock = self._claim_output_dir()
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _train(self) -> dict:
         config, accelerator = self.config, self.accelerator
         trainable, total = count_parameters(self.model)
         logger.info("Trainable parameters: %s of %s (%.4f %%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -176,7 +224,8 @@ class Trainer:
         if config.resume:
             self._resume(resolve_resume(config.resume, self.output_dir / "checkpoints"))
         elif self.val_loader is not None:
-            base = self.evaluate(keep_ids=set(self.panel_ids))
+            with self._base_model_only():
+                base = self.evaluate(keep_ids=set(self.panel_ids))
             self.state.base_metrics = base.metrics
             self.base_predictions = base.kept_predictions
             self._save_base_predictions()
@@ -210,7 +259,8 @@ class Trainer:
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(self.wrapped.parameters(), config.max_grad_norm)
                         self.optimizer.step()
-                        self.scheduler.step()
+                        if accelerator.sync_gradients and not self.optimizer.step_was_skipped:
+                            self.scheduler.step()
                     self.optimizer.zero_grad()
                 nonfinite = 0 if finite else nonfinite + 1
                 if not finite:
@@ -269,6 +319,13 @@ class Trainer:
         ]
         return combine_rounds(losses)
 
+    @contextlib.contextmanager
+    def _base_model_only(self):
+        """Run the base model itself: a peft adapter is switched off (PTSAM's fresh tokens already change the output,
+        so evaluating the injected model would not measure the base)."""
+        with self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext():
+            yield
+
     def _log_training(self, running: list[dict], seconds: float, progress: tqdm) -> None:
         means = {k: float(np.nanmean([r[k] for r in running])) for k in running[0]} if running else {}
         means["lr"] = self.scheduler.get_last_lr()[0]
@@ -305,7 +362,7 @@ class Trainer:
                     result.kept_predictions, self.output_dir / "panels" / f"step-{self.state.global_step}"
                 )
         root = self.output_dir / "checkpoints"
-        save_checkpoint(self.accelerator, root, self.state, self._save_adapter)
+        save_checkpoint(self.accelerator, root, self.state, self._save_adapter, self.run_settings())
         if self.accelerator.is_main_process:
             prune_checkpoints(root, self.config.metric_for_best, self.config.keep_best)
         self.accelerator.wait_for_everyone()
@@ -338,7 +395,17 @@ class Trainer:
     def _save_adapter(self, directory: Path) -> None:
         self.method.save(self.accelerator.unwrap_model(self.wrapped).sam, directory, self.base_name)
 
+    def run_settings(self) -> dict:
+        """What a resumed run must share with its checkpoint: method, base model, data and optimisation."""
+        method = {"name": self.method.name, **(asdict(self.method) if is_dataclass(self.method) else vars(self.method))}
+        data = {"source": self.run_info.get("data"), **asdict(self.train_dataset.config)}
+        training = {name: getattr(self.config, name) for name in RESUME_SETTINGS}
+        training["num_processes"] = self.accelerator.num_processes
+        return {"method": method, "base_model": self.base_name, "data": data, "training": training}
+
     def _resume(self, checkpoint: Path) -> None:
+        check_run_settings(checkpoint, self.run_settings())
+        self._check_random_states(checkpoint)
         self.accelerator.load_state(str(checkpoint), strict=False)
         self.state = TrainerState.load(checkpoint)
         base_file = self.output_dir / "base_predictions.npz"
@@ -346,6 +413,21 @@ class Trainer:
             with np.load(base_file) as saved:
                 self.base_predictions = {k: saved[k] for k in saved.files}
         logger.info("Resumed from %s at step %d (epoch %d).", checkpoint, self.state.global_step, self.state.epoch)
+
+    def _check_random_states(self, checkpoint: Path) -> None:
+        """Warn when this process's random states cannot be restored: Accelerate's `load_state` skips them with
+        only an info line (e.g. a pickle its `weights_only` loader refuses), and the run would silently diverge."""
+        path = checkpoint / f"random_states_{self.accelerator.process_index}.pkl"
+        try:
+            accelerate_load(path)
+        except Exception as error:  # anything load_state itself would swallow
+            logger.warning(
+                "Cannot restore the random states from %s (%s: %s): Python, NumPy and torch random numbers start "
+                "afresh, so augmentation and prompt sampling after this resume differ from an uninterrupted run.",
+                path,
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
 
     def _finish(self) -> dict:
         accelerator, state = self.accelerator, self.state
