@@ -271,6 +271,7 @@ def push(argv: list[str]) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--base-model", default=None, help="record this Hub id as the base (if trained on a copy)")
+    parser.add_argument("--license", default=None, help="license id for the card, e.g. apache-2.0 (SAM 2's)")
     args = parser.parse_args(argv)
 
     def run() -> None:
@@ -284,6 +285,7 @@ def push(argv: list[str]) -> None:
             token=args.token,
             commit_message=args.commit_message,
             base_model=args.base_model,
+            license=args.license,
         )
         print(f"Pushed: {commit.commit_url}")
 
