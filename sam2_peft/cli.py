@@ -169,7 +169,7 @@ def predict(argv: list[str]) -> None:
         "predict",
         "Predict masks for every image in a folder. Writes OUT_DIR/masks/<name>.png (label maps: 0 background, k = "
         "k-th prompt), OUT_DIR/overlays/<name>.png and OUT_DIR/predictions.json (scores). Without --boxes every image "
-        "gets one prompt-free mask (meant for prompt-free adapters such as PTSAM).",
+        "gets one prompt-free mask (meant for prompt-free adapters such as PTSAM; an adapter trained with prompts gets a warning).",
         "boxes file: JSON mapping image file names (or stems) to [[x0, y0, x1, y1], ...] in pixels;\n"
         "only the images it lists are predicted.\n\n"
         "example:\n  sam2-peft predict --adapter org/sam2-nuclei-lora --boxes boxes.json images/ predictions/",
