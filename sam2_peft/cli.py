@@ -164,7 +164,7 @@ def predict(argv: list[str]) -> None:
         "predict",
         "Predict masks for every image in a folder. Writes OUT_DIR/masks/<name>.png (label maps: 0 background, k = "
         "k-th prompt), OUT_DIR/overlays/<name>.png and OUT_DIR/predictions.json (scores). Without --boxes every image "
-        "gets one prompt-free mask (meant for prompt-free adapters such as PTSAM).",
+        "gets one prompt-free mask (meant for prompt-free adapters such as PTSAM; an adapter trained with prompts gets a warning).",
         "boxes file: JSON mapping image file names (or stems) to [[x0, y0, x1, y1], ...] in pixels;\n"
         "only the images it lists are predicted.\n\n"
         "example:\n  sam2-peft predict --adapter org/sam2-nuclei-lora --boxes boxes.json images/ predictions/",
@@ -173,18 +173,23 @@ def predict(argv: list[str]) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where masks, overlays and predictions.json go")
     _add_model_arguments(parser)
     parser.add_argument("--boxes", default=None, help="JSON file of boxes per image (see below)")
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=None, help="refuse larger images (default PIL's limit; 0 = none)"
+    )
     args = parser.parse_args(argv)
     _run(lambda: _predict_folder(args))
 
 
 def _predict_folder(args: argparse.Namespace) -> None:
     from PIL import Image
+    from tqdm.auto import tqdm
 
-    from .data.sources import IMAGE_SUFFIXES, DataError, read_image
+    from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, DataError, read_image, set_max_image_pixels
     from .evaluation.panels import overlay
     from .inference.predictor import check_boxes
     from .io import atomic_write_dir, atomic_write_json, check_output_dir
 
+    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels)
     folder = Path(args.images)
     if not folder.is_dir():
         raise FileNotFoundError(f"Expected a folder of images, found no folder at '{folder}'.")
@@ -210,11 +215,13 @@ def _predict_folder(args: argparse.Namespace) -> None:
             boxes[name] = check_boxes(boxes[name], size, f"'{args.boxes}', image '{name}'").tolist()
     check_output_dir(args.out_dir)
     predictor = _load_predictor(args)
+    if boxes is None:
+        _warn_if_trained_with_prompts(predictor)
     summary = {}
     with atomic_write_dir(args.out_dir) as staging:
         (staging / "masks").mkdir()
         (staging / "overlays").mkdir()
-        for path in files:
+        for path in tqdm(files, desc="predict", unit="image", leave=False):
             image = read_image(path)
             image_boxes = boxes.get(path.name, boxes.get(path.stem)) if boxes is not None else None
             prediction = predictor.predict(image, boxes=image_boxes)
@@ -226,6 +233,23 @@ def _predict_folder(args: argparse.Namespace) -> None:
             summary[path.name] = {"scores": prediction.scores.tolist(), "boxes": image_boxes}
         atomic_write_json(staging / "predictions.json", summary)
     print(f"Wrote masks and overlays of {len(files)} image(s) to {args.out_dir}")
+
+
+def _warn_if_trained_with_prompts(predictor) -> None:
+    """One line on stderr when an adapter trained with prompts is about to run prompt-free (poor masks, silently)."""
+    from .hub.resolve import TRAINING_CONFIG_FILE, trained_prompt
+
+    if predictor.adapter is None:
+        return
+    prompt = trained_prompt(predictor.adapter.directory)
+    if prompt not in (None, "none"):
+        print(
+            f"warning: this adapter was trained with {prompt} prompts ({TRAINING_CONFIG_FILE} of "
+            f"'{predictor.adapter.directory}'), but no --boxes were given, so every image gets one prompt-free mask; "
+            "pass --boxes boxes.json ({image name: [[x0, y0, x1, y1], ...]} in pixels) for the masks it was trained "
+            "to give.",
+            file=sys.stderr,
+        )
 
 
 def _read_boxes(path: Path) -> dict[str, list[list[float]]]:
@@ -266,6 +290,7 @@ def push(argv: list[str]) -> None:
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--base-model", default=None, help="record this Hub id as the base (if trained on a copy)")
+    parser.add_argument("--license", default=None, help="license id for the card, e.g. apache-2.0 (SAM 2's)")
     args = parser.parse_args(argv)
 
     def run() -> None:
@@ -279,6 +304,7 @@ def push(argv: list[str]) -> None:
             token=args.token,
             commit_message=args.commit_message,
             base_model=args.base_model,
+            license=args.license,
         )
         print(f"Pushed: {commit.commit_url}")
 

@@ -39,10 +39,23 @@ def _resize(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling
     return np.asarray(Image.fromarray(array).resize(size, resample))
 
 
-def comparison_panel(image: np.ndarray, tiles: dict[str, np.ndarray], title: str = "") -> Image.Image:
+def comparison_panel(
+    image: np.ndarray,
+    tiles: dict[str, np.ndarray],
+    title: str = "",
+    *,
+    boxes: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    dice: dict[str, float] | None = None,
+) -> Image.Image:
     """One row: the image, then each named set of masks `(N, H, W)` over it, each tile labelled.
 
-    Everything is first scaled so the longer side is `TILE_SIZE` pixels.
+    Everything is first scaled so the longer side is `TILE_SIZE` pixels. The prompts, in original image pixels, are
+    drawn on every tile in their object's colour (object k = mask k of each tile), so a reader sees what each mask
+    was asked for: `boxes` `(N, 4)` as `x0, y0, x1, y1`; `points` `(N, P, 2)` as `x, y` with `point_labels` `(N, P)`
+    (1 foreground: filled dot, 0 background: hollow dot; default all foreground). `dice` maps tile names to the
+    image's Dice, shown in the tile's label (e.g. `{"base": 0.61, "fine-tuned": 0.87}`).
     """
     scale = TILE_SIZE / max(image.shape[:2])
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
@@ -54,14 +67,46 @@ def comparison_panel(image: np.ndarray, tiles: dict[str, np.ndarray], title: str
             if len(masks)
             else masks
         )
-        columns.append((name, overlay(small, scaled)))
+        label = name + (f"  Dice {dice[name]:.3f}" if dice and dice.get(name) is not None else "")
+        columns.append((label, overlay(small, scaled)))
     header = 18
     panel = Image.new("RGB", (size[0] * len(columns), size[1] + header), "black")
     draw = ImageDraw.Draw(panel)
+    factors = np.array([size[0] / image.shape[1], size[1] / image.shape[0]])
     for i, (name, picture) in enumerate(columns):
         panel.paste(Image.fromarray(picture), (i * size[0], header))
         draw.text((i * size[0] + 4, 3), name, fill="white")
+        _draw_prompts(draw, np.array([i * size[0], header]), factors, boxes, points, point_labels)
     return panel
+
+
+def _draw_prompts(
+    draw: ImageDraw.ImageDraw,
+    origin: np.ndarray,
+    factors: np.ndarray,
+    boxes: np.ndarray | None,
+    points: np.ndarray | None,
+    point_labels: np.ndarray | None,
+) -> None:
+    """Draw boxes and clicks (original pixels, scaled by `factors` `(x, y)`) onto the tile whose corner is `origin`."""
+    if boxes is not None and len(boxes):
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2) * factors + origin
+        for colour, box in zip(_palette(len(boxes)), boxes):
+            draw.rectangle(box.reshape(-1).tolist(), outline=tuple(colour.tolist()), width=2)
+    if points is not None and len(points):
+        points = np.asarray(points, dtype=np.float64).reshape(len(points), -1, 2) * factors + origin
+        labels = (
+            np.ones(points.shape[:2]) if point_labels is None else np.asarray(point_labels).reshape(points.shape[:2])
+        )
+        for colour, object_points, object_labels in zip(_palette(len(points)), points, labels):
+            for (x, y), positive in zip(object_points, object_labels):
+                rgb = tuple(colour.tolist())
+                draw.ellipse(
+                    [x - 4, y - 4, x + 4, y + 4],
+                    fill=rgb if positive else "black",
+                    outline="white" if positive else rgb,
+                    width=2,
+                )
 
 
 def save_panels(panels: dict[str, Image.Image], directory: str | os.PathLike) -> None:

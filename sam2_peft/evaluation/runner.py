@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import Sam2Processor
 
 from ..data.dataset import SegmentationDataset
@@ -42,16 +43,27 @@ def evaluate_segmenter(
     keep_ids: set[str] | frozenset[str] = frozenset(),
     dilation_ratio: float = 0.02,
     encode: Callable[[list[str], torch.Tensor], list[torch.Tensor]] | None = None,
+    description: str = "evaluate",
 ) -> EvaluationResult:
     """Predict every validation batch (single mask, or the best of 3 for single clicks) and score each image.
 
     Works in several processes: each scores its shard and the per-image results are gathered. `encode(keys,
     pixel_values)`, e.g. `EmbeddingCache.get_or_compute`, supplies the encoder features (keys `eval/<sample_id>`).
+    A progress bar per image, labelled `description`, shows on the main process (counting every process's images)
+    and disappears when done.
     """
     was_training = segmenter.training
     segmenter.eval()
     accumulator = MetricAccumulator(dilation_ratio=dilation_ratio)
     kept: dict[str, np.ndarray] = {}
+    dataset = getattr(dataloader, "dataset", None)
+    progress = tqdm(
+        total=len(dataset) if isinstance(dataset, Sized) else None,
+        desc=description,
+        unit="image",
+        leave=False,
+        disable=not accelerator.is_main_process,
+    )
     for batch in dataloader:
         inputs = batch_inputs(batch, accelerator.device)
         if encode is not None:
@@ -66,6 +78,9 @@ def evaluate_segmenter(
             accumulator.update(sample_id, masks, batch["original_masks"][i].numpy())
             if sample_id in keep_ids:
                 kept[sample_id] = masks
+        done = len(batch["sample_ids"]) * accelerator.num_processes  # the shards advance together
+        progress.update(done if progress.total is None else min(done, progress.total - progress.n))
+    progress.close()
     segmenter.train(was_training)
     per_image: dict[str, dict[str, float]] = {}
     for part in gather_object([accumulator.per_image]):

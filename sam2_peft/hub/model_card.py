@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..io import atomic_write_text
 from ..models.loading import BUILTIN_ARCHITECTURES
-from ..tuners.methods import AdapterLoadError
+from ..tuners.methods import PARTIAL_WEIGHTS_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, AdapterLoadError
+from .resolve import trained_prompt
 
 METRIC_NAMES = {"iou": "IoU", "dice": "Dice", "boundary_iou": "Boundary IoU", "pixel_accuracy": "Pixel accuracy"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 PICTURE_NAME = "comparison.png"
 """Name under which the comparison picture is uploaded beside the card."""
+CARD_FILE = "README.md"
+FULL_WEIGHTS_FILE = "model.safetensors"
+"""A full fine-tune saves a whole transformers model folder."""
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -60,20 +66,53 @@ def _size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _library_name(output_dir: Path, method: str) -> str | None:
+    """The library that loads the folder as is: peft for peft adapters (LoRA, PTSAM), transformers for a full
+    fine-tune, none for a partial fine-tune (only sam2-peft loads it), so the Hub shows no wrong loading snippet."""
+    if (output_dir / PEFT_CONFIG_FILE).exists():
+        return "peft"
+    if method == "full" or (output_dir / FULL_WEIGHTS_FILE).exists():
+        return "transformers"
+    return None
+
+
+def _eval_results(tuned: dict, dataset: str | None) -> list[EvalResult] | None:
+    """The fine-tuned validation numbers in the Hub's `model-index` form, which the Hub renders as a results table."""
+    results = [
+        EvalResult(
+            task_type="image-segmentation",
+            task_name="Image segmentation",
+            dataset_type=dataset or "custom",
+            dataset_name=dataset or "validation set",
+            dataset_split="validation",
+            metric_type=name,
+            metric_name=METRIC_NAMES.get(name, name),
+            metric_value=float(value),
+        )
+        for name, value in tuned.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ]
+    return results or None
+
+
 def build_model_card(
     output_dir: str | os.PathLike,
-    repo_id: str,
+    repo_id: str | None = None,
     *,
     base_model: str | None = None,
     picture: str | None = None,
+    license: str | None = None,
 ) -> ModelCard:
-    """The README.md of an adapter repo, from a training run's `metrics.json` and adapter files.
+    """The model card (README.md) of a training run's adapter, from its `metrics.json` and adapter files.
+
+    One builder for the card `push_adapter` uploads and the one `write_model_card` leaves in the run folder.
 
     Args:
         output_dir: the training run's output folder (adapter files, `metrics.json`, `sam2_peft.json`).
-        repo_id: the repo the card is for (shown in the usage snippet).
+        repo_id: the repo the card is for (title and usage snippet); None: the local folder.
         base_model: the base model's Hub id when the run used a local copy; default the one recorded by the run.
-        picture: file name of a comparison picture uploaded beside the card, or None.
+        picture: path of the comparison picture relative to the card (e.g. `comparison.png`), or None.
+        license: the adapter's license id (e.g. `apache-2.0`, the SAM 2 weights' license), or None.
     """
     output_dir = Path(output_dir)
     metrics = _read(output_dir / "metrics.json")
@@ -81,28 +120,46 @@ def build_model_card(
     method = sidecar.get("method") or metrics.get("method") or "adapter"
     base = base_model or metrics.get("base_model") or sidecar.get("base_model_name_or_path")
     data = dataset_name(metrics.get("data"))
+    eval_data = dataset_name(metrics.get("val_data")) or data
+    name = (repo_id or output_dir.resolve().name).split("/")[-1]
+    library = _library_name(output_dir, method)
+    tuned = metrics.get("fine_tuned") or {}
+    hub_datasets = [d for d in dict.fromkeys((data, eval_data)) if d and is_hub_id(d)]
+    eval_results = _eval_results(tuned, eval_data)
     card_data = ModelCardData(
         base_model=base if is_hub_id(base) else None,
-        library_name="peft",
+        library_name=library,
+        license=license,
         pipeline_tag="mask-generation",
-        tags=["sam2", "peft", method, "image-segmentation"],
-        datasets=[data] if data and is_hub_id(data) else None,
+        tags=["sam2", "sam2-peft", *(["peft"] if library == "peft" else []), method, "image-segmentation"],
+        datasets=hub_datasets or None,
+        metrics=[result.metric_type for result in eval_results] if eval_results else None,
+        model_name=name if eval_results else None,
+        eval_results=eval_results,
     )
-    weights = [p for p in ("adapter_model.safetensors", "partial_model.safetensors") if (output_dir / p).exists()]
+    weights = [p for p in (PEFT_WEIGHTS_FILE, PARTIAL_WEIGHTS_FILE, FULL_WEIGHTS_FILE) if (output_dir / p).exists()]
     size = metrics.get("adapter_bytes") or sum((output_dir / p).stat().st_size for p in weights)
+    prompt = trained_prompt(output_dir)
     facts = [
         f"- **Base model:** `{base or 'not recorded'}`"
         + ("" if is_hub_id(base) else " (not a Hub id: pass `base_model=` when loading)"),
         f"- **Method:** {method}",
-        f"- **Training data:** {data or 'not recorded'}",
+        f"- **Training data:** {data or 'not recorded'}"
+        + (f" (validation: {eval_data})" if eval_data and eval_data != data else ""),
     ]
+    if prompt:
+        facts.append(f"- **Prompts in training:** {prompt}")
     if "trainable_parameters" in metrics:
-        facts.append(f"- **Trainable parameters:** {metrics['trainable_parameters']:,}")
+        total = metrics.get("total_parameters")
+        facts.append(
+            f"- **Trainable parameters:** {metrics['trainable_parameters']:,}" + (f" of {total:,}" if total else "")
+        )
     facts.append(f"- **Adapter file size:** {_size(size)} ({', '.join(weights) or 'no weights found'})")
     if "steps" in metrics:
         facts.append(f"- **Training steps:** {metrics['steps']}")
+    where = repo_id or str(output_dir)
     body = [
-        f"# {repo_id.split('/')[-1]}",
+        f"# {name}",
         "",
         f"A **{method}** adapter for SAM 2 (`{base or 'base model'}`), trained with "
         "sam2-peft. It is small: it holds only what was trained and loads "
@@ -112,30 +169,59 @@ def build_model_card(
         "",
         "## Validation metrics",
         "",
-        _metrics_table(metrics.get("base") or {}, metrics.get("fine_tuned") or {}),
+        _metrics_table(metrics.get("base") or {}, tuned),
         "",
     ]
     if picture:
         body += ["Image | ground truth | base model | fine-tuned:", "", f"![Base vs. fine-tuned]({picture})", ""]
-    body += ["## Usage", "", _usage(repo_id, method), ""]
+    body += ["## Usage", "", _usage(where, method, prompt), ""]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 
-def _usage(repo_id: str, method: str) -> str:
-    lines = [
-        "```python",
-        "from PIL import Image",
-        "from sam2_peft.inference.predictor import Sam2PeftPredictor",
-        "",
-        f'predictor = Sam2PeftPredictor.from_pretrained("{repo_id}")',
-        'image = Image.open("image.png")',
-    ]
-    if method == "ptsam":
+def write_model_card(
+    output_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+) -> Path:
+    """Write the model card into a training run's folder as README.md, atomically, replacing peft's empty template.
+
+    The same card `push_adapter` uploads, with the first final panel (`panels/final/*.png`) referenced in place.
+    Call it after the run's last adapter save (a save brings peft's template back). Returns the card's path.
+    """
+    output_dir = Path(output_dir)
+    picture = comparison_picture(output_dir)
+    card = build_model_card(
+        output_dir,
+        repo_id,
+        base_model=base_model,
+        picture=picture.relative_to(output_dir).as_posix() if picture is not None else None,
+        license=license,
+    )
+    path = output_dir / CARD_FILE
+    atomic_write_text(path, str(card))  # replaces the link to peft's template, not the template in the version
+    return path
+
+
+def _usage(repo_id: str, method: str, prompt: str | None = None) -> str:
+    lines = ["```python", "from PIL import Image", "from sam2_peft.inference.predictor import Sam2PeftPredictor"]
+    if method == "full":
+        lines += [
+            "from sam2_peft.models.loading import load_base_model",
+            "",
+            f'model, processor = load_base_model("{repo_id}")',
+            "predictor = Sam2PeftPredictor(model, processor)",
+        ]
+    else:
+        lines += ["", f'predictor = Sam2PeftPredictor.from_pretrained("{repo_id}")']
+    lines.append('image = Image.open("image.png")')
+    if prompt == "none" or (prompt is None and method == "ptsam"):
         lines.append("prediction = predictor.predict(image)  # prompt-free")
     else:
         lines.append("prediction = predictor.predict(image, boxes=[[10, 20, 120, 140]])  # x0, y0, x1, y1 pixels")
     lines += ["prediction.masks  # (N, H, W) bool at the image's size; prediction.scores (N,)", "```"]
-    if method != "partial":
+    if method not in ("partial", "full"):
         lines += [
             "",
             "With plain peft and transformers:",

@@ -61,13 +61,15 @@ def push_adapter(
     token: str | None = None,
     commit_message: str | None = None,
     base_model: str | None = None,
+    license: str | None = None,
 ) -> CommitInfo:
     """Upload the adapter in `output_dir` (a training run's folder) to `repo_id`, with a README.md model card.
 
     Creates the repo if needed (`private` applies only then) and the branch `revision` if it does not exist yet.
     Only the adapter files, `training_config.json`, the card and one comparison picture are uploaded (never
     checkpoints). `base_model` replaces the recorded base (e.g. the Hub id of the local copy the run trained on), in
-    the uploaded adapter config and the card, so that downstream users resolve it. Token and login work as in
+    the uploaded adapter config and the card, so that downstream users resolve it; `license` (e.g. `apache-2.0`) goes
+    into the card's metadata. The card is `build_model_card`'s, the same `write_model_card` leaves in the run. Token and login work as in
     huggingface_hub (`token=`, `HF_TOKEN`, or `hf auth login`).
 
     Returns the commit's `CommitInfo` (its `oid` and `commit_url`).
@@ -100,7 +102,11 @@ def push_adapter(
         if picture is not None:
             shutil.copy2(picture, staging / PICTURE_NAME)
         card = build_model_card(
-            output_dir, repo_id, base_model=base_model, picture=PICTURE_NAME if picture is not None else None
+            output_dir,
+            repo_id,
+            base_model=base_model,
+            picture=PICTURE_NAME if picture is not None else None,
+            license=license,
         )
         card.save(staging / "README.md")
         return api.upload_folder(

@@ -41,6 +41,9 @@ from ..tuners.methods import (  # AdapterLoadError is defined beside the loaders
 ADAPTER_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PARTIAL_CONFIG_FILE, PARTIAL_WEIGHTS_FILE, SIDECAR_FILE)
 """Every file an adapter folder may hold (a peft adapter, or a partial fine-tune, plus the sidecar)."""
 
+TRAINING_CONFIG_FILE = "training_config.json"
+"""Written by the trainer beside the adapter (and uploaded by push): how it was trained, its prompts included."""
+
 CUSTOM_PEFT_MODULES = {"PTSAM": "sam2_peft.tuners.ptsam"}
 """Peft types this package adds to peft: importing the module registers the type."""
 
@@ -77,7 +80,9 @@ def download_adapter(
         raise AdapterLoadError(f"Expected an adapter folder or a Hub repo id ('org/name'), found '{name}'.")
     at = f"'{name}'" + (f" at revision '{revision}'" if revision else "")
     try:
-        folder = snapshot_download(name, revision=revision, token=token, allow_patterns=[*ADAPTER_FILES, "README.md"])
+        folder = snapshot_download(
+            name, revision=revision, token=token, allow_patterns=[*ADAPTER_FILES, TRAINING_CONFIG_FILE, "README.md"]
+        )
     except RevisionNotFoundError as err:
         raise AdapterLoadError(
             f"The Hub repo '{name}' has no revision '{revision}' (expected a branch, tag or commit of it)."
@@ -119,6 +124,26 @@ def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
     peft_type = config.get("peft_type")
     _ensure_peft_type(peft_type, peft)
     return AdapterInfo(directory, "peft", peft_type, config.get("base_model_name_or_path"))
+
+
+def trained_prompt(directory: str | os.PathLike) -> str | None:
+    """The prompt type the adapter was trained with (`box`, `point`, `mixed`, `none`), None when not recorded.
+
+    Read from the sidecar's `prompt`, else from `training_config.json`'s dataset config (`prompts.prompt` under
+    `dataset`, or under `data` when that holds the config rather than the data source)."""
+    directory = Path(directory)
+    sidecar = read_sidecar(directory) or {}
+    if isinstance(sidecar.get("prompt"), str):
+        return sidecar["prompt"]
+    path = directory / TRAINING_CONFIG_FILE
+    if not path.exists():
+        return None
+    config = _read_json(path)
+    for key in ("dataset", "data"):
+        prompts = config.get(key, {}).get("prompts") if isinstance(config.get(key), dict) else None
+        if isinstance(prompts, dict) and isinstance(prompts.get("prompt"), str):
+            return prompts["prompt"]
+    return None
 
 
 def _read_json(path: Path) -> dict:
