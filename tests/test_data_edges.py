@@ -85,25 +85,16 @@ def test_video_frames_are_read_and_size_checked_in_viewer_orientation(tmp_path):
 
 
 def test_predict_reads_boxes_and_writes_masks_in_viewer_orientation(tmp_path, saved_tiny_model):
-    from sam2_peft.cli import _predict_folder
+    from sam2_peft.cli import main
 
     (tmp_path / "in").mkdir()
     viewer = _save_oriented_jpeg(tmp_path / "in" / "photo.jpg", _gradient(40, 64), 6)
     height, width = viewer.shape[:2]  # 64 x 40 as shown
     (tmp_path / "boxes.json").write_text(json.dumps({"photo.jpg": [[2, 30, 38, 62]]}))
-    args = argparse.Namespace(
-        images=str(tmp_path / "in"),
-        out_dir=str(tmp_path / "out"),
-        boxes=str(tmp_path / "boxes.json"),
-        adapter=None,
-        model=str(saved_tiny_model),
-        revision=None,
-        base_model=None,
-        dtype=None,
-        device="cpu",
-        token=None,
-    )
-    _predict_folder(args)
+    main(
+        ["predict", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(saved_tiny_model), "--device", "cpu",
+         "--boxes", str(tmp_path / "boxes.json")]
+    )  # fmt: skip
     assert np.asarray(Image.open(tmp_path / "out" / "masks" / "photo.png")).shape == (height, width)
     assert np.asarray(Image.open(tmp_path / "out" / "overlays" / "photo.png")).shape == (height, width, 3)
 
