@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import runpy
 import sys
@@ -28,9 +29,11 @@ def train(argv: list[str]) -> None:
         return
     name, rest = argv[0], argv[1:]
     if name not in recipes:
+        close = difflib.get_close_matches(name, recipes, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
         sys.exit(
-            f"error: unknown recipe '{name}'. Known: {', '.join(recipes) or 'none'} (looked in {RECIPES_DIR}; recipes "
-            "ship with the source checkout, not the wheel)."
+            f"error: unknown recipe '{name}'. {hint}Known: {', '.join(recipes) or 'none'} (looked in {RECIPES_DIR}; "
+            "recipes ship with the source checkout, not the wheel)."
         )
     sys.argv = [str(RECIPES_DIR / f"{name}.py"), *rest]
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -45,8 +45,9 @@ def test_recipe_end_to_end_outputs_and_plain_peft_reload(saved_tiny_model, folde
     assert metrics["fine_tuned"] == result["fine_tuned"]
     assert len(metrics["per_image"]) == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
-    panels = sorted((out / "panels" / "final").glob("*.png"))
-    assert len(panels) == 1 and panels[0].stat().st_size > 1000
+    panels = sorted((out / "panels" / "final").glob("*.png"))  # one panel image plus the worst and best Dice change
+    assert len(panels) == 3 and all(p.stat().st_size > 1000 for p in panels)
+    assert [p.name.split("-")[0] for p in panels if "-dice-change-" in p.name] == ["best", "worst"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(saved_tiny_model)
 
@@ -186,6 +187,10 @@ def test_two_process_ddp_keeps_ranks_identical_and_the_schedule_of_one_process(
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1 of 2: steps 4" in result.stdout and "rank 0 of 2: steps 4" in result.stdout
+    # One line per checkpoint, from the main process only; none of Accelerate's own per-file lines.
+    saved = [line for line in result.stderr.splitlines() if "Saved checkpoint" in line]
+    assert saved and len(saved) == len(set(saved)) and all("[RANK 0]" in line for line in saved), result.stderr
+    assert "Saving current state" not in result.stderr and "Random states saved" not in result.stderr
     rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert rank0.keys() == rank1.keys() and rank0
     for key in rank0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -31,7 +32,7 @@ from ..models.loading import BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_
 from ..models.quantization import QUANTIZATION_MODES, quantize_image_encoder
 from ..tuners.methods import AdapterMismatchError, TuningMethod
 from .checkpoints import check_output_dir_before_run
-from .config import MIXED_PRECISION, TrainingConfig
+from .config import MIXED_PRECISION, TRACKERS, TrainingConfig, check_half_base, check_report_to
 from .losses import LossConfig
 from .trainer import NonFiniteLossError, Trainer
 
@@ -42,10 +43,52 @@ logger = logging.getLogger(__name__)
 
 BASE_DTYPES = ("float32", "bfloat16", "float16")
 
+OTHER_TOOLS_FLAGS = {
+    "--learning-rate": "--lr",
+    "--num-train-epochs": "--epochs",
+    "--num-epochs": "--epochs",
+    "--train-batch-size": "--batch-size",
+    "--per-device-train-batch-size": "--batch-size",
+    "--gradient-accumulation-steps": "--grad-accum",
+    "--lora-rank": "--lora-r",
+    "--rank": "--lora-r",
+}
+"""Flags of other trainers (transformers' Trainer, peft examples) that spelling distance alone would not match."""
+
+
+class RecipeParser(argparse.ArgumentParser):
+    """argparse with "did you mean ...?" for unknown flags (Python 3.11's argparse suggests nothing)."""
+
+    def error(self, message: str) -> None:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            hints = [self._suggestion(word) for word in message.removeprefix(prefix).split()]
+            hints = [hint for hint in hints if hint]
+            if hints:
+                message = f"{message} ({'; '.join(hints)})"
+        super().error(message)
+
+    def _suggestion(self, word: str) -> str | None:
+        """'did you mean --lr?' for an unknown flag `word` (also `--flag=value`, `--snake_case`), else None."""
+        if not word.startswith("--"):
+            return None
+        flag = word.split("=", 1)[0]
+        known = [option for option in self._option_string_actions if option.startswith("--")]
+        hyphenated = flag.replace("_", "-")
+        other = OTHER_TOOLS_FLAGS.get(hyphenated)
+        if hyphenated in known:
+            match = hyphenated
+        elif other in known:
+            match = other
+        else:
+            found = difflib.get_close_matches(hyphenated, known, n=1)
+            match = found[0] if found else None
+        return f"{flag}: did you mean {match}?" if match else None
+
 
 def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.ArgumentParser:
     """An argument parser with the flags every recipe shares; recipes add their method's own."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = RecipeParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -119,7 +162,9 @@ def recipe_parser(description: str, default_lr: float = 1e-4) -> argparse.Argume
     train.add_argument("--mask-loss", choices=("focal", "bce"), default="focal")
     train.add_argument("--correction-rounds", type=int, default=0, help="Interactive correction rounds per step.")
     train.add_argument("--log-every", type=int, default=10, help="Log training losses every N steps.")
-    train.add_argument("--report-to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    train.add_argument(
+        "--report-to", choices=TRACKERS, default="tensorboard", help="Tracker (wandb needs the 'trackers' extra)."
+    )
     train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--num-panels", type=int, default=4, help="Side-by-side pictures per evaluation.")
     hub = parser.add_argument_group("sharing")
@@ -309,7 +354,9 @@ def run_from_command_line(main: Callable[[], object]) -> None:
 def run_recipe(args: argparse.Namespace, method: TuningMethod, target_mode: str = "instances") -> dict:
     """Everything a recipe does after parsing: load, build data, train, save. Returns the final metrics."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    # Mistakes in paths are reported before the (slow) model load, not after it.
+    # Mistakes in paths and settings are reported before the (slow) model load, not after it.
+    check_report_to(args.report_to)
+    check_half_base(args.base_dtype, args.mixed_precision)
     check_data_source(args.data, "--data")
     if args.val_data:
         check_data_source(args.val_data, "--val-data")

@@ -12,12 +12,14 @@ and a refusal to start over a previous run's results unless told to resume or ov
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
@@ -64,6 +66,8 @@ class TrainerState:
     """Micro-batches of the current epoch already consumed (skipped when resuming mid-epoch)."""
     metrics: dict[str, float] = field(default_factory=dict)
     base_metrics: dict[str, float] = field(default_factory=dict)
+    base_per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The base model's metrics of each validation image (to find the images fine-tuning helped and hurt most)."""
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -106,6 +110,25 @@ def resolve_resume(resume: str, root: Path) -> Path:
     return path
 
 
+ACCELERATE_CHECKPOINT_LOGGERS = ("accelerate.accelerator", "accelerate.checkpointing")
+"""Accelerate's loggers that print an INFO line for each file of a checkpoint saved or loaded."""
+
+
+@contextlib.contextmanager
+def quiet_accelerate_checkpointing() -> Iterator[None]:
+    """Keep only warnings and errors of Accelerate's `save_state`/`load_state` (7 INFO lines a checkpoint, which
+    break the progress bar); the trainer logs one line of its own."""
+    loggers = [logging.getLogger(name) for name in ACCELERATE_CHECKPOINT_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
 def save_checkpoint(
     accelerator: Accelerator, root: Path, state: TrainerState, save_adapter, settings: dict | None = None
 ) -> Path:
@@ -117,7 +140,8 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    with quiet_accelerate_checkpointing():
+        accelerator.save_state(str(staging))
     if accelerator.is_main_process:
         save_adapter(staging / "adapter")
         atomic_write_json(staging / STATE_FILE, asdict(state))

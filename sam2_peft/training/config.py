@@ -2,11 +2,55 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 
+from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+from ..data.sources import DataError
 from .losses import LossConfig
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "wandb", "all", "none")
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+class ConfigError(DataError):
+    """Settings that cannot work together or on this machine (the message names the flags and the fix)."""
+
+
+def check_report_to(report_to: str) -> None:
+    """Raise `ConfigError` when `report_to` names an unknown tracker or one whose package is missing: Accelerate
+    would drop it with a debug line and the run would train untracked."""
+    if report_to not in TRACKERS:
+        raise ConfigError(f"--report-to '{report_to}' is not a tracker: use one of {', '.join(TRACKERS)}.")
+    if report_to == "wandb" and not is_wandb_available():
+        raise ConfigError(
+            "--report-to wandb: wandb is not installed. Install it (pip install wandb, or pip install -e "
+            "'.[trackers]'), or pass --report-to tensorboard or none."
+        )
+    if report_to == "tensorboard" and not is_tensorboard_available():
+        raise ConfigError(
+            "--report-to tensorboard: tensorboard is not installed. Install it (pip install tensorboard), or pass "
+            "--report-to none."
+        )
+
+
+def effective_mixed_precision(mixed_precision: str | None) -> str:
+    """The mixed precision an Accelerator will use: the given one, else Accelerate's (`accelerate launch
+    --mixed_precision` and `accelerate config` reach it as ACCELERATE_MIXED_PRECISION), else `no`."""
+    return mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
+def check_half_base(base_dtype: str, mixed_precision: str | None) -> None:
+    """Raise `ConfigError` when a half-precision base would train without autocast (float32 adapters cannot meet a
+    half base outside it)."""
+    if base_dtype in HALF_DTYPES and effective_mixed_precision(mixed_precision) == "no":
+        raise ConfigError(
+            f"--base-dtype {base_dtype} needs mixed precision (mixed_precision is 'no'): add --mixed-precision "
+            f"{'fp16' if base_dtype == 'float16' else 'bf16'} (or accelerate launch --mixed_precision), or use "
+            "--base-dtype float32."
+        )
 
 
 @dataclass

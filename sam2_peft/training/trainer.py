@@ -4,7 +4,6 @@ evaluation with base-vs-fine-tuned pictures, best-k checkpoints and resume."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import random
 import time
@@ -15,11 +14,13 @@ from typing import IO
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, set_seed
 from accelerate.utils.other import load as accelerate_load
 from peft import PeftModel
+from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import Sam2Processor, get_cosine_schedule_with_warmup
 
@@ -36,14 +37,16 @@ from .checkpoints import (
     claim_output_dir,
     only_trainable_weights,
     prune_checkpoints,
+    quiet_accelerate_checkpointing,
     resolve_resume,
     save_checkpoint,
 )
-from .config import TrainingConfig
+from .config import ConfigError, TrainingConfig, check_report_to
 from .embedding_cache import EmbeddingCache, encoder_fingerprint, plan_embedding_cache
 from .losses import LossOutput, combine_rounds, sam2_loss
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
+"""Accelerate's logger: a line is printed by the main process only unless a call says `main_process_only=False`."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,6 +102,7 @@ class Trainer:
         self.base_name = base_name
         self.run_info = run_info or {}
         self.output_dir = Path(config.output_dir)
+        check_report_to(config.report_to)
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
@@ -200,7 +204,8 @@ class Trainer:
     def _panel_ids(self) -> list[str]:
         if self.val_dataset is None:
             return []
-        return [r.sample_id for r in self.val_dataset.records[: self.config.num_panels]]
+        records = self.val_dataset.records
+        return [records[i].sample_id for i in spread_indices(len(records), self.config.num_panels, self.config.seed)]
 
     # ----------------------------------------------------------------------------------------------- training
 
@@ -227,8 +232,10 @@ class Trainer:
             with self._base_model_only():
                 base = self.evaluate(keep_ids=set(self.panel_ids))
             self.state.base_metrics = base.metrics
+            self.state.base_per_image = base.per_image
             self.base_predictions = base.kept_predictions
             self._save_base_predictions()
+            self.accelerator.log({f"val/{k}": v for k, v in base.metrics.items()}, step=0)
             logger.info("Base model validation: %s", _format(base.metrics))
         self._loop()
         return self._finish()
@@ -336,11 +343,11 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- evaluation
 
-    def evaluate(self, keep_ids: set[str] | None = None) -> EvaluationResult:
-        """Score the current model on the validation set."""
+    def evaluate(self, keep_ids: set[str] | None = None, loader: DataLoader | None = None) -> EvaluationResult:
+        """Score the current model on the validation set (or on the validation images of `loader`)."""
         return evaluate_segmenter(
             self.wrapped,
-            self.val_loader,
+            self.val_loader if loader is None else loader,
             self.processor,
             self.accelerator,
             keep_ids=frozenset(keep_ids or ()),
@@ -358,29 +365,71 @@ class Trainer:
             self.accelerator.log({f"val/{k}": v for k, v in result.metrics.items()}, step=self.state.global_step)
             logger.info("Step %d validation: %s", self.state.global_step, _format(result.metrics))
             if self.accelerator.is_main_process:
-                self._write_panels(
+                panels = self._write_panels(
                     result.kept_predictions, self.output_dir / "panels" / f"step-{self.state.global_step}"
                 )
+                self._log_panels(panels, "panels", self.state.global_step)
         root = self.output_dir / "checkpoints"
-        save_checkpoint(self.accelerator, root, self.state, self._save_adapter, self.run_settings())
+        path = save_checkpoint(self.accelerator, root, self.state, self._save_adapter, self.run_settings())
+        logger.info("Saved checkpoint %s", path)
         if self.accelerator.is_main_process:
             prune_checkpoints(root, self.config.metric_for_best, self.config.keep_best)
         self.accelerator.wait_for_everyone()
 
-    def _write_panels(self, tuned: dict[str, np.ndarray], directory: Path) -> None:
+    def _write_panels(
+        self,
+        tuned: dict[str, np.ndarray],
+        directory: Path,
+        names: dict[str, str] | None = None,
+        base: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, Image.Image]:
+        """Draw and save the panels of `names` (file name -> sample id; default the panel ids) that `tuned` holds;
+        returns them by file name. `base` defaults to the base predictions kept at the start."""
+        names = {sample_id: sample_id for sample_id in self.panel_ids} if names is None else names
+        base = self.base_predictions if base is None else base
         panels = {}
-        for sample_id in self.panel_ids:
+        for name, sample_id in names.items():
             if sample_id not in tuned:
                 continue
             image, truth = self.val_dataset.original(sample_id)
-            tiles = {
-                "ground truth": truth,
-                "base": self.base_predictions.get(sample_id),
-                "fine-tuned": tuned[sample_id],
-            }
-            panels[sample_id] = comparison_panel(image, {k: v for k, v in tiles.items() if v is not None}, sample_id)
+            tiles = {"ground truth": truth, "base": base.get(sample_id), "fine-tuned": tuned[sample_id]}
+            panels[name] = comparison_panel(image, {k: v for k, v in tiles.items() if v is not None}, sample_id)
         if panels:
             save_panels(panels, directory)
+        return panels
+
+    def _log_panels(self, panels: dict[str, Image.Image], prefix: str, step: int) -> None:
+        """Send panels to the trackers that take images (TensorBoard, wandb), as `prefix/<name>` at `step`."""
+        if not panels or not self.accelerator.is_main_process:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                images = {f"{prefix}/{name}": np.asarray(panel)[None] for name, panel in panels.items()}
+                tracker.log_images(images, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({f"{prefix}/{name}": [panel] for name, panel in panels.items()}, step=step)
+
+    def _dice_extremes(self, final: EvaluationResult) -> dict[str, str]:
+        """The validation images whose Dice the fine-tuning lowered most and raised most (fine-tuned minus base), as
+        panel name -> sample id; empty without per-image Dice of both models."""
+        base = self.state.base_per_image
+        change = {
+            sample_id: scores["dice"] - base[sample_id]["dice"]
+            for sample_id, scores in final.per_image.items()
+            if "dice" in scores and "dice" in base.get(sample_id, {})
+        }
+        if not change:
+            return {}
+        ordered = sorted(change, key=lambda sample_id: (change[sample_id], sample_id))
+        return {f"worst-dice-change-{ordered[0]}": ordered[0], f"best-dice-change-{ordered[-1]}": ordered[-1]}
+
+    def _predict_for_panels(self, sample_ids: set[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(base, fine-tuned) predictions of a few validation images, by sample id (every process runs them all)."""
+        indices = [i for i, r in enumerate(self.val_dataset.records) if r.sample_id in sample_ids]
+        loader = DataLoader(Subset(self.val_dataset, indices), batch_size=1, collate_fn=self.collate_fn)
+        with self._base_model_only():
+            base = self.evaluate(keep_ids=sample_ids, loader=loader).kept_predictions
+        return base, self.evaluate(keep_ids=sample_ids, loader=loader).kept_predictions
 
     def _save_base_predictions(self) -> None:
         if self.accelerator.is_main_process and self.base_predictions:
@@ -406,7 +455,8 @@ class Trainer:
     def _resume(self, checkpoint: Path) -> None:
         check_run_settings(checkpoint, self.run_settings())
         self._check_random_states(checkpoint)
-        self.accelerator.load_state(str(checkpoint), strict=False)
+        with quiet_accelerate_checkpointing():
+            self.accelerator.load_state(str(checkpoint), strict=False)
         self.state = TrainerState.load(checkpoint)
         base_file = self.output_dir / "base_predictions.npz"
         if base_file.exists():
@@ -427,6 +477,7 @@ class Trainer:
                 path,
                 type(error).__name__,
                 str(error).splitlines()[0] if str(error) else "",
+                main_process_only=False,  # each process has its own file
             )
 
     def _finish(self) -> dict:
@@ -435,15 +486,25 @@ class Trainer:
         if self.val_loader is not None:
             step, result = self.last_evaluation
             final = result if step == state.global_step else self.evaluate(keep_ids=set(self.panel_ids))
+        extremes = self._dice_extremes(final) if final is not None else {}
+        extra_base, extra_tuned = self._predict_for_panels(set(extremes.values())) if extremes else ({}, {})
         if accelerator.is_main_process:
             self._save_adapter(self.output_dir)
             if final is not None:
-                self._write_panels(final.kept_predictions, self.output_dir / "panels" / "final")
+                names = {**{sample_id: sample_id for sample_id in self.panel_ids}, **extremes}
+                panels = self._write_panels(
+                    {**final.kept_predictions, **extra_tuned},
+                    self.output_dir / "panels" / "final",
+                    names,
+                    {**self.base_predictions, **extra_base},
+                )
+                self._log_panels(panels, "final", state.global_step)
             trainable, total = count_parameters(self.model)
             summary = {
                 "base": state.base_metrics,
                 "fine_tuned": final.metrics if final else {},
                 "per_image": final.per_image if final else {},
+                "base_per_image": state.base_per_image,
                 "steps": state.global_step,
                 "trainable_parameters": trainable,
                 "total_parameters": total,
@@ -462,13 +523,23 @@ class Trainer:
         return {"base": state.base_metrics, "fine_tuned": final.metrics if final else {}}
 
 
+def spread_indices(count: int, wanted: int, seed: int) -> list[int]:
+    """`wanted` of `range(count)` spread over the whole range: one drawn (seeded) from each of `wanted` equal
+    stretches, so that panels do not show neighbours (consecutive frames of one video, one class of a sorted set)."""
+    if wanted >= count:
+        return list(range(count))
+    rng = random.Random(seed)
+    return [rng.randrange(i * count // wanted, (i + 1) * count // wanted) for i in range(wanted)]
+
+
 def keep_trainable_fp32(model: nn.Module, mixed_precision: str) -> None:
     """Cast trainable parameters to float32 (base weights may stay half precision, which needs autocast)."""
     frozen_half = any(not p.requires_grad and p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
     if frozen_half and mixed_precision == "no":
-        raise ValueError(
-            "The base weights are in half precision: train with mixed_precision 'bf16' or 'fp16' (--mixed-precision) "
-            "so that the float32 adapters and the half base meet under autocast."
+        raise ConfigError(
+            "The base weights are in half precision (--base-dtype) and mixed_precision is 'no': add "
+            "--mixed-precision bf16 or fp16 so that the float32 adapters and the half base meet under autocast, or "
+            "load the base in float32."
         )
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:

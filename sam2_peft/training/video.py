@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.logging import get_logger
 from accelerate.utils import gather_object
+from PIL import Image
 
 from ..data.video import collate_clips
 from ..evaluation.panels import save_panels
@@ -15,9 +16,9 @@ from ..evaluation.runner import EvaluationResult
 from ..evaluation.video_runner import evaluate_video, frame_strip
 from ..models.video_forward import ClipPrompt, FrameOutput, Sam2VideoTracker
 from .losses import LossConfig, LossOutput, sam2_loss
-from .trainer import Trainer
+from .trainer import Trainer, spread_indices
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 LOSS_FRAMES = ("last", "all")
 _SCALARS = ("loss", "mask", "dice", "iou", "object_score")
@@ -119,15 +120,26 @@ class VideoTrainer(Trainer):
     def _panel_ids(self) -> list[str]:
         if self.val_dataset is None:
             return []
-        return [s.name for s in self.val_dataset.sequences[: self.config.num_panels]]
+        sequences = self.val_dataset.sequences
+        return [sequences[i].name for i in spread_indices(len(sequences), self.config.num_panels, self.config.seed)]
 
-    def _write_panels(self, tuned: dict[str, np.ndarray], directory: Path) -> None:
+    def _write_panels(
+        self,
+        tuned: dict[str, np.ndarray],
+        directory: Path,
+        names: dict[str, str] | None = None,
+        base: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, Image.Image]:
+        """Frame strips of the sequences of `names` (file name -> sequence; default the panel ids), as `Trainer`'s."""
+        names = {name: name for name in self.panel_ids} if names is None else names
+        base = self.base_predictions if base is None else base
         sequences = {s.name: s for s in self.val_dataset.sequences}
         strips = {}
-        for name in self.panel_ids:
-            if name in tuned:
-                tiles = {"base": self.base_predictions.get(name), "fine-tuned": tuned[name]}
+        for name, sequence in names.items():
+            if sequence in tuned:
+                tiles = {"base": base.get(sequence), "fine-tuned": tuned[sequence]}
                 tiles = {k: v for k, v in tiles.items() if v is not None}
-                strips[name] = frame_strip(sequences[name], tiles, self.config.num_panels)
+                strips[name] = frame_strip(sequences[sequence], tiles, self.config.num_panels)
         if strips:
             save_panels(strips, directory)
+        return strips

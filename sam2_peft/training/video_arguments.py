@@ -10,6 +10,7 @@ from ..data.video import VideoClipDataset, VideoDatasetConfig, VideoSequenceData
 from ..models.loading import load_base_model
 from ..tuners.methods import TuningMethod
 from .arguments import training_config_from_args
+from .config import check_report_to
 from .video import LOSS_FRAMES, VideoTrainer
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def build_video_datasets(args: argparse.Namespace, processor) -> tuple[VideoClip
 def run_video_recipe(args: argparse.Namespace, method: TuningMethod) -> dict:
     """Load the video model, build clips and validation sequences, train, save. Returns the final metrics."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_report_to(args.report_to)  # before the (slow) model load
     model, processor = load_base_model(args.model, video=True, revision=args.revision, meta_config=args.meta_config)
     train_dataset, val_dataset = build_video_datasets(args, processor)
     config = training_config_from_args(args)

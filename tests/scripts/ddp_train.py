@@ -1,5 +1,6 @@
 """Launched by a test with `accelerate launch` in 2 CPU processes: train a LoRA, then dump each rank's weights."""
 
+import logging
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sam2_peft.training.trainer import Trainer
 from sam2_peft.tuners.methods import LoraMethod
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args, _ = recipe_parser("ddp test").parse_known_args(sys.argv[1:])
     model, processor = load_base_model(args.model)
     train_dataset, val_dataset = build_datasets(args, processor, dataset_config_from_args(args))
