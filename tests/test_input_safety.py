@@ -306,3 +306,16 @@ def test_cli_unwritable_out_dir(where, lora_dir, images, read_only_dir, tmp_path
     for argv in (["predict", str(images), str(out), "--adapter", str(lora_dir)], ["merge", str(lora_dir), str(out)]):
         message = error_of(argv)
         assert f"OUT_DIR '{out}'" in message and expected in message, message
+
+
+def test_atomic_writes_keep_the_usual_file_permissions(tmp_path):
+    import os
+
+    from sam2_peft.io import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "metrics.json", {"dice": 0.5})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
