@@ -10,7 +10,8 @@ from peft import PeftModel
 from transformers import Sam2Model
 
 from recipes.lora_decoder import main as lora_recipe
-from sam2_peft.hub.model_card import build_model_card, write_model_card
+from sam2_peft.hub.model_card import build_model_card, comparison_picture, write_model_card
+from sam2_peft.hub.resolve import trained_prompt
 from sam2_peft.models.loading import load_base_model
 from sam2_peft.tuners.methods import METHODS, FullMethod
 from tests.adapter_helpers import METRICS, make_adapter
@@ -22,7 +23,9 @@ PEFT_TEMPLATE = "# Model Card for Model ID"
 def test_run_folder_gets_the_pushed_card_with_model_index(saved_tiny_model, folder_dataset, tmp_path):
     out = tmp_path / "run"
     lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2"))
-    assert PEFT_TEMPLATE in (out / "README.md").read_text()  # what peft's save leaves today
+    left = ModelCard.load(out / "README.md")  # every run leaves the card in its folder, not peft's template
+    assert PEFT_TEMPLATE not in left.text and left.data.eval_results
+    assert trained_prompt(out) == "box"  # recorded for `predict`'s prompt warning
 
     path = write_model_card(out, base_model="facebook/sam2.1-hiera-tiny", license="apache-2.0")
     assert path == out / "README.md" and path.is_file() and not path.is_symlink()
@@ -33,7 +36,8 @@ def test_run_folder_gets_the_pushed_card_with_model_index(saved_tiny_model, fold
     assert f"| Dice | {metrics['base']['dice']:.4f} | {metrics['fine_tuned']['dice']:.4f} |" in card.text
     assert f"{metrics['trainable_parameters']:,}" in card.text and folder_dataset.name in card.text
     assert "Sam2PeftPredictor.from_pretrained" in card.text
-    picture = next((out / "panels" / "final").glob("*.png")).relative_to(out).as_posix()
+    picture = comparison_picture(out).relative_to(out).as_posix()
+    assert not picture.startswith(("panels/final/worst", "panels/final/best"))
     assert f"![Base vs. fine-tuned]({picture})" in card.text
 
     data = card.data

@@ -29,10 +29,16 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and bool(HUB_ID.match(name)) and not os.path.exists(name) and name not in BUILTIN_ARCHITECTURES
 
 
+EXTREME_PANEL_PREFIXES = ("worst-dice-change-", "best-dice-change-")
+"""Names of the trainer's panels of the images whose Dice fine-tuning changed most."""
+
+
 def comparison_picture(output_dir: str | os.PathLike) -> Path | None:
-    """The first final-evaluation panel of a training run (`panels/final/*.png`), if any."""
+    """The first final-evaluation panel of a training run (`panels/final/*.png`), if any: one of the images spread
+    over the validation set rather than the best or worst Dice change, which would not be typical."""
     pictures = sorted((Path(output_dir) / "panels" / "final").glob("*.png"))
-    return pictures[0] if pictures else None
+    typical = [p for p in pictures if not p.name.startswith(EXTREME_PANEL_PREFIXES)]
+    return (typical or pictures)[0] if pictures else None
 
 
 def dataset_name(data: str | None) -> str | None:

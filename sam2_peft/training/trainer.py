@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 from transformers import Sam2Processor, get_cosine_schedule_with_warmup
 
 from ..data.dataset import SegmentationDataset, collate_segmentation
+from ..data.prompts import mask_to_boxes
 from ..evaluation.panels import comparison_panel, save_panels
 from ..evaluation.runner import EvaluationResult, batch_inputs, evaluate_segmenter
+from ..hub.model_card import EXTREME_PANEL_PREFIXES, write_model_card
 from ..io import atomic_write_json
 from ..models.segmenter import Sam2Segmenter, wants_multimask
 from ..tuners.methods import TuningMethod
@@ -366,7 +368,9 @@ class Trainer:
             logger.info("Step %d validation: %s", self.state.global_step, _format(result.metrics))
             if self.accelerator.is_main_process:
                 panels = self._write_panels(
-                    result.kept_predictions, self.output_dir / "panels" / f"step-{self.state.global_step}"
+                    result.kept_predictions,
+                    self.output_dir / "panels" / f"step-{self.state.global_step}",
+                    tuned_scores=result.per_image,
                 )
                 self._log_panels(panels, "panels", self.state.global_step)
         root = self.output_dir / "checkpoints"
@@ -382,18 +386,33 @@ class Trainer:
         directory: Path,
         names: dict[str, str] | None = None,
         base: dict[str, np.ndarray] | None = None,
+        tuned_scores: dict[str, dict[str, float]] | None = None,
     ) -> dict[str, Image.Image]:
         """Draw and save the panels of `names` (file name -> sample id; default the panel ids) that `tuned` holds;
-        returns them by file name. `base` defaults to the base predictions kept at the start."""
+        returns them by file name. `base` defaults to the base predictions kept at the start. Each panel shows the
+        evaluation's box prompts (tight boxes; none for point or prompt-free evaluation) and the per-image Dice of
+        the base and of the fine-tuned model (`tuned_scores`: per-image metrics of the evaluation drawn)."""
         names = {sample_id: sample_id for sample_id in self.panel_ids} if names is None else names
         base = self.base_predictions if base is None else base
+        draws_boxes = self.val_dataset.config.prompts.prompt in ("box", "mixed")
         panels = {}
         for name, sample_id in names.items():
             if sample_id not in tuned:
                 continue
             image, truth = self.val_dataset.original(sample_id)
             tiles = {"ground truth": truth, "base": base.get(sample_id), "fine-tuned": tuned[sample_id]}
-            panels[name] = comparison_panel(image, {k: v for k, v in tiles.items() if v is not None}, sample_id)
+            dice = {
+                tile: scores[sample_id]["dice"]
+                for tile, scores in (("base", self.state.base_per_image), ("fine-tuned", tuned_scores or {}))
+                if "dice" in scores.get(sample_id, {})
+            }
+            panels[name] = comparison_panel(
+                image,
+                {k: v for k, v in tiles.items() if v is not None},
+                sample_id,
+                boxes=mask_to_boxes(torch.from_numpy(truth)).numpy() if draws_boxes and len(truth) else None,
+                dice=dice or None,
+            )
         if panels:
             save_panels(panels, directory)
         return panels
@@ -421,7 +440,8 @@ class Trainer:
         if not change:
             return {}
         ordered = sorted(change, key=lambda sample_id: (change[sample_id], sample_id))
-        return {f"worst-dice-change-{ordered[0]}": ordered[0], f"best-dice-change-{ordered[-1]}": ordered[-1]}
+        worst, best = EXTREME_PANEL_PREFIXES
+        return {f"{worst}{ordered[0]}": ordered[0], f"{best}{ordered[-1]}": ordered[-1]}
 
     def _predict_for_panels(self, sample_ids: set[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(base, fine-tuned) predictions of a few validation images, by sample id (every process runs them all)."""
@@ -497,6 +517,7 @@ class Trainer:
                     self.output_dir / "panels" / "final",
                     names,
                     {**self.base_predictions, **extra_base},
+                    tuned_scores=final.per_image,
                 )
                 self._log_panels(panels, "final", state.global_step)
             trainable, total = count_parameters(self.model)
@@ -515,8 +536,9 @@ class Trainer:
             atomic_write_json(self.output_dir / "metrics.json", summary)
             atomic_write_json(
                 self.output_dir / "training_config.json",
-                {"training": self.config.to_dict(), "data": asdict(self.train_dataset.config), **self.run_info},
+                {"training": self.config.to_dict(), "dataset": asdict(self.train_dataset.config), **self.run_info},
             )
+            write_model_card(self.output_dir)
             logger.info("Done. Fine-tuned validation: %s", _format(summary["fine_tuned"]))
         accelerator.wait_for_everyone()
         accelerator.end_training()
