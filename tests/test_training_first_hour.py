@@ -153,3 +153,11 @@ def test_tensorboard_gets_base_metrics_at_step_0_and_panels_as_images(saved_tiny
     assert any(tag.startswith("panels/") for tag in images) and any(tag.startswith("final/") for tag in images)
     (tag,) = [tag for tag in images if tag.startswith("panels/")]
     assert accumulator.Images(tag)[0].step == 2 and accumulator.Images(tag)[0].width > 100
+
+
+def test_the_training_bar_shows_the_embedding_cache_filling(saved_tiny_model, folder_dataset, tmp_path, capsys):
+    # 4 training images without augmentation (one view each) and 2 validation images, which the base evaluation
+    # caches before training: 4 of 6 entries after the first step of batch 2, all after the second.
+    lora_recipe(_args(saved_tiny_model, folder_dataset, tmp_path / "run", "--max-steps", "3", "--no-augment"))
+    bar = capsys.readouterr().err
+    assert "cache=4/6 views" in bar and "cache=full" in bar and "MiB" in bar

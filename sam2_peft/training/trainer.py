@@ -144,6 +144,8 @@ class Trainer:
         self.state = TrainerState()
         self.panel_ids = self._panel_ids()
         self.base_predictions: dict[str, np.ndarray] = {}
+        self._postfix: dict[str, str] = {}
+        """What the training bar shows after its counter (loss, embedding-cache fill)."""
         self.last_evaluation: tuple[int, EvaluationResult | None] = (-1, None)
         """(step, result) of the newest evaluation, so that the end of training does not repeat it."""
 
@@ -175,6 +177,13 @@ class Trainer:
         if not plan.enabled:
             return None
         self.train_dataset.set_augmentation_views(plan.views)
+        processes = self.accelerator.num_processes
+        val_images = len(self.val_dataset) if self.val_dataset is not None else 0
+        self.cache_capacity = math.ceil(len(self.train_dataset) / processes) * plan.views + math.ceil(
+            val_images / processes
+        )
+        """Entries a full cache of this process holds (its share of the training images, each in every view, and of
+        the validation images): what the training bar counts."""
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
         return EmbeddingCache(
             self._encode,
@@ -287,6 +296,7 @@ class Trainer:
                     continue
                 state.global_step += 1
                 progress.update(1)
+                self._show_cache_fill(progress)
                 if state.global_step % config.log_every == 0 or state.global_step == self.total_steps:
                     self._log_training(running, time.perf_counter() - step_start, progress)
                     running, step_start = [], time.perf_counter()
@@ -341,7 +351,23 @@ class Trainer:
         means["seconds_per_step"] = seconds / max(1, self.config.log_every)
         self.state.history.append({"step": self.state.global_step, **means})
         self.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=self.state.global_step)
-        progress.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
+        self._postfix["loss"] = f"{means.get('loss', float('nan')):.4f}"
+        progress.set_postfix(self._postfix)
+
+    def _show_cache_fill(self, progress: tqdm) -> None:
+        """While the embedding cache fills (during the first pass over the data), show on the training bar how many
+        image views it holds and the memory and disk they take."""
+        if self.cache is None or self._postfix.get("cache", "").startswith("full"):
+            return
+        stats = self.cache.stats
+        held = stats.memory_entries + stats.disk_entries
+        size = f"{stats.memory_bytes / 2**20:.0f} MiB" + (
+            f" + {stats.disk_entries} on disk" if stats.disk_entries else ""
+        )
+        self._postfix["cache"] = (
+            f"full, {size}" if held >= self.cache_capacity else f"{held}/{self.cache_capacity} views, {size}"
+        )
+        progress.set_postfix(self._postfix)
 
     # --------------------------------------------------------------------------------------------- evaluation
 
