@@ -14,6 +14,7 @@ from sam2_peft.data.synthetic import (
     SyntheticSceneConfig,
     SyntheticSceneDataset,
     generate_scene,
+    main,
     write_scene_folder,
 )
 
@@ -168,6 +169,27 @@ def test_documented_command_reproduces_sample(tmp_path):
                 read_png(SAMPLE_DIR / folder / name),
                 err_msg=f"{folder}/{name}",
             )
+
+
+def test_style_flags_of_the_command_line_set_the_scene_config(tmp_path):
+    main([
+        str(tmp_path), "--num-scenes", "2", "--size", "64", "--shape-kinds", "ring,blob", "--illumination-strength", "0",
+        "--object-radius", "0.1", "0.2", "--min-objects", "2",
+    ])  # fmt: skip
+    config = SyntheticSceneConfig(
+        image_size=64, shape_kinds=("ring", "blob"), illumination_strength=0.0, object_radius=(0.1, 0.2), min_objects=2
+    )
+    for index, scene in enumerate(SyntheticSceneDataset(2, 0, config)):
+        np.testing.assert_array_equal(read_png(tmp_path / "images" / f"scene_{index:04d}.png"), scene.image)
+        np.testing.assert_array_equal(read_png(tmp_path / "masks" / f"scene_{index:04d}.png"), scene.instances)
+
+
+def test_invalid_style_flag_stops_with_the_config_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--shape-kinds", "ring,square"])
+    assert exit_info.value.code == 2
+    assert "error: shape_kinds must be a non-empty subset" in capsys.readouterr().err
+    assert not (tmp_path / "images").exists()
 
 
 def test_sample_is_small():

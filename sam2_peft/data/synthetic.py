@@ -29,8 +29,9 @@ import argparse
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import get_type_hints
 
 import numpy as np
 from PIL import Image
@@ -587,6 +588,25 @@ def write_scene_folder(
     return out_dir
 
 
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `SyntheticSceneConfig` field (but `image_size`, which is `--size`), with the field's help, so a
+    sample of a particular scene style is one reproducible command."""
+    hints = get_type_hints(SyntheticSceneConfig)
+    group = parser.add_argument_group("scene style (SyntheticSceneConfig)")
+    for config_field in fields(SyntheticSceneConfig):
+        if config_field.name == "image_size":
+            continue
+        flag = "--" + config_field.name.replace("_", "-")
+        kind = hints[config_field.name]
+        help_text = f"{config_field.metadata['help']} Default: {config_field.default}."
+        if kind == tuple[str, ...]:
+            group.add_argument(flag, type=lambda text: tuple(text.split(",")), help=help_text + " Comma-separated.")
+        elif kind == tuple[float, float]:
+            group.add_argument(flag, type=float, nargs=2, metavar=("LOW", "HIGH"), help=help_text)
+        else:
+            group.add_argument(flag, type=kind, help=help_text)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point: write a scene folder."""
     parser = argparse.ArgumentParser(
@@ -597,10 +617,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-scenes", type=int, default=24, help="number of scenes")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--size", type=int, default=256, help="image height and width")
-    args = parser.parse_args(argv)
-    config = SyntheticSceneConfig(image_size=args.size)
-    write_scene_folder(args.out_dir, args.num_scenes, args.seed, config)
-    print(f"wrote {args.num_scenes} scenes to {args.out_dir}")
+    _add_config_flags(parser)
+    args = vars(parser.parse_args(argv))
+    out_dir, num_scenes, seed, size = (args.pop(name) for name in ("out_dir", "num_scenes", "seed", "size"))
+    style = {
+        name: tuple(value) if isinstance(value, list) else value for name, value in args.items() if value is not None
+    }
+    try:
+        config = SyntheticSceneConfig(image_size=size, **style)
+    except ValueError as error:
+        parser.error(str(error))
+    write_scene_folder(out_dir, num_scenes, seed, config)
+    print(f"wrote {num_scenes} scenes to {out_dir}")
 
 
 if __name__ == "__main__":
