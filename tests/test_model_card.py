@@ -70,3 +70,14 @@ def test_only_peft_adapters_are_labelled_peft(kind, saved_tiny_model, tmp_path):
     assert [r.metric_value for r in data.eval_results] == [METRICS["fine_tuned"][k] for k in METRICS["fine_tuned"]]
     if kind == "full":  # the usage snippet loads the whole model, not an adapter
         assert 'load_base_model("org/name")' in build_model_card(folder, "org/name").text
+
+
+@pytest.mark.parametrize(
+    ("base", "license"),
+    [("facebook/sam2.1-hiera-small", "apache-2.0"), ("compact-synthetic", "apache-2.0"), ("someone/sam2-x", None)],
+)
+def test_the_card_names_the_license_of_a_known_base(base, license, saved_tiny_model, tmp_path):
+    make_adapter("lora", saved_tiny_model, tmp_path / "lora")
+    (tmp_path / "lora" / "metrics.json").write_text(json.dumps({"fine_tuned": METRICS, "base_model": base}))
+    assert build_model_card(tmp_path / "lora").data.license == license
+    assert build_model_card(tmp_path / "lora", license="mit").data.license == "mit"

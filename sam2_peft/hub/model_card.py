@@ -101,6 +101,16 @@ def _eval_results(tuned: dict, dataset: str | None) -> list[EvalResult] | None:
     return results or None
 
 
+def base_license(base_model: str | None) -> str | None:
+    """The license of a base this package knows: Meta's SAM 2 / 2.1 checkpoints and the built-in models (shipped
+    with this Apache-2.0 package) are Apache-2.0; None for any other base (the card then names no license)."""
+    from ..models.loading import builtin_names
+
+    if base_model and (base_model.startswith(("facebook/sam2-", "facebook/sam2.1-")) or base_model in builtin_names()):
+        return "apache-2.0"
+    return None
+
+
 def build_model_card(
     output_dir: str | os.PathLike,
     repo_id: str | None = None,
@@ -118,7 +128,7 @@ def build_model_card(
         repo_id: the repo the card is for (title and usage snippet); None: the local folder.
         base_model: the base model's Hub id when the run used a local copy; default the one recorded by the run.
         picture: path of the comparison picture relative to the card (e.g. `comparison.png`), or None.
-        license: the adapter's license id (e.g. `apache-2.0`, the SAM 2 weights' license), or None.
+        license: the adapter's license id; default the base model's where it is known (`base_license`).
     """
     output_dir = Path(output_dir)
     metrics = _read(output_dir / "metrics.json")
@@ -135,7 +145,7 @@ def build_model_card(
     card_data = ModelCardData(
         base_model=base if is_hub_id(base) else None,
         library_name=library,
-        license=license,
+        license=license or base_license(base),
         pipeline_tag="mask-generation",
         tags=["sam2", "sam2-peft", *(["peft"] if library == "peft" else []), method, "image-segmentation"],
         datasets=hub_datasets or None,
