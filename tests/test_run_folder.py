@@ -66,6 +66,15 @@ def test_resume_with_changed_settings_names_what_differs(saved_tiny_model, folde
     assert "pass only one" in _error_line(capsys, args + ["--resume", "--overwrite"])
 
 
+def test_resume_may_train_a_run_for_longer_with_a_warning(saved_tiny_model, folder_dataset, tmp_path, caplog):
+    out = tmp_path / "run"
+    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1"))
+    with caplog.at_level(logging.WARNING):
+        lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--eval-every", "1", "--resume"))
+    assert "training.max_steps 2 -> 3" in caplog.text and "schedule is rebuilt" in caplog.text
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+
+
 def test_a_second_concurrent_run_stops_naming_the_first_and_a_killed_run_does_not_block(
     saved_tiny_model, folder_dataset, tmp_path
 ):

@@ -259,8 +259,13 @@ def _holds(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
+RUN_LENGTH_SETTINGS = ("training.max_steps", "training.epochs")
+"""Settings a resume may change (training a finished run for longer), with a warning."""
+
+
 def check_run_settings(checkpoint: Path, current: dict) -> None:
-    """Raise `ResumeMismatchError` listing every setting that differs between `checkpoint` and the current run.
+    """Raise `ResumeMismatchError` listing every setting that differs between `checkpoint` and the current run;
+    a changed run length (`RUN_LENGTH_SETTINGS`) only warns.
 
     Checkpoints written before settings were saved cannot be checked: a warning says so.
     """
@@ -269,11 +274,20 @@ def check_run_settings(checkpoint: Path, current: dict) -> None:
         logger.warning("%s has no %s: cannot check that the run resumes with the same settings.", checkpoint, path.name)
         return
     saved, now = _flatten(json.loads(path.read_text())), _flatten(_as_json(current))
-    changed = [
-        f"{key} {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
-        for key in sorted(saved.keys() | now.keys())
-        if saved.get(key) != now.get(key)
-    ]
+    differing = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+
+    def describe(key: str) -> str:
+        return f"{key} {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+
+    longer = [describe(key) for key in differing if key in RUN_LENGTH_SETTINGS]
+    if longer:
+        logger.warning(
+            "Resuming '%s' with another run length (%s): the learning-rate schedule is rebuilt for the new length, "
+            "so the run differs from one started with it.",
+            checkpoint,
+            "; ".join(longer),
+        )
+    changed = [describe(key) for key in differing if key not in RUN_LENGTH_SETTINGS]
     if changed:
         raise ResumeMismatchError(
             f"resuming '{checkpoint}' with changed settings: {'; '.join(changed)}. Resume with the checkpoint's "

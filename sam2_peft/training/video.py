@@ -129,8 +129,10 @@ class VideoTrainer(Trainer):
         directory: Path,
         names: dict[str, str] | None = None,
         base: dict[str, np.ndarray] | None = None,
+        tuned_scores: dict[str, dict[str, float]] | None = None,
     ) -> dict[str, Image.Image]:
-        """Frame strips of the sequences of `names` (file name -> sequence; default the panel ids), as `Trainer`'s."""
+        """Frame strips of the sequences of `names` (file name -> sequence; default the panel ids), as `Trainer`'s
+        (without per-sequence scores: `tuned_scores` is accepted for the shared call and not drawn)."""
         names = {name: name for name in self.panel_ids} if names is None else names
         base = self.base_predictions if base is None else base
         sequences = {s.name: s for s in self.val_dataset.sequences}
