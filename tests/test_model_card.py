@@ -15,14 +15,14 @@ from sam2_peft.hub.resolve import trained_prompt
 from sam2_peft.models.loading import load_base_model
 from sam2_peft.tuners.methods import METHODS, FullMethod
 from tests.adapter_helpers import METRICS, make_adapter
-from tests.test_trainer import _args
+from tests.recipe_helpers import lora_args
 
 PEFT_TEMPLATE = "# Model Card for Model ID"
 
 
 def test_run_folder_gets_the_pushed_card_with_model_index(saved_tiny_model, folder_dataset, tmp_path):
     out = tmp_path / "run"
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2"))
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2"))
     left = ModelCard.load(out / "README.md")  # every run leaves the card in its folder, not peft's template
     assert PEFT_TEMPLATE not in left.text and left.data.eval_results
     assert trained_prompt(out) == "box"  # recorded for `predict`'s prompt warning

@@ -14,63 +14,50 @@ import torch
 
 from recipes.lora_decoder import main as lora_recipe
 from sam2_peft.training import trainer as trainer_module
-from sam2_peft.training.arguments import run_from_command_line
 from sam2_peft.training.checkpoints import ResumeMismatchError, RunFolderError
+from tests.recipe_helpers import error_line, lora_args
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model", str(base), "--data", str(data), "--output-dir", str(out), "--val-fraction", "0.34",
-        "--report-to", "none", "--batch-size", "2", "--lora-r", "4", "--lr", "1e-3", "--num-panels", "1", *extra,
-    ]  # fmt: skip
-
-
-def _error_line(capsys, argv: list[str]) -> str:
-    """Run the recipe as the command line does; return what it prints on exit (status 1, no traceback)."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_from_command_line(lambda: lora_recipe(argv))
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    assert "Traceback" not in capsys.readouterr().err
-    return message
 
 
 def test_a_second_run_into_a_finished_run_is_refused_unless_resumed_or_overwritten(
     saved_tiny_model, folder_dataset, tmp_path, capsys
 ):
     out = tmp_path / "run"
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "4", "--eval-every", "2"))
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "4", "--eval-every", "2"))
     first_adapter = (out / "adapter_model.safetensors").read_bytes()
-    message = _error_line(capsys, _args(saved_tiny_model, folder_dataset, out, "--max-steps", "2"))
+    message = error_line(capsys, lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2"))
     assert str(out) in message and "--resume" in message and "--overwrite" in message
     assert (out / "adapter_model.safetensors").read_bytes() == first_adapter
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
     # --overwrite starts afresh: none of the old run's checkpoints survive to be pruned into or resumed from.
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--eval-every", "3", "--overwrite"))
+    lora_recipe(
+        lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--eval-every", "3", "--overwrite")
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
 
 
 def test_resume_with_changed_settings_names_what_differs(saved_tiny_model, folder_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    args = _args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1")
+    args = lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1")
     lora_recipe(args)
     with pytest.raises(ResumeMismatchError, match=r"training\.lr 0\.001 -> 0\.01"):
         lora_recipe(args + ["--resume", "--lr", "1e-2"])
-    message = _error_line(capsys, args + ["--resume", "--lora-r", "8"])
+    message = error_line(capsys, args + ["--resume", "--lora-r", "8"])
     assert "method.r 4 -> 8" in message and "step-2" in message
     lora_recipe(args + ["--resume"])  # the same settings resume (here: nothing left to train)
-    assert "pass only one" in _error_line(capsys, args + ["--resume", "--overwrite"])
+    assert "pass only one" in error_line(capsys, args + ["--resume", "--overwrite"])
 
 
 def test_resume_may_train_a_run_for_longer_with_a_warning(saved_tiny_model, folder_dataset, tmp_path, caplog):
     out = tmp_path / "run"
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1"))
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1"))
     with caplog.at_level(logging.WARNING):
-        lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--eval-every", "1", "--resume"))
+        lora_recipe(
+            lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--eval-every", "1", "--resume")
+        )
     assert "training.max_steps 2 -> 3" in caplog.text and "schedule is rebuilt" in caplog.text
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
 
@@ -89,11 +76,11 @@ def test_a_second_concurrent_run_stops_naming_the_first_and_a_killed_run_does_no
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderError, match=rf"in use by another training run \(pid {holder.pid}\)"):
-            lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1"))
+            lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1"))
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1"))  # the killed run's lock is gone
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1"))  # the killed run's lock is gone
     assert json.loads((out / "metrics.json").read_text())["steps"] == 1
 
 
@@ -109,9 +96,9 @@ def _writable(folder: Path) -> bool:
 def test_unusable_output_folders_are_one_line_errors(saved_tiny_model, folder_dataset, tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
-    message = _error_line(capsys, _args(saved_tiny_model, folder_dataset, a_file, "--max-steps", "1"))
+    message = error_line(capsys, lora_args(saved_tiny_model, folder_dataset, a_file, "--max-steps", "1"))
     assert f"--output-dir '{a_file}' is a file" in message
-    message = _error_line(capsys, _args(saved_tiny_model, folder_dataset, a_file / "run", "--max-steps", "1"))
+    message = error_line(capsys, lora_args(saved_tiny_model, folder_dataset, a_file / "run", "--max-steps", "1"))
     assert f"--output-dir '{a_file / 'run'}' cannot be a folder: '{a_file}' is a file" in message
 
     read_only = tmp_path / "read-only"
@@ -121,7 +108,7 @@ def test_unusable_output_folders_are_one_line_errors(saved_tiny_model, folder_da
         read_only = Path("/sys/kernel")
         if not read_only.is_dir() or _writable(read_only):
             pytest.skip("no read-only folder available to this user")
-    message = _error_line(capsys, _args(saved_tiny_model, folder_dataset, read_only, "--max-steps", "1"))
+    message = error_line(capsys, lora_args(saved_tiny_model, folder_dataset, read_only, "--max-steps", "1"))
     assert f"'{read_only}'" in message and "--output-dir" in message and "writ" in message
 
 
@@ -134,7 +121,7 @@ def test_five_non_finite_losses_are_a_one_line_error(saved_tiny_model, folder_da
         return out
 
     monkeypatch.setattr(trainer_module, "sam2_loss", always_nan)
-    message = _error_line(capsys, _args(saved_tiny_model, folder_dataset, tmp_path / "nan", "--max-steps", "10"))
+    message = error_line(capsys, lora_args(saved_tiny_model, folder_dataset, tmp_path / "nan", "--max-steps", "10"))
     assert "5 consecutive non-finite losses" in message and "--lr" in message
 
 
@@ -144,7 +131,7 @@ class _NotAllowedInWeightsOnly:
 
 def test_unreadable_random_states_are_a_warning_naming_the_file(saved_tiny_model, folder_dataset, tmp_path, caplog):
     out = tmp_path / "run"
-    args = _args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1")
+    args = lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1")
     lora_recipe(args)
     rng_file = out / "checkpoints" / "step-1" / "random_states_0.pkl"
     torch.save({"step": 0, "random_state": _NotAllowedInWeightsOnly()}, rng_file)
@@ -162,7 +149,7 @@ def test_under_two_processes_only_the_main_one_prints_the_error(saved_tiny_model
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "recipes" / "lora_decoder.py"), *_args(saved_tiny_model, folder_dataset, a_file, "--max-steps", "1"),
+        str(ROOT / "recipes" / "lora_decoder.py"), *lora_args(saved_tiny_model, folder_dataset, a_file, "--max-steps", "1"),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode != 0
@@ -180,12 +167,12 @@ def test_paths_are_checked_before_the_model_loads(saved_tiny_model, folder_datas
         raise AssertionError("the model was loaded before the paths were checked")
 
     monkeypatch.setattr(arguments, "load_base_model", no_model)
-    message = _error_line(
-        capsys, _args(saved_tiny_model, tmp_path / "no-such-data", tmp_path / "run", "--max-steps", "1")
+    message = error_line(
+        capsys, lora_args(saved_tiny_model, tmp_path / "no-such-data", tmp_path / "run", "--max-steps", "1")
     )
     assert "--data" in message and "no-such-data" in message
     finished = tmp_path / "finished"
     (finished / "checkpoints" / "step-1").mkdir(parents=True)
     (finished / "metrics.json").write_text("{}")
-    message = _error_line(capsys, _args(saved_tiny_model, folder_dataset, finished, "--max-steps", "1"))
+    message = error_line(capsys, lora_args(saved_tiny_model, folder_dataset, finished, "--max-steps", "1"))
     assert "holds a previous run" in message and "--overwrite" in message

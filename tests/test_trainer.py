@@ -18,15 +18,9 @@ from transformers import Sam2Model
 from recipes.lora_decoder import main as lora_recipe
 from sam2_peft.training import trainer as trainer_module
 from sam2_peft.training.trainer import NonFiniteLossError
+from tests.recipe_helpers import lora_args
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model", str(base), "--data", str(data), "--output-dir", str(out), "--val-fraction", "0.34",
-        "--report-to", "none", "--batch-size", "2", "--lora-r", "4", "--lr", "1e-3", "--num-panels", "1", *extra,
-    ]  # fmt: skip
 
 
 def _adapter(path: Path) -> dict:
@@ -35,7 +29,7 @@ def _adapter(path: Path) -> dict:
 
 def test_recipe_end_to_end_outputs_and_plain_peft_reload(saved_tiny_model, folder_dataset, tmp_path):
     out = tmp_path / "run"
-    result = lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "4", "--eval-every", "2"))
+    result = lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "4", "--eval-every", "2"))
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "training_config.json"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -68,12 +62,14 @@ def test_recipe_end_to_end_outputs_and_plain_peft_reload(saved_tiny_model, folde
 
 def test_resume_continues_with_the_same_state(saved_tiny_model, folder_dataset, tmp_path):
     full = tmp_path / "full"
-    lora_recipe(_args(saved_tiny_model, folder_dataset, full, "--max-steps", "4", "--eval-every", "2"))
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, full, "--max-steps", "4", "--eval-every", "2"))
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
     shutil.copy(full / "base_predictions.npz", resumed / "base_predictions.npz")
-    lora_recipe(_args(saved_tiny_model, folder_dataset, resumed, "--max-steps", "4", "--eval-every", "2", "--resume"))
+    lora_recipe(
+        lora_args(saved_tiny_model, folder_dataset, resumed, "--max-steps", "4", "--eval-every", "2", "--resume")
+    )
     state = json.loads((resumed / "checkpoints" / "step-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     expected, got = _adapter(full), _adapter(resumed)
@@ -87,7 +83,7 @@ def test_resume_continues_with_the_same_state(saved_tiny_model, folder_dataset, 
 
 def test_resume_without_checkpoint_is_a_clear_error(saved_tiny_model, folder_dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        lora_recipe(_args(saved_tiny_model, folder_dataset, tmp_path / "x", "--max-steps", "2", "--resume"))
+        lora_recipe(lora_args(saved_tiny_model, folder_dataset, tmp_path / "x", "--max-steps", "2", "--resume"))
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(saved_tiny_model, folder_dataset, tmp_path, monkeypatch):
@@ -103,7 +99,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(saved_tiny_model, folde
 
     monkeypatch.setattr(trainer_module, "sam2_loss", sometimes_nan)
     out = tmp_path / "one-nan"
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--eval-every", "100"))
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--eval-every", "100"))
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
     assert np.isfinite(np.concatenate([v.numpy().ravel() for v in _adapter(out).values()])).all()
 
@@ -114,7 +110,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(saved_tiny_model, folde
 
     monkeypatch.setattr(trainer_module, "sam2_loss", always_nan)
     with pytest.raises(NonFiniteLossError, match="5 consecutive non-finite losses"):
-        lora_recipe(_args(saved_tiny_model, folder_dataset, tmp_path / "all-nan", "--max-steps", "10"))
+        lora_recipe(lora_args(saved_tiny_model, folder_dataset, tmp_path / "all-nan", "--max-steps", "10"))
 
 
 def _record_logit_dtypes(monkeypatch) -> list[torch.dtype]:
@@ -132,7 +128,7 @@ def _record_logit_dtypes(monkeypatch) -> list[torch.dtype]:
 def test_bf16_autocast_and_gradient_accumulation_on_cpu(saved_tiny_model, folder_dataset, tmp_path, monkeypatch):
     dtypes = _record_logit_dtypes(monkeypatch)
     out = tmp_path / "bf16"
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--grad-accum", "2",
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--grad-accum", "2",
                       "--mixed-precision", "bf16", "--eval-every", "100"))  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2
@@ -144,7 +140,7 @@ def test_bf16_autocast_and_gradient_accumulation_on_cpu(saved_tiny_model, folder
     def one_step(name: str, batch_size: str, grad_accum: str) -> np.ndarray:
         AcceleratorState._reset_state(reset_partial_state=True)  # leave bf16
         run = tmp_path / name
-        lora_recipe(_args(saved_tiny_model, folder_dataset, run, "--max-steps", "1", "--warmup-ratio", "0",
+        lora_recipe(lora_args(saved_tiny_model, folder_dataset, run, "--max-steps", "1", "--warmup-ratio", "0",
                           "--no-augment", "--batch-size", batch_size, "--grad-accum", grad_accum,
                           "--eval-every", "100", "--mixed-precision", "no", "--lora-dropout", "0"))  # fmt: skip
         return np.concatenate([v.numpy().ravel() for _, v in sorted(_adapter(run).items())])
@@ -159,14 +155,14 @@ def test_mixed_precision_is_accelerates_choice_unless_given(saved_tiny_model, fo
     dtypes = _record_logit_dtypes(monkeypatch)
     out = tmp_path / "accelerate-choice"
     # A half-precision base needs autocast: the check must see Accelerate's bf16, not a default "no".
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1", "--base-dtype", "bfloat16"))
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1", "--base-dtype", "bfloat16"))
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert json.loads((out / "training_config.json").read_text())["training"]["mixed_precision"] == "bf16"
 
     AcceleratorState._reset_state(reset_partial_state=True)
     dtypes.clear()
     out = tmp_path / "flag"
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1", "--mixed-precision", "no"))
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "1", "--mixed-precision", "no"))
     assert dtypes and set(dtypes) == {torch.float32}
     assert json.loads((out / "training_config.json").read_text())["training"]["mixed_precision"] == "no"
 
@@ -181,7 +177,7 @@ def test_two_process_ddp_keeps_ranks_identical_and_the_schedule_of_one_process(
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(ROOT / "tests" / "scripts" / "ddp_train.py"),
-        *_args(saved_tiny_model, folder_dataset, out, "--max-steps", "4", "--grad-accum", "2", "--batch-size", "1",
+        *lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "4", "--grad-accum", "2", "--batch-size", "1",
                "--log-every", "1"),
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -199,7 +195,7 @@ def test_two_process_ddp_keeps_ranks_identical_and_the_schedule_of_one_process(
 
     # The learning rate of every optimizer step is that of one process with the same global batch (2 x 1 x 2).
     single = tmp_path / "single"
-    lora_recipe(_args(saved_tiny_model, folder_dataset, single, "--max-steps", "4", "--grad-accum", "2",
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, single, "--max-steps", "4", "--grad-accum", "2",
                       "--batch-size", "2", "--log-every", "1"))  # fmt: skip
 
     def learning_rates(run: Path) -> list[tuple[int, float]]:

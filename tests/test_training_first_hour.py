@@ -4,7 +4,6 @@ one line, panels spread over the validation set plus the images fine-tuning help
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -13,25 +12,8 @@ from recipes.ptsam_decoder import main as ptsam_recipe
 from sam2_peft import cli
 from sam2_peft.data.sources import open_records, split_records
 from sam2_peft.training import arguments, config
-from sam2_peft.training.arguments import run_from_command_line
 from tests.conftest import write_folder_dataset
-
-
-def _args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model", str(base), "--data", str(data), "--output-dir", str(out), "--val-fraction", "0.34",
-        "--report-to", "none", "--batch-size", "2", "--lora-r", "4", "--lr", "1e-3", "--num-panels", "1", *extra,
-    ]  # fmt: skip
-
-
-def _error_line(capsys, argv: list[str]) -> str:
-    """Run the recipe as the command line does; return its one-line exit message (status 1, no traceback)."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_from_command_line(lambda: lora_recipe(argv))
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    assert "Traceback" not in capsys.readouterr().err
-    return message
+from tests.recipe_helpers import error_line, lora_args
 
 
 @pytest.fixture
@@ -47,7 +29,7 @@ def no_model_load(monkeypatch):
 def test_a_checkpoint_is_one_log_line_saved_or_resumed(saved_tiny_model, folder_dataset, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     out = tmp_path / "run"
-    lora_recipe(_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1"))
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1"))
     accelerate_lines = [r.getMessage() for r in caplog.records if r.name.startswith("accelerate.")]
     assert accelerate_lines == []
     # One line per checkpoint, through Accelerate's logger (main process only, "[RANK 0] " first).
@@ -58,7 +40,9 @@ def test_a_checkpoint_is_one_log_line_saved_or_resumed(saved_tiny_model, folder_
     caplog.clear()
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoints" / "step-1", resumed / "checkpoints" / "step-1")
-    lora_recipe(_args(saved_tiny_model, folder_dataset, resumed, "--max-steps", "2", "--eval-every", "1", "--resume"))
+    lora_recipe(
+        lora_args(saved_tiny_model, folder_dataset, resumed, "--max-steps", "2", "--eval-every", "1", "--resume")
+    )
     assert [r.getMessage() for r in caplog.records if r.name.startswith("accelerate.")] == []
     assert any("Resumed from" in r.getMessage() for r in caplog.records)
 
@@ -67,7 +51,7 @@ def test_report_to_wandb_without_wandb_stops_before_the_model_loads(
     saved_tiny_model, folder_dataset, tmp_path, capsys, monkeypatch, no_model_load
 ):
     monkeypatch.setattr(config, "is_wandb_available", lambda: False, raising=False)  # it is not installed here
-    message = _error_line(capsys, _args(saved_tiny_model, folder_dataset, tmp_path / "run", "--report-to", "wandb"))
+    message = error_line(capsys, lora_args(saved_tiny_model, folder_dataset, tmp_path / "run", "--report-to", "wandb"))
     assert "wandb is not installed" in message and "pip install wandb" in message and "[trackers]" in message
 
 
@@ -75,12 +59,14 @@ def test_half_base_without_mixed_precision_stops_before_the_model_loads(
     saved_tiny_model, folder_dataset, tmp_path, capsys, monkeypatch, no_model_load
 ):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    message = _error_line(capsys, _args(saved_tiny_model, folder_dataset, tmp_path / "run", "--base-dtype", "float16"))
+    message = error_line(
+        capsys, lora_args(saved_tiny_model, folder_dataset, tmp_path / "run", "--base-dtype", "float16")
+    )
     assert "--base-dtype float16" in message and "--mixed-precision fp16" in message
     # Accelerate's own setting (accelerate launch --mixed_precision) counts: the run goes on to load the model.
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(AssertionError, match="model was loaded"):
-        lora_recipe(_args(saved_tiny_model, folder_dataset, tmp_path / "run", "--base-dtype", "bfloat16"))
+        lora_recipe(lora_args(saved_tiny_model, folder_dataset, tmp_path / "run", "--base-dtype", "bfloat16"))
 
 
 @pytest.mark.parametrize(
@@ -123,7 +109,7 @@ def test_panels_spread_over_validation_and_final_shows_worst_and_best_dice_chang
 
     data = write_folder_dataset(tmp_path / "data", num_images=10)
     out = tmp_path / "run"
-    argv = _args(saved_tiny_model, data, out, "--max-steps", "2", "--eval-every", "2", "--val-fraction", "0.5")
+    argv = lora_args(saved_tiny_model, data, out, "--max-steps", "2", "--eval-every", "2", "--val-fraction", "0.5")
     lora_recipe([*argv, "--num-panels", "2"])
     _, val_records = split_records(open_records(str(data)), 0.5, 0)
     val_ids = [r.sample_id for r in val_records]
@@ -142,7 +128,7 @@ def test_tensorboard_gets_base_metrics_at_step_0_and_panels_as_images(saved_tiny
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    argv = _args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "2")
+    argv = lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "2")
     lora_recipe([*argv[: argv.index("--report-to")], "--report-to", "tensorboard", *argv[argv.index("none") + 1 :]])
     accumulator = EventAccumulator(str(out / "logs" / "sam2-peft"), size_guidance={"images": 0})
     accumulator.Reload()
@@ -158,6 +144,6 @@ def test_tensorboard_gets_base_metrics_at_step_0_and_panels_as_images(saved_tiny
 def test_the_training_bar_shows_the_embedding_cache_filling(saved_tiny_model, folder_dataset, tmp_path, capsys):
     # 4 training images without augmentation (one view each) and 2 validation images, which the base evaluation
     # caches before training: 4 of 6 entries after the first step of batch 2, all after the second.
-    lora_recipe(_args(saved_tiny_model, folder_dataset, tmp_path / "run", "--max-steps", "3", "--no-augment"))
+    lora_recipe(lora_args(saved_tiny_model, folder_dataset, tmp_path / "run", "--max-steps", "3", "--no-augment"))
     bar = capsys.readouterr().err
     assert "cache=4/6 views" in bar and "cache=full" in bar and "MiB" in bar
