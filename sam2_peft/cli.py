@@ -187,7 +187,14 @@ def _predict_folder(args: argparse.Namespace) -> None:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, DataError, read_image, set_max_image_pixels
+    from .data.sources import (
+        DEFAULT_MAX_IMAGE_PIXELS,
+        IMAGE_SUFFIXES,
+        DataError,
+        read_image,
+        set_max_image_pixels,
+        viewed_size,
+    )
     from .evaluation.panels import overlay
     from .inference.predictor import check_boxes
     from .io import atomic_write_dir, atomic_write_json, check_output_dir
@@ -210,12 +217,8 @@ def _predict_folder(args: argparse.Namespace) -> None:
     if boxes is not None:  # every box checked (and clipped) against its image before the model loads
         for path in files:
             name = path.name if path.name in boxes else path.stem
-            try:
-                with Image.open(path) as image:
-                    size = image.size[::-1]
-            except OSError as err:
-                raise DataError(f"Cannot read image '{path}': {err}") from err
-            boxes[name] = check_boxes(boxes[name], size, f"'{args.boxes}', image '{name}'").tolist()
+            width, height = viewed_size(path)  # boxes are in the pixels a viewer shows (EXIF orientation)
+            boxes[name] = check_boxes(boxes[name], (height, width), f"'{args.boxes}', image '{name}'").tolist()
     check_output_dir(args.out_dir)
     predictor = _load_predictor(args)
     if boxes is None:

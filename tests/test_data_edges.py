@@ -97,6 +97,9 @@ def test_predict_reads_boxes_and_writes_masks_in_viewer_orientation(tmp_path, sa
     )  # fmt: skip
     assert np.asarray(Image.open(tmp_path / "out" / "masks" / "photo.png")).shape == (height, width)
     assert np.asarray(Image.open(tmp_path / "out" / "overlays" / "photo.png")).shape == (height, width, 3)
+    # The box is checked against the image as shown (40 wide, 64 high), not its raw 64x40 pixels: kept, not clipped.
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert predictions["photo.jpg"]["boxes"] == [[2, 30, 38, 62]]
 
 
 def _disc(size: int = 64, radius: float = 18.0, scale: int = 1) -> np.ndarray:

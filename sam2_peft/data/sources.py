@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,17 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         span = max(float(array.max() - array.min()), 1e-9)
         image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8))
     return np.array(image.convert("RGB"))
+
+
+def viewed_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as a viewer shows the image (EXIF orientation), from the file header, without decoding."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)  # a quarter turn
+            return (height, width) if turned else (width, height)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"Cannot read '{printable(path)}': {err}. Replace or re-export the file.") from err
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from transformers import Sam2Processor
 
 from .prompts import PromptConfig, sample_prompts, to_model_coordinates
-from .sources import IMAGE_SUFFIXES, DataError, printable, read_image, read_label_image
+from .sources import IMAGE_SUFFIXES, DataError, printable, read_image, read_label_image, viewed_size
 
 FRAMES_DIR = "JPEGImages"
 ANNOTATIONS_DIR = "Annotations"
@@ -115,26 +114,16 @@ def _open_sequence(frame_dir: Path, annotation_dir: Path, annotated_every: int) 
         )
     kept = sorted(annotations)[::annotated_every]
     annotations = {i: annotations[i] for i in kept}
-    frame_size = _size(frames[0])
+    frame_size = viewed_size(frames[0])
     for index, path in annotations.items():
         for file in (frames[index], path):
-            if _size(file) != frame_size:
+            size = viewed_size(file)
+            if size != frame_size:
                 raise DataError(
-                    f"'{file}' is {_size(file)[0]}x{_size(file)[1]} but the frames of sequence '{frame_dir.name}' "
+                    f"'{file}' is {size[0]}x{size[1]} but the frames of sequence '{frame_dir.name}' "
                     f"are {frame_size[0]}x{frame_size[1]} ('{frames[0]}'): frames and masks must have one size."
                 )
     return VideoSequence(frame_dir.name, frames, annotations)
-
-
-def _size(path: Path) -> tuple[int, int]:
-    """(width, height) as a viewer shows the image (EXIF orientation), from the file header, without decoding."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)  # a quarter turn
-            return (height, width) if turned else (width, height)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"Cannot read '{printable(path)}': {err}. Replace or re-export the file.") from err
 
 
 @dataclass
