@@ -7,7 +7,6 @@ predictor, `merge_adapter` and the CLI report bad input the same way.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from ..tuners.methods import (  # AdapterLoadError is defined beside the loaders
     SIDECAR_FILE,
     AdapterLoadError,
     load_adapter,
+    read_adapter_json,
+    read_peft_config,
     read_sidecar,
 )
 
@@ -111,7 +112,7 @@ def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
     if partial.exists():
         if not (directory / PARTIAL_WEIGHTS_FILE).exists():
             raise AdapterLoadError(f"'{directory}' has {PARTIAL_CONFIG_FILE} but no {PARTIAL_WEIGHTS_FILE}.")
-        return AdapterInfo(directory, "partial", None, _read_json(partial).get("base_model_name_or_path"))
+        return AdapterInfo(directory, "partial", None, read_adapter_json(partial).get("base_model_name_or_path"))
     if not peft.exists():
         found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
         raise AdapterLoadError(
@@ -120,8 +121,8 @@ def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
         )
     if not any((directory / name).exists() for name in (PEFT_WEIGHTS_FILE, "adapter_model.bin")):
         raise AdapterLoadError(f"'{directory}' has {PEFT_CONFIG_FILE} but no weights ({PEFT_WEIGHTS_FILE}).")
-    config = _read_json(peft)
-    peft_type = config.get("peft_type")
+    config = read_peft_config(directory)
+    peft_type = config["peft_type"]
     _ensure_peft_type(peft_type, peft)
     return AdapterInfo(directory, "peft", peft_type, config.get("base_model_name_or_path"))
 
@@ -138,7 +139,7 @@ def trained_prompt(directory: str | os.PathLike) -> str | None:
     path = directory / TRAINING_CONFIG_FILE
     if not path.exists():
         return None
-    config = _read_json(path)
+    config = read_adapter_json(path)
     for key in ("dataset", "data"):
         prompts = config.get(key, {}).get("prompts") if isinstance(config.get(key), dict) else None
         if isinstance(prompts, dict) and isinstance(prompts.get("prompt"), str):
@@ -146,17 +147,7 @@ def trained_prompt(directory: str | os.PathLike) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterLoadError(f"Could not read '{path}' as JSON ({err}): save the adapter again.") from err
-    if not isinstance(data, dict):
-        raise AdapterLoadError(f"Expected a JSON object in '{path}', found {type(data).__name__}.")
-    return data
-
-
-def _ensure_peft_type(peft_type: str | None, config_file: Path) -> None:
+def _ensure_peft_type(peft_type: str, config_file: Path) -> None:
     """Import the module of a custom peft type so peft knows it; fail clearly on a type nobody registers."""
     if peft_type in CUSTOM_PEFT_MODULES:
         try:
@@ -167,11 +158,6 @@ def _ensure_peft_type(peft_type: str | None, config_file: Path) -> None:
                 f"in this installation of sam2_peft: {err}"
             ) from err
     known = sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
-    if not peft_type:
-        raise AdapterLoadError(
-            f"'{config_file}' has no 'peft_type' field (e.g. \"LORA\"): it is not a peft adapter config; save the "
-            "adapter again."
-        )
     if peft_type not in known:
         raise AdapterLoadError(
             f"Unknown peft_type '{peft_type}' in '{config_file}'; expected one of peft's types ({', '.join(known[:8])}"

@@ -284,19 +284,37 @@ def load_partial(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
-def load_peft(model: nn.Module, directory: str | os.PathLike, **peft_kwargs) -> PeftModel:
-    """`PeftModel.from_pretrained` with its weights checked first and config problems reported as `AdapterLoadError`."""
-    directory = Path(directory)
-    config_file = directory / PEFT_CONFIG_FILE
+def read_adapter_json(path: str | os.PathLike) -> dict:
+    """A JSON object of an adapter folder (its peft or partial config); `AdapterLoadError` when it is not one."""
+    path = Path(path)
     try:
-        config = json.loads(config_file.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterLoadError(f"'{config_file}' is not valid JSON ({err}): save the adapter again.") from err
-    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise AdapterLoadError(f"Could not read '{path}' as JSON ({err}): save the adapter again.") from err
+    if not isinstance(data, dict):
+        raise AdapterLoadError(
+            f"Expected a JSON object in '{path}', found {type(data).__name__}: save the adapter again."
+        )
+    return data
+
+
+def read_peft_config(directory: str | os.PathLike) -> dict:
+    """The adapter's `adapter_config.json`, which must name its `peft_type`; `AdapterLoadError` otherwise."""
+    config_file = Path(directory) / PEFT_CONFIG_FILE
+    config = read_adapter_json(config_file)
+    if not config.get("peft_type"):
         raise AdapterLoadError(
             f"'{config_file}' has no 'peft_type' field (e.g. \"LORA\"): it is not a peft adapter config; save the "
             "adapter again."
         )
+    return config
+
+
+def load_peft(model: nn.Module, directory: str | os.PathLike, **peft_kwargs) -> PeftModel:
+    """`PeftModel.from_pretrained` with its weights checked first and config problems reported as `AdapterLoadError`."""
+    directory = Path(directory)
+    config_file = directory / PEFT_CONFIG_FILE
+    read_peft_config(directory)
     if (directory / PEFT_WEIGHTS_FILE).exists():
         read_adapter_weights(directory / PEFT_WEIGHTS_FILE)
     try:
