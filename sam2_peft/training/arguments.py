@@ -265,19 +265,25 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
     )
 
 
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """Check `--data`, `--val-data` and `--train-images` without reading any file (`check_data_source`), so that a
+    mistake is reported before a model loads."""
+    check_data_source(args.data, "--data")
+    if args.val_data:
+        check_data_source(args.val_data, "--val-data")
+    if args.train_images is not None and args.train_images < 1:
+        raise DataError(f"--train-images must be at least 1, got {args.train_images}; leave it out to use every image.")
+
+
 def build_datasets(args: argparse.Namespace, processor, config: DatasetConfig):
     """Open, validate and split the data named by the arguments; returns (train, validation) datasets.
 
     The sources are checked before anything is read. With `--train-images N`, training samples are checked in order
     only until N usable ones are found. A validation set that shares samples with the training set is refused.
     """
+    check_data_arguments(args)
     val_source = args.val_data or (args.data if args.val_split else None)
     val_flag = "--val-data" if args.val_data else "--data"
-    check_data_source(args.data, "--data")
-    if val_source:
-        check_data_source(val_source, val_flag)
-    if args.train_images is not None and args.train_images < 1:
-        raise DataError(f"--train-images must be at least 1, got {args.train_images}; leave it out to use every image.")
     set_max_image_pixels(args.max_image_pixels)
     source = dict(image_column=args.image_column, mask_column=args.mask_column, mask_type=args.mask_type)
     records = open_records(args.data, split=args.split, **source)
@@ -357,9 +363,7 @@ def run_recipe(args: argparse.Namespace, method: TuningMethod, target_mode: str 
     # Mistakes in paths and settings are reported before the (slow) model load, not after it.
     check_report_to(args.report_to)
     check_half_base(args.base_dtype, args.mixed_precision)
-    check_data_source(args.data, "--data")
-    if args.val_data:
-        check_data_source(args.val_data, "--val-data")
+    check_data_arguments(args)
     check_output_dir_before_run(Path(args.output_dir), args.resume is not None, args.overwrite)
     model, processor = load_base_model(
         args.model, revision=args.revision, meta_config=args.meta_config, dtype=args.base_dtype

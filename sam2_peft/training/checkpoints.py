@@ -197,6 +197,7 @@ def claim_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> IO:
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    # A previous run without --resume or --overwrite was refused above; under the lock no other run can start here.
     found = [name for name in RUN_MARKERS if _holds(output_dir / name)]
     if found and overwrite:
         logger.warning("--overwrite: deleting the previous run's %s in %s.", ", ".join(OVERWRITTEN), output_dir)
@@ -206,9 +207,6 @@ def claim_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> IO:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-    elif found and not resume:
-        lock.close()
-        raise _previous_run_error(output_dir, found)
     return lock
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ..data.prompts import PromptConfig
 from ..data.video import VideoClipDataset, VideoDatasetConfig, VideoSequenceDataset, open_video_folder
 from ..models.loading import load_base_model
 from ..tuners.methods import TuningMethod
 from .arguments import training_config_from_args
+from .checkpoints import check_output_dir_before_run
 from .config import check_report_to
 from .video import LOSS_FRAMES, VideoTrainer
 
@@ -72,7 +74,8 @@ def build_video_datasets(args: argparse.Namespace, processor) -> tuple[VideoClip
 def run_video_recipe(args: argparse.Namespace, method: TuningMethod) -> dict:
     """Load the video model, build clips and validation sequences, train, save. Returns the final metrics."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    check_report_to(args.report_to)  # before the (slow) model load
+    check_report_to(args.report_to)  # mistakes before the (slow) model load
+    check_output_dir_before_run(Path(args.output_dir), args.resume is not None, args.overwrite)
     model, processor = load_base_model(args.model, video=True, revision=args.revision, meta_config=args.meta_config)
     train_dataset, val_dataset = build_video_datasets(args, processor)
     config = training_config_from_args(args)
