@@ -27,6 +27,7 @@ from sam2_peft.data.validation import ValidationConfig, validate_records
 from sam2_peft.evaluation.runner import box_baseline_metrics, evaluate_segmenter
 from sam2_peft.models.loading import load_base_model
 from sam2_peft.models.segmenter import Sam2Segmenter
+from sam2_peft.training.arguments import SAMPLE_DATA
 
 SHARED_DATA = Path(os.environ.get("SAM2_PEFT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 SYNTHETIC_VALIDATION = "synthetic:32:1000000"
@@ -34,7 +35,7 @@ SYNTHETIC_VALIDATION = "synthetic:32:1000000"
 
 
 def sources(polyp_images: int) -> dict[str, tuple[str, int | None]]:
-    found = {"synthetic validation": (SYNTHETIC_VALIDATION, None)}
+    found = {"synthetic validation": (SYNTHETIC_VALIDATION, None), "bundled sample": (str(SAMPLE_DATA), None)}
     for name, limit in (("nuclei-coelho2009", None), ("polyps-kvasir-seg", polyp_images)):
         if (SHARED_DATA / name).is_dir():
             found[name] = (str(SHARED_DATA / name), limit)
