@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import Sam2Model, Sam2Processor
 
+from sam2_peft.data.config import SAMPLE_DATA
 from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset, collate_segmentation
 from sam2_peft.data.prompts import PromptConfig
 from sam2_peft.data.sources import open_records
@@ -27,7 +28,6 @@ from sam2_peft.data.validation import ValidationConfig, validate_records
 from sam2_peft.evaluation.runner import box_baseline_metrics, evaluate_segmenter
 from sam2_peft.models.loading import load_base_model
 from sam2_peft.models.segmenter import Sam2Segmenter
-from sam2_peft.training.arguments import SAMPLE_DATA
 
 SHARED_DATA = Path(os.environ.get("SAM2_PEFT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 SYNTHETIC_VALIDATION = "synthetic:32:1000000"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import sam2_peft  # noqa: F401
-from sam2_peft.models.loading import BUILTIN_ARCHITECTURES, build_model_from_config
+from sam2_peft.models.loading import BUILTIN_ARCHITECTURES, build_model_from_config, builtin_config
 from sam2_peft.models.segmenter import Sam2Segmenter
 from sam2_peft.training.losses import LossConfig, sam2_loss
 from sam2_peft.tuners.ptsam import PtsamMethod
@@ -29,7 +29,7 @@ SETTINGS = {"decoder": PtsamMethod(), "decoder+encoder": PtsamMethod(encoder_pro
 
 def measure(arch: str, method: PtsamMethod, steps: int, batch: int) -> dict:
     spec = BUILTIN_ARCHITECTURES[arch]
-    model = method.prepare(build_model_from_config(spec.config()), arch).train()
+    model = method.prepare(build_model_from_config(builtin_config(spec.name)), arch).train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as folder:
         method.save(model, folder, arch)

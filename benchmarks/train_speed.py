@@ -94,26 +94,19 @@ def build_base(arch: str):
 
 def method_for(row: str):
     """The tuning method of a row, or a string saying why it cannot run here."""
-    from sam2_peft.tuners.methods import METHODS, LoraMethod, PartialFinetuneMethod
+    from sam2_peft.adapters.methods import LoraMethod, PartialFinetuneMethod, PtsamMethod
 
     if row.startswith("lora-decoder"):
-        return LoraMethod("decoder", r=16, lora_alpha=32)
+        return LoraMethod("decoder", lora_r=16, lora_alpha=32)
     if row == "partial-decoder":
         return PartialFinetuneMethod(learning_rates={"mask_decoder": 1e-5, "prompt_encoder": 1e-5})
     if row.startswith("ptsam"):
-        if "ptsam" not in METHODS:
-            return "PTSAM method not importable in this tree"
-        return _ptsam(METHODS["ptsam"], encoder=row == "ptsam-encoder")
+        return PtsamMethod(num_tokens=8, encoder_prompts=8 if row == "ptsam-encoder" else 0)
     if row == "qlora-encoder":
-        return LoraMethod("encoder+decoder", r=16, lora_alpha=32)
+        return LoraMethod("encoder+decoder", lora_r=16, lora_alpha=32)
     if row == "video-clip":
-        return LoraMethod("decoder+memory", r=16, lora_alpha=32)
+        return LoraMethod("decoder+memory", lora_r=16, lora_alpha=32)
     raise ValueError(f"Unknown row {row}")
-
-
-def _ptsam(method_cls, encoder: bool):
-    """PTSAM decoder tokens (8), plus 8 prompts in every Hiera block for the encoder row."""
-    return method_cls(num_tokens=8, encoder_prompts=8 if encoder else 0)
 
 
 def video_clip(arch: str, method, dataset, args) -> list[float]:
@@ -148,10 +141,10 @@ def video_clip(arch: str, method, dataset, args) -> list[float]:
 
 def datasets(processor, images: int, objects: int):
     from sam2_peft.data.augment import AugmentationConfig
+    from sam2_peft.data.config import SAMPLE_DATA
     from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset
     from sam2_peft.data.sources import open_records
     from sam2_peft.data.validation import ValidationConfig, clean_instances
-    from sam2_peft.training.arguments import SAMPLE_DATA
 
     config = DatasetConfig(max_objects_per_image=objects, augmentation=AugmentationConfig(enabled=False))
     records = [
@@ -208,6 +201,7 @@ def usual_recipe(model, dataset, args) -> list[float]:
 def toolkit(row: str, method, model, processor, dataset, args) -> list[float]:
     """sam2-peft's own Trainer (cache on or off), timing each optimizer step from the trainer's history."""
     from sam2_peft.training.config import TrainingConfig
+    from sam2_peft.training.tasks import ImageSegmentationTask
     from sam2_peft.training.trainer import Trainer
 
     cached = row != "lora-decoder-uncached"
@@ -223,7 +217,7 @@ def toolkit(row: str, method, model, processor, dataset, args) -> list[float]:
             cache_embeddings=cached,
             mixed_precision=args.mixed_precision,
         )
-        trainer = Trainer(model.to(args.device), processor, method, dataset, None, config, base_name=row)
+        trainer = Trainer(model.to(args.device), method, ImageSegmentationTask(dataset), config, base_name=row)
         trainer.train()
         times = [h["seconds_per_step"] for h in trainer.state.history if "seconds_per_step" in h]
     return times[warmup:]

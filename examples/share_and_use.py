@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from recipes.lora_decoder import main as train_lora
+from sam2_peft.data.config import SAMPLE_DATA
 from sam2_peft.data.sources import folder_records
 from sam2_peft.evaluation.panels import overlay
 from sam2_peft.hub.model_card import build_model_card
 from sam2_peft.inference.predictor import Sam2PeftPredictor
 from sam2_peft.models.loading import load_base_model
-from sam2_peft.training.arguments import SAMPLE_DATA
+from sam2_peft.recipes.lora import main as train_lora
 
 
 def main() -> None:

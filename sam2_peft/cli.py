@@ -4,39 +4,82 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import json
-import runpy
+import logging
+import os
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+USER_ERRORS = (
+    ("sam2_peft.models.loading", "Sam2LoadError"),
+    ("sam2_peft.data.sources", "DataError"),
+    ("sam2_peft.adapters.files", "AdapterMismatchError"),
+    ("sam2_peft.adapters.files", "AdapterLoadError"),
+    ("sam2_peft.training.trainer", "NonFiniteLossError"),
+    ("huggingface_hub.errors", "HfHubHTTPError"),
+)
+"""Errors caused by the user's input (missing files and repos, bad data or settings, mismatched adapters, Hub
+refusals, a diverging run), by module and name: a command prints them as one `error:` line, without a traceback.
+Named rather than imported so that checking an error never loads torch (an error's module is loaded when it is
+raised). `FileNotFoundError` counts too."""
+
+OTHER_RANKS_EXIT_AFTER_S = 20.0
+"""How long a non-main process waits, after a user error, for the launcher to stop it (the main process has failed
+too and printed the error) before it prints the error itself."""
 
 
-def _recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.py")) if RECIPES_DIR.is_dir() else []
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is one of `USER_ERRORS` (or a subclass), or a missing file."""
+    if isinstance(error, FileNotFoundError):
+        return True
+    return any(
+        isinstance(error, getattr(sys.modules[module], name)) for module, name in USER_ERRORS if module in sys.modules
+    )
+
+
+def run_from_command_line(main: Callable[[], object]) -> None:
+    """Run a command or recipe: a user error exits with its message as the last line and status 1, without a
+    traceback. In a multi-process run only the main process prints it (every process meets the same error); the
+    others wait for the launcher to stop them once the main process has printed and exited, so that its line is not
+    cut off by their exit. One still running after that wait (its error was its own) prints it with its rank."""
+    try:
+        main()
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        for stream in (*logging.getLogger().handlers, sys.stdout):  # the error line comes last
+            stream.flush()
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
+            time.sleep(OTHER_RANKS_EXIT_AFTER_S)
+            sys.exit(f"error (process {rank}): {error}")
+        sys.exit(f"error: {error}")
 
 
 def train(argv: list[str]) -> None:
-    """Forward to `recipes/<RECIPE>.py` (same flags; `sam2-peft train RECIPE --help` lists them)."""
-    recipes = _recipes()
+    """`sam2-peft train RECIPE [flags]`: run a recipe of `sam2_peft.recipes` (`... RECIPE --help` lists its flags)."""
+    from .recipes import ALIASES, RECIPES
+
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: sam2-peft train RECIPE [recipe flags]\n\nrecipes: " + (", ".join(recipes) or "none found"))
-        print("For several GPUs or processes: accelerate launch recipes/RECIPE.py [flags]")
+        print("usage: sam2-peft train RECIPE [recipe flags]\n\nrecipes:")
+        print("\n".join(f"  {name:<10}{about}" for name, about in RECIPES.items()))
+        print("\nFor several GPUs or processes: accelerate launch -m sam2_peft.recipes.RECIPE [flags]")
         return
     name, rest = argv[0], argv[1:]
-    if name not in recipes:
-        close = difflib.get_close_matches(name, recipes, n=1)
+    name, defaults = ALIASES.get(name, (name, {}))
+    if name not in RECIPES:
+        close = difflib.get_close_matches(name, [*RECIPES, *ALIASES], n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        sys.exit(
-            f"error: unknown recipe '{name}'. {hint}Known: {', '.join(recipes) or 'none'} (looked in {RECIPES_DIR}; "
-            "recipes ship with the source checkout, not the wheel)."
-        )
-    sys.argv = [str(RECIPES_DIR / f"{name}.py"), *rest]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+        sys.exit(f"error: unknown recipe '{argv[0]}'. {hint}Known: {', '.join(RECIPES)}.")
+    recipe = importlib.import_module(f"sam2_peft.recipes.{name}")
+    sys.argv = [f"sam2-peft train {name}", *rest]  # argparse's program name in usage lines
+    run_from_command_line(lambda: recipe.main(rest, **defaults))
 
 
 def convert_meta(argv: list[str]) -> None:
@@ -45,20 +88,22 @@ def convert_meta(argv: list[str]) -> None:
     sys.exit(convert_main(argv))
 
 
-def _run(command: Callable[[], object]) -> None:
-    """Run a command with the recipes' error handling (imported here: it loads torch and transformers)."""
-    from .training.arguments import run_from_command_line
-
-    run_from_command_line(command)
-
-
-def _parser(command: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+def _parser(command: str, description: str, epilog: str = "", settings: tuple = ()) -> argparse.ArgumentParser:
+    """A command's parser; with `settings` dataclasses, a `RecipeParser` that adds their flags (as the recipes do)."""
+    kwargs = dict(
         prog=f"sam2-peft {command}",
         description=textwrap.fill(description, 100),
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if not settings:
+        return argparse.ArgumentParser(**kwargs)
+    from .recipes.arguments import HelpFormatter, RecipeParser
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+        """Examples kept as written; defaults shown."""
+
+    return RecipeParser(list(settings), **{**kwargs, "formatter_class": Formatter, "usage": None})
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,16 +137,17 @@ def _load_predictor(args: argparse.Namespace):
 
 def evaluate(argv: list[str]) -> None:
     """`sam2-peft eval`: score an adapter (or a base model) on an annotated dataset."""
+    from .data.config import ValidationConfig
+    from .recipes.arguments import DataSourceArguments, from_namespace
+
     parser = _parser(
         "eval",
         "Score an adapter or a base model on an annotated dataset (IoU, Dice, boundary IoU, pixel accuracy at the "
-        "original image size) and write the numbers as JSON.",
+        "original image size) and write the numbers as JSON. The data flags are the training recipes'.",
         "example:\n  sam2-peft eval --adapter org/sam2-nuclei-lora --data data/val --output val_metrics.json",
+        settings=(DataSourceArguments, ValidationConfig),
     )
     _add_model_arguments(parser)
-    from .training.arguments import add_data_selection_arguments
-
-    add_data_selection_arguments(parser.add_argument_group("data (as for training)"))
     parser.add_argument("--prompt", choices=("box", "point", "none"), default="box", help="prompt per object, or none")
     parser.add_argument(
         "--max-images", type=int, default=None, help="score only the first N usable images (checked in order)"
@@ -109,6 +155,9 @@ def evaluate(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch")
     parser.add_argument("--output", default=None, help="write metrics here (JSON); default: print only")
     args = parser.parse_args(argv)
+    source, validation = from_namespace(DataSourceArguments, args), from_namespace(ValidationConfig, args)
+    if source.data is None:
+        parser.error("the following arguments are required: --data")
 
     def run() -> None:
         from accelerate import Accelerator
@@ -121,21 +170,23 @@ def evaluate(argv: list[str]) -> None:
         from .evaluation.runner import evaluate_segmenter
         from .io import atomic_write_json
         from .models.segmenter import Sam2Segmenter
-        from .training.arguments import validation_config_from_args
 
-        check_data_source(args.data, "--data")  # a wrong path is reported before the model loads
+        check_data_source(source.data, "--data")  # a wrong path is reported before the model loads
         predictor = _load_predictor(args)
         mixed = {"float16": "fp16", "bfloat16": "bf16"}.get(args.dtype or "", "no")
         accelerator = Accelerator(cpu=predictor.device.type == "cpu", mixed_precision=mixed)
-        set_max_image_pixels(args.max_image_pixels)
-        source = dict(
-            split=args.split, image_column=args.image_column, mask_column=args.mask_column, mask_type=args.mask_type
+        set_max_image_pixels(source.max_image_pixels)
+        records = open_records(
+            source.data,
+            split=source.split,
+            image_column=source.image_column,
+            mask_column=source.mask_column,
+            mask_type=source.mask_type,
         )
-        records = open_records(args.data, **source)
         config = DatasetConfig(
             target_mode="semantic" if args.prompt == "none" else "instances",
             prompts=PromptConfig(prompt=args.prompt),
-            validation=validation_config_from_args(args),
+            validation=validation,
         )
         records, report = validate_records(
             records, config.validation, limit=args.max_images, description="Checking evaluation images"
@@ -158,7 +209,7 @@ def evaluate(argv: list[str]) -> None:
             atomic_write_json(args.output, summary)
         print(json.dumps(result.metrics, indent=2))
 
-    _run(run)
+    run_from_command_line(run)
 
 
 def predict(argv: list[str]) -> None:
@@ -180,7 +231,7 @@ def predict(argv: list[str]) -> None:
         "--max-image-pixels", type=int, default=None, help="refuse larger images (default PIL's limit; 0 = none)"
     )
     args = parser.parse_args(argv)
-    _run(lambda: _predict_folder(args))
+    run_from_command_line(lambda: _predict_folder(args))
 
 
 def _predict_folder(args: argparse.Namespace) -> None:
@@ -243,7 +294,8 @@ def _predict_folder(args: argparse.Namespace) -> None:
 
 def _warn_if_trained_with_prompts(predictor) -> None:
     """One line on stderr when an adapter trained with prompts is about to run prompt-free (poor masks, silently)."""
-    from .hub.resolve import TRAINING_CONFIG_FILE, trained_prompt
+    from .adapters.files import TRAINING_CONFIG_FILE
+    from .adapters.resolve import trained_prompt
 
     if predictor.adapter is None:
         return
@@ -314,7 +366,7 @@ def push(argv: list[str]) -> None:
         )
         print(f"Pushed: {commit.commit_url}")
 
-    _run(run)
+    run_from_command_line(run)
 
 
 def merge(argv: list[str]) -> None:
@@ -333,7 +385,7 @@ def merge(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
-        from .hub.merge import merge_adapter
+        from .adapters.merge import merge_adapter
         from .io import check_output_dir
 
         check_output_dir(args.out_dir)
@@ -342,11 +394,11 @@ def merge(argv: list[str]) -> None:
         )
         print(f"Merged model written to {out}")
 
-    _run(run)
+    run_from_command_line(run)
 
 
 COMMANDS = {
-    "train": (train, "fine-tune with a recipe (lora_decoder, partial_finetune, ...)"),
+    "train": (train, "fine-tune with a recipe (lora, ptsam, partial, video, pretrain)"),
     "eval": (evaluate, "score an adapter or base model on a dataset, write metrics JSON"),
     "predict": (predict, "masks and overlays for a folder of images (boxes JSON or prompt-free)"),
     "push": (push, "upload a trained adapter with a model card to the Hub"),

@@ -86,26 +86,6 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, text + "\n")
 
 
-@contextmanager
-def atomic_replace_dir(directory: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder that replaces `directory` as a whole on success (for checkpoints)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield staging
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 ADAPTER_VERSIONS_DIR = ".adapter"
 """Hidden folder, beside an adapter's files, that holds its complete versions; `current` links to the live one."""
 

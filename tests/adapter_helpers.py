@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sam2_peft.adapters import LoraMethod, PartialFinetuneMethod, TuningMethod
 from sam2_peft.evaluation.panels import comparison_panel
 from sam2_peft.models.loading import load_base_model
-from sam2_peft.tuners.methods import LoraMethod, PartialFinetuneMethod, TuningMethod
 
 METRICS = {
     "base": {"iou": 0.41, "dice": 0.55, "boundary_iou": 0.2, "pixel_accuracy": 0.81},
@@ -30,7 +30,7 @@ def make_adapter(
     """
     model, _ = load_base_model(str(base_path))
     method: TuningMethod = (
-        LoraMethod("decoder", r=4) if kind == "lora" else PartialFinetuneMethod({"mask_decoder": 1e-5})
+        LoraMethod("decoder", lora_r=4) if kind == "lora" else PartialFinetuneMethod({"mask_decoder": 1e-5})
     )
     model = method.prepare(model, str(base_path))
     generator = torch.Generator().manual_seed(seed)

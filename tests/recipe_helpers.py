@@ -1,4 +1,5 @@
-"""Running a LoRA recipe in tests: the arguments of a short tiny-model run, and its one-line user-error exit."""
+"""Running recipes in tests: the arguments of a short tiny-model LoRA run, its one-line user-error exit, and the
+datasets a recipe builds from its flags."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from recipes.lora_decoder import main as lora_recipe
-from sam2_peft.training.arguments import run_from_command_line
+from sam2_peft.cli import run_from_command_line
+from sam2_peft.recipes.arguments import RecipeArguments, parse_recipe_arguments
+from sam2_peft.recipes.lora import main as lora_recipe
+from sam2_peft.recipes.runner import build_datasets, dataset_config
 
 
 def lora_args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -26,3 +29,13 @@ def error_line(capsys, argv: list[str]) -> str:
     assert message.startswith("error: ") and "\n" not in message, message
     assert "Traceback" not in capsys.readouterr().err
     return message
+
+
+def parse_args(*argv: str, **defaults) -> RecipeArguments:
+    """The shared recipe flags of `argv` (no method flags), as a recipe parses them."""
+    return parse_recipe_arguments("test", argv=list(argv), **defaults)
+
+
+def datasets(args: RecipeArguments, processor, target_mode: str = "instances"):
+    """(train, validation) datasets of parsed recipe arguments, as a recipe builds them."""
+    return build_datasets(args.data, processor, dataset_config(args, target_mode), args.training.seed)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sam2_peft.adapters import LoraMethod, load_adapter
 from sam2_peft.models.loading import load_base_model
-from sam2_peft.tuners.methods import LoraMethod, load_adapter
 from tests.adapter_helpers import make_adapter
 
 SCRIPT = Path(__file__).parent / "scripts" / "kill_mid_save.py"
@@ -69,7 +69,7 @@ def test_save_over_a_save_replaces_only_adapter_files(saved_tiny_model, tmp_path
     out = make_adapter("partial", saved_tiny_model, tmp_path / "run")
     (out / "notes.txt").write_text("mine")
     model, _ = load_base_model(str(saved_tiny_model))
-    method = LoraMethod("decoder", r=4)
+    method = LoraMethod("decoder", lora_r=4)
     model = method.prepare(model, str(saved_tiny_model))
     method.save(model, out, str(saved_tiny_model))
     names = {p.name for p in out.iterdir()}

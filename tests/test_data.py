@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from sam2_peft.data.augment import AugmentationConfig, augment, build_augmentation
+from sam2_peft.data.config import SAMPLE_DATA
 from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset, collate_segmentation
 from sam2_peft.data.prompts import PromptConfig, mask_to_boxes, sample_prompts, to_model_coordinates
 from sam2_peft.data.sources import (
@@ -20,7 +21,6 @@ from sam2_peft.data.sources import (
     split_records,
 )
 from sam2_peft.data.validation import ValidationConfig, validate_records
-from sam2_peft.training.arguments import SAMPLE_DATA
 
 
 def test_folder_source_reads_instance_and_binary_masks(folder_dataset, tmp_path):
@@ -163,13 +163,13 @@ def test_boxes_points_and_jitter():
     masks[1, 20:38, 2:9] = True
     torch.testing.assert_close(mask_to_boxes(masks), torch.tensor([[10.0, 5, 29, 14], [2, 20, 8, 37]]))
     generator = torch.Generator().manual_seed(0)
-    points, labels, mask_prompt = sample_prompts(masks, PromptConfig(prompt="box", box_jitter=0.0), generator)
+    points, labels = sample_prompts(masks, PromptConfig(prompt="box", box_jitter=0.0), generator)
     torch.testing.assert_close(points.reshape(2, 4), mask_to_boxes(masks))
-    assert labels.tolist() == [[2, 3], [2, 3]] and mask_prompt is None
-    jittered, _, _ = sample_prompts(masks, PromptConfig(prompt="box", box_jitter=0.2, max_box_jitter_px=3), generator)
+    assert labels.tolist() == [[2, 3], [2, 3]]
+    jittered, _ = sample_prompts(masks, PromptConfig(prompt="box", box_jitter=0.2, max_box_jitter_px=3), generator)
     assert (jittered.reshape(2, 4) - mask_to_boxes(masks)).abs().max() <= 3
     config = PromptConfig(prompt="point", num_positive_points=3, num_negative_points=2)
-    points, labels, _ = sample_prompts(masks, config, generator)
+    points, labels = sample_prompts(masks, config, generator)
     assert labels.tolist() == [[1, 1, 1, 0, 0]] * 2
     for obj in range(2):
         xs, ys = points[obj, :, 0].long(), points[obj, :, 1].long()

@@ -23,7 +23,7 @@ from sam2_peft.data.sources import (
 )
 from sam2_peft.data.validation import ValidationConfig, validate_records
 from sam2_peft.data.video import open_video_folder
-from sam2_peft.training.arguments import build_datasets, dataset_config_from_args, recipe_parser
+from tests.recipe_helpers import datasets, parse_args
 
 from .conftest import write_folder_dataset
 
@@ -223,7 +223,7 @@ def _hf_dict(tmp_path, folder_dataset):
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    return recipe_parser("test").parse_args(list(argv))
+    return parse_args(*argv)
 
 
 def test_val_data_of_a_dataset_dict_uses_its_validation_split_and_refuses_training_rows(
@@ -231,25 +231,25 @@ def test_val_data_of_a_dataset_dict_uses_its_validation_split_and_refuses_traini
 ):
     hf = _hf_dict(tmp_path, folder_dataset)
     args = _args("--data", hf, "--split", "train", "--val-data", hf)
-    train, val = build_datasets(args, tiny_processor, dataset_config_from_args(args))
+    train, val = datasets(args, tiny_processor)
     assert len(train) == 4 and len(val) == 2
     assert not {r.sample_id for r in train.records} & {r.sample_id for r in val.records}
     assert {r.sample_id for r in val.records} == {"validation-000000", "validation-000001"}
     by_split = _args("--data", hf, "--val-split", "validation")  # no --val-data: that split of --data
-    assert len(build_datasets(by_split, tiny_processor, dataset_config_from_args(by_split))[1]) == 2
+    assert len(datasets(by_split, tiny_processor)[1]) == 2
     leak = _args("--data", hf, "--split", "train", "--val-data", hf, "--val-split", "train")
     with pytest.raises(DataError, match=r"4 validation sample.*train-000000"):
-        build_datasets(leak, tiny_processor, dataset_config_from_args(leak))
+        datasets(leak, tiny_processor)
     same_folder = _args("--data", str(folder_dataset), "--val-data", str(folder_dataset))
     with pytest.raises(DataError, match=r"6 validation sample.*img_000"):
-        build_datasets(same_folder, tiny_processor, dataset_config_from_args(same_folder))
+        datasets(same_folder, tiny_processor)
 
 
 def test_separate_folders_with_the_same_file_names_are_not_a_leak(tmp_path, tiny_processor):
     train_dir = write_folder_dataset(tmp_path / "train", num_images=3, seed=1)
     val_dir = write_folder_dataset(tmp_path / "val", num_images=2, seed=2)
     args = _args("--data", str(train_dir), "--val-data", str(val_dir))
-    train, val = build_datasets(args, tiny_processor, dataset_config_from_args(args))
+    train, val = datasets(args, tiny_processor)
     assert len(train) == 3 and len(val) == 2
 
 
@@ -283,7 +283,7 @@ def test_image_over_the_pixel_limit_names_the_option_or_is_skipped(folder_datase
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     monkeypatch.setattr(sources, "_max_image_pixels", sources._max_image_pixels, raising=False)
     args = _args("--data", str(folder_dataset), "--max-image-pixels", "1000")  # the images are 120 x 96
-    sources.set_max_image_pixels(args.max_image_pixels)
+    sources.set_max_image_pixels(args.data.max_image_pixels)
     with pytest.raises(DataError, match=r"img_000\.png.*11520 pixels.*--max-image-pixels"):
         validate_records(folder_records(folder_dataset))
     with pytest.raises(DataError, match="No usable sample"):
@@ -311,13 +311,13 @@ def test_file_names_that_are_not_utf8_work_with_a_readable_id(folder_dataset, ti
         record.origin.encode("utf-8")
     split_records(records, 0.5)
     args = _args("--data", str(folder_dataset))
-    train, val = build_datasets(args, tiny_processor, dataset_config_from_args(args))
+    train, val = datasets(args, tiny_processor)
     assert len(train) + len(val) == 6
     json.dumps(sorted(r.sample_id for r in train.records), ensure_ascii=False).encode("utf-8")
 
 
 def test_edge_errors_end_in_one_error_line_from_the_command_line(tmp_path, folder_dataset, tiny_processor, monkeypatch):
-    from sam2_peft.training.arguments import run_from_command_line
+    from sam2_peft.cli import run_from_command_line
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     monkeypatch.setattr(sources, "_max_image_pixels", sources._max_image_pixels)
@@ -331,6 +331,6 @@ def test_edge_errors_end_in_one_error_line_from_the_command_line(tmp_path, folde
     for argv, named in cases.items():
         args = _args(*argv)
         with pytest.raises(SystemExit) as exit_info:
-            run_from_command_line(lambda a=args: build_datasets(a, tiny_processor, dataset_config_from_args(a)))
+            run_from_command_line(lambda a=args: datasets(a, tiny_processor))
         message = str(exit_info.value.code)
         assert message.startswith("error: ") and "\n" not in message and named in message

@@ -14,13 +14,13 @@ from sam2_peft import cli
 from sam2_peft.data import sources
 from sam2_peft.data.sources import DataError, folder_records
 from sam2_peft.data.validation import ValidationConfig, validate_records
-from sam2_peft.training.arguments import build_datasets, dataset_config_from_args, recipe_parser
+from tests.recipe_helpers import datasets, parse_args
 
 from .conftest import write_folder_dataset
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    return recipe_parser("test").parse_args(list(argv))
+    return parse_args(*argv)
 
 
 def _folder_with_bad_samples(root, num_images: int = 12):
@@ -58,22 +58,20 @@ def test_train_images_counts_images_that_survive_the_filters_and_logs_it(tmp_pat
     data = _folder_with_bad_samples(tmp_path / "data")
     val = write_folder_dataset(tmp_path / "val", num_images=2, seed=3)
     args = _args("--data", str(data), "--val-data", str(val), "--train-images", "3")
-    with caplog.at_level(logging.INFO, logger="sam2_peft.training.arguments"):
-        train, _ = build_datasets(args, tiny_processor, dataset_config_from_args(args))  # img_011 is never read
+    with caplog.at_level(logging.INFO, logger="sam2_peft.recipes.runner"):
+        train, _ = datasets(args, tiny_processor)  # img_011 is never read
     assert [r.sample_id for r in train.records] == ["img_001", "img_002", "img_003"]
     assert "Training on 3 of 12 training images (--train-images 3; 4 checked, 1 skipped: mask has no object" in (
         caplog.text
     )
     caplog.clear()
     more = _args("--data", str(data), "--val-data", str(val), "--train-images", "50", "--skip-bad-files")
-    with caplog.at_level(logging.INFO, logger="sam2_peft.training.arguments"):
-        train, _ = build_datasets(more, tiny_processor, dataset_config_from_args(more))
+    with caplog.at_level(logging.INFO, logger="sam2_peft.recipes.runner"):
+        train, _ = datasets(more, tiny_processor)
     assert len(train) == 10
     assert "Training on 10 of 12 training images: --train-images 50 asked for more than the 10 usable" in caplog.text
     with pytest.raises(DataError, match="--train-images must be at least 1"):
-        build_datasets(
-            _args("--data", str(data), "--train-images", "0"), tiny_processor, dataset_config_from_args(more)
-        )
+        datasets(_args("--data", str(data), "--train-images", "0"), tiny_processor)
 
 
 def test_wrong_data_path_names_it_and_what_data_accepts(tmp_path, folder_dataset, tiny_processor):
@@ -96,10 +94,10 @@ def test_wrong_data_path_names_it_and_what_data_accepts(tmp_path, folder_dataset
         check(accepted, "--data")  # a Hub name is left for `datasets` to open
     args = _args("--data", str(missing))
     with pytest.raises(DataError, match="does not exist"):
-        build_datasets(args, tiny_processor, dataset_config_from_args(args))
+        datasets(args, tiny_processor)
     args = _args("--data", "some-org/some-dataset", "--val-data", str(missing))  # before `datasets` asks the Hub
     with pytest.raises(DataError, match="--val-data"):
-        build_datasets(args, tiny_processor, dataset_config_from_args(args))
+        datasets(args, tiny_processor)
 
 
 def test_eval_refuses_a_wrong_data_path_before_loading_the_model(tmp_path, folder_dataset, monkeypatch):
@@ -141,10 +139,11 @@ DATA_SELECTION = {
 def test_eval_takes_the_data_selection_options_of_training_with_their_defaults(folder_dataset, monkeypatch):
     data = str(folder_dataset)
     defaults = _eval_args(monkeypatch, "--data", data)
-    training = _args("--data", data)
+    parsed = _args("--data", data)
+    training = {**vars(parsed.data), **vars(parsed.validation)}
     for flag in (*DATA_SELECTION, "--skip-bad-files"):
         dest = flag[2:].replace("-", "_")
-        assert getattr(defaults, dest) == getattr(training, dest), flag
+        assert getattr(defaults, dest) == training[dest], flag
     given = [item for pair in DATA_SELECTION.items() for item in pair]
     chosen = _eval_args(monkeypatch, "--data", data, *given, "--skip-bad-files")
     for flag, value in DATA_SELECTION.items():

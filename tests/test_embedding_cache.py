@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sam2_peft.adapters import LoraMethod
 from sam2_peft.data.augment import AugmentationConfig
 from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset
 from sam2_peft.data.sources import open_records
@@ -22,8 +23,8 @@ from sam2_peft.training.embedding_cache import (
     encoder_fingerprint,
     plan_embedding_cache,
 )
+from sam2_peft.training.tasks import ImageSegmentationTask
 from sam2_peft.training.trainer import Trainer
-from sam2_peft.tuners.methods import LoraMethod
 
 SIZE = 128
 
@@ -156,7 +157,7 @@ def test_augmentation_views_are_fixed_per_image(folder_dataset, tiny_processor):
 def _train(folder, tmp_path, name: str, **overrides) -> tuple[Trainer, dict]:
     records = open_records(str(folder))
     processor = processor_for_image_size(SIZE)
-    data_config = DatasetConfig(max_objects_per_image=3, augmentation=AugmentationConfig(enabled=False))
+    data_config = DatasetConfig(max_objects_per_image=3, augmentation=AugmentationConfig(augment=False))
     train = SegmentationDataset(records[:4], processor, data_config, train=True, seed=0)
     val = SegmentationDataset(records[4:], processor, data_config, train=False, seed=0)
     config = TrainingConfig(
@@ -165,7 +166,9 @@ def _train(folder, tmp_path, name: str, **overrides) -> tuple[Trainer, dict]:
     for key, value in overrides.items():
         setattr(config, key, value)
     model = build_model_from_config(tiny_config(SIZE), seed=0)
-    trainer = Trainer(model, processor, LoraMethod("decoder", r=4, lora_alpha=8), train, val, config, "tiny")
+    trainer = Trainer(
+        model, LoraMethod("decoder", lora_r=4, lora_alpha=8), ImageSegmentationTask(train, val), config, "tiny"
+    )
     return trainer, trainer.train()
 
 
@@ -192,7 +195,7 @@ def test_encoder_lora_turns_cache_off(folder_dataset, tiny_processor, tmp_path, 
     config = TrainingConfig(output_dir=str(tmp_path / "enc"), max_steps=1, report_to="none")
     model = build_model_from_config(tiny_config(SIZE), seed=0)
     with caplog.at_level(logging.INFO):
-        trainer = Trainer(model, tiny_processor, LoraMethod("encoder", r=2), train, None, config, "tiny")
+        trainer = Trainer(model, LoraMethod("encoder", lora_r=2), ImageSegmentationTask(train), config, "tiny")
     assert trainer.cache is None and train.augmentation_views is None
     assert "trains the image encoder" in caplog.text
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from sam2_peft.adapters import FullMethod
 from sam2_peft.data.prompts import NEGATIVE, POSITIVE
 from sam2_peft.data.sources import DataError, open_records, parse_synthetic_spec
 from sam2_peft.models.clicks import add_correction_clicks, correction_click
 from sam2_peft.models.loading import is_random_weights, load_base_model
-from sam2_peft.tuners.methods import FullMethod
 
 
 def test_synthetic_source_spec_and_records():
@@ -41,7 +41,7 @@ def test_full_method_trains_every_parameter_and_saves_a_model(tmp_path, tiny_mod
 
 def test_full_method_saves_half_precision_without_touching_the_trained_model(tmp_path, tiny_model):
     trained = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    FullMethod(save_dtype=torch.float16).save(tiny_model, tmp_path, "tiny")
+    FullMethod(save_dtype="float16").save(tiny_model, tmp_path, "tiny")
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as stored:
         assert {stored.get_slice(key).get_dtype() for key in stored.keys()} == {"F16"}
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in trained.items())
@@ -109,8 +109,8 @@ def test_segmenter_correction_rounds_share_one_encoding(tiny_model, monkeypatch)
 
 
 def test_pretrain_recipe_from_a_config_file_on_synthetic_scenes(tmp_path):
-    from recipes.pretrain import main as pretrain
     from sam2_peft.models.loading import tiny_config
+    from sam2_peft.recipes.pretrain import main as pretrain
 
     config = tmp_path / "config.json"
     tiny_config(128).to_json_file(config)

@@ -18,13 +18,12 @@ import pytest
 from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file, save_file
 
+from sam2_peft.adapters import AdapterLoadError, load_adapter
+from sam2_peft.adapters.merge import merge_adapter
 from sam2_peft.cli import main
-from sam2_peft.hub.merge import merge_adapter
-from sam2_peft.hub.resolve import AdapterLoadError
 from sam2_peft.inference.predictor import PromptError, Sam2PeftPredictor
 from sam2_peft.io import atomic_write_json
 from sam2_peft.models.loading import load_base_model
-from sam2_peft.tuners.methods import load_adapter
 from tests.adapter_helpers import make_adapter, non_square_images, save_images
 
 BOX = [30, 20, 90, 50]

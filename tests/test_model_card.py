@@ -9,11 +9,11 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 from transformers import Sam2Model
 
-from recipes.lora_decoder import main as lora_recipe
+from sam2_peft.adapters.methods import FullMethod, PtsamMethod
+from sam2_peft.adapters.resolve import trained_prompt
 from sam2_peft.hub.model_card import build_model_card, comparison_picture, write_model_card
-from sam2_peft.hub.resolve import trained_prompt
 from sam2_peft.models.loading import load_base_model
-from sam2_peft.tuners.methods import METHODS, FullMethod
+from sam2_peft.recipes.lora import main as lora_recipe
 from tests.adapter_helpers import METRICS, make_adapter
 from tests.recipe_helpers import lora_args
 
@@ -59,7 +59,7 @@ def test_only_peft_adapters_are_labelled_peft(kind, saved_tiny_model, tmp_path):
         make_adapter(kind, saved_tiny_model, folder)
     else:
         model, _ = load_base_model(str(saved_tiny_model))
-        method = METHODS["ptsam"]() if kind == "ptsam" else FullMethod()
+        method = PtsamMethod() if kind == "ptsam" else FullMethod()
         model = method.prepare(model, str(saved_tiny_model))
         method.save(model, folder, str(saved_tiny_model))
         (folder / "metrics.json").write_text(json.dumps({**METRICS, "method": method.name}))

@@ -8,14 +8,15 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
+from sam2_peft.adapters import LoraMethod
 from sam2_peft.data.augment import AugmentationConfig
 from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset
 from sam2_peft.data.sources import open_records
 from sam2_peft.models.loading import build_model_from_config, tiny_config
 from sam2_peft.models.segmenter import Sam2Segmenter
 from sam2_peft.training.config import TrainingConfig
+from sam2_peft.training.tasks import ImageSegmentationTask
 from sam2_peft.training.trainer import Trainer
-from sam2_peft.tuners.methods import LoraMethod
 
 
 @pytest.fixture(autouse=True)
@@ -28,17 +29,17 @@ def fresh_accelerator_state():
 
 def _trainer(folder, processor, tmp_path, model, method, mixed_precision: str) -> Trainer:
     records = open_records(str(folder))
-    config = DatasetConfig(max_objects_per_image=2, augmentation=AugmentationConfig(enabled=False))
+    config = DatasetConfig(max_objects_per_image=2, augmentation=AugmentationConfig(augment=False))
     train = SegmentationDataset(records[:2], processor, config, train=True, seed=0)
     training = TrainingConfig(
         output_dir=str(tmp_path / "run"), max_steps=2, log_every=1, report_to="none", mixed_precision=mixed_precision
     )
-    return Trainer(model, processor, method, train, None, training, "tiny")
+    return Trainer(model, method, ImageSegmentationTask(train), training, "tiny")
 
 
 def test_bf16_base_trains_fp32_adapters_under_bf16_autocast(folder_dataset, tiny_processor, tmp_path):
     model = build_model_from_config(tiny_config(128), seed=0).to(torch.bfloat16)
-    trainer = _trainer(folder_dataset, tiny_processor, tmp_path, model, LoraMethod("decoder", r=4), "bf16")
+    trainer = _trainer(folder_dataset, tiny_processor, tmp_path, model, LoraMethod("decoder", lora_r=4), "bf16")
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     frozen = [p for p in trainer.model.parameters() if not p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
@@ -54,7 +55,7 @@ def test_bf16_base_trains_fp32_adapters_under_bf16_autocast(folder_dataset, tiny
 def test_half_base_without_autocast_is_refused(folder_dataset, tiny_processor, tmp_path):
     model = build_model_from_config(tiny_config(128), seed=0).to(torch.bfloat16)
     with pytest.raises(ValueError, match="mixed_precision"):
-        _trainer(folder_dataset, tiny_processor, tmp_path, model, LoraMethod("decoder", r=4), "no")
+        _trainer(folder_dataset, tiny_processor, tmp_path, model, LoraMethod("decoder", lora_r=4), "no")
 
 
 def test_attention_uses_sdpa(tiny_model):
@@ -75,7 +76,7 @@ def test_quantized_encoder_saves_memory_and_trains_lora(mode, tiny_model):
     assert report.quantized, report.skipped
     assert report.bytes_after < report.bytes_before
     assert len(report.quantized) + len(report.skipped) == 23
-    segmenter = Sam2Segmenter(LoraMethod("encoder", r=2).prepare(tiny_model, "tiny"))
+    segmenter = Sam2Segmenter(LoraMethod("encoder", lora_r=2).prepare(tiny_model, "tiny"))
     quantized = segmenter.vision_features(pixels)[2]
     relative = ((quantized - reference).norm() / reference.norm()).item()
     assert relative < 0.6, f"quantized encoder output far from the float one ({relative:.2f})"

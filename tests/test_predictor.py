@@ -11,11 +11,10 @@ import torch
 from peft import PeftModel
 from transformers import Sam2Model
 
-from sam2_peft.hub.merge import merge_adapter
-from sam2_peft.hub.resolve import AdapterLoadError
+from sam2_peft.adapters import AdapterLoadError, AdapterMismatchError, load_adapter
+from sam2_peft.adapters.merge import merge_adapter
 from sam2_peft.inference.predictor import Sam2PeftPredictor
 from sam2_peft.models.loading import build_model_from_config, load_base_model, tiny_config
-from sam2_peft.tuners.methods import AdapterMismatchError, load_adapter
 from tests.adapter_helpers import make_adapter, non_square_images
 
 

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from recipes.lora_decoder import main as lora_recipe
-from recipes.ptsam_decoder import main as ptsam_recipe
 from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset, collate_segmentation
 from sam2_peft.data.prompts import PromptConfig
 from sam2_peft.data.sources import open_records
 from sam2_peft.models.loading import BUILTIN_PRETRAINED, Sam2LoadError, is_random_weights, load_base_model
 from sam2_peft.models.segmenter import Sam2Segmenter, select_best_mask
+from sam2_peft.recipes.lora import main as lora_recipe
+from sam2_peft.recipes.ptsam import main as ptsam_recipe
 from sam2_peft.training.losses import mask_iou
 
 from .conftest import real_dataset

@@ -11,8 +11,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import PeftType
 
 import sam2_peft  # noqa: F401
-from sam2_peft.tuners.methods import METHODS
-from sam2_peft.tuners.ptsam import PtsamConfig, PtsamMethod, PtsamModel, PtsamRegistrationError, register_ptsam
+from sam2_peft.tuners.ptsam import PtsamConfig, PtsamModel, PtsamRegistrationError, register_ptsam
 
 
 def test_import_registers_ptsam_as_a_peft_type():
@@ -21,7 +20,6 @@ def test_import_registers_ptsam_as_a_peft_type():
     assert PEFT_TYPE_TO_CONFIG_MAPPING["PTSAM"] is PtsamConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[member] is PtsamModel
     assert PEFT_TYPE_TO_PREFIX_MAPPING[member] == "ptsam_"
-    assert METHODS["ptsam"] is PtsamMethod
 
 
 def test_registration_is_idempotent_and_refuses_a_different_class():

@@ -12,18 +12,16 @@ from torch.utils.data import DataLoader
 from transformers import Sam2Model
 
 import sam2_peft  # noqa: F401
-from recipes.ptsam_decoder import main as ptsam_decoder
-from recipes.ptsam_encoder import main as ptsam_encoder
+from sam2_peft.adapters import PtsamMethod, load_adapter
 from sam2_peft.data.dataset import collate_segmentation
 from sam2_peft.data.sources import open_records
 from sam2_peft.evaluation.runner import evaluate_segmenter
 from sam2_peft.inference.prompt_free import predict_prompt_free
 from sam2_peft.models.loading import build_model_from_config, hiera_tiny_config, load_base_model
 from sam2_peft.models.segmenter import Sam2Segmenter
-from sam2_peft.training.arguments import build_datasets, dataset_config_from_args
-from sam2_peft.tuners.methods import load_adapter
-from sam2_peft.tuners.ptsam import PtsamMethod
-from sam2_peft.tuners.ptsam.recipe import ptsam_parser
+from sam2_peft.recipes.ptsam import encoder_main as ptsam_encoder
+from sam2_peft.recipes.ptsam import main as ptsam_decoder
+from tests.recipe_helpers import datasets, parse_args
 
 from .conftest import real_dataset
 
@@ -67,9 +65,10 @@ def test_base_metrics_are_the_untouched_base_models(recipe, saved_tiny_model, fo
     metrics = json.loads((out / "metrics.json").read_text())
     with np.load(out / "base_predictions.npz") as saved:
         base_predictions = {k: saved[k] for k in saved.files}
-    args = ptsam_parser("test", encoder_prompts=2).parse_args(argv)
+    cut = argv.index("--encoder-prompts")
+    args = parse_args(*argv[:cut], *argv[cut + 2 :], prompt="none")
     model, processor = load_base_model(str(saved_tiny_model))
-    _, val_dataset = build_datasets(args, processor, dataset_config_from_args(args, "semantic"))
+    _, val_dataset = datasets(args, processor, "semantic")
     loader = DataLoader(val_dataset, batch_size=1, collate_fn=collate_segmentation)
     untouched = evaluate_segmenter(
         Sam2Segmenter(model), loader, processor, Accelerator(cpu=True), keep_ids=set(base_predictions)

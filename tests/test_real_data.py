@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recipes.lora_decoder import main as lora_recipe
+from sam2_peft.recipes.lora import main as lora_recipe
 from tests.conftest import real_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
@@ -55,7 +55,7 @@ def _first_frames(data: Path, sequences: tuple[str, ...], count: int, out: Path)
 
 
 def test_video_lora_on_davis_trains_on_three_sequences_and_scores_two(tmp_path):
-    from recipes.video_lora import main as video_recipe
+    from sam2_peft.recipes.video import main as video_recipe
 
     data = real_dataset("video-davis2016-mini")
     val_data = _first_frames(data, ("dog", "libby"), VAL_FRAMES, tmp_path / "davis-val")

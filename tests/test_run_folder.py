@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.lora_decoder import main as lora_recipe
-from sam2_peft.training import trainer as trainer_module
+from sam2_peft.recipes.lora import main as lora_recipe
+from sam2_peft.training import tasks as tasks_module
 from sam2_peft.training.checkpoints import ResumeMismatchError, RunFolderError
 from tests.recipe_helpers import error_line, lora_args
 
@@ -46,7 +46,7 @@ def test_resume_with_changed_settings_names_what_differs(saved_tiny_model, folde
     with pytest.raises(ResumeMismatchError, match=r"training\.lr 0\.001 -> 0\.01"):
         lora_recipe(args + ["--resume", "--lr", "1e-2"])
     message = error_line(capsys, args + ["--resume", "--lora-r", "8"])
-    assert "method.r 4 -> 8" in message and "step-2" in message
+    assert "method.lora_r 4 -> 8" in message and "step-2" in message
     lora_recipe(args + ["--resume"])  # the same settings resume (here: nothing left to train)
     assert "pass only one" in error_line(capsys, args + ["--resume", "--overwrite"])
 
@@ -113,14 +113,14 @@ def test_unusable_output_folders_are_one_line_errors(saved_tiny_model, folder_da
 
 
 def test_five_non_finite_losses_are_a_one_line_error(saved_tiny_model, folder_dataset, tmp_path, capsys, monkeypatch):
-    real_loss = trainer_module.sam2_loss
+    real_loss = tasks_module.sam2_loss
 
     def always_nan(*args, **kwargs):
         out = real_loss(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_module, "sam2_loss", always_nan)
+    monkeypatch.setattr(tasks_module, "sam2_loss", always_nan)
     message = error_line(capsys, lora_args(saved_tiny_model, folder_dataset, tmp_path / "nan", "--max-steps", "10"))
     assert "5 consecutive non-finite losses" in message and "--lr" in message
 
@@ -161,12 +161,12 @@ def test_under_two_processes_only_the_main_one_prints_the_error(saved_tiny_model
 
 
 def test_paths_are_checked_before_the_model_loads(saved_tiny_model, folder_dataset, tmp_path, capsys, monkeypatch):
-    from sam2_peft.training import arguments
+    from sam2_peft.recipes import runner
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the paths were checked")
 
-    monkeypatch.setattr(arguments, "load_base_model", no_model)
+    monkeypatch.setattr(runner, "load_base_model", no_model)
     message = error_line(
         capsys, lora_args(saved_tiny_model, tmp_path / "no-such-data", tmp_path / "run", "--max-steps", "1")
     )

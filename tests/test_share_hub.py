@@ -11,8 +11,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from peft import PeftModel
 
+from sam2_peft.adapters import AdapterLoadError
 from sam2_peft.hub.push import push_adapter
-from sam2_peft.hub.resolve import AdapterLoadError
 from sam2_peft.inference.predictor import Sam2PeftPredictor
 from sam2_peft.models.loading import load_base_model
 from tests.adapter_helpers import make_adapter, non_square_images
@@ -115,10 +115,10 @@ def test_push_refuses_a_folder_without_adapter(hub_server, hub_repo_id, tmp_path
 
 
 def test_ptsam_adapter_round_trip(hub_server, hub_repo_id, saved_tiny_model, tmp_path):
-    from sam2_peft.tuners.methods import METHODS
+    from sam2_peft.adapters.methods import PtsamMethod
 
     model, _ = load_base_model(str(saved_tiny_model))
-    method = METHODS["ptsam"]()
+    method = PtsamMethod()
     model = method.prepare(model, str(saved_tiny_model))
     with torch.no_grad():
         for parameter in model.parameters():

@@ -15,8 +15,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import Sam2Model
 
-from recipes.lora_decoder import main as lora_recipe
-from sam2_peft.training import trainer as trainer_module
+from sam2_peft.recipes.lora import main as lora_recipe
+from sam2_peft.training import tasks as tasks_module
 from sam2_peft.training.trainer import NonFiniteLossError
 from tests.recipe_helpers import lora_args
 
@@ -87,7 +87,7 @@ def test_resume_without_checkpoint_is_a_clear_error(saved_tiny_model, folder_dat
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(saved_tiny_model, folder_dataset, tmp_path, monkeypatch):
-    real_loss = trainer_module.sam2_loss
+    real_loss = tasks_module.sam2_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -97,7 +97,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(saved_tiny_model, folde
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_module, "sam2_loss", sometimes_nan)
+    monkeypatch.setattr(tasks_module, "sam2_loss", sometimes_nan)
     out = tmp_path / "one-nan"
     lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "3", "--eval-every", "100"))
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
@@ -108,20 +108,20 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(saved_tiny_model, folde
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_module, "sam2_loss", always_nan)
+    monkeypatch.setattr(tasks_module, "sam2_loss", always_nan)
     with pytest.raises(NonFiniteLossError, match="5 consecutive non-finite losses"):
         lora_recipe(lora_args(saved_tiny_model, folder_dataset, tmp_path / "all-nan", "--max-steps", "10"))
 
 
 def _record_logit_dtypes(monkeypatch) -> list[torch.dtype]:
     """Record the dtype of the mask logits (an activation of the forward pass) that each training loss receives."""
-    dtypes, real_loss = [], trainer_module.sam2_loss
+    dtypes, real_loss = [], tasks_module.sam2_loss
 
     def recording(mask_logits, *args, **kwargs):
         dtypes.append(mask_logits.dtype)
         return real_loss(mask_logits, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "sam2_loss", recording)
+    monkeypatch.setattr(tasks_module, "sam2_loss", recording)
     return dtypes
 
 

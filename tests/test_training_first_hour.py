@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 
-from recipes.lora_decoder import main as lora_recipe
-from recipes.ptsam_decoder import main as ptsam_recipe
 from sam2_peft import cli
 from sam2_peft.data.sources import open_records, split_records
-from sam2_peft.training import arguments, config
+from sam2_peft.recipes import runner
+from sam2_peft.recipes.lora import main as lora_recipe
+from sam2_peft.recipes.ptsam import main as ptsam_recipe
+from sam2_peft.training import config
 from tests.conftest import write_folder_dataset
 from tests.recipe_helpers import error_line, lora_args
 
@@ -23,7 +24,7 @@ def no_model_load(monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the settings were checked")
 
-    monkeypatch.setattr(arguments, "load_base_model", no_model)
+    monkeypatch.setattr(runner, "load_base_model", no_model)
 
 
 def test_a_checkpoint_is_one_log_line_saved_or_resumed(saved_tiny_model, folder_dataset, tmp_path, caplog):
@@ -74,7 +75,7 @@ def test_half_base_without_mixed_precision_stops_before_the_model_loads(
     [
         (lora_recipe, "--learning-rate", "--lr"),
         (lora_recipe, "--lora-rank", "--lora-r"),
-        (lora_recipe, "--eval_every", "--eval-every"),
+        (lora_recipe, "--eval_evry", "--eval-every"),
         (ptsam_recipe, "--num-tokns", "--num-tokens"),
         (ptsam_recipe, "--learning-rate=1e-3", "--lr"),
     ],
@@ -147,3 +148,13 @@ def test_the_training_bar_shows_the_embedding_cache_filling(saved_tiny_model, fo
     lora_recipe(lora_args(saved_tiny_model, folder_dataset, tmp_path / "run", "--max-steps", "3", "--no-augment"))
     bar = capsys.readouterr().err
     assert "cache=4/6 views" in bar and "cache=full" in bar and "MiB" in bar
+
+
+def test_every_flag_takes_its_snake_case_spelling_too():
+    from sam2_peft.recipes.arguments import parse_recipe_arguments
+    from sam2_peft.tuners.options import LoraOptions
+
+    kebab = parse_recipe_arguments("t", LoraOptions, argv=["--eval-every", "3", "--lora-r", "4", "--no-augment"])
+    snake = parse_recipe_arguments("t", LoraOptions, argv=["--eval_every", "3", "--lora_r", "4", "--no_augment"])
+    assert kebab == snake and kebab.training.eval_every == 3 and kebab.method.lora_r == 4
+    assert not kebab.augmentation.augment

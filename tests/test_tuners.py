@@ -7,16 +7,16 @@ import torch
 from peft import PeftModel
 from transformers import Sam2Config, Sam2Model
 
-from sam2_peft.models.loading import build_model_from_config, tiny_config
-from sam2_peft.models.segmenter import Sam2Segmenter
-from sam2_peft.tuners.lora import preset_regex
-from sam2_peft.tuners.methods import (
-    SIDECAR_FILE,
+from sam2_peft.adapters import (
     AdapterMismatchError,
     LoraMethod,
     PartialFinetuneMethod,
     load_adapter,
 )
+from sam2_peft.adapters.files import SIDECAR_FILE
+from sam2_peft.models.loading import build_model_from_config, tiny_config
+from sam2_peft.models.segmenter import Sam2Segmenter
+from sam2_peft.tuners.lora import preset_regex
 
 
 def _trainable(model):
@@ -28,7 +28,9 @@ def _lora_modules(model):
 
 
 def test_decoder_preset_targets_the_28_decoder_projections_of_hiera_tiny():
-    model = LoraMethod("decoder", r=16).prepare(build_model_from_config(Sam2Config()), "facebook/sam2.1-hiera-tiny")
+    model = LoraMethod("decoder", lora_r=16).prepare(
+        build_model_from_config(Sam2Config()), "facebook/sam2.1-hiera-tiny"
+    )
     modules = _lora_modules(model)
     assert len(modules) == 28
     assert all(
@@ -43,7 +45,7 @@ def test_decoder_preset_targets_the_28_decoder_projections_of_hiera_tiny():
 
 
 def test_decoder_plus_encoder_adds_hiera_attention_only(tiny_model):
-    model = LoraMethod("decoder+encoder", r=4).prepare(tiny_model, "tiny")
+    model = LoraMethod("decoder+encoder", lora_r=4).prepare(tiny_model, "tiny")
     modules = _lora_modules(model)
     encoder = [m for m in modules if ".vision_encoder." in m]
     assert encoder and all(m.endswith(("attn.qkv", "attn.proj")) for m in encoder)
@@ -52,9 +54,9 @@ def test_decoder_plus_encoder_adds_hiera_attention_only(tiny_model):
 
 
 def test_custom_regex_and_unknown_preset(tiny_model):
-    model = LoraMethod(target_regex=r".*mask_decoder\.transformer\.final_attn_token_to_image\.v_proj", r=2).prepare(
-        tiny_model, None
-    )
+    model = LoraMethod(
+        target_regex=r".*mask_decoder\.transformer\.final_attn_token_to_image\.v_proj", lora_r=2
+    ).prepare(tiny_model, None)
     assert _lora_modules(model) == ["base_model.model.mask_decoder.transformer.final_attn_token_to_image.v_proj"]
     with pytest.raises(ValueError, match="Unknown LoRA preset 'decodr'"):
         preset_regex("decodr")
@@ -66,7 +68,7 @@ def _outputs(model, pixels, boxes):
 
 
 def test_lora_adapter_round_trips_through_plain_peft(tmp_path, tiny_model):
-    method = LoraMethod(r=4, lora_dropout=0.0)
+    method = LoraMethod(lora_r=4, lora_dropout=0.0)
     model = method.prepare(tiny_model, "base-folder")
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -88,7 +90,7 @@ def test_lora_adapter_round_trips_through_plain_peft(tmp_path, tiny_model):
 
 
 def test_adapter_for_another_architecture_is_refused_with_the_difference(tmp_path, tiny_model):
-    method = LoraMethod(r=4)
+    method = LoraMethod(lora_r=4)
     method.save(method.prepare(tiny_model, "tiny-128"), tmp_path, "tiny-128")
     assert json.loads((tmp_path / SIDECAR_FILE).read_text())["base_signature"]["image_size"] == 128
     with pytest.raises(AdapterMismatchError, match="image_size: adapter expects 128, base model has 256"):
@@ -126,7 +128,7 @@ def test_partial_weights_of_wrong_shape_are_named(tmp_path, tiny_model):
 
 
 def test_segmenter_gradients_reach_only_lora(tiny_model):
-    model = LoraMethod(r=4).prepare(tiny_model, None)
+    model = LoraMethod(lora_r=4).prepare(tiny_model, None)
     segmenter = Sam2Segmenter(model)
     output = segmenter(
         torch.tensor([0]),

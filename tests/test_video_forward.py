@@ -6,10 +6,9 @@ import pytest
 import torch
 from transformers import Sam2VideoInferenceSession
 
+from sam2_peft.adapters import LoraMethod, PartialFinetuneMethod, PtsamMethod
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
 from sam2_peft.training.video import video_loss
-from sam2_peft.tuners.methods import LoraMethod, PartialFinetuneMethod
-from sam2_peft.tuners.ptsam import PtsamMethod
 
 from .video_helpers import VIDEO_SIZE, tiny_video_model, video_processor
 
@@ -84,7 +83,7 @@ def test_streaming_an_unknown_length_agrees_with_the_clip_forward():
 
 def _lora_model(preset: str):
     model = tiny_video_model()
-    return LoraMethod(preset=preset, r=4, lora_dropout=0.0).prepare(model, "tiny")
+    return LoraMethod(targets=preset, lora_r=4, lora_dropout=0.0).prepare(model, "tiny")
 
 
 def _last_frame_loss(model, num_frames: int) -> torch.Tensor:

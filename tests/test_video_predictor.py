@@ -6,21 +6,21 @@ import numpy as np
 import pytest
 import torch
 
+from sam2_peft.adapters import LoraMethod, load_adapter
 from sam2_peft.inference.video import VideoPredictor
 from sam2_peft.models.loading import processor_for_image_size
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
-from sam2_peft.tuners.methods import LoraMethod, load_adapter
 
 from .video_helpers import VIDEO_SIZE, tiny_video_model
 
 
 def test_predictor_streams_with_an_adapter_and_matches_the_tracker(tmp_path):
-    model = LoraMethod(preset="memory", r=4).prepare(tiny_video_model(), "tiny")
+    model = LoraMethod(targets="memory", lora_r=4).prepare(tiny_video_model(), "tiny")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)
-    LoraMethod(preset="memory", r=4).save(model, tmp_path / "adapter", "tiny")
+    LoraMethod(targets="memory", lora_r=4).save(model, tmp_path / "adapter", "tiny")
     processor = processor_for_image_size(VIDEO_SIZE)
     predictor = VideoPredictor(load_adapter(tiny_video_model(), tmp_path / "adapter"), processor)
     rng = np.random.default_rng(0)

@@ -7,19 +7,20 @@ import json
 import pytest
 import torch
 
+from sam2_peft.adapters import LoraMethod, load_adapter
 from sam2_peft.data.prompts import PromptConfig
 from sam2_peft.data.video import VideoClipDataset, VideoDatasetConfig, VideoSequenceDataset, open_video_folder
 from sam2_peft.models.loading import processor_for_image_size
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
 from sam2_peft.training.config import TrainingConfig
 from sam2_peft.training.losses import LossConfig
-from sam2_peft.training.video import VideoTrainer
-from sam2_peft.tuners.methods import LoraMethod, load_adapter
+from sam2_peft.training.trainer import Trainer
+from sam2_peft.training.video import VideoClipTask
 
 from .video_helpers import VIDEO_SIZE, tiny_video_model, write_video_folder
 
 
-def _trainer(root, output_dir, max_steps: int, resume: str | None = None) -> VideoTrainer:
+def _trainer(root, output_dir, max_steps: int, resume: str | None = None) -> Trainer:
     processor = processor_for_image_size(VIDEO_SIZE)
     train = open_video_folder(root, annotated_every=2, sequences=["a"])
     val = open_video_folder(root, sequences=["b"])
@@ -31,22 +32,20 @@ def _trainer(root, output_dir, max_steps: int, resume: str | None = None) -> Vid
         lr=1e-2,
         warmup_ratio=0.0,
         eval_every=1,
-        metric_for_best="J&F",
         report_to="none",
         num_panels=2,
         resume=resume,
-        loss=LossConfig(mask_loss="bce"),
     )
-    return VideoTrainer(
-        tiny_video_model(),
-        processor,
-        LoraMethod(preset="decoder+memory", r=4, lora_dropout=0.0),
+    task = VideoClipTask(
         VideoClipDataset(train, processor, config),
         VideoSequenceDataset(val),
-        training,
-        base_name="tiny-video",
+        processor,
         loss_frames="all",
+        loss=LossConfig(mask_loss="bce"),
+        strip_frames=2,
     )
+    method = LoraMethod(targets="decoder+memory", lora_r=4, lora_dropout=0.0)
+    return Trainer(tiny_video_model(), method, task, training, base_name="tiny-video")
 
 
 @pytest.mark.slow

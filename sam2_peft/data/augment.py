@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-
-@dataclass
-class AugmentationConfig:
-    """Training augmentation; every probability 0 (or `enabled=False`) turns it off."""
-
-    enabled: bool = True
-    horizontal_flip: float = 0.5
-    vertical_flip: float = 0.5
-    color_jitter: float = 0.8
-    """Probability of brightness/contrast/saturation jitter."""
-    color_jitter_strength: float = 0.2
-    """Each factor is drawn from [1 - strength, 1 + strength] (0.8 also gives dim, low-contrast images)."""
-    blur: float = 0.2
-    """Probability of a light Gaussian blur (sigma 0.1-1.5)."""
-    affine: float = 0.5
-    """Probability of a small shift-scale-rotate (5 % shift, 0.9-1.1 scale, 10 degrees)."""
+from .config import AugmentationConfig
 
 
 def build_augmentation(config: AugmentationConfig) -> v2.Transform | None:
     """A transform taking `(tv_tensors.Image, tv_tensors.Mask)` and returning both, or None when disabled."""
-    if not config.enabled:
+    if not config.augment:
         return None
     steps: list[v2.Transform] = []
     if config.horizontal_flip > 0:

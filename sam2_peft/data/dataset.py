@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,31 +9,11 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 from transformers import Sam2Processor
 
-from .augment import AugmentationConfig, augment, build_augmentation
-from .prompts import PADDING, PromptConfig, sample_prompts, to_model_coordinates
+from .augment import augment, build_augmentation
+from .config import DatasetConfig, PromptConfig
+from .prompts import PADDING, sample_prompts, to_model_coordinates
 from .sources import SampleRecord
-from .validation import ValidationConfig, clean_instances
-
-TARGET_MODES = ("instances", "semantic")
-
-
-@dataclass
-class DatasetConfig:
-    """How samples become model inputs and targets."""
-
-    target_mode: str = "instances"
-    """`instances`: one prompt and target per object; `semantic`: the union of all objects, one target per image."""
-    max_objects_per_image: int = 16
-    """Objects drawn per training image per step (a random subset when there are more)."""
-    max_eval_objects: int = 64
-    """Objects evaluated per validation image (the first ones, deterministically)."""
-    prompts: PromptConfig = field(default_factory=PromptConfig)
-    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-
-    def __post_init__(self) -> None:
-        if self.target_mode not in TARGET_MODES:
-            raise ValueError(f"target_mode must be one of {TARGET_MODES}, got '{self.target_mode}'.")
+from .validation import clean_instances
 
 
 class SegmentationDataset(Dataset):
@@ -44,7 +22,6 @@ class SegmentationDataset(Dataset):
     Each item is a dict:
         `pixel_values` `(3, S, S)` float, preprocessed by the processor (S = the model's image size);
         `points` `(N, P, 2)` float in model-input coordinates and `point_labels` `(N, P)` long (see `prompts`);
-        `mask_inputs` `(N, 1, S/4, S/4)` float or None;
         `target_masks` `(N, S, S)` bool, the objects at model-input resolution;
         `original_size` `(H, W)`; `sample_id`; `view` (which fixed augmentation, see `set_augmentation_views`); and, for evaluation, `original_masks` `(N, H, W)` bool.
     """
@@ -105,7 +82,8 @@ class SegmentationDataset(Dataset):
         original_size = tuple(image.shape[1:])
         if self.config.target_mode == "semantic":
             masks = masks.any(dim=0, keepdim=True)
-        points, labels, mask_prompts = sample_prompts(masks, self._prompt_config(masks), generator)
+        points, labels = sample_prompts(masks, self._prompt_config(masks), generator)
+        size_2d = (self.image_size, self.image_size)
         pixel_values = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         item = {
             "sample_id": record.sample_id,
@@ -113,8 +91,7 @@ class SegmentationDataset(Dataset):
             "pixel_values": pixel_values,
             "points": to_model_coordinates(points, original_size, self.image_size),
             "point_labels": labels,
-            "mask_inputs": None if mask_prompts is None else _resize(mask_prompts, self.image_size // 4, "bilinear"),
-            "target_masks": _resize(masks[:, None].float(), self.image_size, "nearest")[:, 0].bool(),
+            "target_masks": F.interpolate(masks[:, None].float(), size=size_2d, mode="nearest")[:, 0].bool(),
             "original_size": original_size,
         }
         if not self.train:
@@ -160,11 +137,6 @@ class SegmentationDataset(Dataset):
         return masks
 
 
-def _resize(masks: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
-    return F.interpolate(masks, size=(size, size), mode=mode, **kwargs)
-
-
 def collate_segmentation(items: list[dict]) -> dict:
     """Batch images, and concatenate their objects into one flat prompt batch.
 
@@ -178,7 +150,6 @@ def collate_segmentation(items: list[dict]) -> dict:
         pad = max_points - item["points"].shape[1]
         points.append(F.pad(item["points"], (0, 0, 0, pad)))
         labels.append(F.pad(item["point_labels"], (0, pad), value=PADDING))
-    has_mask_inputs = items[0]["mask_inputs"] is not None
     batch = {
         "sample_ids": [item["sample_id"] for item in items],
         "views": [item["view"] for item in items],
@@ -186,10 +157,17 @@ def collate_segmentation(items: list[dict]) -> dict:
         "object_image_index": torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts)),
         "points": torch.cat(points) if max_points else None,
         "point_labels": torch.cat(labels) if max_points else None,
-        "mask_inputs": torch.cat([item["mask_inputs"] for item in items]) if has_mask_inputs else None,
         "target_masks": torch.cat([item["target_masks"] for item in items]),
         "original_sizes": [item["original_size"] for item in items],
     }
     if "original_masks" in items[0]:
         batch["original_masks"] = [item["original_masks"] for item in items]
     return batch
+
+
+MODEL_INPUT_KEYS = ("pixel_values", "object_image_index", "points", "point_labels")
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The segmenter's keyword arguments from a collated batch, moved to `device` (absent prompts stay None)."""
+    return {key: batch[key].to(device) if batch.get(key) is not None else None for key in MODEL_INPUT_KEYS}

@@ -7,35 +7,13 @@ transformers' `Sam2PromptEncoder`; a positive point is labelled 1 and a negative
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+import torch.nn.functional as F
+
+from .config import PROMPT_TYPES, PromptConfig  # noqa: F401  (re-exported)
 
 BOX_CORNER_LABELS = (2, 3)
 POSITIVE, NEGATIVE, PADDING = 1, 0, -10
-PROMPT_TYPES = ("box", "point", "mixed", "none")
-
-
-@dataclass
-class PromptConfig:
-    """How training prompts are drawn from each object's mask."""
-
-    prompt: str = "box"
-    """`box`, `point`, `mixed` (box or points, chosen per image) or `none` (prompt-free, e.g. PTSAM)."""
-    box_jitter: float = 0.1
-    """Std of the noise on each box coordinate, as a fraction of the box side."""
-    max_box_jitter_px: float = 20.0
-    """Cap on that noise in original-image pixels."""
-    num_positive_points: int = 1
-    num_negative_points: int = 0
-    mask_prompt_probability: float = 0.0
-    """Chance, per training step, that the objects also get their ground-truth mask as a dense prompt (+-10 logits)."""
-
-    def __post_init__(self) -> None:
-        if self.prompt not in PROMPT_TYPES:
-            raise ValueError(f"prompt must be one of {PROMPT_TYPES}, got '{self.prompt}'.")
-        if self.prompt in ("point", "mixed") and self.num_positive_points < 1:
-            raise ValueError("num_positive_points must be at least 1 for point prompts.")
 
 
 def mask_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -93,13 +71,12 @@ def negative_region(mask: torch.Tensor, box: torch.Tensor, margin: float = 0.25)
 
 def sample_prompts(
     masks: torch.Tensor, config: PromptConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one prompt per object from `(N, H, W)` bool masks, in original-image pixels.
 
     Returns:
-        points `(N, P, 2)` float (x, y), labels `(N, P)` long, and mask prompts `(N, 1, H, W)` float (None unless
-        `mask_prompt_probability` > 0; the training step decides per batch whether to use them).
-        With `prompt="none"`, P is 0.
+        points `(N, P, 2)` float (x, y) and labels `(N, P)` long. With `prompt="none"`, P is 0. Dense mask prompts
+        are drawn per training step from the batch's targets (`mask_prompts`).
     """
     num_objects = len(masks)
     size = tuple(masks.shape[1:])
@@ -123,10 +100,14 @@ def sample_prompts(
         points = torch.stack(per_object)
         labels = torch.tensor([POSITIVE] * config.num_positive_points + [NEGATIVE] * config.num_negative_points)
         labels = labels.expand(num_objects, -1).clone()
-    mask_prompts = None
-    if config.mask_prompt_probability > 0:
-        mask_prompts = (masks[:, None].float() * 2 - 1) * 10
-    return points, labels, mask_prompts
+    return points, labels
+
+
+def mask_prompts(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Ground-truth masks `(N, H, W)` bool as SAM's dense mask prompts `(N, 1, size, size)`: +-10 logits, resized
+    bilinearly to the prompt encoder's mask input size (a quarter of the image size)."""
+    logits = (masks[:, None].float() * 2 - 1) * 10
+    return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def to_model_coordinates(coords: torch.Tensor, original_size: tuple[int, int], image_size: int) -> torch.Tensor:

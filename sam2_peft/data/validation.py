@@ -11,22 +11,10 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .config import ValidationConfig
 from .sources import DataError, SampleRecord
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ValidationConfig:
-    """What counts as a usable sample."""
-
-    min_object_area: int = 50
-    """Objects with fewer pixels (after closing) are dropped; an image left with no object is skipped."""
-    closing_radius: int = 0
-    """Radius in pixels of a morphological closing applied to every object mask (0 = off)."""
-    skip_bad_files: bool = False
-    """Unreadable images and masks of the wrong size: False raises naming the file, True skips and counts them."""
-    num_threads: int = 4
 
 
 @dataclass

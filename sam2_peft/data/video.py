@@ -233,7 +233,7 @@ class VideoClipDataset(Dataset):
         if torch.rand((), generator=generator) < config.prompts.mask_prompt_probability:
             item["prompt_masks"] = item["target_masks"][0]
         else:
-            points, labels, _ = sample_prompts(targets[0], config.prompts, generator)
+            points, labels = sample_prompts(targets[0], config.prompts, generator)
             item["points"] = to_model_coordinates(points, original_size, self.image_size)
             item["point_labels"] = labels
         return item

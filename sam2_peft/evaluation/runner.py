@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Sam2Processor
 
-from ..data.dataset import SegmentationDataset
+from ..data.dataset import SegmentationDataset, model_inputs
 from ..data.prompts import mask_to_boxes
 from ..models.segmenter import Sam2Segmenter, select_best_mask, wants_multimask
 from .metrics import MetricAccumulator
@@ -26,12 +26,6 @@ class EvaluationResult:
     metrics: dict[str, float]
     per_image: dict[str, dict[str, float]]
     kept_predictions: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def batch_inputs(batch: dict, device: torch.device) -> dict:
-    """The segmenter's keyword arguments from a collated batch, moved to `device`."""
-    keys = ("pixel_values", "object_image_index", "points", "point_labels", "mask_inputs")
-    return {k: batch[k].to(device) if batch.get(k) is not None else None for k in keys}
 
 
 @torch.no_grad()
@@ -65,7 +59,7 @@ def evaluate_segmenter(
         disable=not accelerator.is_main_process,
     )
     for batch in dataloader:
-        inputs = batch_inputs(batch, accelerator.device)
+        inputs = model_inputs(batch, accelerator.device)
         if encode is not None:
             inputs["vision_features"] = encode([f"eval/{s}" for s in batch["sample_ids"]], inputs.pop("pixel_values"))
         with accelerator.autocast():

@@ -32,7 +32,7 @@ def first_frame_prompt(
         raise ValueError(f"Sequence '{sequence.name}' has no annotated frame with an object to prompt.")
     masks = torch.from_numpy(labels[None] == ids[:, None, None])
     config = PromptConfig(prompt=prompt, box_jitter=0.0)
-    points, point_labels, _ = sample_prompts(masks, config, torch.Generator().manual_seed(0))
+    points, point_labels = sample_prompts(masks, config, torch.Generator().manual_seed(0))
     points = to_model_coordinates(points, tuple(masks.shape[1:]), image_size)
     return frame, ids, ClipPrompt(points=points, point_labels=point_labels)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..adapters.files import PARTIAL_WEIGHTS_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, AdapterLoadError
+from ..adapters.resolve import trained_prompt
 from ..io import atomic_write_text
-from ..models.loading import BUILTIN_ARCHITECTURES
-from ..tuners.methods import PARTIAL_WEIGHTS_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, AdapterLoadError
-from .resolve import trained_prompt
+from ..models.names import BUILTIN_ARCHITECTURES
 
 METRIC_NAMES = {"iou": "IoU", "dice": "Dice", "boundary_iou": "Boundary IoU", "pixel_accuracy": "Pixel accuracy"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -15,19 +15,23 @@ import httpx2
 from huggingface_hub import CommitInfo, HfApi, constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 
-from ..tuners.methods import (
+from ..adapters.files import (
+    ADAPTER_FILES,
     PARTIAL_CONFIG_FILE,
     PARTIAL_WEIGHTS_FILE,
+    PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
     SIDECAR_FILE,
+    TRAINING_CONFIG_FILE,
+    AdapterLoadError,
     read_adapter_weights,
 )
+from ..adapters.resolve import inspect_adapter
 from .model_card import PICTURE_NAME, build_model_card, comparison_picture, is_hub_id
-from .resolve import ADAPTER_FILES, PEFT_CONFIG_FILE, AdapterLoadError, inspect_adapter
 
 logger = logging.getLogger(__name__)
 
-EXTRA_FILES = ("training_config.json",)
+EXTRA_FILES = (TRAINING_CONFIG_FILE,)
 """Run files uploaded beside the adapter when present (small, and they say how it was trained)."""
 
 

@@ -20,8 +20,8 @@ from PIL import Image
 from torch import nn
 from transformers import Sam2Processor
 
+from ..adapters.resolve import AdapterInfo, load_adapted_model
 from ..data.sources import DataError
-from ..hub.resolve import AdapterInfo, load_adapted_model
 from ..models.segmenter import unwrap_sam
 
 logger = logging.getLogger(__name__)

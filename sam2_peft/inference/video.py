@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import Sam2Processor
 
+from ..adapters.files import load_adapter
 from ..data.prompts import to_model_coordinates
 from ..models.loading import load_base_model
 from ..models.video_forward import ClipPrompt, Sam2VideoTracker
-from ..tuners.methods import load_adapter
 
 
 class VideoPredictor:

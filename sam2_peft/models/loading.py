@@ -7,7 +7,6 @@ import difflib
 import logging
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,9 +20,9 @@ from transformers import (
     Sam2VideoModel,
 )
 
-logger = logging.getLogger(__name__)
+from .names import BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, BuiltinArchitecture  # noqa: F401
 
-DEFAULT_MODEL = "facebook/sam2.1-hiera-tiny"
+logger = logging.getLogger(__name__)
 
 HUB_PROBE_TIMEOUT_S = 3.0
 """How long to wait for a TCP connection to the Hub before calling it unreachable (instead of minutes of retries)."""
@@ -41,18 +40,6 @@ RANDOM_WEIGHTS_KEY = "sam2_peft_random_weights"
 
 class Sam2LoadError(RuntimeError):
     """A base model could not be loaded; the message names what was asked for and what to do."""
-
-
-@dataclass(frozen=True)
-class BuiltinArchitecture:
-    """A named architecture built from a config with random weights (smoke tests and offline recipes only)."""
-
-    name: str
-    description: str
-    image_size: int
-
-    def config(self, video: bool = False) -> Sam2Config | Sam2VideoConfig:
-        return _BUILTIN_CONFIGS[self.name](video)
 
 
 def small_sam2_config(
@@ -134,21 +121,10 @@ _BUILTIN_CONFIGS = {
     "hiera-tiny-random": hiera_tiny_config,
 }
 
-BUILTIN_ARCHITECTURES = {
-    "tiny-random": BuiltinArchitecture("tiny-random", "0.5 M parameters, 256 px, random weights", 256),
-    "compact-random": BuiltinArchitecture("compact-random", "2.3 M parameters, 256 px, random weights", 256),
-    "hiera-tiny-random": BuiltinArchitecture(
-        "hiera-tiny-random", "sam2.1-hiera-tiny architecture, 1024 px, random weights", 1024
-    ),
-}
 
-
-BUILTIN_PRETRAINED = {
-    "compact-synthetic": Path(__file__).parent / "weights" / "compact-synthetic",
-}
-"""Models shipped with the package (half-precision files, loaded as float32). `compact-synthetic` is the
-`compact-random` architecture pre-trained by `recipes/pretrain.py` on synthetic scenes only: a base that segments,
-for tests and CI, not a foundation model (its README holds the command, seed and scores)."""
+def builtin_config(name: str, video: bool = False) -> Sam2Config | Sam2VideoConfig:
+    """The config of a built-in architecture (`BUILTIN_ARCHITECTURES`), for images or video."""
+    return _BUILTIN_CONFIGS[name](video)
 
 
 def tie_positional_encodings(model: Sam2Model | Sam2VideoModel) -> None:
@@ -225,7 +201,7 @@ def load_base_model(
             arch.name,
             arch.description,
         )
-        model = build_model_from_config(arch.config(video))
+        model = build_model_from_config(builtin_config(arch.name, video))
         model.config._name_or_path = arch.name
         processor = processor_for_image_size(arch.image_size)
     elif name_or_path in BUILTIN_PRETRAINED:

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .names import QUANTIZATION_MODES
 from .segmenter import unwrap_sam
 
 logger = logging.getLogger(__name__)
-
-QUANTIZATION_MODES = ("4bit", "8bit")
 
 
 @dataclass

@@ -1,7 +1,2 @@
-"""The trainer, its configuration and losses."""
-
-from .config import TrainingConfig
-from .losses import LossConfig, sam2_loss
-from .trainer import Trainer
-
-__all__ = ["LossConfig", "Trainer", "TrainingConfig", "sam2_loss"]
+"""The trainer (`training.trainer`), the tasks it trains on (`training.tasks`, `training.video`), its settings
+(`training.config`, light enough for the command line), losses, checkpoints and the embedding cache."""

@@ -1,18 +1,20 @@
-"""Every knob of a training run, in one dataclass that is saved with the results."""
+"""The training settings as plain dataclasses (no torch import): optimisation, evaluation, checkpointing, the
+embedding cache (`TrainingConfig`) and the loss (`LossConfig`). Each field's help is its command-line help: the
+recipes parse these classes directly (`HfArgumentParser`), and the trainer saves them with the results."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
 
-from accelerate.utils import is_tensorboard_available, is_wandb_available
-
 from ..data.sources import DataError
-from .losses import LossConfig
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 HALF_DTYPES = ("float16", "bfloat16")
+MASK_LOSSES = ("focal", "bce")
+LOSS_FRAMES = ("last", "all")
+"""Annotated frames of a video clip in its loss: the last one only (the sparse-annotation setting) or all."""
 
 
 class ConfigError(DataError):
@@ -22,6 +24,8 @@ class ConfigError(DataError):
 def check_report_to(report_to: str) -> None:
     """Raise `ConfigError` when `report_to` names an unknown tracker or one whose package is missing: Accelerate
     would drop it with a debug line and the run would train untracked."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available  # accelerate imports torch
+
     if report_to not in TRACKERS:
         raise ConfigError(f"--report-to '{report_to}' is not a tracker: use one of {', '.join(TRACKERS)}.")
     if report_to == "wandb" and not is_wandb_available():
@@ -53,56 +57,75 @@ def check_half_base(base_dtype: str, mixed_precision: str | None) -> None:
         )
 
 
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
 @dataclass
 class TrainingConfig:
-    """Optimisation, evaluation and checkpointing of one run (the data and the method are configured apart)."""
+    """Optimisation, evaluation, checkpointing and caching of one run (the data, the task and the method are
+    configured apart)."""
 
-    output_dir: str = "outputs/run"
-    max_steps: int | None = None
-    """Optimizer steps in all; when None, `epochs` passes over the training set."""
-    epochs: int = 10
-    batch_size: int = 2
-    """Images per process per micro-step (each brings up to `max_objects_per_image` prompts)."""
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup_ratio: float = 0.1
-    """Linear warm-up over this fraction of the steps, then cosine decay to zero."""
-    max_grad_norm: float = 1.0
-    mixed_precision: str | None = None
-    """`no`, `fp16` (with dynamic loss scaling) or `bf16`; None leaves it to Accelerate (`accelerate launch
-    --mixed_precision`, `accelerate config`, `ACCELERATE_MIXED_PRECISION`, else `no`). The trainer replaces None by
-    what the Accelerator uses."""
-    seed: int = 0
-    eval_every: int = 0
-    """Evaluate (and checkpoint) every N optimizer steps; 0 = at the end of each epoch."""
-    metric_for_best: str = "dice"
-    """Validation metric (higher is better) that ranks checkpoints."""
-    keep_best: int = 3
-    """Checkpoints kept by `metric_for_best` (the latest is always kept too, for resuming)."""
-    resume: str | None = None
-    """`latest` for the newest checkpoint in `output_dir/checkpoints`, or a checkpoint folder."""
-    overwrite: bool = False
-    """Start afresh in an `output_dir` that holds a previous run (its checkpoints and metrics are deleted)."""
-    max_nonfinite_steps: int = 5
-    """Consecutive non-finite losses tolerated (each skipped and logged) before the run stops."""
-    log_every: int = 10
-    report_to: str = "tensorboard"
-    """Accelerate tracker: `tensorboard`, `wandb`, `all` or `none`."""
-    num_workers: int = 0
-    num_panels: int = 4
-    """Validation images drawn side by side (image | ground truth | base | fine-tuned) at each evaluation."""
-    correction_rounds: int = 0
-    """Extra interactive rounds per step (a click in the largest error, the previous mask fed back), as SAM trains."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    cache_embeddings: bool = True
-    """Cache the image encoder's outputs when the method leaves the encoder frozen (see `embedding_cache`)."""
-    cache_dir: str | None = None
-    """Folder keeping cached features on disk (memory-mapped, reused by later runs); None = memory only."""
-    cache_memory_gb: float = 8.0
-    """Memory budget of cached features; beyond it they live in `cache_dir` (or are re-encoded without one)."""
-    cache_views: int = 4
-    """With augmentation on and the cache on: fixed augmented views encoded per image, one drawn per epoch."""
+    _argument_group_name = "training"
+
+    output_dir: str = field(default="outputs/run", metadata=_help("Folder of the run: adapter, metrics, pictures."))
+    max_steps: int | None = field(default=None, metadata=_help("Optimizer steps in all (overrides --epochs)."))
+    epochs: int = field(default=10, metadata=_help("Passes over the training set when --max-steps is not given."))
+    batch_size: int = field(
+        default=2, metadata=_help("Images per process per micro-step (each brings up to --max-objects prompts).")
+    )
+    grad_accum: int = field(default=1, metadata=_help("Micro-steps accumulated per optimizer step."))
+    lr: float = field(default=1e-4, metadata=_help("Peak learning rate (each recipe sets its method's default)."))
+    weight_decay: float = field(default=1e-4, metadata=_help("AdamW weight decay."))
+    warmup_ratio: float = field(
+        default=0.1, metadata=_help("Linear warm-up over this fraction of the steps, then cosine decay to zero.")
+    )
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm."))
+    mixed_precision: str | None = field(
+        default=None,
+        metadata=_help(
+            "no, fp16 (dynamic loss scaling) or bf16. Default: Accelerate's choice (accelerate launch "
+            "--mixed_precision, accelerate config), else no.",
+            choices=MIXED_PRECISION,
+        ),
+    )
+    seed: int = field(default=0, metadata=_help("Seed of every random draw (also of the adapter's initialisation)."))
+    eval_every: int = field(default=0, metadata=_help("Evaluate and checkpoint every N steps (0 = each epoch)."))
+    keep_best: int = field(default=3, metadata=_help("Checkpoints kept by validation score (plus the latest)."))
+    resume: str | None = field(
+        default=None,
+        metadata=_help("Resume: 'latest' (alone: --resume) or a checkpoint folder.", nargs="?", const="latest"),
+    )
+    overwrite: bool = field(
+        default=False, metadata=_help("Replace a previous run in --output-dir (deletes its checkpoints).")
+    )
+    max_nonfinite_steps: int = field(
+        default=5, metadata=_help("Consecutive NaN/infinite losses tolerated (each skipped) before the run stops.")
+    )
+    log_every: int = field(default=10, metadata=_help("Log training losses every N steps."))
+    report_to: str = field(
+        default="tensorboard", metadata=_help("Tracker (wandb needs the 'trackers' extra).", choices=TRACKERS)
+    )
+    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
+    num_panels: int = field(
+        default=4,
+        metadata=_help(
+            "Validation images drawn side by side (image | ground truth | base | fine-tuned) per evaluation."
+        ),
+    )
+    cache_embeddings: bool = field(
+        default=True,
+        metadata=_help("Cache the frozen image encoder's outputs (--no-cache-embeddings re-encodes every step)."),
+    )
+    cache_dir: str | None = field(
+        default=None, metadata=_help("Keep cached features on disk here (memory-mapped, reused by later runs).")
+    )
+    cache_memory_gb: float = field(
+        default=8.0, metadata=_help("Memory budget of cached features (beyond it: --cache-dir, or re-encoding).")
+    )
+    cache_views: int = field(
+        default=4, metadata=_help("With augmentation and the cache: fixed augmented views encoded per image.")
+    )
 
     def __post_init__(self) -> None:
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
@@ -115,3 +138,28 @@ class TrainingConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class LossConfig:
+    """Weights and forms of the loss terms (defaults as in SAM 2's training)."""
+
+    _argument_group_name = "loss"
+
+    mask_loss: str = field(
+        default="focal",
+        metadata=_help(
+            "focal, or bce (class-balanced binary cross-entropy: helps from-scratch training avoid all-background).",
+            choices=MASK_LOSSES,
+        ),
+    )
+    mask_weight: float = field(default=20.0, metadata=_help("Weight of the focal/BCE mask term."))
+    dice_weight: float = field(default=1.0, metadata=_help("Weight of the Dice term."))
+    iou_weight: float = field(default=1.0, metadata=_help("Weight of the IoU-prediction term."))
+    object_score_weight: float = field(default=1.0, metadata=_help("Weight of the object-score term."))
+    focal_alpha: float = field(default=0.25, metadata=_help("Focal loss alpha."))
+    focal_gamma: float = field(default=2.0, metadata=_help("Focal loss gamma."))
+
+    def __post_init__(self) -> None:
+        if self.mask_loss not in MASK_LOSSES:
+            raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got '{self.mask_loss}'.")

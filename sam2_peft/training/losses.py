@@ -13,23 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-
-@dataclass
-class LossConfig:
-    """Weights and forms of the loss terms (defaults as in SAM 2's training)."""
-
-    mask_loss: str = "focal"
-    """`focal` or `bce` (class-balanced binary cross-entropy: helps from-scratch training avoid all-background)."""
-    mask_weight: float = 20.0
-    dice_weight: float = 1.0
-    iou_weight: float = 1.0
-    object_score_weight: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.mask_loss not in ("focal", "bce"):
-            raise ValueError(f"mask_loss must be 'focal' or 'bce', got '{self.mask_loss}'.")
+from .config import LossConfig
 
 
 @dataclass

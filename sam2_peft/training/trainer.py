@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
-from dataclasses import asdict, is_dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
@@ -20,18 +19,15 @@ from accelerate.utils.other import load as accelerate_load
 from peft import PeftModel
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import Sam2Processor, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
-from ..data.dataset import SegmentationDataset, collate_segmentation
-from ..data.prompts import mask_to_boxes
-from ..evaluation.panels import comparison_panel, save_panels
-from ..evaluation.runner import EvaluationResult, batch_inputs, evaluate_segmenter
+from ..adapters.methods import TuningMethod
+from ..evaluation.panels import save_panels
+from ..evaluation.runner import EvaluationResult
 from ..hub.model_card import EXTREME_PANEL_PREFIXES, write_model_card
 from ..io import atomic_write_json
-from ..models.segmenter import Sam2Segmenter, wants_multimask
-from ..tuners.methods import TuningMethod
 from .checkpoints import (
     RunFolderError,
     TrainerState,
@@ -45,7 +41,8 @@ from .checkpoints import (
 )
 from .config import ConfigError, TrainingConfig, check_report_to
 from .embedding_cache import EmbeddingCache, encoder_fingerprint, plan_embedding_cache
-from .losses import LossOutput, combine_rounds, sam2_loss
+from .losses import LossOutput
+from .tasks import Task, spread_indices  # noqa: F401  (spread_indices: re-exported for callers of the trainer)
 
 logger = get_logger(__name__)
 """Accelerate's logger: a line is printed by the main process only unless a call says `main_process_only=False`."""
@@ -58,9 +55,10 @@ class NonFiniteLossError(RuntimeError):
 
 RESUME_SETTINGS = (
     "max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-    "mixed_precision", "seed", "correction_rounds", "loss",
+    "mixed_precision", "seed",
 )  # fmt: skip
-"""Training settings a resumed run must share with its checkpoint (they shape the schedule, batches or loss)."""
+"""Training settings a resumed run must share with its checkpoint (they shape the schedule or batches; the task's
+and the method's settings are matched too)."""
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -70,37 +68,29 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 class Trainer:
-    """Fine-tunes a base SAM 2 with a tuning method on a segmentation dataset.
+    """Fine-tunes a base SAM 2 with a tuning method on a task.
 
     Args:
-        model: the frozen base `Sam2Model`.
-        processor: its `Sam2Processor` (post-processing to original size in evaluation).
-        method: what trains (LoRA, partial fine-tuning, ...).
-        train_dataset / val_dataset: `SegmentationDataset`s (validation built with `train=False`).
-        config: optimisation, evaluation and checkpointing knobs.
+        model: the frozen base `Sam2Model` (or `Sam2VideoModel`).
+        method: what trains (LoRA, PTSAM, partial fine-tuning, ...).
+        task: what it trains on: datasets, loss, evaluation and pictures (`ImageSegmentationTask`, `VideoClipTask`).
+        config: optimisation, evaluation, checkpointing and caching knobs.
         base_name: the base model's id or path, recorded in the saved adapter.
-
-    Other tasks (video clips) reuse the loop, checkpoints, mixed precision and resume by subclassing: they set
-    `segmenter_class` and `collate_fn` and override `_step`, `evaluate`, `_panel_ids` and `_write_panels`.
+        run_info: facts recorded with the results (method, base, data source).
     """
-
-    segmenter_class: type[nn.Module] = Sam2Segmenter
-    """The module that runs the (adapted) model on a batch; accelerate wraps it."""
-    collate_fn = staticmethod(collate_segmentation)
 
     def __init__(
         self,
         model: nn.Module,
-        processor: Sam2Processor,
         method: TuningMethod,
-        train_dataset: SegmentationDataset,
-        val_dataset: SegmentationDataset | None,
+        task: Task,
         config: TrainingConfig,
         base_name: str | None = None,
         run_info: dict | None = None,
     ) -> None:
         self.method = method
-        self.processor = processor
+        self.task = task
+        self.processor = task.processor
         self.base_name = base_name
         self.run_info = run_info or {}
         self.output_dir = Path(config.output_dir)
@@ -125,11 +115,11 @@ class Trainer:
         set_seed(config.seed)
         self.model = method.prepare(model, base_name)
         keep_trainable_fp32(self.model, config.mixed_precision)
-        self.segmenter = self.segmenter_class(self.model)
-        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.segmenter = task.segmenter(self.model)
+        self.train_dataset, self.val_dataset = task.train_dataset, task.val_dataset
         self.cache = self._embedding_cache()
-        self.train_loader = self._loader(train_dataset, shuffle=True)
-        self.val_loader = self._loader(val_dataset, shuffle=False) if val_dataset is not None else None
+        self.train_loader = self._loader(self.train_dataset, shuffle=True)
+        self.val_loader = self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else None
         optimizer = torch.optim.AdamW(method.parameter_groups(self.model, config.lr, config.weight_decay))
         self.total_steps = self._total_steps()
         # Built for optimizer steps (the same on every process) and stepped once per optimizer step in `_loop`.
@@ -142,7 +132,7 @@ class Trainer:
         if self.val_loader is not None:
             self.val_loader = self.accelerator.prepare(self.val_loader)
         self.state = TrainerState()
-        self.panel_ids = self._panel_ids()
+        self.panel_ids = task.panel_ids(config.num_panels, config.seed)
         self.base_predictions: dict[str, np.ndarray] = {}
         self._postfix: dict[str, str] = {}
         """What the training bar shows after its counter (loss, embedding-cache fill)."""
@@ -166,6 +156,10 @@ class Trainer:
     def _embedding_cache(self) -> EmbeddingCache | None:
         """Cache encoder features when the method leaves the encoder frozen (decided and logged here)."""
         config = self.config
+        if not self.task.supports_embedding_cache:
+            logger.info("Embedding cache off: this task encodes its inputs on every step.")
+            self.run_info["embedding_cache"] = {"enabled": False, "views": 0}
+            return None
         plan = plan_embedding_cache(
             config.cache_embeddings,
             self.method.trains_image_encoder(self.model),
@@ -196,12 +190,12 @@ class Trainer:
         with self.accelerator.autocast():
             return self.segmenter.vision_features(pixel_values)
 
-    def _loader(self, dataset: SegmentationDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.config.batch_size if shuffle else 1,
             shuffle=shuffle,
-            collate_fn=self.collate_fn,
+            collate_fn=self.task.collate,
             num_workers=self.config.num_workers,
             generator=torch.Generator().manual_seed(self.config.seed),
         )
@@ -211,12 +205,6 @@ class Trainer:
             return self.config.max_steps
         batches = math.ceil(len(self.train_dataset) / (self.config.batch_size * self.accelerator.num_processes))
         return self.config.epochs * max(1, math.ceil(batches / self.config.grad_accum))
-
-    def _panel_ids(self) -> list[str]:
-        if self.val_dataset is None:
-            return []
-        records = self.val_dataset.records
-        return [records[i].sample_id for i in spread_indices(len(records), self.config.num_panels, self.config.seed)]
 
     # ----------------------------------------------------------------------------------------------- training
 
@@ -313,30 +301,9 @@ class Trainer:
         if self.cache is not None:
             logger.info("Embedding cache: %s", self.cache.stats)
 
-    def _step(self, batch: dict) -> LossOutput:
-        inputs = batch_inputs(batch, self.accelerator.device)
-        if self.cache is not None:
-            keys = [f"train/{sample_id}/view-{view}" for sample_id, view in zip(batch["sample_ids"], batch["views"])]
-            inputs["vision_features"] = self.cache.get_or_compute(keys, inputs.pop("pixel_values"))
-        if (
-            inputs["mask_inputs"] is not None
-            and random.random() >= self.train_dataset.config.prompts.mask_prompt_probability
-        ):
-            inputs["mask_inputs"] = None
-        targets = batch["target_masks"].to(self.accelerator.device)
-        rounds = self.config.correction_rounds
-        with self.accelerator.autocast():
-            output = self.wrapped(
-                **inputs,
-                multimask_output=wants_multimask(inputs["point_labels"]),
-                correction_rounds=rounds,
-                target_masks=targets if rounds else None,
-            )
-        losses = [
-            sam2_loss(o.mask_logits, o.iou_scores, o.object_score_logits, targets, self.config.loss)
-            for o in (output, *output.corrections)
-        ]
-        return combine_rounds(losses)
+    def _step(self, batch) -> LossOutput:
+        encode = None if self.cache is None else self.cache.get_or_compute
+        return self.task.loss(self.wrapped, batch, self.accelerator.device, self.accelerator.autocast(), encode)
 
     @contextlib.contextmanager
     def _base_model_only(self):
@@ -373,13 +340,12 @@ class Trainer:
 
     def evaluate(self, keep_ids: set[str] | None = None, loader: DataLoader | None = None) -> EvaluationResult:
         """Score the current model on the validation set (or on the validation images of `loader`)."""
-        return evaluate_segmenter(
+        return self.task.evaluate(
             self.wrapped,
             self.val_loader if loader is None else loader,
-            self.processor,
             self.accelerator,
-            keep_ids=frozenset(keep_ids or ()),
-            encode=None if self.cache is None else self.cache.get_or_compute,
+            frozenset(keep_ids or ()),
+            None if self.cache is None else self.cache.get_or_compute,
         )
 
     def _evaluate_and_checkpoint(self) -> None:
@@ -403,7 +369,7 @@ class Trainer:
         path = save_checkpoint(self.accelerator, root, self.state, self._save_adapter, self.run_settings())
         logger.info("Saved checkpoint %s", path)
         if self.accelerator.is_main_process:
-            prune_checkpoints(root, self.config.metric_for_best, self.config.keep_best)
+            prune_checkpoints(root, self.task.metric_for_best, self.config.keep_best)
         self.accelerator.wait_for_everyone()
 
     def _write_panels(
@@ -414,31 +380,13 @@ class Trainer:
         base: dict[str, np.ndarray] | None = None,
         tuned_scores: dict[str, dict[str, float]] | None = None,
     ) -> dict[str, Image.Image]:
-        """Draw and save the panels of `names` (file name -> sample id; default the panel ids) that `tuned` holds;
-        returns them by file name. `base` defaults to the base predictions kept at the start. Each panel shows the
-        evaluation's box prompts (tight boxes; none for point or prompt-free evaluation) and the per-image Dice of
-        the base and of the fine-tuned model (`tuned_scores`: per-image metrics of the evaluation drawn)."""
+        """Draw and save the panels of `names` (file name -> validation id; default the panel ids) that `tuned`
+        holds; returns them by file name. `base` defaults to the base predictions kept at the start; `tuned_scores`
+        are the per-image metrics of the evaluation drawn."""
         names = {sample_id: sample_id for sample_id in self.panel_ids} if names is None else names
         base = self.base_predictions if base is None else base
-        draws_boxes = self.val_dataset.config.prompts.prompt in ("box", "mixed")
-        panels = {}
-        for name, sample_id in names.items():
-            if sample_id not in tuned:
-                continue
-            image, truth = self.val_dataset.original(sample_id)
-            tiles = {"ground truth": truth, "base": base.get(sample_id), "fine-tuned": tuned[sample_id]}
-            dice = {
-                tile: scores[sample_id]["dice"]
-                for tile, scores in (("base", self.state.base_per_image), ("fine-tuned", tuned_scores or {}))
-                if "dice" in scores.get(sample_id, {})
-            }
-            panels[name] = comparison_panel(
-                image,
-                {k: v for k, v in tiles.items() if v is not None},
-                sample_id,
-                boxes=mask_to_boxes(torch.from_numpy(truth)).numpy() if draws_boxes and len(truth) else None,
-                dice=dice or None,
-            )
+        scores = {"base": self.state.base_per_image, "fine-tuned": tuned_scores or {}}
+        panels = self.task.draw_panels(tuned, names, base, scores)
         if panels:
             save_panels(panels, directory)
         return panels
@@ -471,8 +419,10 @@ class Trainer:
 
     def _predict_for_panels(self, sample_ids: set[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(base, fine-tuned) predictions of a few validation images, by sample id (every process runs them all)."""
-        indices = [i for i, r in enumerate(self.val_dataset.records) if r.sample_id in sample_ids]
-        loader = DataLoader(Subset(self.val_dataset, indices), batch_size=1, collate_fn=self.collate_fn)
+        subset = self.task.validation_subset(sample_ids)
+        if subset is None:
+            return {}, {}
+        loader = DataLoader(subset, batch_size=1, collate_fn=self.task.collate)
         with self._base_model_only():
             base = self.evaluate(keep_ids=sample_ids, loader=loader).kept_predictions
         return base, self.evaluate(keep_ids=sample_ids, loader=loader).kept_predictions
@@ -492,8 +442,8 @@ class Trainer:
 
     def run_settings(self) -> dict:
         """What a resumed run must share with its checkpoint: method, base model, data and optimisation."""
-        method = {"name": self.method.name, **(asdict(self.method) if is_dataclass(self.method) else vars(self.method))}
-        data = {"source": self.run_info.get("data"), **asdict(self.train_dataset.config)}
+        method = {"name": self.method.name, **self.method.settings()}
+        data = {"source": self.run_info.get("data"), **self.task.settings()}
         training = {name: getattr(self.config, name) for name in RESUME_SETTINGS}
         training["num_processes"] = self.accelerator.num_processes
         return {"method": method, "base_model": self.base_name, "data": data, "training": training}
@@ -562,22 +512,13 @@ class Trainer:
             atomic_write_json(self.output_dir / "metrics.json", summary)
             atomic_write_json(
                 self.output_dir / "training_config.json",
-                {"training": self.config.to_dict(), "dataset": asdict(self.train_dataset.config), **self.run_info},
+                {"training": self.config.to_dict(), **self.task.settings(), **self.run_info},
             )
             write_model_card(self.output_dir)
             logger.info("Done. Fine-tuned validation: %s", _format(summary["fine_tuned"]))
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return {"base": state.base_metrics, "fine_tuned": final.metrics if final else {}}
-
-
-def spread_indices(count: int, wanted: int, seed: int) -> list[int]:
-    """`wanted` of `range(count)` spread over the whole range: one drawn (seeded) from each of `wanted` equal
-    stretches, so that panels do not show neighbours (consecutive frames of one video, one class of a sorted set)."""
-    if wanted >= count:
-        return list(range(count))
-    rng = random.Random(seed)
-    return [rng.randrange(i * count // wanted, (i + 1) * count // wanted) for i in range(wanted)]
 
 
 def keep_trainable_fp32(model: nn.Module, mixed_precision: str) -> None:

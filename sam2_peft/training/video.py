@@ -1,26 +1,28 @@
-"""Video fine-tuning on top of the one trainer: the clip loss, and the step and evaluation hooks for clips."""
+"""Video fine-tuning with the one trainer: the clip loss and the clip task (training on clips, J&F evaluation on
+whole sequences)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict
 
 import numpy as np
 import torch
-from accelerate.logging import get_logger
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 from PIL import Image
+from torch import nn
+from transformers import Sam2Processor
 
-from ..data.video import collate_clips
-from ..evaluation.panels import save_panels
+from ..data.video import VideoClipDataset, VideoSequenceDataset, collate_clips
 from ..evaluation.runner import EvaluationResult
 from ..evaluation.video_runner import evaluate_video, frame_strip
 from ..models.video_forward import ClipPrompt, FrameOutput, Sam2VideoTracker
-from .losses import LossConfig, LossOutput, sam2_loss
-from .trainer import Trainer, spread_indices
+from .config import LOSS_FRAMES, LossConfig
+from .losses import LossOutput, sam2_loss
+from .tasks import Encode, Task, spread_indices
 
-logger = get_logger(__name__)
-
-LOSS_FRAMES = ("last", "all")
 _SCALARS = ("loss", "mask", "dice", "iou", "object_score")
 
 
@@ -56,31 +58,52 @@ def video_loss(
     return LossOutput(**means, mask_iou=torch.cat([p.mask_iou for p in parts]))
 
 
-class VideoTrainer(Trainer):
-    """The trainer on video clips: same loop, optimizer, checkpoints, mixed precision and resume; a clip step and
-    J&F evaluation on whole sequences.
+class VideoClipTask(Task):
+    """Training on clips (sparse annotations, a prompt on the first frame, memory carried through the clip) and J, F
+    and J&F on whole validation sequences.
 
-    Args (besides `Trainer`'s): train_dataset is a `VideoClipDataset`, val_dataset a `VideoSequenceDataset`;
-        loss_frames: `last` or `all` annotated frames of each clip; eval_prompt: `box` or `point` on the first frame.
+    Args:
+        train_dataset: a `VideoClipDataset`; val_dataset: a `VideoSequenceDataset` (or None).
+        processor: the base model's processor.
+        loss_frames: `last` or `all` annotated frames of each clip in the loss.
+        eval_prompt: `box` or `point` on the first frame of each validation sequence.
+        loss: the loss terms' forms and weights.
+        strip_frames: frames per validation picture (a strip of evenly spaced frames).
     """
 
-    segmenter_class = Sam2VideoTracker
-    collate_fn = staticmethod(collate_clips)
+    metric_for_best = "J&F"
 
-    def __init__(self, *args, loss_frames: str = "last", eval_prompt: str = "box", **kwargs) -> None:
+    def __init__(
+        self,
+        train_dataset: VideoClipDataset,
+        val_dataset: VideoSequenceDataset | None,
+        processor: Sam2Processor,
+        loss_frames: str = "last",
+        eval_prompt: str = "box",
+        loss: LossConfig | None = None,
+        strip_frames: int = 4,
+    ) -> None:
         if loss_frames not in LOSS_FRAMES:
             raise ValueError(f"loss_frames must be one of {LOSS_FRAMES}, got '{loss_frames}'.")
-        self.loss_frames = loss_frames
-        self.eval_prompt = eval_prompt
-        super().__init__(*args, **kwargs)
+        self.train_dataset, self.val_dataset, self.processor = train_dataset, val_dataset, processor
+        self.loss_frames, self.eval_prompt = loss_frames, eval_prompt
+        self.loss_config = loss or LossConfig()
+        self.strip_frames = strip_frames
 
-    def _embedding_cache(self) -> None:
-        logger.info("Embedding cache off: video clips are encoded on every step.")
-        self.run_info["embedding_cache"] = {"enabled": False, "views": 0}
-        return None
+    def segmenter(self, model: nn.Module) -> Sam2VideoTracker:
+        return Sam2VideoTracker(model)
 
-    def _step(self, batch: list[dict]) -> LossOutput:
-        device = self.accelerator.device
+    def collate(self, items: list) -> list:
+        return collate_clips(items)
+
+    def loss(
+        self,
+        segmenter: nn.Module,
+        batch: list[dict],
+        device: torch.device,
+        autocast: AbstractContextManager,
+        encode: Encode | None,
+    ) -> LossOutput:
         parts = []
         for clip in batch:
             masks = clip.get("prompt_masks")
@@ -89,25 +112,31 @@ class VideoTrainer(Trainer):
                 point_labels=None if masks is not None else clip["point_labels"].to(device),
                 masks=None if masks is None else masks.to(device),
             )
-            with self.accelerator.autocast():
-                frames = self.wrapped(clip["pixel_values"].to(device), prompt)
+            with autocast:
+                frames = segmenter(clip["pixel_values"].to(device), prompt)
             targets = clip["target_masks"].to(device)
-            parts.append(video_loss(frames, targets, clip["annotated"], self.loss_frames, self.config.loss))
+            parts.append(video_loss(frames, targets, clip["annotated"], self.loss_frames, self.loss_config))
         means = {n: torch.stack([getattr(p, n) for p in parts]).mean() for n in _SCALARS}
         return LossOutput(**means, mask_iou=torch.cat([p.mask_iou for p in parts]))
 
-    def evaluate(self, keep_ids: set[str] | None = None) -> EvaluationResult:
+    def evaluate(
+        self,
+        segmenter: nn.Module,
+        loader: Iterator,
+        accelerator: Accelerator,
+        keep_ids: frozenset[str],
+        encode: Encode | None,
+    ) -> EvaluationResult:
         """J, F and J&F on the validation sequences (each process scores its shard; results are gathered)."""
-        sequences = (sequence for batch in self.val_loader for sequence in batch)
         result = evaluate_video(
-            self.accelerator.unwrap_model(self.wrapped),
-            sequences,
+            accelerator.unwrap_model(segmenter),
+            (sequence for batch in loader for sequence in batch),
             self.processor,
-            self.accelerator.device,
-            keep_ids=frozenset(keep_ids or ()),
+            accelerator.device,
+            keep_ids=keep_ids,
             prompt=self.eval_prompt,
-            num_strip_frames=self.config.num_panels,
-            autocast=self.accelerator.autocast,
+            num_strip_frames=self.strip_frames,
+            autocast=accelerator.autocast,
         )
         per_sequence, kept = {}, {}
         for part in gather_object([result.per_image]):
@@ -117,31 +146,33 @@ class VideoTrainer(Trainer):
         metrics = {k: float(np.mean([s[k] for s in per_sequence.values()])) for k in ("J", "F", "J&F")}
         return EvaluationResult(metrics=metrics, per_image=per_sequence, kept_predictions=kept)
 
-    def _panel_ids(self) -> list[str]:
+    def panel_ids(self, count: int, seed: int) -> list[str]:
         if self.val_dataset is None:
             return []
         sequences = self.val_dataset.sequences
-        return [sequences[i].name for i in spread_indices(len(sequences), self.config.num_panels, self.config.seed)]
+        return [sequences[i].name for i in spread_indices(len(sequences), count, seed)]
 
-    def _write_panels(
+    def draw_panels(
         self,
         tuned: dict[str, np.ndarray],
-        directory: Path,
-        names: dict[str, str] | None = None,
-        base: dict[str, np.ndarray] | None = None,
-        tuned_scores: dict[str, dict[str, float]] | None = None,
+        names: dict[str, str],
+        base: dict[str, np.ndarray],
+        scores: dict[str, dict[str, dict[str, float]]],
     ) -> dict[str, Image.Image]:
-        """Frame strips of the sequences of `names` (file name -> sequence; default the panel ids), as `Trainer`'s
-        (without per-sequence scores: `tuned_scores` is accepted for the shared call and not drawn)."""
-        names = {name: name for name in self.panel_ids} if names is None else names
-        base = self.base_predictions if base is None else base
+        """Frame strips (base and fine-tuned masks over evenly spaced frames) of the sequences in `names`."""
         sequences = {s.name: s for s in self.val_dataset.sequences}
         strips = {}
         for name, sequence in names.items():
             if sequence in tuned:
                 tiles = {"base": base.get(sequence), "fine-tuned": tuned[sequence]}
                 tiles = {k: v for k, v in tiles.items() if v is not None}
-                strips[name] = frame_strip(sequences[sequence], tiles, self.config.num_panels)
-        if strips:
-            save_panels(strips, directory)
+                strips[name] = frame_strip(sequences[sequence], tiles, self.strip_frames)
         return strips
+
+    def settings(self) -> dict:
+        return {
+            "dataset": asdict(self.train_dataset.config),
+            "loss": asdict(self.loss_config),
+            "loss_frames": self.loss_frames,
+            "eval_prompt": self.eval_prompt,
+        }

@@ -21,8 +21,8 @@ import torch
 
 torch.set_num_threads(1)
 
+from sam2_peft.adapters import LoraMethod, load_adapter  # noqa: E402
 from sam2_peft.models.loading import load_base_model  # noqa: E402
-from sam2_peft.tuners.methods import LoraMethod, load_adapter  # noqa: E402
 
 WATCHED = (
     "adapter_config.json",
@@ -43,7 +43,7 @@ def visible(folder: Path) -> dict[str, str]:
 def main(base_dir: str, out_dir: str, pristine_dir: str, report: str) -> None:
     out, pristine = Path(out_dir), Path(pristine_dir)
     model, _ = load_base_model(base_dir)
-    method = LoraMethod("decoder", r=8)
+    method = LoraMethod("decoder", lora_r=8)
     model = method.prepare(model, base_dir)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():

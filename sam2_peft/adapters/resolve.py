@@ -1,12 +1,10 @@
 """Find an adapter (local folder or Hub repo), check what it is, and load it onto its base model.
 
-Every failure is an `AdapterLoadError` naming what was asked for, what was expected and what was found, so that the
-predictor, `merge_adapter` and the CLI report bad input the same way.
+Every failure is an `AdapterLoadError` naming what was asked for, what was expected and what was found.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,32 +19,24 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import nn
 from transformers import Sam2Processor
 
 from ..models.loading import load_base_model
-from ..tuners.methods import (  # AdapterLoadError is defined beside the loaders and re-exported here
+from .files import (
+    ADAPTER_FILES,
     PARTIAL_CONFIG_FILE,
     PARTIAL_WEIGHTS_FILE,
     PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
-    SIDECAR_FILE,
+    TRAINING_CONFIG_FILE,
     AdapterLoadError,
+    ensure_peft_type,
     load_adapter,
     read_adapter_json,
     read_peft_config,
     read_sidecar,
 )
-
-ADAPTER_FILES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PARTIAL_CONFIG_FILE, PARTIAL_WEIGHTS_FILE, SIDECAR_FILE)
-"""Every file an adapter folder may hold (a peft adapter, or a partial fine-tune, plus the sidecar)."""
-
-TRAINING_CONFIG_FILE = "training_config.json"
-"""Written by the trainer beside the adapter (and uploaded by push): how it was trained, its prompts included."""
-
-CUSTOM_PEFT_MODULES = {"PTSAM": "sam2_peft.tuners.ptsam"}
-"""Peft types this package adds to peft: importing the module registers the type."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +113,7 @@ def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
         raise AdapterLoadError(f"'{directory}' has {PEFT_CONFIG_FILE} but no weights ({PEFT_WEIGHTS_FILE}).")
     config = read_peft_config(directory)
     peft_type = config["peft_type"]
-    _ensure_peft_type(peft_type, peft)
+    ensure_peft_type(peft_type, peft)
     return AdapterInfo(directory, "peft", peft_type, config.get("base_model_name_or_path"))
 
 
@@ -145,24 +135,6 @@ def trained_prompt(directory: str | os.PathLike) -> str | None:
         if isinstance(prompts, dict) and isinstance(prompts.get("prompt"), str):
             return prompts["prompt"]
     return None
-
-
-def _ensure_peft_type(peft_type: str, config_file: Path) -> None:
-    """Import the module of a custom peft type so peft knows it; fail clearly on a type nobody registers."""
-    if peft_type in CUSTOM_PEFT_MODULES:
-        try:
-            importlib.import_module(CUSTOM_PEFT_MODULES[peft_type])
-        except ImportError as err:
-            raise AdapterLoadError(
-                f"'{config_file}' is a {peft_type} adapter, but {CUSTOM_PEFT_MODULES[peft_type]} is not available "
-                f"in this installation of sam2_peft: {err}"
-            ) from err
-    known = sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
-    if peft_type not in known:
-        raise AdapterLoadError(
-            f"Unknown peft_type '{peft_type}' in '{config_file}'; expected one of peft's types ({', '.join(known[:8])}"
-            f", ...) or one this package adds ({', '.join(CUSTOM_PEFT_MODULES)})."
-        )
 
 
 def load_adapted_model(

@@ -1,29 +1,26 @@
-"""Tuning methods: what trains, how its parameters are grouped, and how the result is saved and loaded.
+"""An adapter folder on disk: its file names, the sidecar (`sam2_peft.json`: method and base architecture), and
+reading, checking, saving and loading the adapter files of every method.
 
-A method turns a frozen base `Sam2Model` into the trainable model (`prepare`), gives the optimizer its parameter
-groups, and saves only what it trained. The trainer knows methods only through this interface, so a new method
-(learned prompt tokens, full training) is a new class here, not an edit of the trainer.
+Every problem with a folder's content is an `AdapterLoadError` (or `AdapterMismatchError` for another architecture)
+naming the file and the fix, so that the predictor, merging, serving and the CLI report bad input the same way.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import re
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..io import atomic_adapter_dir, atomic_write_json
-from ..models.loading import RANDOM_WEIGHTS_KEY
 from ..models.segmenter import unwrap_sam
-from .lora import sam2_lora_config
 
 SIDECAR_FILE = "sam2_peft.json"
 """Written beside every adapter: the method and the base architecture it was trained for."""
@@ -37,14 +34,14 @@ ADAPTER_FILE_NAMES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PARTIAL_CONFIG_FILE, 
 """Files that mark an adapter of some method: a save replaces (or removes) all of them, and the sidecar, at once,
 so that an old adapter of another method cannot linger beside the new one (see `io.atomic_adapter_dir`)."""
 
-COMPONENTS = (
-    "vision_encoder",
-    "prompt_encoder",
-    "mask_decoder",
-    "memory_attention",
-    "memory_encoder",
-    "object_pointer_proj",
-)
+ADAPTER_FILES = (*ADAPTER_FILE_NAMES, SIDECAR_FILE)
+"""Every file an adapter folder may hold (a peft adapter, or a partial fine-tune, plus the sidecar)."""
+
+TRAINING_CONFIG_FILE = "training_config.json"
+"""Written by the trainer beside the adapter (and uploaded by push): how it was trained, its prompts included."""
+
+CUSTOM_PEFT_MODULES = {"PTSAM": "sam2_peft.tuners.ptsam"}
+"""Peft types this package adds to peft: importing the module registers the type."""
 
 
 class AdapterMismatchError(ValueError):
@@ -136,135 +133,14 @@ def write_sidecar(
     atomic_write_json(directory / SIDECAR_FILE, {**data, **(extra or {})})
 
 
-class TuningMethod(ABC):
-    """Interface between a way of adapting SAM 2 and the trainer."""
-
-    name: str
-
-    @abstractmethod
-    def prepare(self, model: nn.Module, base_name: str | None) -> nn.Module:
-        """Freeze the base, add or unfreeze what trains, and return the model to train."""
-
-    def parameter_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups; by default one group of everything trainable."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
-
-    def trains_image_encoder(self, model: nn.Module) -> bool:
-        """Whether any trainable parameter sits in the image encoder (if not, its outputs can be cached)."""
-        return any(p.requires_grad for p in unwrap_sam(model).vision_encoder.parameters())
-
-    @abstractmethod
-    def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
-        """Write the trained parameters (and only those) to `directory`, atomically."""
-
-
-@dataclass
-class LoraMethod(TuningMethod):
-    """LoRA on chosen modules (see `tuners.lora.LORA_PRESETS`)."""
-
-    preset: str = "decoder"
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    target_regex: str | None = None
-    name: str = field(default="lora", init=False)
-
-    def prepare(self, model: nn.Module, base_name: str | None) -> nn.Module:
-        config = sam2_lora_config(
-            self.preset,
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_regex=self.target_regex,
-            base_model_name_or_path=base_name,
-        )
-        model.name_or_path = base_name  # peft copies it into the adapter config
-        return get_peft_model(model, config)
-
-    def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
-        model.peft_config["default"].base_model_name_or_path = base_name
-        with atomic_adapter_dir(directory, replaces=ADAPTER_FILE_NAMES) as staging:
-            model.save_pretrained(staging, save_embedding_layers=False)
-            write_sidecar(model, staging, self.name, base_name, {"lora": asdict(self)})
-
-
-@dataclass
-class PartialFinetuneMethod(TuningMethod):
-    """Unfreeze whole components, each with its own learning rate (the usual fine-tuning baseline)."""
-
-    learning_rates: dict[str, float] = field(default_factory=lambda: {"prompt_encoder": 5e-6, "mask_decoder": 5e-6})
-    """Component name -> learning rate, e.g. `{"vision_encoder": 1e-6, "mask_decoder": 5e-6}`."""
-    weight_decay: float = 1e-4
-    name: str = field(default="partial", init=False)
-
-    def __post_init__(self) -> None:
-        unknown = set(self.learning_rates) - set(COMPONENTS)
-        if unknown:
-            raise ValueError(f"Unknown component(s) {sorted(unknown)}; choose from {COMPONENTS}.")
-
-    def prepare(self, model: nn.Module, base_name: str | None) -> nn.Module:
-        model.requires_grad_(False)
-        for component in self.learning_rates:
-            _component(model, component).requires_grad_(True)
-        return model
-
-    def parameter_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-        del lr, weight_decay  # each component has its own
-        return [
-            {
-                "params": [p for p in _component(model, c).parameters() if p.requires_grad],
-                "lr": component_lr,
-                "weight_decay": self.weight_decay,
-            }
-            for c, component_lr in self.learning_rates.items()
-        ]
-
-    def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
-        pattern = re.compile(rf"^({'|'.join(self.learning_rates)})\.")
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if pattern.match(k)}
-        with atomic_adapter_dir(directory, replaces=ADAPTER_FILE_NAMES) as staging:
-            save_file(state, str(staging / PARTIAL_WEIGHTS_FILE), metadata={"format": "pt"})
-            config = {"components": sorted(self.learning_rates), "base_model_name_or_path": base_name}
-            atomic_write_json(staging / PARTIAL_CONFIG_FILE, config)
-            write_sidecar(model, staging, self.name, base_name)
-
-
-@dataclass
-class FullMethod(TuningMethod):
-    """Every parameter trains (from-scratch pre-training or continued training); saves a whole model folder.
-
-    `save_dtype` (e.g. `torch.float16`) stores the weights in that dtype, leaving the trained model untouched.
-    """
-
-    save_dtype: torch.dtype | None = None
-    name: str = field(default="full", init=False)
-
-    def prepare(self, model: nn.Module, base_name: str | None) -> nn.Module:
-        return model.requires_grad_(True)
-
-    def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
-        sam = unwrap_sam(model)
-        setattr(sam.config, RANDOM_WEIGHTS_KEY, False)  # trained: no longer the random initialisation
-        state = None
-        if self.save_dtype is not None:
-            state = {k: v.to(self.save_dtype) if v.is_floating_point() else v for k, v in sam.state_dict().items()}
-        trained_dtype = sam.config.dtype
-        with atomic_adapter_dir(directory, replaces=ADAPTER_FILE_NAMES) as staging:
-            try:
-                if self.save_dtype is not None:
-                    sam.config.dtype = self.save_dtype
-                sam.save_pretrained(staging, state_dict=state)
-            finally:
-                sam.config.dtype = trained_dtype
-            write_sidecar(model, staging, self.name, base_name)
-
-
-def _component(model: nn.Module, name: str) -> nn.Module:
-    module = getattr(unwrap_sam(model), name, None)
-    if module is None:
-        raise ValueError(f"This model has no component '{name}' (video components need a Sam2VideoModel).")
-    return module
+def save_peft_adapter(
+    model: PeftModel, directory: str | os.PathLike, method: str, base_name: str | None, options: dict
+) -> None:
+    """Save a peft adapter (config, weights) and its sidecar (`{method: options}` recorded) as one atomic publish."""
+    model.peft_config["default"].base_model_name_or_path = base_name
+    with atomic_adapter_dir(directory, replaces=ADAPTER_FILE_NAMES) as staging:
+        model.save_pretrained(staging, save_embedding_layers=False)
+        write_sidecar(model, staging, method, base_name, {method: options})
 
 
 def load_partial(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -310,11 +186,29 @@ def read_peft_config(directory: str | os.PathLike) -> dict:
     return config
 
 
+def ensure_peft_type(peft_type: str, config_file: Path) -> None:
+    """Import the module of a custom peft type so peft knows it; `AdapterLoadError` on a type nobody registers."""
+    if peft_type in CUSTOM_PEFT_MODULES:
+        try:
+            importlib.import_module(CUSTOM_PEFT_MODULES[peft_type])
+        except ImportError as err:
+            raise AdapterLoadError(
+                f"'{config_file}' is a {peft_type} adapter, but {CUSTOM_PEFT_MODULES[peft_type]} is not available "
+                f"in this installation of sam2_peft: {err}"
+            ) from err
+    known = sorted(str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING)
+    if peft_type not in known:
+        raise AdapterLoadError(
+            f"Unknown peft_type '{peft_type}' in '{config_file}'; expected one of peft's types ({', '.join(known[:8])}"
+            f", ...) or one this package adds ({', '.join(CUSTOM_PEFT_MODULES)})."
+        )
+
+
 def load_peft(model: nn.Module, directory: str | os.PathLike, **peft_kwargs) -> PeftModel:
     """`PeftModel.from_pretrained` with its weights checked first and config problems reported as `AdapterLoadError`."""
     directory = Path(directory)
     config_file = directory / PEFT_CONFIG_FILE
-    read_peft_config(directory)
+    ensure_peft_type(read_peft_config(directory)["peft_type"], config_file)
     if (directory / PEFT_WEIGHTS_FILE).exists():
         read_adapter_weights(directory / PEFT_WEIGHTS_FILE)
     try:
@@ -341,7 +235,3 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, **peft_kwargs
     raise FileNotFoundError(
         f"No adapter in '{adapter_dir}': expected {PEFT_CONFIG_FILE} (peft) or {PARTIAL_CONFIG_FILE} (partial)."
     )
-
-
-METHODS: dict[str, type[TuningMethod]] = {"lora": LoraMethod, "partial": PartialFinetuneMethod, "full": FullMethod}
-"""Registry of tuning methods by name; other modules add theirs here."""

@@ -9,7 +9,8 @@ import torch
 from peft import PeftModel
 
 from ..io import atomic_write_dir
-from .resolve import AdapterLoadError, load_adapted_model
+from .files import AdapterLoadError
+from .resolve import load_adapted_model
 
 MERGEABLE_PEFT_TYPES = ("LORA",)
 """Peft types whose weights fold into the base layers (learned prompt tokens, for instance, do not)."""

@@ -1,0 +1,238 @@
+"""The command line of the recipes: `RecipeParser` (transformers' `HfArgumentParser` with "did you mean" for unknown
+flags) over the settings dataclasses, and the dataclasses of the flags every recipe shares.
+
+Nothing here imports torch, so `--help` and a mistyped flag answer at once; the recipes import the trainer after
+parsing. Each flag is a dataclass field declared once with its help and default (shown by `--help`): the model and
+data flags below, the data settings in `data.config`, the training and loss settings in `training.config`, and the
+method's knobs (`tuners.options`, or the recipe's own dataclass).
+"""
+
+from __future__ import annotations
+
+import difflib
+from argparse import Action, ArgumentDefaultsHelpFormatter, Namespace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+from transformers import HfArgumentParser
+
+from ..data.config import SAMPLE_DATA, AugmentationConfig, PromptConfig, ValidationConfig
+from ..data.sources import DATA_SOURCES, DEFAULT_MAX_IMAGE_PIXELS, MASK_TYPES
+from ..models.names import BASE_DTYPES, BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, QUANTIZATION_MODES
+from ..training.config import LossConfig, TrainingConfig
+
+OTHER_TOOLS_FLAGS = {
+    "--learning-rate": "--lr",
+    "--num-train-epochs": "--epochs",
+    "--num-epochs": "--epochs",
+    "--train-batch-size": "--batch-size",
+    "--per-device-train-batch-size": "--batch-size",
+    "--gradient-accumulation-steps": "--grad-accum",
+    "--lora-rank": "--lora-r",
+    "--rank": "--lora-r",
+}
+"""Flags of other trainers (transformers' Trainer, peft examples) that spelling distance alone would not match."""
+
+
+@dataclass
+class ModelArguments:
+    """The base model."""
+
+    _argument_group_name = "model"
+
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={
+            "help": f"Hub id, local folder, Meta .pt checkpoint, a built-in random architecture "
+            f"({', '.join(BUILTIN_ARCHITECTURES)}; offline smoke tests only), or the built-in test base pre-trained on "
+            f"synthetic scenes ({', '.join(BUILTIN_PRETRAINED)})."
+        },
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of --model."})
+    meta_config: str | None = field(
+        default=None, metadata={"help": "Meta config name for a .pt checkpoint (e.g. sam2.1_hiera_s)."}
+    )
+    base_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype of the frozen base weights (trainable ones stay float32; half needs --mixed-precision).",
+            "choices": BASE_DTYPES,
+        },
+    )
+    quantize_encoder: str | None = field(
+        default=None,
+        metadata={
+            "help": "QLoRA: load the image encoder's Linear layers in 4/8-bit with bitsandbytes (extra 'quant').",
+            "choices": QUANTIZATION_MODES,
+        },
+    )
+
+
+@dataclass
+class DataSourceArguments:
+    """Which samples a source gives and how they are read: shared by training and `sam2-peft eval`."""
+
+    _argument_group_name = "data"
+
+    data: str | None = field(default=None, metadata={"help": f"The data: {DATA_SOURCES}."})
+    split: str = field(default="train", metadata={"help": "Split of a datasets source."})
+    image_column: str = field(default="image", metadata={"help": "Image column of a datasets source."})
+    mask_column: str = field(default="mask", metadata={"help": "Mask column of a datasets source."})
+    mask_type: str = field(
+        default="auto",
+        metadata={
+            "help": "binary: threshold at half the mask's maximum (one object); instance: each non-zero value is an "
+            "object; auto: two levels or values near 0 and the maximum (JPEG, anti-aliasing) are binary, labels 1, 2, "
+            "3... are instances, anything else stops with an error.",
+            "choices": MASK_TYPES,
+        },
+    )
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={"help": "Refuse larger images (decompression-bomb guard; default PIL's); 0 = no limit."},
+    )
+
+
+@dataclass
+class DataArguments(DataSourceArguments):
+    """The training data, its validation split and the objects drawn per image."""
+
+    data: str | None = field(default=str(SAMPLE_DATA), metadata={"help": f"The data: {DATA_SOURCES}."})
+    val_data: str | None = field(
+        default=None, metadata={"help": "Separate validation source (else a split of --data)."}
+    )
+    val_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split of a datasets validation source (default: its 'validation', 'valid', 'val' or 'dev' split, "
+            "or its only one); without --val-data, validate on this split of --data."
+        },
+    )
+    val_fraction: float = field(default=0.2, metadata={"help": "Validation share when splitting --data."})
+    val_split_file: str | None = field(default=None, metadata={"help": "File listing validation ids, one per line."})
+    train_images: int | None = field(
+        default=None,
+        metadata={"help": "Train on the first N usable training images only (checked in order until N pass)."},
+    )
+    max_objects: int = field(default=16, metadata={"help": "Objects (prompts) per training image per step."})
+
+
+@dataclass
+class SharingArguments:
+    """Uploading the result."""
+
+    _argument_group_name = "sharing"
+
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Upload the adapter and a model card to this Hub repo id.", "metavar": "ID"}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if missing)."})
+
+
+class HelpFormatter(ArgumentDefaultsHelpFormatter):
+    """argparse's help with defaults, naming each flag once (its `--kebab-case` spelling)."""
+
+    def _format_action_invocation(self, action: Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        shown = ", ".join(option for option in action.option_strings if "_" not in option)
+        if action.nargs == 0:
+            return shown
+        return f"{shown} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+
+class RecipeParser(HfArgumentParser):
+    """`HfArgumentParser` with "did you mean ...?" for unknown flags (Python 3.11's argparse suggests nothing), and
+    settings that a dataclass refuses (`ValueError` in `__post_init__`) reported as usage errors.
+
+    Every flag is accepted as `--kebab-case` and `--snake_case`; help and usage show the first."""
+
+    def __init__(self, dataclass_types, **kwargs) -> None:
+        kwargs.setdefault("usage", "%(prog)s [flags]  (--help lists them)")
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(dataclass_types, **kwargs)
+        for action in self._actions:
+            action.option_strings.sort(key=lambda option: "_" in option)
+
+    def error(self, message: str) -> None:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            hints = [self._suggestion(word) for word in message.removeprefix(prefix).split()]
+            hints = [hint for hint in hints if hint]
+            if hints:
+                message = f"{message} ({'; '.join(hints)})"
+        super().error(message)
+
+    def _suggestion(self, word: str) -> str | None:
+        """'did you mean --lr?' for an unknown flag `word` (also `--flag=value`), else None."""
+        if not word.startswith("--"):
+            return None
+        flag = word.split("=", 1)[0].replace("_", "-")
+        known = [option for option in self._option_string_actions if option.startswith("--") and "_" not in option]
+        other = OTHER_TOOLS_FLAGS.get(flag)
+        if other in known:
+            match = other
+        else:
+            found = difflib.get_close_matches(flag, known, n=1)
+            match = found[0] if found else None
+        return f"{word.split('=', 1)[0]}: did you mean {match}?" if match else None
+
+    def parse(self, argv: Sequence[str] | None = None) -> tuple:
+        """The dataclasses, in the order given to the parser, from `argv` (default `sys.argv[1:]`)."""
+        self.parse_args(argv)  # unknown flags end here, with suggestions
+        try:
+            return self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        except ValueError as err:
+            self.error(str(err))
+
+
+def from_namespace(cls: type, namespace: Namespace):
+    """An instance of dataclass `cls` from the parsed flags of its fields (for parsers that add flags of their own)."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if f.init and hasattr(namespace, f.name)})
+
+
+@dataclass
+class RecipeArguments:
+    """Everything a recipe parsed: the shared settings plus its method's own (`method`)."""
+
+    model: ModelArguments
+    data: DataArguments
+    validation: ValidationConfig
+    prompts: PromptConfig
+    augmentation: AugmentationConfig
+    training: TrainingConfig
+    loss: LossConfig
+    sharing: SharingArguments
+    method: object | None = None
+    extra: tuple = ()
+
+
+SHARED_ARGUMENTS = (
+    ModelArguments,
+    DataArguments,
+    ValidationConfig,
+    PromptConfig,
+    AugmentationConfig,
+    TrainingConfig,
+    LossConfig,
+    SharingArguments,
+)
+
+
+def parse_recipe_arguments(
+    description: str,
+    method: type | None = None,
+    extra: Sequence[type] = (),
+    argv: Sequence[str] | None = None,
+    **defaults,
+) -> RecipeArguments:
+    """Parse a recipe's command line: the shared flags, the method's dataclass and `extra` dataclasses, with the
+    recipe's own `defaults` (e.g. `lr=2e-3`; `--help` shows them)."""
+    classes = [*SHARED_ARGUMENTS, *([method] if method else []), *extra]
+    parser = RecipeParser(classes, description=description)
+    parser.set_defaults(**defaults)
+    parsed = parser.parse(argv)
+    shared, rest = parsed[: len(SHARED_ARGUMENTS)], parsed[len(SHARED_ARGUMENTS) :]
+    method_options = rest[0] if method else None
+    return RecipeArguments(*shared, method=method_options, extra=tuple(rest[1 if method else 0 :]))

@@ -1,0 +1,152 @@
+"""How parsed recipe arguments become a run: checks before the model loads, the base model, the datasets, the task
+and the trainer, then the optional upload. Imported by the recipes after parsing (it loads torch)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from ..adapters.methods import TuningMethod
+from ..data.config import DatasetConfig
+from ..data.dataset import SegmentationDataset
+from ..data.sources import (
+    DataError,
+    check_data_source,
+    check_disjoint,
+    open_records,
+    read_split_file,
+    set_max_image_pixels,
+    split_records,
+)
+from ..data.validation import ValidationReport, validate_records
+from ..models.loading import load_base_model
+from ..models.quantization import quantize_image_encoder
+from ..training.checkpoints import check_output_dir_before_run
+from ..training.config import check_half_base, check_report_to
+from ..training.tasks import ImageSegmentationTask, Task
+from ..training.trainer import Trainer
+from .arguments import DataArguments, ModelArguments, RecipeArguments
+
+logger = logging.getLogger(__name__)
+
+
+def check_data_arguments(data: DataArguments) -> None:
+    """Check `--data`, `--val-data` and `--train-images` without reading any file, so that a mistake is reported
+    before a model loads."""
+    check_data_source(data.data, "--data")
+    if data.val_data:
+        check_data_source(data.val_data, "--val-data")
+    if data.train_images is not None and data.train_images < 1:
+        raise DataError(f"--train-images must be at least 1, got {data.train_images}; leave it out to use every image.")
+
+
+def load_model(args: ModelArguments, video: bool = False):
+    """The base model and processor the model flags name, quantized as asked."""
+    model, processor = load_base_model(
+        args.model, video=video, revision=args.revision, meta_config=args.meta_config, dtype=args.base_dtype
+    )
+    if args.quantize_encoder:
+        quantize_image_encoder(model, args.quantize_encoder)
+    return model, processor
+
+
+def dataset_config(args: RecipeArguments, target_mode: str = "instances") -> DatasetConfig:
+    """The dataset settings of a recipe's arguments (`semantic` targets are prompt-free)."""
+    prompts = args.prompts
+    if target_mode == "semantic" and prompts.prompt != "none":
+        prompts = replace(prompts, prompt="none")
+    return DatasetConfig(
+        target_mode=target_mode,
+        max_objects_per_image=args.data.max_objects,
+        prompts=prompts,
+        augmentation=args.augmentation,
+        validation=args.validation,
+    )
+
+
+def build_datasets(data: DataArguments, processor, config: DatasetConfig, seed: int = 0):
+    """Open, validate and split the data; returns (train, validation) `SegmentationDataset`s (validation None when
+    there is none).
+
+    The sources are checked before anything is read. With `--train-images N`, training samples are checked in order
+    only until N usable ones are found. A validation set that shares samples with the training set is refused.
+    """
+    check_data_arguments(data)
+    val_source = data.val_data or (data.data if data.val_split else None)
+    val_flag = "--val-data" if data.val_data else "--data"
+    set_max_image_pixels(data.max_image_pixels)
+    source = dict(image_column=data.image_column, mask_column=data.mask_column, mask_type=data.mask_type)
+    records = open_records(data.data, split=data.split, **source)
+    if val_source:
+        train_records, val_records = records, open_records(val_source, split=data.val_split, flag=val_flag, **source)
+    else:
+        val_ids = read_split_file(data.val_split_file) if data.val_split_file else None
+        train_records, val_records = split_records(records, data.val_fraction, seed, val_ids)
+    check_disjoint(train_records, val_records)
+    available = len(train_records)
+    train_records, report = validate_records(
+        train_records, config.validation, limit=data.train_images, description="Checking training images"
+    )
+    _log_training_images(report, available, data.train_images)
+    val_dataset = None
+    if val_records:
+        val_records, val_report = validate_records(
+            val_records, config.validation, description="Checking validation images"
+        )
+        logger.info("Validation data: %s", val_report.summary())
+        val_dataset = SegmentationDataset(val_records, processor, config, train=False, seed=seed)
+    return SegmentationDataset(train_records, processor, config, train=True, seed=seed), val_dataset
+
+
+def _log_training_images(report: ValidationReport, available: int, asked: int | None) -> None:
+    """Say how many training images the run uses, out of how many, and why others were left out."""
+    used = f"Training on {report.kept} of {available} training images"
+    if asked is None:
+        logger.info("%s (%s)", used, report.skips())
+    elif report.kept < asked:
+        logger.warning(
+            "%s: --train-images %d asked for more than the %d usable (%s)", used, asked, report.kept, report.skips()
+        )
+    else:
+        logger.info("%s (--train-images %d; %d checked, %s)", used, asked, report.checked, report.skips())
+
+
+def run_recipe(
+    args: RecipeArguments,
+    method: TuningMethod,
+    build_task: Callable[[RecipeArguments, object], Task] | None = None,
+    video: bool = False,
+    run_info: dict | None = None,
+) -> dict:
+    """Check, load, build the task (default: image segmentation with per-object prompts), train, save, and push
+    when asked. Returns the final metrics."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Mistakes in paths and settings are reported before the (slow) model load, not after it.
+    check_report_to(args.training.report_to)
+    check_half_base(args.model.base_dtype, args.training.mixed_precision)
+    if not video:
+        check_data_arguments(args.data)
+    training = args.training
+    check_output_dir_before_run(Path(training.output_dir), training.resume is not None, training.overwrite)
+    model, processor = load_model(args.model, video=video)
+    task = (build_task or image_task)(args, processor)
+    info = {"method": method.name, "base_model": args.model.model, "data": args.data.data, **(run_info or {})}
+    trainer = Trainer(model, method, task, training, base_name=args.model.model, run_info=info)
+    metrics = trainer.train()
+    sharing = args.sharing
+    if sharing.push_to_hub and trainer.accelerator.is_main_process:
+        from ..hub.push import push_adapter
+
+        commit = push_adapter(
+            training.output_dir, sharing.push_to_hub, private=sharing.hub_private, revision=sharing.hub_revision
+        )
+        logger.info("Pushed the adapter to %s", commit.commit_url)
+    return metrics
+
+
+def image_task(args: RecipeArguments, processor, target_mode: str = "instances") -> ImageSegmentationTask:
+    """Image segmentation on the recipe's data: per-object prompts (`instances`) or prompt-free unions (`semantic`)."""
+    train, val = build_datasets(args.data, processor, dataset_config(args, target_mode), args.training.seed)
+    return ImageSegmentationTask(train, val, args.loss)

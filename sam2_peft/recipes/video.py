@@ -1,0 +1,97 @@
+"""LoRA on SAM 2 video: mask decoder and memory (attention, encoder, object pointers), trained on clips.
+
+    sam2-peft train video --model facebook/sam2.1-hiera-small --data path/to/davis \
+        --clip-len 8 --annotated-every 5 --loss-frames last --targets decoder+memory
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from ..cli import run_from_command_line
+from ..training.config import LOSS_FRAMES
+from ..tuners.options import LoraOptions
+from .arguments import RecipeArguments, parse_recipe_arguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoArguments:
+    """Clips and sequences (`--data` is a DAVIS-style folder: JPEGImages/SEQ/*.jpg, Annotations/SEQ/*.png)."""
+
+    _argument_group_name = "video"
+
+    clip_len: int = field(default=8, metadata={"help": "Frames per training clip (1 to 8)."})
+    clip_stride: int = field(default=1, metadata={"help": "Frame step inside a clip."})
+    annotated_every: int = field(
+        default=1, metadata={"help": "Keep every K-th training annotation (simulates sparse labels)."}
+    )
+    loss_frames: str = field(default="last", metadata={"help": "Annotated frames in the loss.", "choices": LOSS_FRAMES})
+    train_sequences: str | None = field(
+        default=None, metadata={"help": "Comma-separated training sequences (default: all)."}
+    )
+    val_sequences: str | None = field(
+        default=None, metadata={"help": "Comma-separated validation sequences, taken out of the training ones."}
+    )
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [n.strip() for n in value.split(",") if n.strip()] if value else None
+
+
+def video_task(args: RecipeArguments, video: VideoArguments, processor):
+    """Training clips (sparse annotation applied) and whole validation sequences (every annotation kept)."""
+    from ..data.sources import DataError
+    from ..data.video import VideoClipDataset, VideoDatasetConfig, VideoSequenceDataset, open_video_folder
+    from ..training.video import VideoClipTask
+
+    data = args.data
+    if not data.data:
+        raise DataError("--data is required: a folder with JPEGImages/SEQ/*.jpg and Annotations/SEQ/*.png.")
+    val_names = _names(video.val_sequences)
+    train_names = _names(video.train_sequences)
+    if train_names is None:
+        train_names = [s.name for s in open_video_folder(data.data) if s.name not in (val_names or [])]
+    train = open_video_folder(data.data, video.annotated_every, train_names)
+    val = open_video_folder(data.val_data or data.data, 1, val_names) if data.val_data or val_names else None
+    config = VideoDatasetConfig(
+        clip_len=video.clip_len, stride=video.clip_stride, max_objects=data.max_objects, prompts=args.prompts
+    )
+    logger.info(
+        "Video data: %d training sequences (%d annotated frames), %d validation sequences.",
+        len(train),
+        sum(len(s.annotations) for s in train),
+        len(val or []),
+    )
+    return VideoClipTask(
+        VideoClipDataset(train, processor, config, seed=args.training.seed),
+        VideoSequenceDataset(val) if val else None,
+        processor,
+        loss_frames=video.loss_frames,
+        eval_prompt="point" if args.prompts.prompt == "point" else "box",
+        loss=args.loss,
+        strip_frames=args.training.num_panels,
+    )
+
+
+def main(argv: Sequence[str] | None = None, **defaults) -> dict:
+    defaults = {"data": None, "targets": "decoder+memory", **defaults}
+    args = parse_recipe_arguments(__doc__.splitlines()[0], LoraOptions, extra=[VideoArguments], argv=argv, **defaults)
+    from ..adapters.methods import LoraMethod
+    from .runner import run_recipe
+
+    (video,) = args.extra
+    return run_recipe(
+        args,
+        LoraMethod(**asdict(args.method)),
+        build_task=lambda a, processor: video_task(a, video, processor),
+        video=True,
+        run_info={"loss_frames": video.loss_frames},
+    )
+
+
+if __name__ == "__main__":
+    run_from_command_line(main)

@@ -1,0 +1,220 @@
+"""Tasks: what the trainer trains on. A task owns its datasets and knows how a batch becomes a loss, how the model
+is scored and how its predictions are drawn; the trainer owns the loop, optimisation, checkpoints and logging.
+
+`ImageSegmentationTask` (images with box/point/no prompts) is here; `training.video.VideoClipTask` trains on clips.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from transformers import Sam2Processor
+
+from ..data.dataset import SegmentationDataset, collate_segmentation, model_inputs
+from ..data.prompts import mask_prompts, mask_to_boxes
+from ..evaluation.panels import comparison_panel
+from ..evaluation.runner import EvaluationResult, evaluate_segmenter
+from ..models.segmenter import Sam2Segmenter, wants_multimask
+from .config import LossConfig
+from .losses import LossOutput, combine_rounds, sam2_loss
+
+Encode = Callable[[list[str], torch.Tensor], list[torch.Tensor]]
+"""`encode(keys, pixel_values)`: image-encoder features of a batch, e.g. `EmbeddingCache.get_or_compute`."""
+
+
+class Task(ABC):
+    """The interface the trainer uses. Attributes: `train_dataset`, `val_dataset` (or None), `processor`,
+    `metric_for_best` (validation metric, higher is better, that ranks checkpoints), and `supports_embedding_cache`
+    (whether its batches can take cached encoder features, keyed as `cache_key` says)."""
+
+    train_dataset: Dataset
+    val_dataset: Dataset | None
+    processor: Sam2Processor
+    metric_for_best: str = "dice"
+    supports_embedding_cache: bool = False
+
+    @abstractmethod
+    def segmenter(self, model: nn.Module) -> nn.Module:
+        """The module that runs the (adapted) model on this task's batches; the trainer wraps and steps it."""
+
+    @abstractmethod
+    def collate(self, items: list) -> object:
+        """A batch from dataset items."""
+
+    @abstractmethod
+    def loss(
+        self, segmenter: nn.Module, batch, device: torch.device, autocast: AbstractContextManager, encode: Encode | None
+    ) -> LossOutput:
+        """Run a training batch through `segmenter` (under `autocast`) and return its loss."""
+
+    @abstractmethod
+    def evaluate(
+        self,
+        segmenter: nn.Module,
+        loader: Iterator,
+        accelerator: Accelerator,
+        keep_ids: frozenset[str],
+        encode: Encode | None,
+    ) -> EvaluationResult:
+        """Score `segmenter` on the validation batches of `loader`, keeping the predictions of `keep_ids`."""
+
+    @abstractmethod
+    def panel_ids(self, count: int, seed: int) -> list[str]:
+        """`count` validation ids spread over the set, whose predictions are drawn at each evaluation."""
+
+    @abstractmethod
+    def draw_panels(
+        self,
+        tuned: dict[str, np.ndarray],
+        names: dict[str, str],
+        base: dict[str, np.ndarray],
+        scores: dict[str, dict[str, dict[str, float]]],
+    ) -> dict[str, Image.Image]:
+        """Pictures by file name of the validation ids in `names` (file name -> id) that `tuned` holds, beside the
+        base's predictions; `scores` maps "base" / "fine-tuned" to per-id metrics."""
+
+    def validation_subset(self, ids: set[str]) -> Dataset | None:
+        """The validation samples `ids`, to predict a few images again (None: the task cannot)."""
+        return None
+
+    def settings(self) -> dict:
+        """The task's settings, saved in `training_config.json` (and matched on resume)."""
+        return {}
+
+
+def spread_indices(count: int, wanted: int, seed: int) -> list[int]:
+    """`wanted` of `range(count)` spread over the whole range: one drawn (seeded) from each of `wanted` equal
+    stretches, so that panels do not show neighbours (consecutive frames of one video, one class of a sorted set)."""
+    if wanted >= count:
+        return list(range(count))
+    rng = random.Random(seed)
+    return [rng.randrange(i * count // wanted, (i + 1) * count // wanted) for i in range(wanted)]
+
+
+class ImageSegmentationTask(Task):
+    """Images with one prompt per object (boxes, points, or none for prompt-free adapters) and per-object targets.
+
+    Args:
+        train_dataset / val_dataset: `SegmentationDataset`s (validation built with `train=False`).
+        loss: the loss terms' forms and weights.
+
+    The prompts come from the datasets (`data.prompts`); a training step may add the objects' ground-truth masks as
+    dense prompts (`prompts.mask_prompt_probability`) and run interactive correction rounds
+    (`prompts.correction_rounds`). Evaluation never gets mask prompts.
+    """
+
+    supports_embedding_cache = True
+
+    def __init__(
+        self,
+        train_dataset: SegmentationDataset,
+        val_dataset: SegmentationDataset | None = None,
+        loss: LossConfig | None = None,
+    ) -> None:
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.processor = train_dataset.processor
+        self.loss_config = loss or LossConfig()
+        self.prompts = train_dataset.config.prompts
+
+    def segmenter(self, model: nn.Module) -> Sam2Segmenter:
+        return Sam2Segmenter(model)
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_segmentation(items)
+
+    @staticmethod
+    def cache_keys(batch: dict, split: str) -> list[str]:
+        """Embedding-cache keys of a batch's images (`train/<id>/view-<k>`, one per fixed augmented view)."""
+        if split == "eval":
+            return [f"eval/{sample_id}" for sample_id in batch["sample_ids"]]
+        return [f"train/{sample_id}/view-{view}" for sample_id, view in zip(batch["sample_ids"], batch["views"])]
+
+    def loss(
+        self,
+        segmenter: nn.Module,
+        batch: dict,
+        device: torch.device,
+        autocast: AbstractContextManager,
+        encode: Encode | None,
+    ) -> LossOutput:
+        inputs = model_inputs(batch, device)
+        if encode is not None:
+            inputs["vision_features"] = encode(self.cache_keys(batch, "train"), inputs.pop("pixel_values"))
+        targets = batch["target_masks"].to(device)
+        if self.prompts.mask_prompt_probability and random.random() < self.prompts.mask_prompt_probability:
+            inputs["mask_inputs"] = mask_prompts(targets, targets.shape[-1] // 4)
+        rounds = self.prompts.correction_rounds
+        with autocast:
+            output = segmenter(
+                **inputs,
+                multimask_output=wants_multimask(inputs["point_labels"]),
+                correction_rounds=rounds,
+                target_masks=targets if rounds else None,
+            )
+        losses = [
+            sam2_loss(o.mask_logits, o.iou_scores, o.object_score_logits, targets, self.loss_config)
+            for o in (output, *output.corrections)
+        ]
+        return combine_rounds(losses)
+
+    def evaluate(
+        self,
+        segmenter: nn.Module,
+        loader: Iterator,
+        accelerator: Accelerator,
+        keep_ids: frozenset[str],
+        encode: Encode | None,
+    ) -> EvaluationResult:
+        return evaluate_segmenter(segmenter, loader, self.processor, accelerator, keep_ids=keep_ids, encode=encode)
+
+    def panel_ids(self, count: int, seed: int) -> list[str]:
+        if self.val_dataset is None:
+            return []
+        records = self.val_dataset.records
+        return [records[i].sample_id for i in spread_indices(len(records), count, seed)]
+
+    def draw_panels(
+        self,
+        tuned: dict[str, np.ndarray],
+        names: dict[str, str],
+        base: dict[str, np.ndarray],
+        scores: dict[str, dict[str, dict[str, float]]],
+    ) -> dict[str, Image.Image]:
+        """Image | ground truth | base | fine-tuned, with the evaluation's box prompts (tight boxes; none for point or
+        prompt-free evaluation) and each model's per-image Dice."""
+        draws_boxes = self.val_dataset.config.prompts.prompt in ("box", "mixed")
+        panels = {}
+        for name, sample_id in names.items():
+            if sample_id not in tuned:
+                continue
+            image, truth = self.val_dataset.original(sample_id)
+            tiles = {"ground truth": truth, "base": base.get(sample_id), "fine-tuned": tuned[sample_id]}
+            dice = {
+                tile: per_image[sample_id]["dice"]
+                for tile, per_image in scores.items()
+                if "dice" in per_image.get(sample_id, {})
+            }
+            panels[name] = comparison_panel(
+                image,
+                {k: v for k, v in tiles.items() if v is not None},
+                sample_id,
+                boxes=mask_to_boxes(torch.from_numpy(truth)).numpy() if draws_boxes and len(truth) else None,
+                dice=dice or None,
+            )
+        return panels
+
+    def validation_subset(self, ids: set[str]) -> Dataset:
+        return Subset(self.val_dataset, [i for i, r in enumerate(self.val_dataset.records) if r.sample_id in ids])
+
+    def settings(self) -> dict:
+        return {"dataset": asdict(self.train_dataset.config), "loss": asdict(self.loss_config)}
