@@ -170,12 +170,10 @@ class RecipeParser(HfArgumentParser):
             return None
         flag = word.split("=", 1)[0].replace("_", "-")
         known = [option for option in self._option_string_actions if option.startswith("--") and "_" not in option]
-        other = OTHER_TOOLS_FLAGS.get(flag)
-        if other in known:
-            match = other
-        else:
-            found = difflib.get_close_matches(flag, known, n=1)
-            match = found[0] if found else None
+        found = difflib.get_close_matches(flag, [*known, *OTHER_TOOLS_FLAGS], n=1)
+        match = OTHER_TOOLS_FLAGS.get(found[0], found[0]) if found else None
+        if match not in known:
+            return None
         return f"{word.split('=', 1)[0]}: did you mean {match}?" if match else None
 
     def parse(self, argv: Sequence[str] | None = None) -> tuple:
