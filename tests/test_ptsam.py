@@ -147,7 +147,7 @@ def test_box_and_point_initialisations_are_prompt_embeddings():
     box_tokens = initial_tokens(encoder, PtsamConfig(num_tokens=5, token_init="box"))
     corners = box_tokens - encoder.point_embed.weight[[2, 3, 2, 3, 2]]
     assert box_tokens.shape == (5, WIDTH) and corners.abs().max() <= 1 + 1e-6
-    normal = initial_tokens(encoder, PtsamConfig(num_tokens=64, token_init_std=0.5))
+    normal = initial_tokens(encoder, PtsamConfig(num_tokens=64, token_init="normal", token_init_std=0.5))
     assert 0.45 < normal.std() < 0.55
 
 
@@ -212,3 +212,23 @@ def test_predict_prompt_free_returns_original_size_masks(tiny_processor):
     assert np.array_equal(results[0][0], expected) and expected.any() and not expected.all()
     with pytest.raises(ValueError, match="active PTSAM adapter"):
         predict_prompt_free(_tiny(), tiny_processor, images)
+
+
+def test_padding_initialisation_starts_at_the_base_prompt_free_output():
+    """`padding` tokens are the base's own not-a-point embedding plus tiny noise: with 2 tokens (the base's two
+    prompt-free padding tokens) step 0 predicts what the base predicts. Checked on the shipped base that segments
+    (the random tiny model's logits are ~1e-3, too small for a tolerance to mean anything)."""
+    from sam2_peft.models.loading import load_base_model
+
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)) * 4 - 2
+    base, _ = load_base_model("compact-synthetic")
+    with torch.no_grad():
+        original = base.eval()(pixel_values=image, multimask_output=False).pred_masks
+    config = PtsamConfig(num_tokens=2, token_init="padding", output_mask="dynamic")  # dynamic: the base's own choice
+    model = get_peft_model(load_base_model("compact-synthetic")[0], config).eval()
+    tokens = model.base_model.model.prompt_encoder.ptsam_tokens["default"]
+    assert not torch.equal(tokens[0], tokens[1])  # the noise keeps tokens apart, so they get different gradients
+    with torch.no_grad():
+        adapted = model(pixel_values=image, multimask_output=False).pred_masks
+    assert (adapted - original).abs().max() < 0.02 * original.abs().max()
+    assert ((adapted > 0) == (original > 0)).float().mean() > 0.995

@@ -22,7 +22,7 @@ LORA_PRESETS: dict[str, list[str]] = {
 }
 """Named groups of target modules (regexes over full module names). Combine with '+' (or ','), e.g. `decoder+encoder`."""
 
-TOKEN_INITS = ("normal", "box", "point")
+TOKEN_INITS = ("padding", "normal", "box", "point")
 OUTPUT_MASKS = ("single", "multi1", "multi2", "multi3", "best", "dynamic")
 
 
@@ -83,10 +83,13 @@ class PtsamOptions:
 
     num_tokens: int = field(default=8, metadata={"help": "Learned decoder prompt tokens (each of the decoder width)."})
     token_init: str = field(
-        default="normal",
+        default="padding",
         metadata={
-            "help": "How decoder tokens start: normal (N(0, token_init_std^2)), box (the corner embeddings of random "
-            "boxes from the base prompt encoder) or point (embeddings of random positive points).",
+            "help": "How decoder tokens start: padding (SAM 2's own not-a-point embedding, what the base uses "
+            "prompt-free, plus N(0, (token_init_std * 1e-2)^2) noise; measured best: nuclei Dice 0.532 after 40 steps "
+            "against 0.089 for normal, benchmarks/method_defaults.py), normal (N(0, token_init_std^2)), box (the "
+            "corner embeddings of random boxes from the base prompt encoder) or point (embeddings of random positive "
+            "points).",
             "choices": TOKEN_INITS,
         },
     )

@@ -19,6 +19,10 @@ PROMPT_FREE_LABELS = (-1, -10)
 """Point labels that carry no prompt: SAM's "not-a-point" (-1, position discarded) and padding (-10)."""
 
 
+PADDING_NOISE = 1e-2
+"""Std of `padding` token init's noise, relative to `token_init_std`: small beside the unit-scale embeddings."""
+
+
 class PtsamLayer(BaseTunerLayer):
     """Common behaviour of PTSAM layers: the active adapter's entry, or None when adapters are off."""
 
@@ -97,11 +101,12 @@ def is_prompt_free(input_labels: torch.Tensor | None, input_boxes: torch.Tensor 
 
 @torch.no_grad()
 def initial_tokens(prompt_encoder: nn.Module, config: PtsamConfig) -> torch.Tensor:
-    """The `(num_tokens, C)` starting tokens: normal noise, or embeddings of random boxes or points.
+    """The `(num_tokens, C)` starting tokens: normal noise, embeddings of random boxes or points, or padding.
 
     Box init takes the two corner embeddings of `ceil(n / 2)` random boxes (corners uniform in the input image, sorted);
     point init the embeddings of `n` random positive points. Both use the base prompt encoder, so the tokens start as
-    prompts SAM already understands.
+    prompts SAM already understands. Padding init repeats the not-a-point embedding (what the base feeds its decoder
+    prompt-free) with noise of std `PADDING_NOISE * token_init_std`, so the tokens differ yet step 0 is the base.
     """
     weight = prompt_encoder.not_a_point_embed.weight
     width, size = weight.shape[1], prompt_encoder.input_image_size
@@ -109,6 +114,9 @@ def initial_tokens(prompt_encoder: nn.Module, config: PtsamConfig) -> torch.Tens
     n = config.num_tokens
     if config.token_init == "normal":
         tokens = torch.randn(n, width, generator=generator) * config.token_init_std
+    elif config.token_init == "padding":
+        noise = torch.randn(n, width, generator=generator) * (PADDING_NOISE * config.token_init_std)
+        tokens = weight.detach().float().cpu().expand(n, -1) + noise
     elif config.token_init == "point":
         points = torch.rand(1, 1, n, 2, generator=generator) * size
         labels = torch.ones(1, 1, n, dtype=torch.long)
