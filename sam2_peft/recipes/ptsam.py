@@ -15,9 +15,10 @@ from ..cli import run_from_command_line
 from ..tuners.options import PtsamOptions
 from .arguments import parse_recipe_arguments
 
-DEFAULT_LR = 1e-2
-"""PTSAM's learning rate: with `padding` tokens, 40 steps on nuclei moved prompt-free Dice 0.113 -> 0.532 at 1e-2,
-while 1e-3 with the old normal init lowered it on polyps (0.076 -> 0.0009); benchmarks/method_defaults.py."""
+DEFAULT_LR = 1e-3
+"""PTSAM's learning rate. Measured (benchmarks/method_defaults.py, one seed): with `--token-init padding` 1e-2 moved
+nuclei prompt-free Dice 0.113 -> 0.532 in 40 steps, but that init fell below the base on polyps at 2e-2, so the
+defaults stay until the full grid decides."""
 
 
 def main(argv: Sequence[str] | None = None, **defaults) -> dict:

@@ -83,11 +83,11 @@ class PtsamOptions:
 
     num_tokens: int = field(default=8, metadata={"help": "Learned decoder prompt tokens (each of the decoder width)."})
     token_init: str = field(
-        default="padding",
+        default="normal",
         metadata={
             "help": "How decoder tokens start: padding (SAM 2's own not-a-point embedding, what the base uses "
-            "prompt-free, plus N(0, (token_init_std * 1e-2)^2) noise; measured best: nuclei Dice 0.532 after 40 steps "
-            "against 0.089 for normal, benchmarks/method_defaults.py), normal (N(0, token_init_std^2)), box (the "
+            "prompt-free, plus N(0, (token_init_std * 1e-2)^2) noise; nuclei Dice 0.532 after 40 steps against 0.089 "
+            "for normal, but below the base on polyps at lr 2e-2, so not the default yet; benchmarks/method_defaults.py), normal (N(0, token_init_std^2)), box (the "
             "corner embeddings of random boxes from the base prompt encoder) or point (embeddings of random positive "
             "points).",
             "choices": TOKEN_INITS,
