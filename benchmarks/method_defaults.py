@@ -1,10 +1,12 @@
-"""Learning rate and PTSAM token init per method on real data (nuclei, polyps), several seeds, compact-synthetic base.
+"""Recipe defaults measured on real data (nuclei, polyps), several seeds, compact-synthetic base: learning rate and
+PTSAM token init per method (`--grid lr`), or decoder LoRA's loss resolution and dropout (`--grid loss`).
 
 Every run is a subprocess of a recipe script; train and validation images are fixed across runs (validation: the last
 32 ids in sorted order, written to a split file; training: the first N other images). Writes
 benchmarks/results/method_defaults.json and prints a markdown table of fine-tuned Dice / boundary IoU per setting.
 
-    OMP_NUM_THREADS=1 /work/slot python benchmarks/method_defaults.py [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/method_defaults.py [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/method_defaults.py --grid loss --output benchmarks/results/loss_defaults.json
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SAM2_PEFT_DATA", "/work/shared/data"))
 DATASETS = {"nuclei": ("nuclei-coelho2009", ".png", 16), "polyps": ("polyps-kvasir-seg", ".jpg", 32)}
 VAL_IMAGES = 32
+
+
+def loss_settings(quick: bool) -> list[tuple[str, str, list[str]]]:
+    """Decoder LoRA at its default lr: where the mask loss is computed, and LoRA dropout 0.1 vs 0."""
+    grid = []
+    for resolution in ("full", "native", "points"):
+        for dropout in ("0.1", "0"):
+            label = f"loss {resolution}, dropout {dropout}"
+            grid.append(("lora_decoder", label, ["--loss-resolution", resolution, "--lora-dropout", dropout]))
+    return grid[:2] if quick else grid
 
 
 def settings(quick: bool) -> list[tuple[str, str, list[str]]]:
@@ -54,6 +66,7 @@ def split_file(name: str, folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="One setting per method, one seed (a smoke run).")
+    parser.add_argument("--grid", choices=("lr", "loss"), default="lr", help="Which defaults to measure.")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -69,7 +82,7 @@ def main() -> None:
     for dataset in args.datasets:
         source, _, train_images = DATASETS[dataset]
         val_file = split_file(dataset, work)
-        for method, label, flags in settings(args.quick):
+        for method, label, flags in (loss_settings if args.grid == "loss" else settings)(args.quick):
             if args.only not in f"{method} {label}":
                 continue
             for seed in seeds:
@@ -97,7 +110,7 @@ def main() -> None:
                 print(f"{dataset} {method} {label} seed {seed}: {record.get('fine_tuned', {}).get('dice', 'ERROR')}",
                       file=sys.stderr, flush=True)  # fmt: skip
     result = {
-        "command": " ".join(sys.argv), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "command": " ".join(sys.argv), "grid": args.grid, "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "steps": args.steps, "seeds": seeds, "train_images": {k: v[2] for k, v in DATASETS.items()},
         "validation": f"last {VAL_IMAGES} sorted ids of each dataset", "seconds": time.time() - started, "runs": runs,
     }  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sam2_peft.adapters import LoraMethod
+from sam2_peft.adapters import LoraMethod, PartialFinetuneMethod
 from sam2_peft.data.augment import AugmentationConfig
 from sam2_peft.data.dataset import DatasetConfig, SegmentationDataset
 from sam2_peft.data.sources import open_records
@@ -127,9 +127,15 @@ def test_fingerprint_covers_weights_and_preprocessing(tiny_model, tiny_processor
     other_norm = processor_for_image_size(SIZE)
     other_norm.image_processor.image_mean = [0.5, 0.5, 0.5]
     assert encoder_fingerprint(tiny_model, other_norm, "tiny")["preprocessing_xxh3"] != base["preprocessing_xxh3"]
+    after = encoder_fingerprint(tiny_model, tiny_processor, "tiny", stage="image_embeddings")
+    assert after != base, "a folder of pre-projection features is never read as decoder inputs"
     with torch.no_grad():
         tiny_model.mask_decoder.conv_s0.weight.add_(1.0)
     assert encoder_fingerprint(tiny_model, tiny_processor, "tiny") == base, "decoder layers are not part of the key"
+    changed = encoder_fingerprint(tiny_model, tiny_processor, "tiny", stage="image_embeddings")
+    assert changed["encoder_weights_xxh3"] != after["encoder_weights_xxh3"], "... unless they are cached through"
+    stored_half = encoder_fingerprint(tiny_model, tiny_processor, "tiny", storage_dtype=torch.bfloat16)
+    assert stored_half != base
 
 
 def test_plan_never_drops_augmentation():
@@ -154,7 +160,7 @@ def test_augmentation_views_are_fixed_per_image(folder_dataset, tiny_processor):
     assert set(seen) == {0, 1} and not torch.equal(seen[0], seen[1])
 
 
-def _train(folder, tmp_path, name: str, **overrides) -> tuple[Trainer, dict]:
+def _train(folder, tmp_path, name: str, method=None, **overrides) -> tuple[Trainer, dict]:
     records = open_records(str(folder))
     processor = processor_for_image_size(SIZE)
     data_config = DatasetConfig(max_objects_per_image=3, augmentation=AugmentationConfig(augment=False))
@@ -166,9 +172,8 @@ def _train(folder, tmp_path, name: str, **overrides) -> tuple[Trainer, dict]:
     for key, value in overrides.items():
         setattr(config, key, value)
     model = build_model_from_config(tiny_config(SIZE), seed=0)
-    trainer = Trainer(
-        model, LoraMethod("decoder", lora_r=4, lora_alpha=8), ImageSegmentationTask(train, val), config, "tiny"
-    )
+    method = method or LoraMethod("decoder", lora_r=4, lora_alpha=8)
+    trainer = Trainer(model, method, ImageSegmentationTask(train, val), config, "tiny")
     return trainer, trainer.train()
 
 
@@ -187,6 +192,40 @@ def test_cached_training_matches_uncached(folder_dataset, tmp_path):
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
     for key in plain_metrics["fine_tuned"]:
         assert cached_metrics["fine_tuned"][key] == pytest.approx(plain_metrics["fine_tuned"][key], abs=1e-5)
+
+
+def _entry_channels(cache: EmbeddingCache) -> list[int]:
+    features = next(iter(cache._memory.values()))[1]
+    return [level.shape[0] for level in features]
+
+
+def test_frozen_projections_cache_the_decoder_inputs(folder_dataset, tmp_path, caplog):
+    """Decoder LoRA leaves conv_s0/conv_s1 frozen: entries are the decoder's inputs (5.25x smaller at SAM 2's widths:
+    32 + 64 channels at 1/4 and 1/8 instead of 256 + 256); training them matches training on uncached images."""
+    with caplog.at_level(logging.INFO, logger="sam2_peft.training.embedding_cache"):
+        lora, _ = _train(folder_dataset, tmp_path, "lora")
+    conv_s0, conv_s1 = lora.segmenter.base.mask_decoder.conv_s0, lora.segmenter.base.mask_decoder.conv_s1
+    assert lora.cache.stage == "image_embeddings" and lora.run_info["embedding_cache"]["stage"] == "image_embeddings"
+    assert _entry_channels(lora.cache)[:2] == [conv_s0.out_channels, conv_s1.out_channels]
+    assert "holds" in caplog.text and "of the 6 this run needs" in caplog.text
+    partial, _ = _train(
+        folder_dataset, tmp_path, "partial", PartialFinetuneMethod(learning_rates={"mask_decoder": 1e-4})
+    )
+    assert partial.cache.stage == "vision_features", "conv_s0/conv_s1 train: cache before them"
+    assert _entry_channels(partial.cache)[:2] == [conv_s0.in_channels, conv_s1.in_channels]
+
+
+def test_bfloat16_storage_halves_entries_and_returns_float32(folder_dataset, tmp_path):
+    full, _ = _train(folder_dataset, tmp_path, "full")
+    half, _ = _train(folder_dataset, tmp_path, "half", cache_dtype="bfloat16")
+    assert half.cache.stats.memory_bytes * 2 == full.cache.stats.memory_bytes
+    assert next(iter(half.cache._memory.values()))[1][0].dtype == torch.bfloat16
+    batch = torch.randn(1, 3, SIZE, SIZE)
+    returned = half.cache.get_or_compute(["new"], batch)
+    assert all(level.dtype == torch.float32 for level in returned)
+    exact = full.cache.get_or_compute(["new"], batch)
+    for got, want in zip(returned, exact):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
 
 def test_encoder_lora_turns_cache_off(folder_dataset, tiny_processor, tmp_path, caplog):

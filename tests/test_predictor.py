@@ -75,6 +75,20 @@ def test_predictor_matches_peft_forward_at_original_size_batched(lora_dir, saved
     assert differs(bare, predictions[1].logits)
 
 
+def test_lora_is_merged_on_load_unless_asked_not_to(lora_dir):
+    from peft.tuners.lora import LoraLayer
+
+    merged = Sam2PeftPredictor.from_pretrained(lora_dir, device="cpu")
+    kept = Sam2PeftPredictor.from_pretrained(lora_dir, device="cpu", merge=False)
+    assert isinstance(merged.model, Sam2Model) and not any(isinstance(m, LoraLayer) for m in merged.model.modules())
+    assert isinstance(kept.model, PeftModel) and any(isinstance(m, LoraLayer) for m in kept.model.modules())
+    image = non_square_images(1)[0]
+    boxes = [[30, 20, 90, 50], [5, 5, 40, 60]]
+    got, want = (p.predict(image, boxes=boxes, return_logits=True) for p in (merged, kept))
+    assert_same(got.logits, want.logits, rel=1e-4)
+    assert_same(got.scores, want.scores, rel=1e-4)
+
+
 def test_prompt_free_and_single_image(lora_dir, saved_tiny_model):
     predictor = Sam2PeftPredictor.from_pretrained(lora_dir, device="cpu")
     image = non_square_images(1)[0]

@@ -36,13 +36,13 @@ def evaluate_segmenter(
     accelerator: Accelerator,
     keep_ids: set[str] | frozenset[str] = frozenset(),
     dilation_ratio: float = 0.02,
-    encode: Callable[[list[str], torch.Tensor], list[torch.Tensor]] | None = None,
+    encode: Callable[[list[str], torch.Tensor], dict[str, list[torch.Tensor]]] | None = None,
     description: str = "evaluate",
 ) -> EvaluationResult:
     """Predict every validation batch (single mask, or the best of 3 for single clicks) and score each image.
 
     Works in several processes: each scores its shard and the per-image results are gathered. `encode(keys,
-    pixel_values)`, e.g. `EmbeddingCache.get_or_compute`, supplies the encoder features (keys `eval/<sample_id>`).
+    pixel_values)`, e.g. `EmbeddingCache.segmenter_inputs`, supplies the encoded images (keys `eval/<sample_id>`).
     A progress bar per image, labelled `description`, shows on the main process (counting every process's images)
     and disappears when done.
     """
@@ -61,7 +61,7 @@ def evaluate_segmenter(
     for batch in dataloader:
         inputs = model_inputs(batch, accelerator.device)
         if encode is not None:
-            inputs["vision_features"] = encode([f"eval/{s}" for s in batch["sample_ids"]], inputs.pop("pixel_values"))
+            inputs.update(encode([f"eval/{s}" for s in batch["sample_ids"]], inputs.pop("pixel_values")))
         with accelerator.autocast():
             output = segmenter(**inputs, multimask_output=wants_multimask(inputs["point_labels"]))
         logits = select_best_mask(output).float().cpu()

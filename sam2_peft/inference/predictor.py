@@ -146,16 +146,22 @@ class Sam2PeftPredictor:
         device: torch.device | str | None = None,
         token: str | bool | None = None,
         batch_size: int = 8,
+        merge: bool = True,
     ) -> Sam2PeftPredictor:
         """Load an adapter (Hub id or local folder, at `revision`) and the base model it records.
 
-        `base_model` overrides the recorded base (a Hub id or a local folder with the same architecture). Raises
-        `AdapterLoadError` (not found, offline and not cached, unknown type, missing files) or `AdapterMismatchError`
-        (the base has another image size or widths than the adapter was trained for).
+        `base_model` overrides the recorded base (a Hub id or a local folder with the same architecture). A LoRA
+        adapter is merged into the base weights (`merge=True`, the default: the same masks, decoded without the
+        extra low-rank products); `merge=False` keeps the `PeftModel`, e.g. to load
+        and switch between several adapters. Raises `AdapterLoadError` (not found, offline and not cached, unknown
+        type, missing files) or `AdapterMismatchError` (the base has another image size or widths than the adapter
+        was trained for).
         """
         model, processor, info = load_adapted_model(
             adapter_id_or_path, revision=revision, base_model=base_model, token=token
         )
+        if merge and info.peft_type == "LORA":
+            model = model.merge_and_unload().eval()
         return cls(model, processor, dtype=dtype, device=device, batch_size=batch_size, adapter=info)
 
     def _autocast(self):

@@ -1,9 +1,10 @@
 """One forward for training and evaluation: image encoder once per image, mask decoder once per prompt.
 
 `Sam2Segmenter` wraps a `Sam2Model` (plain, or with peft adapters injected) and runs it on a flat batch of prompts
-spread over a batch of images. The encoder step is split off (`vision_features`) so that frozen-encoder training can
-cache it; everything after it, including the decoder's `conv_s0/conv_s1` projections, runs on every step and so stays
-trainable.
+spread over a batch of images. The encoder step is split off so that frozen-encoder training can cache it, at one of
+two points: the encoder's FPN maps (`vision_features`, 84 MiB per 1024 px image in float32), when the decoder's
+`conv_s0/conv_s1` projections train; or the decoder's inputs after those projections (`image_embeddings`, 16 MiB),
+when they are frozen too (`decoder_inputs_frozen`: decoder LoRA, PTSAM).
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ class Sam2Segmenter(nn.Module):
         """
         return list(self.base.vision_encoder(pixel_values).fpn_hidden_states)
 
+    def decoder_inputs_frozen(self) -> bool:
+        """Whether everything between the encoder and the decoder's transformer (`conv_s0`, `conv_s1`,
+        `no_memory_embedding`) is frozen, so that an image's `image_embeddings` never change while training."""
+        base = self.base
+        projections = [*base.mask_decoder.conv_s0.parameters(), *base.mask_decoder.conv_s1.parameters()]
+        return not any(p.requires_grad for p in [*projections, base.no_memory_embedding])
+
     def image_embeddings(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Turn encoder features into the decoder's inputs, exactly as `Sam2Model.get_image_embeddings` does."""
         base = self.base
@@ -70,6 +78,7 @@ class Sam2Segmenter(nn.Module):
         object_image_index: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         vision_features: list[torch.Tensor] | None = None,
+        image_embeddings: list[torch.Tensor] | None = None,
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         mask_inputs: torch.Tensor | None = None,
@@ -81,7 +90,8 @@ class Sam2Segmenter(nn.Module):
 
         Args:
             object_image_index: `(N,)` long, the image of each prompt.
-            pixel_values: `(B, 3, S, S)` preprocessed images; or give `vision_features` (cached encoder outputs).
+            pixel_values: `(B, 3, S, S)` preprocessed images; or give their cached `vision_features` or
+                `image_embeddings` (the decoder's inputs, valid while `decoder_inputs_frozen()`).
             points: `(N, P, 2)` prompt points in model-input pixels (boxes as two corners labelled 2 and 3).
             point_labels: `(N, P)` long; None with `points` None for prompt-free prediction.
             mask_inputs: `(N, 1, S/4, S/4)` dense mask prompts (logits), optional.
@@ -90,13 +100,13 @@ class Sam2Segmenter(nn.Module):
                 click in the largest error region against `target_masks` `(N, S, S)` is added to the prompts and
                 the previous mask is fed back as a mask prompt. All rounds share one image encoding.
         """
-        if (pixel_values is None) == (vision_features is None):
-            raise ValueError("Give exactly one of pixel_values or vision_features.")
+        if sum(x is not None for x in (pixel_values, vision_features, image_embeddings)) != 1:
+            raise ValueError("Give exactly one of pixel_values, vision_features or image_embeddings.")
         if correction_rounds and target_masks is None:
             raise ValueError("Correction rounds need target_masks to click on.")
-        if vision_features is None:
+        if pixel_values is not None:
             vision_features = self.vision_features(pixel_values)
-        per_image = self.image_embeddings(vision_features)
+        per_image = image_embeddings if image_embeddings is not None else self.image_embeddings(vision_features)
         per_object = [embedding[object_image_index] for embedding in per_image]
         output = self._decode(per_object, points, point_labels, mask_inputs, multimask_output)
         previous = output

@@ -12,7 +12,12 @@ from ..data.sources import DataError
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 HALF_DTYPES = ("float16", "bfloat16")
+CACHE_DTYPES = ("auto", "bfloat16")
+"""How cached features are stored: in the dtype they are computed in, or in bfloat16 (half the memory)."""
 MASK_LOSSES = ("focal", "bce")
+LOSS_RESOLUTIONS = ("full", "native", "points")
+"""Where the mask loss is computed: on logits upsampled to the model input (SAM 2's training), at the decoder's own
+output resolution (a quarter of it per side), or at points sampled around the uncertain ones (PointRend)."""
 LOSS_FRAMES = ("last", "all")
 """Annotated frames of a video clip in its loss: the last one only (the sparse-annotation setting) or all."""
 
@@ -126,10 +131,20 @@ class TrainingConfig:
     cache_views: int = field(
         default=4, metadata=_help("With augmentation and the cache: fixed augmented views encoded per image.")
     )
+    cache_dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "Store cached features as computed (auto: the base dtype, or the autocast dtype) or in bfloat16 (half "
+            "the memory per view).",
+            choices=CACHE_DTYPES,
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got '{self.mixed_precision}'.")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got '{self.cache_dtype}'.")
         for name in ("batch_size", "grad_accum", "epochs", "cache_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -159,7 +174,31 @@ class LossConfig:
     object_score_weight: float = field(default=1.0, metadata=_help("Weight of the object-score term."))
     focal_alpha: float = field(default=0.25, metadata=_help("Focal loss alpha."))
     focal_gamma: float = field(default=2.0, metadata=_help("Focal loss gamma."))
+    loss_resolution: str = field(
+        default="full",
+        metadata=_help(
+            "full: logits upsampled to the model input (SAM 2's training); native: at the decoder's output (1/4 per "
+            "side, targets averaged down); points: at --loss-points points per mask, most of them where the "
+            "prediction is least certain (PointRend, Mask2Former).",
+            choices=LOSS_RESOLUTIONS,
+        ),
+    )
+    loss_points: int = field(default=112 * 112, metadata=_help("Points per mask with --loss-resolution points."))
+    loss_chunk: int = field(
+        default=4,
+        metadata=_help(
+            "Prompts whose full-resolution loss is computed (and recomputed for the backward pass) together: "
+            "bounds the loss's memory at any number of prompts; 0 computes all at once and keeps it for the "
+            "backward pass."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.mask_loss not in MASK_LOSSES:
             raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got '{self.mask_loss}'.")
+        if self.loss_resolution not in LOSS_RESOLUTIONS:
+            raise ValueError(f"loss_resolution must be one of {LOSS_RESOLUTIONS}, got '{self.loss_resolution}'.")
+        if self.loss_points < 1 or self.loss_chunk < 0:
+            raise ValueError(
+                f"loss_points must be >= 1 and loss_chunk >= 0, got {self.loss_points}, {self.loss_chunk}."
+            )

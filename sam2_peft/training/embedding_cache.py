@@ -1,7 +1,11 @@
 """Cached image-encoder outputs for frozen-encoder training: encode each image (view) once, reuse it every epoch.
 
-What is cached is `Sam2Segmenter.vision_features`: the encoder's three FPN maps, *before* the decoder's
-`conv_s0/conv_s1` projections, so the cache stays exact when those decoder layers train.
+What is cached is one of two stages of `Sam2Segmenter` (`CACHED_STAGES`): the decoder's inputs, after its
+`conv_s0/conv_s1` projections (`image_embeddings`, 16 MiB per 1024 px view in float32, 8 MiB in bfloat16), when
+those projections are frozen (decoder LoRA, PTSAM); or the encoder's three FPN maps before them (`vision_features`,
+84 MiB), so that the cache stays exact when they train (partial fine-tuning of the decoder). Entries are stored in
+the dtype they were computed in, or in `storage_dtype` (bfloat16 halves them) and turned back on reading. The
+memory budget counts the entries' real bytes; the first entry logs how many of the run's views fit.
 
 Two tiers: a memory tier within a byte budget, and an optional folder (one memory-mapped safetensors file per
 entry) that persists between runs. The folder's `manifest.json` records the encoder fingerprint
@@ -38,8 +42,11 @@ from ..models.segmenter import unwrap_sam
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 2
-"""2: entries carry a checksum of their tensors (older folders are rebuilt)."""
+CACHE_FORMAT_VERSION = 3
+"""2: entries carry a checksum of their tensors; 3: the cached stage and storage dtype are part of the fingerprint
+(older folders are rebuilt)."""
+CACHED_STAGES = ("image_embeddings", "vision_features")
+"""What an entry holds, named as the `Sam2Segmenter.forward` argument that takes it."""
 MANIFEST_FILE = "manifest.json"
 ENTRY_SUFFIX = ".safetensors"
 
@@ -61,18 +68,31 @@ def encoder_fingerprint(
     base_name: str | None = None,
     revision: str | None = None,
     dtype: torch.dtype | None = None,
+    stage: str = "vision_features",
+    storage_dtype: torch.dtype | None = None,
 ) -> dict:
-    """Everything that changes an image's encoder output, as a JSON-able dict (the cache key of a whole cache).
+    """Everything that changes an image's cached features, as a JSON-able dict (the cache key of a whole cache).
 
     Args:
-        model: the base `Sam2Model` (peft-wrapped or not); its image encoder's weights are hashed.
+        model: the base `Sam2Model` (peft-wrapped or not); its image encoder's weights are hashed, and with `stage`
+            "image_embeddings" those of the decoder's projections too.
         processor: the `Sam2Processor` whose image preprocessing produced the pixels.
         base_name, revision: the base model's id/path and Hub revision (informative; the weight hash decides).
         dtype: the dtype features are computed in (autocast), when not the weights' own.
+        stage: one of `CACHED_STAGES`.
+        storage_dtype: the dtype entries are stored in, when not the one they are computed in.
     """
-    encoder = unwrap_sam(model).vision_encoder
+    if stage not in CACHED_STAGES:
+        raise ValueError(f"stage must be one of {CACHED_STAGES}, got {stage!r}.")
+    sam = unwrap_sam(model)
+    encoder = sam.vision_encoder
+    weights = dict(encoder.state_dict())
+    if stage == "image_embeddings":
+        weights |= {f"mask_decoder.{k}": v for k, v in sam.mask_decoder.conv_s0.state_dict(prefix="conv_s0.").items()}
+        weights |= {f"mask_decoder.{k}": v for k, v in sam.mask_decoder.conv_s1.state_dict(prefix="conv_s1.").items()}
+        weights["no_memory_embedding"] = sam.no_memory_embedding
     hasher = xxhash.xxh3_128()
-    for name, tensor in sorted(encoder.state_dict().items()):
+    for name, tensor in sorted(weights.items()):
         hasher.update(name.encode())
         hasher.update(tensor_digest(tensor).encode())
     preprocessing = json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str)
@@ -84,6 +104,8 @@ def encoder_fingerprint(
         "image_size": int(unwrap_sam(model).config.prompt_encoder_config.image_size),
         "preprocessing_xxh3": xxhash.xxh3_128_hexdigest(preprocessing.encode()),
         "dtype": str(dtype or next(encoder.parameters()).dtype),
+        "stage": stage,
+        "storage_dtype": None if storage_dtype is None else str(storage_dtype),
         "transformers": transformers.__version__,
         "torch": torch.__version__.split("+")[0],
     }
@@ -115,6 +137,11 @@ class EmbeddingCache:
             re-encoded every time when there is no folder, with a warning).
         directory: persistent folder of memory-mapped entries, or None for memory only.
         rebuild_foreign: on a foreign folder, delete its entries and start again (warning) instead of raising.
+        stage: what `encode` returns, one of `CACHED_STAGES` (the segmenter input `segmenter_inputs` fills).
+        storage_dtype: store entries in this dtype (e.g. bfloat16); None keeps the dtype they are computed in.
+        output_dtype: the dtype entries are returned in (the weights' dtype of the layers that take them); None
+            returns them as stored.
+        expected_entries: how many entries the run needs (its views); the first entry logs how many of them fit.
     """
 
     def __init__(
@@ -124,8 +151,18 @@ class EmbeddingCache:
         memory_budget_bytes: int,
         directory: str | Path | None = None,
         rebuild_foreign: bool = True,
+        stage: str = "vision_features",
+        storage_dtype: torch.dtype | None = None,
+        output_dtype: torch.dtype | None = None,
+        expected_entries: int | None = None,
     ) -> None:
+        if stage not in CACHED_STAGES:
+            raise ValueError(f"stage must be one of {CACHED_STAGES}, got {stage!r}.")
         self.encode = encode
+        self.stage = stage
+        self.storage_dtype = storage_dtype
+        self.output_dtype = output_dtype
+        self.expected_entries = expected_entries
         self.fingerprint = fingerprint
         self.memory_budget_bytes = memory_budget_bytes
         self.directory = Path(directory) if directory is not None else None
@@ -204,8 +241,26 @@ class EmbeddingCache:
         self.stats.memory_bytes -= _nbytes(features)
         self.stats.memory_entries -= 1
 
+    def _log_fit(self, entry_bytes: int, dtype: torch.dtype) -> None:
+        """Once, at the first entry: its size and how many of the run's entries the memory budget holds."""
+        fit = self.memory_budget_bytes // max(entry_bytes, 1)
+        needed = "" if self.expected_entries is None else f" of the {self.expected_entries} this run needs"
+        beyond = "on disk in --cache-dir" if self.directory is not None else "re-encoded on every visit"
+        logger.info(
+            "Embedding cache: %s, %.1f MiB per view (%s); the %.2f GB memory budget holds %d views%s%s.",
+            self.stage,
+            entry_bytes / 2**20,
+            str(dtype).removeprefix("torch."),
+            self.memory_budget_bytes / 1e9,
+            fit,
+            needed,
+            "" if self.expected_entries is None or fit >= self.expected_entries else f"; the rest are {beyond}",
+        )
+
     def _remember(self, key: str, digest: str, features: list[torch.Tensor]) -> None:
         size = _nbytes(features)
+        if self.stats.memory_entries == 0 and self.stats.memory_bytes == 0 and not self._warned_full:
+            self._log_fit(size, features[0].dtype)
         if self.stats.memory_bytes + size > self.memory_budget_bytes:
             if not self._warned_full and self.directory is None:
                 logger.warning(
@@ -236,11 +291,15 @@ class EmbeddingCache:
             temp.replace(path)
             self.stats.disk_entries += 1
 
+    def segmenter_inputs(self, keys: list[str], pixel_values: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """`get_or_compute` as the `Sam2Segmenter.forward` argument it fills, e.g. `{"image_embeddings": [...]}`."""
+        return {self.stage: self.get_or_compute(keys, pixel_values)}
+
     def get_or_compute(self, keys: list[str], pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Features of a batch: `(B, 3, S, S)` pixels named by `keys` -> 3 maps `(B, C_l, h_l, w_l)`.
 
         Cached entries are checked against a hash of their pixels; missing or stale ones are encoded together in one
-        batch and stored. Returned on the pixels' device.
+        batch and stored. Returned on the pixels' device (in `output_dtype`).
         """
         digests = [tensor_digest(p) for p in pixel_values]
         found = [self._lookup(key, digest) for key, digest in zip(keys, digests)]
@@ -251,10 +310,10 @@ class EmbeddingCache:
             with torch.no_grad():
                 encoded = self.encode(pixel_values[missing])
             for j, i in enumerate(missing):
-                found[i] = [level[j].detach().cpu().clone() for level in encoded]
+                found[i] = [level[j].detach().to("cpu", self.storage_dtype, copy=True) for level in encoded]
                 self._store(keys[i], digests[i], found[i])
         device = pixel_values.device
-        return [torch.stack([f[level] for f in found]).to(device) for level in range(len(found[0]))]
+        return [torch.stack([f[level] for f in found]).to(device, self.output_dtype) for level in range(len(found[0]))]
 
 
 def _nbytes(features: list[torch.Tensor]) -> int:

@@ -1,8 +1,11 @@
 """SAM 2 training losses: mask (focal or BCE, plus dice), IoU-prediction and object-score terms.
 
-Choices, following SAM 2's own training: mask logits are upsampled to the target resolution (the model input size);
-with multimask output, only the candidate with the lowest mask loss is trained (SAM's "best of 3"), while the IoU
-head learns the true IoU of every candidate; objects absent from the target train only the object-score head.
+Choices, following SAM 2's own training: with multimask output, only the candidate with the lowest mask loss is
+trained (SAM's "best of 3"), while the IoU head learns the true IoU of every candidate; objects absent from the
+target train only the object-score head. Where the mask terms are computed is `LossConfig.loss_resolution`: on logits
+upsampled to the target resolution (the model input size, as SAM 2 trains; computed `loss_chunk` prompts at a time
+and recomputed in the backward pass, so memory does not grow with the prompts), at the decoder's own resolution, or
+at importance-sampled points (`uncertain_points`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import sigmoid_focal_loss
 
 from .config import LossConfig
@@ -85,6 +89,87 @@ def combine_rounds(losses: list[LossOutput]) -> LossOutput:
     return first
 
 
+OVERSAMPLE_RATIO = 3.0
+IMPORTANCE_RATIO = 0.75
+"""PointRend's sampling: draw 3x the points at random, keep the 75 % most uncertain, add 25 % fresh random ones."""
+
+
+def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear values of `(B, 1, H, W)` maps at `(B, K, 2)` points in [0, 1] (x, y) -> `(B, K)`."""
+    grid = 2 * points[:, :, None] - 1
+    return F.grid_sample(maps, grid, mode="bilinear", align_corners=False)[:, 0, :, 0]
+
+
+def uncertain_points(logits: torch.Tensor, num_points: int) -> torch.Tensor:
+    """`(B, K, 2)` points in [0, 1] for `(B, 1, h, w)` logits: mostly where |logit| is smallest (the boundary the
+    model is unsure of), some uniformly random, as PointRend and Mask2Former train."""
+    batch = len(logits)
+    candidates = torch.rand(batch, int(num_points * OVERSAMPLE_RATIO), 2, device=logits.device)
+    uncertainty = -point_sample(logits.detach(), candidates).abs()
+    num_uncertain = int(IMPORTANCE_RATIO * num_points)
+    chosen = uncertainty.topk(num_uncertain, dim=1).indices
+    picked = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
+    fresh = torch.rand(batch, num_points - num_uncertain, 2, device=logits.device)
+    return torch.cat([picked, fresh], dim=1)
+
+
+def _mask_terms(logits: torch.Tensor, targets: torch.Tensor, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask and dice terms `(N, M)` of logits and targets of the same shape `(N, M, ..., K)` or `(N, M, H, W)`."""
+    if config.mask_loss == "focal":
+        per_mask = focal_loss(logits, targets, config.focal_alpha, config.focal_gamma)
+    else:
+        per_mask = balanced_bce_loss(logits, targets)
+    return per_mask, dice_loss(logits, targets)
+
+
+def _full_resolution_terms(
+    mask_logits: torch.Tensor, targets: torch.Tensor, config: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    upsampled = F.interpolate(mask_logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    targets = targets.expand_as(upsampled)
+    with torch.no_grad():
+        true_iou = mask_iou(upsampled, targets)
+    return (*_mask_terms(upsampled, targets, config), true_iou)
+
+
+def mask_loss_terms(
+    mask_logits: torch.Tensor, target_masks: torch.Tensor, config: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mask term, dice term and true IoU `(N, M)` of each candidate, at `config.loss_resolution`.
+
+    Args:
+        mask_logits: `(N, M, h, w)` low-resolution logits.
+        target_masks: `(N, H, W)` targets at the model input resolution.
+    """
+    targets = target_masks.float()[:, None]
+    if config.loss_resolution == "full" and config.loss_chunk == 0:
+        return _full_resolution_terms(mask_logits, targets, config)
+    if config.loss_resolution == "full":
+        parts = []
+        for start in range(0, len(mask_logits), config.loss_chunk):
+            chunk = slice(start, start + config.loss_chunk)
+            logits, chunk_targets = mask_logits[chunk], targets[chunk]
+            if torch.is_grad_enabled() and logits.requires_grad:
+                parts.append(checkpoint(_full_resolution_terms, logits, chunk_targets, config, use_reentrant=False))
+            else:
+                parts.append(_full_resolution_terms(logits, chunk_targets, config))
+        return tuple(torch.cat(column) for column in zip(*parts))
+    logits = mask_logits.float()
+    native_targets = F.interpolate(targets, size=logits.shape[-2:], mode="area")
+    with torch.no_grad():
+        true_iou = mask_iou(logits, native_targets.expand_as(logits))
+    if config.loss_resolution == "native":
+        per_mask, per_dice = _mask_terms(logits, native_targets.expand_as(logits), config)
+        return per_mask, per_dice, true_iou
+    n, m = logits.shape[:2]
+    flat = logits.reshape(n * m, 1, *logits.shape[-2:])
+    points = uncertain_points(flat, config.loss_points)
+    point_logits = point_sample(flat, points).reshape(n, m, -1)
+    point_targets = point_sample(targets, points.reshape(n, -1, 2)).reshape(n, m, -1)
+    per_mask, per_dice = _mask_terms(point_logits[..., None], point_targets[..., None], config)
+    return per_mask, per_dice, true_iou
+
+
 def sam2_loss(
     mask_logits: torch.Tensor,
     iou_scores: torch.Tensor,
@@ -101,18 +186,9 @@ def sam2_loss(
         target_masks: `(N, H, W)` bool or float targets (all-zero = object absent).
     """
     config = config or LossConfig()
-    targets = target_masks.float()[:, None]
-    logits = F.interpolate(mask_logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
-    targets = targets.expand_as(logits)
-    if config.mask_loss == "focal":
-        per_mask = focal_loss(logits, targets, config.focal_alpha, config.focal_gamma)
-    else:
-        per_mask = balanced_bce_loss(logits, targets)
-    per_dice = dice_loss(logits, targets)
+    per_mask, per_dice, true_iou = mask_loss_terms(mask_logits, target_masks, config)
     combined = config.mask_weight * per_mask + config.dice_weight * per_dice
     best = combined.argmin(dim=1, keepdim=True)
-    with torch.no_grad():
-        true_iou = mask_iou(logits, targets)
     present = target_masks.flatten(1).any(dim=1)
     num_present = present.sum().clamp(min=1)
     object_loss = F.binary_cross_entropy_with_logits(

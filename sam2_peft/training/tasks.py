@@ -28,8 +28,9 @@ from ..models.segmenter import Sam2Segmenter, wants_multimask
 from .config import LossConfig
 from .losses import LossOutput, combine_rounds, sam2_loss
 
-Encode = Callable[[list[str], torch.Tensor], list[torch.Tensor]]
-"""`encode(keys, pixel_values)`: image-encoder features of a batch, e.g. `EmbeddingCache.get_or_compute`."""
+Encode = Callable[[list[str], torch.Tensor], dict[str, list[torch.Tensor]]]
+"""`encode(keys, pixel_values)`: a batch's encoded images as segmenter inputs (`{"image_embeddings": [...]}` or
+`{"vision_features": [...]}`), e.g. `EmbeddingCache.segmenter_inputs`."""
 
 
 class Task(ABC):
@@ -149,7 +150,7 @@ class ImageSegmentationTask(Task):
     ) -> LossOutput:
         inputs = model_inputs(batch, device)
         if encode is not None:
-            inputs["vision_features"] = encode(self.cache_keys(batch, "train"), inputs.pop("pixel_values"))
+            inputs.update(encode(self.cache_keys(batch, "train"), inputs.pop("pixel_values")))
         targets = batch["target_masks"].to(device)
         if self.prompts.mask_prompt_probability and random.random() < self.prompts.mask_prompt_probability:
             inputs["mask_inputs"] = mask_prompts(targets, targets.shape[-1] // 4)

@@ -179,16 +179,30 @@ class Trainer:
         """Entries a full cache of this process holds (its share of the training images, each in every view, and of
         the validation images): what the training bar counts."""
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+        stage = "image_embeddings" if self.segmenter.decoder_inputs_frozen() else "vision_features"
+        storage_dtype = torch.bfloat16 if config.cache_dtype == "bfloat16" else None
+        self.run_info["embedding_cache"]["stage"] = stage
+        fingerprint = encoder_fingerprint(
+            self.model, self.processor, self.base_name, dtype=autocast_dtype, stage=stage, storage_dtype=storage_dtype
+        )
         return EmbeddingCache(
-            self._encode,
-            encoder_fingerprint(self.model, self.processor, self.base_name, dtype=autocast_dtype),
+            self._encode_after_projections if stage == "image_embeddings" else self._encode,
+            fingerprint,
             memory_budget_bytes=int(config.cache_memory_gb * 1e9),
             directory=config.cache_dir,
+            stage=stage,
+            storage_dtype=storage_dtype,
+            output_dtype=self.segmenter.base.mask_decoder.conv_s0.weight.dtype,
+            expected_entries=self.cache_capacity,
         )
 
     def _encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         with self.accelerator.autocast():
             return self.segmenter.vision_features(pixel_values)
+
+    def _encode_after_projections(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        with self.accelerator.autocast():
+            return self.segmenter.image_embeddings(self.segmenter.vision_features(pixel_values))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -302,7 +316,7 @@ class Trainer:
             logger.info("Embedding cache: %s", self.cache.stats)
 
     def _step(self, batch) -> LossOutput:
-        encode = None if self.cache is None else self.cache.get_or_compute
+        encode = None if self.cache is None else self.cache.segmenter_inputs
         return self.task.loss(self.wrapped, batch, self.accelerator.device, self.accelerator.autocast(), encode)
 
     @contextlib.contextmanager
@@ -345,7 +359,7 @@ class Trainer:
             self.val_loader if loader is None else loader,
             self.accelerator,
             frozenset(keep_ids or ()),
-            None if self.cache is None else self.cache.get_or_compute,
+            None if self.cache is None else self.cache.segmenter_inputs,
         )
 
     def _evaluate_and_checkpoint(self) -> None:
