@@ -217,3 +217,27 @@ def test_point_loss_approaches_the_full_loss_with_many_points():
         losses.IMPORTANCE_RATIO = original
     torch.testing.assert_close(points.mask, full.mask, rtol=0.03, atol=1e-4)
     torch.testing.assert_close(points.dice, full.dice, rtol=0.03, atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_chunked_full_resolution_loss_keeps_no_full_resolution_tensor_for_backward(chunk):
+    """What autograd keeps for the backward pass: with chunks (recomputed in backward), the chunks' inputs only (the
+    low-resolution logits and the targets, which the batch holds anyway); computed at once, the upsampled logits and
+    every intermediate of the focal and dice terms at the targets' resolution."""
+    logits = torch.randn(6, 1, 16, 16, requires_grad=True)
+    targets = torch.zeros(6, 128, 128, dtype=torch.bool)
+    targets[:, 20:90, 30:100] = True
+    saved: list[int] = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = sam2_loss(logits, torch.rand(6, 1), torch.ones(6, 1), targets, LossConfig(loss_chunk=chunk))
+    out.loss.backward()
+    targets_numel = 6 * 128 * 128
+    if chunk:
+        assert sum(saved) < 1.2 * targets_numel, sum(saved) / targets_numel
+    else:
+        assert sum(saved) > 4 * targets_numel, sum(saved) / targets_numel
