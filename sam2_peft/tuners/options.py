@@ -50,7 +50,10 @@ class LoraOptions:
     lora_alpha: int = field(
         default=32, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha / r)."}
     )
-    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the LoRA branch's input (off by default: 0.1 trained no better, and slower)."},
+    )
     target_regex: str | None = field(
         default=None, metadata={"help": "Full-match regex over module names (overrides --targets)."}
     )
