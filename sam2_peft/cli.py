@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -398,6 +397,14 @@ def merge(argv: list[str]) -> None:
     run_from_command_line(run)
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def serve(argv: list[str]) -> None:
     """`sam2-peft serve`: one base model with many adapters, chosen per request, over HTTP."""
     from dataclasses import fields
@@ -430,18 +437,19 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="micro-batching wait (0: off)")
     parser.add_argument("--workers", type=int, default=8, help="threads running model work")
     args = parser.parse_args(argv)
+    if args.token_all and not args.token:
+        parser.error("--token-all needs --token TOKEN (the token every route will require)")
     adapters = []
     for item in args.adapter:
         name, sep, source = item.partition("=")
         if not sep or not name or not source:
             parser.error(f"--adapter takes NAME=SOURCE (e.g. nuclei=org/sam2-nuclei-lora), got '{item}'")
         adapters.append((name, source))
-    missing = [
-        m for m in ("fastapi", "uvicorn", "multipart", "prometheus_client") if importlib.util.find_spec(m) is None
-    ]
+    missing = [m for m in ("fastapi", "uvicorn", "multipart", "prometheus_client") if not _importable(m)]
     if missing:
         sys.exit(
-            f'error: sam2-peft serve needs the serve extra (missing {", ".join(missing)}): pip install "sam2-peft[serve]"'
+            f"error: sam2-peft serve needs the serve extra (missing {', '.join(missing)}): "
+            'pip install "sam2-peft[serve]"'
         )
 
     def run() -> None:
