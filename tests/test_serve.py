@@ -221,8 +221,11 @@ def test_two_clients_alternating_adapters_get_the_offline_results(server, setup)
     concurrent requests for one adapter were decoded together (micro-batching)."""
     path = setup["paths"][0]
     image = read_image(path)
-    boxes = {"lora_a": [BOX], "lora_b": [[5, 5, 60, 40]], "ptsam": [[20, 10, 100, 60]]}
-    expected = {a: setup["predictors"][a].predict(image, boxes=b).masks for a, b in boxes.items()}
+    orders = (["lora_a", "lora_b"], ["lora_b", "lora_a"], ["ptsam", "lora_a"], ["lora_a", "ptsam"])
+    boxes = {  # each client its own boxes, so that a batch handing out another client's share is caught
+        (k, a): [[5 + 7 * k, 5 + 3 * k, 60 + 9 * k, 40 + 2 * k]] for k in range(len(orders)) for a in orders[k]
+    }
+    expected = {key: setup["predictors"][key[1]].predict(image, boxes=b).masks for key, b in boxes.items()}
     with httpx.Client(base_url=server.url) as http:
         image_id = _upload(http, path)["image_id"]
         before = _metric(http.get("/metrics").text, "sam2peft_decode_batch_size_sum")
@@ -230,22 +233,20 @@ def test_two_clients_alternating_adapters_get_the_offline_results(server, setup)
 
     barrier = threading.Barrier(4)
 
-    def client_loop(order):
+    def client_loop(k):
+        order = orders[k]
         with httpx.Client(base_url=server.url, timeout=60) as http:
             for step in range(12):
                 barrier.wait(timeout=60)  # in step: two clients ask for one adapter at once, others for another
                 adapter = order[step % len(order)]
-                body = {"image_id": image_id, "adapter": adapter, "boxes": boxes[adapter]}
+                body = {"image_id": image_id, "adapter": adapter, "boxes": boxes[k, adapter]}
                 answer = http.post("/v1/segment", json=body)
                 if answer.status_code != 200:
                     failures.append(answer.text)
                     continue
-                results.append((adapter, _rle_masks(answer.json())))
+                results.append(((k, adapter), _rle_masks(answer.json())))
 
-    threads = [
-        threading.Thread(target=client_loop, args=(order,))
-        for order in (["lora_a", "lora_b"], ["lora_b", "lora_a"], ["ptsam", "lora_a"], ["lora_a", "ptsam"])
-    ]
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(len(orders))]
     for thread in threads:
         thread.start()
     for thread in threads:

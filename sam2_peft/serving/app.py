@@ -102,13 +102,9 @@ class _CacheCollector:
         yield family
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware refusing request bodies over `max_bytes` (413): by Content-Length at once, else (chunked
-    uploads) as soon as the bytes read pass the limit."""
+    uploads) as soon as the bytes read pass the limit (the body, at most `max_bytes`, is read before the app runs)."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, int(max_bytes)
@@ -120,18 +116,29 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             response = _error(413, "body_too_large", self._message(int(length)))
             return await response(scope, receive, send)
-        received = 0
-
-        async def limited():
-            nonlocal received
+        # No (or an honest) Content-Length: read the body here, up to the limit, and hand the app a replay of it.
+        # Raising from inside `receive` instead would surface through Starlette's middleware as a 500.
+        chunks, received, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise ServeError(413, "body_too_large", self._message(received))
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            more = message.get("more_body", False)
+            if received > self.max_bytes:
+                response = _error(413, "body_too_large", self._message(received))
+                return await response(scope, receive, send)
+        body, replayed = b"".join(chunks), False
 
-        return await self.app(scope, limited, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
     def _message(self, size: int) -> str:
         return f"The request body ({size} bytes or more) is over this server's limit of {self.max_bytes} bytes."
