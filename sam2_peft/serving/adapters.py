@@ -181,7 +181,7 @@ class AdapterRegistry:
                     raise ServeError(422, "bad_source", f"'{source}' under the adapter root is not a folder.")
                 return real
         if not HUB_ID_PATTERN.match(source):
-            where = f"a folder under the adapter root ({self.adapter_root})" if self.adapter_root else "allowed here"
+            where = "a folder under the server's adapter root" if self.adapter_root else "allowed here"
             raise ServeError(
                 404,
                 "adapter_source_not_found",

@@ -45,7 +45,11 @@ def decode_image(data: bytes, max_pixels: int | None) -> np.ndarray:
         raise
     except Image.DecompressionBombError as err:
         raise ServeError(413, "image_too_large", f"The image is a decompression bomb: {err}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:
+        raise ServeError(
+            415, "not_an_image", "The upload is not an image this server can read (PNG, JPEG, TIFF, BMP, WebP ...)."
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ServeError(
             415, "not_an_image", f"The upload is not an image this server can read (PNG, JPEG, TIFF, ...): {err}"
         ) from err
