@@ -221,9 +221,9 @@ class AdapterRegistry:
         try:
             entry = self._load(name, Path(directory), source, revision)
         except AdapterLoadError as err:
-            raise ServeError(422, "adapter_invalid", str(err)) from err
+            raise ServeError(422, "adapter_invalid", self._hide_root(str(err))) from err
         except ValueError as err:  # AdapterMismatchError, PtsamArchitectureError
-            raise ServeError(422, "adapter_mismatch", str(err)) from err
+            raise ServeError(422, "adapter_mismatch", self._hide_root(str(err))) from err
         finally:
             with self._lock:
                 self._loading.discard(name)
@@ -231,6 +231,10 @@ class AdapterRegistry:
             self.entries[name] = entry
         logger.info("Loaded adapter '%s' (%s) from %s", name, entry.peft_type or entry.kind, source)
         return entry.describe()
+
+    def _hide_root(self, message: str) -> str:
+        """A message for a client: the adapter root's place on the server's disk replaced by `<adapter-root>`."""
+        return message.replace(str(self.adapter_root), "<adapter-root>") if self.adapter_root else message
 
     def _load(self, name: str, directory: Path, source: str, revision: str | None) -> AdapterEntry:
         info: AdapterInfo = inspect_adapter(directory)
