@@ -107,6 +107,19 @@ class Prediction:
     logits: np.ndarray | None = None
 
 
+@dataclass
+class ImageEmbedding:
+    """One encoded image: the encoder's outputs (each `(1, C, h, w)`, as `Sam2Model.get_image_embeddings` returns
+    them) and the image's original `(H, W)`."""
+
+    tensors: list[torch.Tensor]
+    original_size: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
 class Sam2PeftPredictor:
     """Predict masks with a SAM 2 model, adapted or not, from prompts given in original image pixels.
 
@@ -223,6 +236,33 @@ class Sam2PeftPredictor:
                     )
                 )
         return results[0] if single else results
+
+    @torch.no_grad()
+    def encode(self, image: ImageLike) -> ImageEmbedding:
+        """Encode one image once, for any number of `decode` calls (what `predict` does inside, for a server or an
+        annotation tool that keeps the embedding between clicks)."""
+        encoded = self.processor(images=[_to_array(image, 0)], return_tensors="pt")
+        with self._autocast():
+            embeddings = unwrap_sam(self.model).get_image_embeddings(encoded["pixel_values"].to(self.device))
+        return ImageEmbedding(list(embeddings), encoded["original_sizes"][0].tolist())
+
+    @torch.no_grad()
+    def decode(
+        self,
+        embedding: ImageEmbedding,
+        boxes: np.ndarray | Sequence | None = None,
+        points: np.ndarray | Sequence | None = None,
+        labels: np.ndarray | Sequence | None = None,
+        *,
+        multimask_output: bool = False,
+        return_logits: bool = False,
+        where: str = "image",
+    ) -> Prediction:
+        """Masks for prompts on an image encoded by `encode`: the same checks and result as `predict` on that image."""
+        size = embedding.original_size
+        boxes = None if boxes is None else check_boxes(boxes, size, where)
+        points = None if points is None else check_points(points, size, where)
+        return self._decode(embedding.tensors, size, boxes, points, labels, multimask_output, return_logits)
 
     def _decode(
         self,

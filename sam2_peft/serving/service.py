@@ -1,0 +1,272 @@
+"""What the routes do, without HTTP: images kept by content hash, embeddings cached per encoder, decodes batched.
+
+Every result equals `Sam2PeftPredictor.predict` for the same adapter, image and prompts: the service calls the
+predictor's own `encode` (once per image and encoder) and `decode` (the prompts of concurrent requests on one image
+and adapter go through one decoder call).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..inference.predictor import ImageEmbedding, Prediction, PromptError, check_boxes, check_points
+from .adapters import AdapterEntry, AdapterRegistry
+from .batching import MicroBatcher
+from .cache import ByteLRU
+from .encoding import FORMATS, encode_mask
+from .errors import ServeError
+from .images import content_id, decode_image
+
+SEGMENT_FIELDS = ("image_id", "image", "adapter", "boxes", "points", "labels", "multimask", "format")
+
+
+@dataclass
+class Prompts:
+    """One request's checked prompts in original pixels: boxes `(N, 4)`, points `(N, P, 2)`, labels `(N, P)`."""
+
+    boxes: np.ndarray | None
+    points: np.ndarray | None
+    labels: np.ndarray | None
+    multimask: bool
+
+    @property
+    def count(self) -> int:
+        for value in (self.boxes, self.points):
+            if value is not None:
+                return len(value)
+        return 0
+
+    def signature(self) -> tuple:
+        """Requests whose prompts have equal signatures can be decoded together (concatenated objects)."""
+        return (
+            self.boxes is not None,
+            None if self.points is None else self.points.shape[1],
+            self.multimask,
+        )
+
+
+@dataclass
+class _Decode:
+    embedding: ImageEmbedding
+    prompts: Prompts
+    timing: dict = field(default_factory=dict)
+
+
+class SegmentService:
+    """Images, embeddings and decodes for one `AdapterRegistry`.
+
+    Args:
+        registry: the base and its adapters.
+        cache_bytes: budget of the embedding LRU; image_cache_bytes: of the decoded uploaded images.
+        max_image_pixels: larger uploads are refused from their header (413).
+        max_prompts: most objects (boxes or point sets) per request (413 above).
+        batch_wait_s: how long a decode waits for concurrent ones to join it (0: no micro-batching).
+    """
+
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        *,
+        cache_bytes: int,
+        image_cache_bytes: int,
+        max_image_pixels: int | None,
+        max_prompts: int,
+        batch_wait_s: float,
+        on_batch=None,
+    ) -> None:
+        self.registry = registry
+        self.embeddings = ByteLRU(cache_bytes, lambda e: e.nbytes)
+        self.images = ByteLRU(image_cache_bytes, lambda a: a.nbytes)
+        self.max_image_pixels = max_image_pixels
+        self.max_prompts = max_prompts
+        self.batcher = MicroBatcher(batch_wait_s, on_batch=on_batch)
+        self._encoding: dict[tuple, threading.Lock] = {}
+        self._encoding_lock = threading.Lock()
+
+    # ---- images -----------------------------------------------------------------------------------------------
+
+    def add_image(self, data: bytes) -> tuple[str, np.ndarray]:
+        image_id = content_id(data)
+        array = self.images.peek(image_id)
+        if array is None:
+            array = decode_image(data, self.max_image_pixels)
+            self.images.put(image_id, array)
+        return image_id, array
+
+    def image(self, image_id: str) -> np.ndarray:
+        array = self.images.peek(image_id) if isinstance(image_id, str) else None
+        if array is None:
+            raise ServeError(
+                404,
+                "unknown_image",
+                f"No image with id '{image_id}' on this server (never uploaded, or evicted from its cache): upload "
+                "it again with POST /v1/images, or send it inline as 'image' (base64).",
+            )
+        return array
+
+    def embedding(self, entry: AdapterEntry | None, image_id: str, array: np.ndarray) -> tuple[ImageEmbedding, dict]:
+        """The image's embedding through the encoder `entry` uses: from the cache, or computed once (concurrent
+        requests for one missing key wait for a single encoding)."""
+        encoder = "base" if entry is None else entry.encoder
+        key = (image_id, encoder)
+        embedding = self.embeddings.get(key)
+        if embedding is not None:
+            return embedding, {"encode_ms": 0.0, "cache_hit": True}
+        with self._encoding_lock:
+            lock = self._encoding.setdefault(key, threading.Lock())
+        with lock:
+            embedding = self.embeddings.peek(key)
+            if embedding is not None:  # another request encoded it while this one waited
+                return embedding, {"encode_ms": 0.0, "cache_hit": True}
+            start = time.perf_counter()
+            with self.registry.encoder_for(entry) as predictor:
+                embedding = predictor.encode(array)
+            encode_ms = (time.perf_counter() - start) * 1000
+            self.embeddings.put(key, embedding)
+        with self._encoding_lock:
+            self._encoding.pop(key, None)
+        return embedding, {"encode_ms": round(encode_ms, 3), "cache_hit": False}
+
+    def drop_adapter(self, encoder: str) -> None:
+        if encoder != "base":
+            self.embeddings.drop(lambda key: key[1] == encoder)
+
+    # ---- segmenting -------------------------------------------------------------------------------------------
+
+    def check_prompts(self, body: dict, image_size, entry: AdapterEntry | None) -> Prompts:
+        boxes, points, labels = body.get("boxes"), body.get("points"), body.get("labels")
+        multimask = body.get("multimask", False)
+        if not isinstance(multimask, bool):
+            raise ServeError(422, "bad_request", f"'multimask' must be true or false, got {multimask!r}.")
+        try:
+            if boxes is not None:
+                boxes = check_boxes(_numeric(boxes, "boxes"), image_size, "image")
+            if points is not None:
+                points = check_points(_numeric(points, "points"), image_size, "image")
+                labels = (
+                    np.ones(points.shape[:2], np.int64) if labels is None else np.asarray(_numeric(labels, "labels"))
+                )
+                if labels.shape != points.shape[:2]:
+                    raise PromptError(
+                        f"image: labels must be (N, P) = {list(points.shape[:2])} to match points, found "
+                        f"{list(labels.shape)}."
+                    )
+                labels = labels.astype(np.int64)
+            elif labels is not None:
+                raise PromptError("image: labels were given without points.")
+        except PromptError as err:
+            raise ServeError(422, "bad_prompt", str(err)) from err
+        if boxes is not None and len(boxes) == 0:
+            boxes = None
+        if boxes is not None and points is not None and len(boxes) != len(points):
+            raise ServeError(
+                422,
+                "bad_prompt",
+                f"image: boxes and points describe the same objects: found {len(boxes)} boxes, {len(points)} "
+                "point sets.",
+            )
+        prompts = Prompts(boxes, points, labels, multimask)
+        if prompts.count > self.max_prompts:
+            raise ServeError(
+                413,
+                "too_many_prompts",
+                f"{prompts.count} objects in one request, over this server's limit of {self.max_prompts} "
+                "(--max-prompts); split the request.",
+            )
+        if boxes is None and points is None and not (entry is not None and entry.prompt_free):
+            which = "the base model" if entry is None else f"adapter '{entry.name}' ({entry.peft_type or entry.kind})"
+            raise ServeError(
+                422,
+                "missing_prompt",
+                f"No box or point given, and {which} cannot segment without a prompt: give 'boxes' or 'points', or "
+                "choose a PTSAM adapter (prompt-free).",
+            )
+        return prompts
+
+    def segment(self, body: dict) -> dict:
+        """The `POST /v1/segment` answer for a parsed JSON body (see the README for the fields)."""
+        if not isinstance(body, dict):
+            raise ServeError(422, "bad_request", "The body must be a JSON object.")
+        unknown = sorted(set(body) - set(SEGMENT_FIELDS))
+        if unknown:
+            raise ServeError(422, "bad_request", f"Unknown field(s) {unknown}; known: {', '.join(SEGMENT_FIELDS)}.")
+        fmt = body.get("format", "rle")
+        if fmt not in FORMATS:
+            raise ServeError(422, "bad_format", f"'format' must be one of {', '.join(FORMATS)}; got {fmt!r}.")
+        adapter = body.get("adapter")
+        if adapter is not None and not isinstance(adapter, str):
+            raise ServeError(422, "bad_request", f"'adapter' must be an adapter name or null, got {adapter!r}.")
+        with self.registry.acquire(adapter) as entry:
+            if body.get("image") is not None:
+                if body.get("image_id") is not None:
+                    raise ServeError(422, "bad_request", "Give 'image_id' or 'image', not both.")
+                if not isinstance(body["image"], str):
+                    raise ServeError(422, "bad_request", "'image' must be a base64 string.")
+                from .images import decode_base64
+
+                image_id, array = self.add_image(decode_base64(body["image"]))
+            elif body.get("image_id") is not None:
+                image_id = body["image_id"]
+                array = self.image(image_id)
+            else:
+                raise ServeError(422, "bad_request", "Give 'image_id' (from POST /v1/images) or 'image' (base64).")
+            prompts = self.check_prompts(body, array.shape[:2], entry)
+            embedding, timing = self.embedding(entry, image_id, array)
+            start = time.perf_counter()
+            key = (adapter, image_id, entry.encoder if entry else "base", prompts.signature())
+            prediction = self.batcher.run(key, _Decode(embedding, prompts), lambda items: self._decode(entry, items))
+            timing["decode_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        return {
+            "image_id": image_id,
+            "adapter": adapter,
+            "masks": _masks_json(prediction, prompts.multimask, fmt),
+            "timing": timing,
+        }
+
+    def _decode(self, entry: AdapterEntry | None, items: list[_Decode]) -> list[Prediction]:
+        """Decode a group of requests on one image and adapter with one decoder call (prompts concatenated)."""
+        first = items[0]
+        with self.registry.decoder_for(entry) as predictor:
+            if first.prompts.count == 0:  # prompt-free requests of one image and adapter are the same request
+                prediction = predictor.decode(first.embedding, multimask_output=first.prompts.multimask)
+                return [prediction] * len(items)
+            if len(items) == 1:
+                p = first.prompts
+                return [predictor.decode(first.embedding, p.boxes, p.points, p.labels, multimask_output=p.multimask)]
+            joined = {
+                name: None
+                if getattr(first.prompts, name) is None
+                else np.concatenate([getattr(i.prompts, name) for i in items])
+                for name in ("boxes", "points", "labels")
+            }
+            prediction = predictor.decode(first.embedding, **joined, multimask_output=first.prompts.multimask)
+        results, start = [], 0
+        for item in items:
+            stop = start + item.prompts.count
+            results.append(Prediction(prediction.masks[start:stop], prediction.scores[start:stop]))
+            start = stop
+        return results
+
+
+def _numeric(value, name: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise PromptError(f"image: '{name}' must be nested lists of numbers ({err}).") from err
+
+
+def _masks_json(prediction: Prediction, multimask: bool, fmt: str) -> list[dict]:
+    masks, scores = prediction.masks, prediction.scores
+    out = []
+    for index in range(len(masks)):
+        candidates = [(masks[index], scores[index])] if not multimask else list(zip(masks[index], scores[index]))
+        for candidate, (mask, score) in enumerate(candidates):
+            entry = {"object": index, "score": float(score), **encode_mask(np.asarray(mask, bool), fmt)}
+            if multimask:
+                entry["candidate"] = candidate
+            out.append(entry)
+    return out

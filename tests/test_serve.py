@@ -1,0 +1,555 @@
+"""`sam2-peft serve`: the real app under uvicorn on loopback, talked to over HTTP (httpx).
+
+One tiny base with six adapters (two decoder LoRAs, an encoder LoRA, PTSAM with and without encoder prompts, a
+partial fine-tune); every answer is compared with `Sam2PeftPredictor` on the same adapter.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from PIL import Image  # noqa: E402
+from pycocotools import mask as mask_utils  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from sam2_peft.data.sources import read_image  # noqa: E402
+from sam2_peft.inference.predictor import Sam2PeftPredictor  # noqa: E402
+from sam2_peft.models.loading import (  # noqa: E402
+    build_model_from_config,
+    load_base_model,
+    processor_for_image_size,
+    tiny_config,
+)
+from sam2_peft.serving.app import GB, ServeConfig, create_app  # noqa: E402
+from sam2_peft.serving.encoding import polygon_support  # noqa: E402
+from tests.serve_helpers import LiveServer, free_port, make_adapter  # noqa: E402
+
+KINDS = ["lora_a", "lora_b", "lora_enc", "ptsam", "ptsam_enc", "partial"]
+TOKEN = "s3cret"
+BOX = [30, 20, 90, 50]
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _images(count: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    images = []
+    for index in range(count):
+        image = rng.integers(0, 80, (72 + 8 * index, 150 - 20 * index, 3), dtype=np.uint8)
+        image[20:50, 30:90] = 220
+        images.append(image)
+    return images
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny base, the adapter root with six adapters, the images as files, and the offline predictors."""
+    folder = tmp_path_factory.mktemp("serve")
+    base = folder / "base"
+    build_model_from_config(tiny_config(128), seed=0).save_pretrained(base)
+    processor_for_image_size(128).save_pretrained(base)
+    root = folder / "adapters"
+    for seed, kind in enumerate(KINDS, start=1):
+        make_adapter(kind, base, root / kind, seed=seed)
+    paths = []
+    for index, image in enumerate(_images()):
+        path = folder / f"img_{index}.png"
+        path.write_bytes(_png(image))
+        paths.append(path)
+    model, processor = load_base_model(str(base))
+    predictors = {None: Sam2PeftPredictor(model, processor, device="cpu")}
+    for kind in KINDS:
+        predictors[kind] = Sam2PeftPredictor.from_pretrained(root / kind, base_model=str(base), device="cpu")
+    return {"base": base, "root": root, "folder": folder, "paths": paths, "predictors": predictors}
+
+
+def _config(setup, **overrides) -> ServeConfig:
+    values = dict(
+        model=str(setup["base"]),
+        adapters=[(kind, str(setup["root"] / kind)) for kind in KINDS],
+        adapter_root=str(setup["root"]),
+        token=TOKEN,
+        device="cpu",
+        max_image_pixels=1_000_000,
+        max_prompts=8,
+        max_body_mb=2.0,
+        batch_wait_ms=20.0,
+    )
+    return ServeConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    live = LiveServer(create_app(_config(setup)))
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _upload(client, path: Path, **data) -> dict:
+    response = client.post("/v1/images", files={"file": (path.name, path.read_bytes(), "image/png")}, data=data)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _rle_masks(answer: dict) -> np.ndarray:
+    return np.stack([mask_utils.decode({**m["rle"], "counts": m["rle"]["counts"].encode()}) for m in answer["masks"]])
+
+
+def _assert_error(response, status: int, code: str, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    for word in words:
+        assert word in error["message"], error
+    return error
+
+
+# ---- routes -----------------------------------------------------------------------------------------------------
+
+
+def test_health_and_adapter_list(client, setup):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["base_model"] == str(setup["base"])
+    assert health["adapters"] == sorted(KINDS)
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+    assert {name: a["encoder"] for name, a in listed.items()} == {
+        "lora_a": "base",
+        "lora_b": "base",
+        "lora_enc": "own",
+        "ptsam": "base",
+        "ptsam_enc": "own",
+        "partial": "own",  # a fine-tuned mask decoder changes conv_s0/conv_s1, which the cached embedding includes
+    }
+    assert listed["ptsam"]["peft_type"] == "PTSAM" and listed["ptsam"]["prompt_free"]
+    assert listed["partial"]["kind"] == "partial" and not listed["lora_a"]["prompt_free"]
+
+
+@pytest.mark.parametrize("adapter", [None, *KINDS])
+def test_masks_equal_the_predictor(client, setup, adapter):
+    """Boxes and points, from an uploaded image and from an inline one: masks and scores equal the predictor's."""
+    path = setup["paths"][0]
+    image = read_image(path)
+    image_id = _upload(client, path)["image_id"]
+    predictor = setup["predictors"][adapter]
+    boxes = [BOX, [5, 5, 60, 40]]
+    expected = predictor.predict(image, boxes=boxes)
+    answer = client.post("/v1/segment", json={"image_id": image_id, "adapter": adapter, "boxes": boxes}).json()
+    assert answer["adapter"] == adapter and [m["object"] for m in answer["masks"]] == [0, 1]
+    np.testing.assert_array_equal(_rle_masks(answer), expected.masks)
+    np.testing.assert_allclose([m["score"] for m in answer["masks"]], expected.scores, atol=1e-6)
+    assert [m["area"] for m in answer["masks"]] == expected.masks.sum((1, 2)).tolist()
+
+    points, labels = [[[60, 35], [10, 10]]], [[1, 0]]
+    expected = predictor.predict(image, points=points, labels=labels, multimask_output=True)
+    inline = base64.b64encode(path.read_bytes()).decode()
+    body = {"image": inline, "adapter": adapter, "points": points, "labels": labels, "multimask": True}
+    answer = client.post("/v1/segment", json=body).json()
+    assert answer["image_id"] == image_id and [m["candidate"] for m in answer["masks"]] == [0, 1, 2]
+    np.testing.assert_array_equal(_rle_masks(answer), expected.masks[0])
+    np.testing.assert_allclose([m["score"] for m in answer["masks"]], expected.scores[0], atol=1e-6)
+
+
+def test_adapters_differ(client, setup):
+    """A negative control for the equality test: the six adapters really give six different answers."""
+    image_id = _upload(client, setup["paths"][0])["image_id"]
+    answers = set()
+    for adapter in [None, *KINDS]:
+        answer = client.post("/v1/segment", json={"image_id": image_id, "adapter": adapter, "boxes": [BOX]}).json()
+        answers.add((answer["masks"][0]["rle"]["counts"], round(answer["masks"][0]["score"], 6)))
+    assert len(answers) == 7
+
+
+@pytest.mark.parametrize("adapter", ["ptsam", "ptsam_enc"])
+def test_prompt_free_ptsam(client, setup, adapter):
+    path = setup["paths"][1]
+    expected = setup["predictors"][adapter].predict(read_image(path))
+    answer = client.post("/v1/segment", json={"image_id": _upload(client, path)["image_id"], "adapter": adapter})
+    masks = _rle_masks(answer.json())
+    np.testing.assert_array_equal(masks, expected.masks)
+
+
+def test_png_and_polygon_formats(client, setup):
+    path = setup["paths"][0]
+    image_id = _upload(client, path)["image_id"]
+    expected = setup["predictors"]["lora_a"].predict(read_image(path), boxes=[BOX]).masks[0]
+    body = {"image_id": image_id, "adapter": "lora_a", "boxes": [BOX], "format": "png"}
+    answer = client.post("/v1/segment", json=body).json()
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["masks"][0]["png"]))))
+    np.testing.assert_array_equal(png.astype(bool), expected)
+    response = client.post("/v1/segment", json={**body, "format": "polygon"})
+    if polygon_support() is None:
+        assert response.status_code == 200 and response.json()["masks"][0]["polygon"]
+    else:
+        _assert_error(response, 422, "polygon_unavailable", "OpenCV", "rle")
+
+
+# ---- concurrency ------------------------------------------------------------------------------------------------
+
+
+def test_two_clients_alternating_adapters_get_the_offline_results(server, setup):
+    """Two threads, each alternating two adapters of one peft model (and PTSAM) on one image, concurrently: every
+    answer is exactly the offline predictor's for its adapter (set_adapter + forward are atomic per model tree);
+    concurrent requests for one adapter were decoded together (micro-batching)."""
+    path = setup["paths"][0]
+    image = read_image(path)
+    orders = (["lora_a", "lora_b"], ["lora_b", "lora_a"], ["ptsam", "lora_a"], ["lora_a", "ptsam"])
+    boxes = {  # each client its own boxes, so that a batch handing out another client's share is caught
+        (k, a): [[5 + 7 * k, 5 + 3 * k, 60 + 9 * k, 40 + 2 * k]] for k in range(len(orders)) for a in orders[k]
+    }
+    expected = {key: setup["predictors"][key[1]].predict(image, boxes=b).masks for key, b in boxes.items()}
+    with httpx.Client(base_url=server.url) as http:
+        image_id = _upload(http, path)["image_id"]
+        before = _metric(http.get("/metrics").text, "sam2peft_decode_batch_size_sum")
+    failures, results = [], []
+
+    barrier = threading.Barrier(4)
+
+    def client_loop(k):
+        order = orders[k]
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for step in range(12):
+                barrier.wait(timeout=60)  # in step: two clients ask for one adapter at once, others for another
+                adapter = order[step % len(order)]
+                body = {"image_id": image_id, "adapter": adapter, "boxes": boxes[k, adapter]}
+                answer = http.post("/v1/segment", json=body)
+                if answer.status_code != 200:
+                    failures.append(answer.text)
+                    continue
+                results.append(((k, adapter), _rle_masks(answer.json())))
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(len(orders))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert len(results) == 48
+    wrong = [adapter for adapter, masks in results if not np.array_equal(masks, expected[adapter])]
+    assert not wrong, f"{len(wrong)} answers differ from the offline predictor: {wrong}"
+    text = httpx.get(f"{server.url}/metrics").text
+    batched = _metric(text, "sam2peft_decode_batch_size_sum") - before
+    count = _metric(text, "sam2peft_decode_batch_size_count")
+    assert batched >= 48 and _metric(text, "sam2peft_decode_batch_size_bucket", 'le="1.0"') < count
+
+
+def _metric(text: str, name: str, label: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name) and label in line and not line.startswith("#"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {label} not in metrics")
+
+
+def test_load_and_unload_while_requests_run(server, setup):
+    """POST loads a folder under the adapter root and serves it like the predictor; DELETE unloads it while another
+    client keeps segmenting with lora_a: none of that client's requests fails or changes."""
+    path = setup["paths"][2]
+    image = read_image(path)
+    expected = setup["predictors"]["lora_a"].predict(image, boxes=[BOX]).masks
+    stop, seen, failures = threading.Event(), [], []
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        image_id = _upload(http, path)["image_id"]
+
+        def background():
+            with httpx.Client(base_url=server.url, timeout=60) as other:
+                while not stop.is_set():
+                    answer = other.post("/v1/segment", json={"image_id": image_id, "adapter": "lora_a", "boxes": [BOX]})
+                    if answer.status_code != 200:
+                        failures.append(answer.text)
+                    else:
+                        seen.append(np.array_equal(_rle_masks(answer.json()), expected))
+
+        thread = threading.Thread(target=background)
+        thread.start()
+        try:
+            for _ in range(2):
+                for name, source in (("extra", "lora_b"), ("extra_pt", "ptsam_enc")):
+                    loaded = http.post("/v1/adapters", json={"name": name, "source": source}, headers=ADMIN)
+                    assert loaded.status_code == 201, loaded.text
+                    answer = http.post("/v1/segment", json={"image_id": image_id, "adapter": name, "boxes": [BOX]})
+                    want = setup["predictors"][source].predict(image, boxes=[BOX]).masks
+                    np.testing.assert_array_equal(_rle_masks(answer.json()), want)
+                    racing = []  # a request for the adapter being unloaded: its answer (200, right) or 404, never 5xx
+
+                    def race(name=name, want=want):
+                        with httpx.Client(base_url=server.url, timeout=60) as other:
+                            body = {"image_id": image_id, "adapter": name, "boxes": [BOX]}
+                            answer = other.post("/v1/segment", json=body)
+                            ok = answer.status_code == 200 and np.array_equal(_rle_masks(answer.json()), want)
+                            racing.append(ok or answer.status_code == 404)
+
+                    racer = threading.Thread(target=race)
+                    racer.start()
+                    time.sleep(0.005)
+                    assert http.delete(f"/v1/adapters/{name}", headers=ADMIN).status_code == 200
+                    racer.join()
+                    assert racing == [True]
+                    gone = http.post("/v1/segment", json={"image_id": image_id, "adapter": name, "boxes": [BOX]})
+                    _assert_error(gone, 404, "unknown_adapter", name)
+        finally:
+            stop.set()
+            thread.join()
+        assert not failures and seen and all(seen)
+        assert sorted(http.get("/health").json()["adapters"]) == sorted(KINDS)
+
+
+# ---- cache ------------------------------------------------------------------------------------------------------
+
+
+def test_cache_hits_and_per_encoder_entries(client, setup, tmp_path):
+    """Second request on an image is a hit; decoder-only adapters share the base entry; encoder-changing adapters
+    get their own; /metrics counts it."""
+    path = tmp_path / "fresh.png"  # an image no other test sent
+    path.write_bytes(_png(np.full((64, 96, 3), 77, np.uint8)))
+    image_id = _upload(client, path)["image_id"]  # encodes through the base encoder
+    service = client_service(client)
+
+    def hit(adapter):
+        body = {"image_id": image_id, "adapter": adapter, "boxes": [BOX]}
+        return client.post("/v1/segment", json=body).json()["timing"]["cache_hit"]
+
+    assert [hit(a) for a in (None, "lora_a", "lora_b", "ptsam")] == [True] * 4
+    assert [hit("lora_enc"), hit("lora_enc"), hit("ptsam_enc"), hit("ptsam_enc")] == [False, True, False, True]
+    encoders = sorted(e for i, e in service.embeddings.keys() if i == image_id)
+    assert len(encoders) == 3 and encoders[0] == "base"
+    text = client.get("/metrics").text
+    assert _metric(text, "sam2peft_embedding_cache_hits_total") >= 6
+    assert _metric(text, "sam2peft_embedding_cache_bytes") == service.embeddings.bytes > 0
+
+
+_SERVERS: dict = {}
+
+
+def client_service(client):
+    """The service behind the module's server (same process)."""
+    return _SERVERS["service"]
+
+
+@pytest.fixture(autouse=True)
+def _remember_service(request):
+    if "server" in request.fixturenames:
+        _SERVERS["service"] = request.getfixturevalue("server").app.state.service
+    yield
+
+
+def test_lru_evicts_by_bytes(setup):
+    """A cache of two embeddings: a third image evicts the least recently used one, which then misses again."""
+    app = create_app(_config(setup, adapters=[], cache_gb=0), registry=None)
+    service = app.state.service
+    one = None
+    live = LiveServer(app)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            first = _upload(http, setup["paths"][0])
+            one = service.embeddings.peek((first["image_id"], "base"))
+    finally:
+        live.stop()
+    assert one is None  # a zero budget keeps nothing
+    app = create_app(_config(setup, adapters=[], cache_gb=2.5 * 65536 / GB))
+    service = app.state.service
+    live = LiveServer(app)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            ids = [_upload(http, p)["image_id"] for p in setup["paths"]]
+            assert [k[0] for k in service.embeddings.keys()] == ids[1:]
+            assert service.embeddings.bytes <= 2.5 * 65536 and service.embeddings.evictions == 1
+            body = {"image_id": ids[0], "boxes": [BOX]}
+            assert http.post("/v1/segment", json=body).json()["timing"]["cache_hit"] is False
+            assert [k[0] for k in service.embeddings.keys()] == [ids[2], ids[0]]
+    finally:
+        live.stop()
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+
+def _bomb() -> bytes:
+    """A 10000 x 10000 1-bit PNG: a few KB on the wire, 100 M pixels once decoded."""
+    buffer = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+ERROR_CASES = [
+    ("unknown adapter", "segment", {"adapter": "nope", "boxes": [BOX]}, 404, "unknown_adapter", ["'nope'", "lora_a"]),
+    ("unknown image_id", "segment", {"image_id": "0" * 32, "boxes": [BOX]}, 404, "unknown_image", ["POST /v1/images"]),
+    ("NaN box", "segment", {"boxes": [[float("nan"), 1, 5, 5]]}, 422, "bad_prompt", ["box 0", "NaN"]),
+    ("reversed box", "segment", {"boxes": [[50, 40, 10, 5]]}, 422, "bad_prompt", ["reversed"]),
+    ("box outside", "segment", {"boxes": [[500, 500, 600, 600]]}, 422, "bad_prompt", ["entirely outside"]),
+    ("point outside", "segment", {"points": [[[-5, 3]]]}, 422, "bad_prompt", ["not a finite pixel"]),
+    ("labels mismatch", "segment", {"points": [[[5, 3]]], "labels": [[1, 0]]}, 422, "bad_prompt", ["labels"]),
+    ("no prompt, base", "segment", {}, 422, "missing_prompt", ["PTSAM"]),
+    ("no prompt, LoRA", "segment", {"adapter": "lora_a"}, 422, "missing_prompt", ["lora_a", "PTSAM"]),
+    ("too many prompts", "segment", {"boxes": [BOX] * 9}, 413, "too_many_prompts", ["9", "--max-prompts"]),
+    ("unknown field", "segment", {"boxes": [BOX], "box": [1]}, 422, "bad_request", ["'box'"]),
+    ("bad format", "segment", {"boxes": [BOX], "format": "jpeg"}, 422, "bad_format", ["rle"]),
+]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_segment_errors(client, setup, case):
+    _, _, body, status, code, words = case
+    if "image_id" not in body:
+        body = {"image_id": _upload(client, setup["paths"][0])["image_id"], **body}
+    # NaN is not JSON: send it the way Python's json writes it, which the server's parser accepts
+    response = client.post("/v1/segment", content=json.dumps(body), headers={"content-type": "application/json"})
+    _assert_error(response, status, code, *words)
+    assert client.get("/health").status_code == 200
+
+
+def test_upload_and_body_errors(client, setup):
+    _assert_error(
+        client.post("/v1/images", files={"file": ("x.png", b"not an image at all", "image/png")}),
+        415, "not_an_image", "not an image",
+    )  # fmt: skip
+    started = time.perf_counter()
+    _assert_error(
+        client.post("/v1/images", files={"file": ("bomb.png", _bomb(), "image/png")}),
+        413, "image_too_large", "10000x10000", "--max-image-pixels",
+    )  # fmt: skip
+    assert time.perf_counter() - started < 2  # refused from the header, not decoded
+    _assert_error(client.post("/v1/images", data={"x": "1"}), 400, "bad_upload", "'file'")
+    _assert_error(client.post("/v1/images", files={"file": ("e.png", b"", "image/png")}), 400, "empty_image")
+    big = b"0" * (3 * 1024 * 1024)
+    _assert_error(client.post("/v1/images", files={"file": ("b.png", big, "image/png")}), 413, "body_too_large")
+    chunks = (b"x" * 65536 for _ in range(48))  # chunked: no Content-Length
+    _assert_error(client.post("/v1/segment", content=chunks), 413, "body_too_large", "limit")
+    _assert_error(client.post("/v1/segment", content=b"{nope"), 400, "bad_json")
+    bad64 = {"image": "!!!notbase64", "boxes": [BOX]}
+    _assert_error(client.post("/v1/segment", json=bad64), 400, "bad_base64")
+    _assert_error(client.get("/v2/nothing"), 404, "not_found")
+    assert client.get("/health").status_code == 200
+
+
+def test_admin_token_and_sources(client, setup, tmp_path):
+    root = setup["root"]
+    load = {"name": "x", "source": "lora_a"}
+    _assert_error(client.post("/v1/adapters", json=load), 401, "missing_token", "Bearer")
+    _assert_error(client.post("/v1/adapters", json=load, headers={"Authorization": "Bearer no"}), 403, "invalid_token")
+    _assert_error(client.delete("/v1/adapters/lora_a"), 401, "missing_token")
+    assert client.get("/v1/adapters").status_code == 200  # reading needs no token without --token-all
+
+    def refused(source, status, code, *words):
+        body = {"name": "x", "source": source}
+        return _assert_error(client.post("/v1/adapters", json=body, headers=ADMIN), status, code, *words)
+
+    refused("../adapters/lora_a", 403, "source_forbidden", "'..'")
+    refused(str(root / "lora_a"), 403, "source_forbidden", "absolute")
+    outside = tmp_path / "outside"
+    shutil.copytree(root / "lora_a", outside)
+    link = root / "link_out"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        refused("link_out", 403, "source_forbidden", "outside the adapter root")
+    finally:
+        link.unlink()
+    refused("no_such_folder", 404, "adapter_source_not_found", "adapter root")
+    refused("nobody/no-such-adapter", 404, "adapter_source_not_found", "no-such-adapter")  # Hub offline in tests
+    nan = root / "nan_weights"
+    shutil.copytree(root / "lora_a", nan)
+    weights = load_file(nan / "adapter_model.safetensors")
+    first = sorted(weights)[0]
+    weights[first][0] = float("nan")
+    save_file(weights, nan / "adapter_model.safetensors")
+    refused("nan_weights", 422, "adapter_invalid", "NaN", first)
+    other = tmp_path / "other_base"
+    build_model_from_config(tiny_config(256), seed=0).save_pretrained(other)
+    processor_for_image_size(256).save_pretrained(other)
+    make_adapter("lora_a", other, root / "other_arch")
+    refused("other_arch", 422, "adapter_mismatch", "image_size")
+    (root / "not_adapter").mkdir(exist_ok=True)
+    refused("not_adapter", 422, "adapter_invalid", "adapter_config.json")
+    body = {"name": "lora_a", "source": "lora_b"}
+    _assert_error(client.post("/v1/adapters", json=body, headers=ADMIN), 409, "adapter_exists")
+    body = {"name": "../x", "source": "lora_b"}
+    _assert_error(client.post("/v1/adapters", json=body, headers=ADMIN), 422, "bad_adapter_name")
+    _assert_error(client.delete("/v1/adapters/nope", headers=ADMIN), 404, "unknown_adapter")
+    assert sorted(client.get("/health").json()["adapters"]) == sorted(KINDS)
+
+
+def test_token_all_and_timeout(setup):
+    """--token-all guards every route; a request past --timeout-s gets 504 and the server keeps serving."""
+    app = create_app(_config(setup, adapters=[], token_all=True, timeout_s=0.001, cache_gb=0))
+    live = LiveServer(app)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            _assert_error(http.get("/health"), 401, "missing_token")
+            _assert_error(http.get("/metrics"), 401, "missing_token")
+            assert http.get("/health", headers=ADMIN).status_code == 200
+            files = {"file": ("a.png", setup["paths"][0].read_bytes(), "image/png")}
+            _assert_error(http.post("/v1/images", files=files, headers=ADMIN), 504, "timeout", "--timeout-s")
+            assert http.get("/health", headers=ADMIN).json()["status"] == "ok"
+    finally:
+        live.stop()
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+
+def test_serve_without_the_extra_says_how_to_install():
+    code = "import sys; sys.modules['fastapi'] = None; from sam2_peft import cli; cli.main(['serve', '--model', 'x'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        'error: sam2-peft serve needs the serve extra (missing fastapi): pip install "sam2-peft[serve]"'
+    )
+
+
+@pytest.mark.slow
+def test_serve_command_starts_serves_and_stops_gracefully(setup):
+    """`sam2-peft serve` in a subprocess: binds loopback, serves, ends with status 0 on SIGINT; a bad start-up
+    adapter ends in one `error:` line."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "sam2_peft.cli", "serve", "--model", str(setup["base"]), "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--adapter", f"a={setup['root'] / 'lora_a'}"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+        assert health["adapters"] == ["a"]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    bad = subprocess.run(
+        [*command, "--adapter", f"b={setup['folder']}"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: No adapter in")
