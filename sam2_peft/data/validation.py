@@ -12,7 +12,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .config import ValidationConfig
-from .sources import DataError, SampleRecord
+from .sources import DataError, Objects, SampleRecord
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,34 @@ def clean_instances(instances: np.ndarray, config: ValidationConfig) -> np.ndarr
     return instances[areas >= max(config.min_object_area, 1)]
 
 
+def kept_objects(objects: Objects, config: ValidationConfig) -> np.ndarray:
+    """Indices of the objects `clean_instances` keeps (area after the optional closing at least the minimum), found
+    without building their full-size masks: areas from the label map, or closings of each object's crop."""
+    if config.closing_radius > 0 and len(objects):
+        areas = np.array([_closed_crop(objects, i, config.closing_radius)[0].sum() for i in range(len(objects))])
+    else:
+        areas = np.asarray(objects.areas())
+    return np.flatnonzero(areas >= max(config.min_object_area, 1))
+
+
+def build_masks(objects: Objects, indices: np.ndarray, config: ValidationConfig) -> np.ndarray:
+    """The cleaned masks `(n, H, W)` bool of the objects `indices` only (as `clean_instances` would give them)."""
+    if config.closing_radius <= 0:
+        return objects.masks(indices)
+    masks = np.zeros((len(indices), *objects.shape), dtype=bool)
+    for row, index in enumerate(indices):
+        closed, window = _closed_crop(objects, int(index), config.closing_radius)
+        masks[row][window] = closed
+    return masks
+
+
+def _closed_crop(objects: Objects, index: int, radius: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """The closing of one object within its box grown by `radius + 1`: equal to the full-image closing there (the
+    dilation cannot leave that box, so the erosion sees zeros beyond it either way) and zero outside it."""
+    crop, window = objects.crop(index, radius + 1)
+    return ndimage.binary_closing(crop, structure=_disk(radius)), window
+
+
 def _disk(radius: int) -> np.ndarray:
     y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
     return x * x + y * y <= radius * radius
@@ -66,10 +94,10 @@ def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, 
     """Return (skip reason or None, number of objects dropped). Raises DataError for bad files unless skipping."""
     try:
         image = record.load_image()
-        instances = record.load_instances()
-        if instances.shape[1:] != image.shape[:2]:
+        objects = record.objects()  # masks not built: the check holds one label map at a time per thread
+        if objects.shape != image.shape[:2]:
             raise DataError(
-                f"Mask for '{record.origin}' is {instances.shape[2]}x{instances.shape[1]} (width x height) "
+                f"Mask for '{record.origin}' is {objects.shape[1]}x{objects.shape[0]} (width x height) "
                 f"but the image is {image.shape[1]}x{image.shape[0]} (as a viewer shows it, EXIF orientation "
                 "applied): save the mask at the image's size, or pass --skip-bad-files to skip it."
             )
@@ -79,12 +107,12 @@ def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, 
         logger.warning("Skipping %s", err)
         reason = "mask size differs from image" if "but the image is" in str(err) else "unreadable file"
         return reason, 0
-    if len(instances) == 0:
+    if len(objects) == 0:
         return "mask has no object", 0
-    kept = clean_instances(instances, config)
+    kept = kept_objects(objects, config)
     if len(kept) == 0:
-        return f"every object below {config.min_object_area} px", len(instances)
-    return None, len(instances) - len(kept)
+        return f"every object below {config.min_object_area} px", len(objects)
+    return None, len(objects) - len(kept)
 
 
 def validate_records(
