@@ -11,12 +11,13 @@ from transformers import Sam2Processor
 
 from .augment import augment, build_augmentation
 from .config import DatasetConfig, PromptConfig
+from .epoch import SharedEpoch
 from .prompts import PADDING, sample_prompts, to_model_coordinates
 from .sources import Objects, SampleRecord
 from .validation import build_masks, kept_objects
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(SharedEpoch, Dataset):
     """Samples ready for SAM 2.
 
     Each item is a dict:
@@ -40,15 +41,11 @@ class SegmentationDataset(Dataset):
         self.config = config or DatasetConfig()
         self.train = train
         self.seed = seed
-        self.epoch = 0
+        self._init_epoch()
         self.augmentation_views: int | None = None
         self.image_size = int(processor.image_processor.size["height"])
         self.transform = build_augmentation(self.config.augmentation) if train else None
         self._index = {record.sample_id: i for i, record in enumerate(records)}
-
-    def set_epoch(self, epoch: int) -> None:
-        """Change the random draws (augmentation, prompts, object subsets) for a new epoch."""
-        self.epoch = epoch
 
     def set_augmentation_views(self, views: int | None) -> None:
         """Draw each item's augmentation from `views` fixed ones per image (cached encoder features), or afresh."""
@@ -57,16 +54,20 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _sample_seed(self, index: int) -> int:
-        mixed = np.random.SeedSequence([self.seed, self.epoch if self.train else 0, index])
+    def _sample_seed(self, index: int, epoch: int | None = None) -> int:
+        epoch = self.epoch if epoch is None else epoch
+        mixed = np.random.SeedSequence([self.seed, epoch if self.train else 0, index])
         return int(mixed.generate_state(1)[0])
 
     def __getitem__(self, index: int) -> dict:
         return self.build_item(self.records[index], index)
 
-    def build_item(self, record: SampleRecord, index: int) -> dict:
-        """The item of `record` at position `index` (which, with the seed and epoch, fixes its random draws)."""
-        seed = self._sample_seed(index)
+    def build_item(
+        self, record: SampleRecord, index: int, epoch: int | None = None, image_index: int | None = None
+    ) -> dict:
+        """The item of `record` at position `index` (which, with the seed and the epoch, default the dataset's, fixes
+        its random draws); `image_index` (default `index`) numbers the image itself, and fixes its augmented views."""
+        seed = self._sample_seed(index, epoch)
         generator = torch.Generator().manual_seed(seed)
         image = torch.from_numpy(np.array(record.load_image())).permute(2, 0, 1)  # a writable copy
         masks = torch.from_numpy(self._chosen_masks(record.objects(), generator))
@@ -75,7 +76,7 @@ class SegmentationDataset(Dataset):
             # Resize to the model's input first: augmenting a 4-megapixel image costs far more than the step.
             image = v2.functional.resize(image, size, antialias=True)
             masks = v2.functional.resize(masks.to(torch.uint8), size, InterpolationMode.NEAREST_EXACT).bool()
-        view, augment_seed = self._augmentation_view(index, seed)
+        view, augment_seed = self._augmentation_view(index if image_index is None else image_index, seed)
         if self.transform is not None:
             augmented_image, augmented_masks = augment(self.transform, image, masks, augment_seed)
             visible = augmented_masks.flatten(1).any(1)

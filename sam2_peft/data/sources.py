@@ -584,6 +584,26 @@ def _load_hf_dataset(name_or_path: str, split: str | None):
         raise
 
 
+def cell_array(value: object, is_image: bool, base: Path | None) -> np.ndarray:
+    """A `datasets` cell as an array: an image (decoded), an array, or a path to an image file (relative ones from
+    `base`, else the working directory); image cells become RGB."""
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        return read_image(path) if is_image else read_label_image(path)
+    if isinstance(value, Image.Image):
+        return _to_rgb(value) if is_image else np.asarray(value)
+    return np.asarray(value)
+
+
+def image_array(array: np.ndarray) -> np.ndarray:
+    """`(H, W, 3)` uint8 from an image cell (grey repeated)."""
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return array.astype(np.uint8)
+
+
 def hf_dataset_records(
     name_or_path: str,
     split: str | None = "train",
@@ -608,22 +628,10 @@ def hf_dataset_records(
     where = str(Path(name_or_path).resolve()) if base is not None else name_or_path
 
     def cell(index: int, column: str) -> np.ndarray:
-        value = loaded[index][column]
-        is_image = column == image_column
-        if isinstance(value, str):
-            path = Path(value)
-            if not path.is_absolute() and base is not None:
-                path = base / path
-            return read_image(path) if is_image else read_label_image(path)
-        if isinstance(value, Image.Image):
-            return _to_rgb(value) if is_image else np.asarray(value)
-        return np.asarray(value)
+        return cell_array(loaded[index][column], column == image_column, base)
 
     def image(index: int) -> np.ndarray:
-        array = cell(index, image_column)
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=-1)
-        return array.astype(np.uint8)
+        return image_array(cell(index, image_column))
 
     return [
         SampleRecord(

@@ -92,6 +92,16 @@ def _disk(radius: int) -> np.ndarray:
 
 def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, int]:
     """Return (skip reason or None, number of objects dropped). Raises DataError for bad files unless skipping."""
+    reason, dropped, _, _ = check_sample(record, config)
+    return reason, dropped
+
+
+def check_sample(
+    record: SampleRecord, config: ValidationConfig
+) -> tuple[str | None, int, np.ndarray | None, Objects | None]:
+    """Decode and judge one sample: (skip reason or None, objects dropped, image, objects), image and objects None
+    when the files could not be used. Raises DataError for bad files unless `skip_bad_files`. Only this sample's
+    image and label map are held, so checking a stream costs one sample's memory."""
     try:
         image = record.load_image()
         objects = record.objects()  # masks not built: the check holds one label map at a time per thread
@@ -106,13 +116,13 @@ def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, 
             raise
         logger.warning("Skipping %s", err)
         reason = "mask size differs from image" if "but the image is" in str(err) else "unreadable file"
-        return reason, 0
+        return reason, 0, None, None
     if len(objects) == 0:
-        return "mask has no object", 0
+        return "mask has no object", 0, image, objects
     kept = kept_objects(objects, config)
     if len(kept) == 0:
-        return f"every object below {config.min_object_area} px", len(objects)
-    return None, len(objects) - len(kept)
+        return f"every object below {config.min_object_area} px", len(objects), image, objects
+    return None, len(objects) - len(kept), image, objects
 
 
 def validate_records(
