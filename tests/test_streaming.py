@@ -61,17 +61,21 @@ def test_streaming_without_max_steps_is_a_one_line_error(saved_tiny_model, folde
 
 def _track_images(monkeypatch):
     """Count decoded images and the most alive at once, and the object masks built."""
-    live, stats = weakref.WeakSet(), {"decoded": 0, "peak": 0, "masks": 0}
+    stats = {"decoded": 0, "alive": 0, "peak": 0, "masks": 0}
     read_image, masks = sources.read_image, LabelMap.masks
 
     class Tracked(np.ndarray):  # plain arrays cannot be weakly referenced
         pass
 
+    def released():
+        stats["alive"] -= 1
+
     def tracked(path):
         array = read_image(path).view(Tracked)
-        live.add(array)
+        weakref.finalize(array, released)
         stats["decoded"] += 1
-        stats["peak"] = max(stats["peak"], len(live))
+        stats["alive"] += 1
+        stats["peak"] = max(stats["peak"], stats["alive"])
         return array
 
     def counting(self, indices=None):

@@ -213,7 +213,16 @@ class Trainer:
             dataset.configure(
                 self.config.batch_size, self.task.collate, accelerator.process_index, accelerator.num_processes
             )
-            return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+            # The generator keeps the loader's own seed draw off the global RNG (a resumed run starts a new loader).
+            generator = torch.Generator().manual_seed(self.config.seed)
+            return DataLoader(
+                dataset,
+                batch_size=None,
+                collate_fn=_batch_as_is,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                generator=generator,
+            )
         return DataLoader(
             dataset,
             batch_size=self.config.batch_size if shuffle else 1,
@@ -554,6 +563,11 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return {"base": state.base_metrics, "fine_tuned": final.metrics if final else {}}
+
+
+def _batch_as_is(batch):
+    """A stream's batches arrive collated (the default would turn their tuples into lists)."""
+    return batch
 
 
 def keep_trainable_fp32(model: nn.Module, mixed_precision: str) -> None:
