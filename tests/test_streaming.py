@@ -130,6 +130,7 @@ def test_a_streams_batches_do_not_depend_on_the_worker_count(tmp_path, tiny_proc
     assert alone[0][0] + alone[1][0] + alone[2][0] != alone[3][0] + alone[4][0] + alone[5][0]  # a new order per pass
 
 
+@pytest.mark.slow  # two runs and a replay: about 40 s
 def test_a_streamed_run_resumes_to_the_uninterrupted_result(saved_tiny_model, folder_dataset, tmp_path):
     flags = (
         "--val-data",
