@@ -11,12 +11,13 @@ from transformers import Sam2Processor
 
 from .augment import augment, build_augmentation
 from .config import DatasetConfig, PromptConfig
+from .epoch import SharedEpoch
 from .prompts import PADDING, sample_prompts, to_model_coordinates
-from .sources import SampleRecord
-from .validation import clean_instances
+from .sources import Objects, SampleRecord
+from .validation import build_masks, kept_objects
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(SharedEpoch, Dataset):
     """Samples ready for SAM 2.
 
     Each item is a dict:
@@ -40,15 +41,11 @@ class SegmentationDataset(Dataset):
         self.config = config or DatasetConfig()
         self.train = train
         self.seed = seed
-        self.epoch = 0
+        self._init_epoch()
         self.augmentation_views: int | None = None
         self.image_size = int(processor.image_processor.size["height"])
         self.transform = build_augmentation(self.config.augmentation) if train else None
         self._index = {record.sample_id: i for i, record in enumerate(records)}
-
-    def set_epoch(self, epoch: int) -> None:
-        """Change the random draws (augmentation, prompts, object subsets) for a new epoch."""
-        self.epoch = epoch
 
     def set_augmentation_views(self, views: int | None) -> None:
         """Draw each item's augmentation from `views` fixed ones per image (cached encoder features), or afresh."""
@@ -57,23 +54,29 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _sample_seed(self, index: int) -> int:
-        mixed = np.random.SeedSequence([self.seed, self.epoch if self.train else 0, index])
+    def _sample_seed(self, index: int, epoch: int | None = None) -> int:
+        epoch = self.epoch if epoch is None else epoch
+        mixed = np.random.SeedSequence([self.seed, epoch if self.train else 0, index])
         return int(mixed.generate_state(1)[0])
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        seed = self._sample_seed(index)
+        return self.build_item(self.records[index], index)
+
+    def build_item(
+        self, record: SampleRecord, index: int, epoch: int | None = None, image_index: int | None = None
+    ) -> dict:
+        """The item of `record` at position `index` (which, with the seed and the epoch, default the dataset's, fixes
+        its random draws); `image_index` (default `index`) numbers the image itself, and fixes its augmented views."""
+        seed = self._sample_seed(index, epoch)
         generator = torch.Generator().manual_seed(seed)
         image = torch.from_numpy(np.array(record.load_image())).permute(2, 0, 1)  # a writable copy
-        masks = torch.from_numpy(clean_instances(record.load_instances(), self.config.validation))
-        masks = self._select_objects(masks, generator)
-        if self.train:
+        masks = torch.from_numpy(self._chosen_masks(record.objects(), generator))
+        size = [self.image_size, self.image_size]
+        if self.train and list(image.shape[1:]) != size:
             # Resize to the model's input first: augmenting a 4-megapixel image costs far more than the step.
-            image = v2.functional.resize(image, [self.image_size, self.image_size], antialias=True)
-            size = [self.image_size, self.image_size]
+            image = v2.functional.resize(image, size, antialias=True)
             masks = v2.functional.resize(masks.to(torch.uint8), size, InterpolationMode.NEAREST_EXACT).bool()
-        view, augment_seed = self._augmentation_view(index, seed)
+        view, augment_seed = self._augmentation_view(index if image_index is None else image_index, seed)
         if self.transform is not None:
             augmented_image, augmented_masks = augment(self.transform, image, masks, augment_seed)
             visible = augmented_masks.flatten(1).any(1)
@@ -83,15 +86,18 @@ class SegmentationDataset(Dataset):
         if self.config.target_mode == "semantic":
             masks = masks.any(dim=0, keepdim=True)
         points, labels = sample_prompts(masks, self._prompt_config(masks), generator)
-        size_2d = (self.image_size, self.image_size)
-        pixel_values = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        at_size = list(original_size) == size  # then the processor's resize and the targets' would change nothing
+        pixel_values = self.processor.image_processor(
+            images=image, return_tensors="pt", **({"do_resize": False} if at_size else {})
+        )["pixel_values"][0]
+        targets = masks if at_size else F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].bool()
         item = {
             "sample_id": record.sample_id,
             "view": view,
             "pixel_values": pixel_values,
             "points": to_model_coordinates(points, original_size, self.image_size),
             "point_labels": labels,
-            "target_masks": F.interpolate(masks[:, None].float(), size=size_2d, mode="nearest")[:, 0].bool(),
+            "target_masks": targets,
             "original_size": original_size,
         }
         if not self.train:
@@ -112,11 +118,10 @@ class SegmentationDataset(Dataset):
     def evaluated_masks(self, sample_id: str) -> np.ndarray:
         """The target masks `(N, H, W)` bool that evaluation scores for a sample, at its original size."""
         record = self.records[self._index[sample_id]]
-        masks = torch.from_numpy(clean_instances(record.load_instances(), self.config.validation))
-        masks = self._select_objects(masks, torch.Generator())
+        masks = self._chosen_masks(record.objects(), torch.Generator())
         if self.config.target_mode == "semantic":
-            masks = masks.any(dim=0, keepdim=True)
-        return masks.numpy()
+            masks = masks.any(axis=0, keepdims=True)
+        return masks
 
     def _prompt_config(self, masks: torch.Tensor) -> PromptConfig:
         config = self.config.prompts
@@ -126,15 +131,20 @@ class SegmentationDataset(Dataset):
             return PromptConfig(prompt=kind, box_jitter=0.0, num_positive_points=config.num_positive_points)
         return config
 
-    def _select_objects(self, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.config.target_mode == "semantic":
-            return masks
-        if not self.train:
-            return masks[: self.config.max_eval_objects]
-        if len(masks) > self.config.max_objects_per_image:
-            keep = torch.randperm(len(masks), generator=generator)[: self.config.max_objects_per_image]
-            masks = masks[keep.sort().values]
-        return masks
+    def _chosen_masks(self, objects: Objects, generator: torch.Generator) -> np.ndarray:
+        """The cleaned masks `(n, H, W)` bool of the objects this item uses, built for those objects only.
+
+        Training draws `max_objects_per_image` of the objects that cleaning keeps (a seeded random subset, in their
+        order), evaluation takes the first `max_eval_objects`, semantic targets take all.
+        """
+        kept = kept_objects(objects, self.config.validation)
+        if self.config.target_mode != "semantic":
+            if not self.train:
+                kept = kept[: self.config.max_eval_objects]
+            elif len(kept) > self.config.max_objects_per_image:
+                keep = torch.randperm(len(kept), generator=generator)[: self.config.max_objects_per_image]
+                kept = kept[keep.sort().values.numpy()]
+        return build_masks(objects, kept, self.config.validation)
 
 
 def collate_segmentation(items: list[dict]) -> dict:

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,10 +63,102 @@ class SampleRecord:
     identity: str = ""
     """What the sample is, however its source was spelled (a resolved file path, a dataset row in a split); two
     records with one identity are the same sample. Empty: the origin."""
+    load_objects: Callable[[], Objects] | None = None
+    """The objects before their masks are built (a label map), so that only the chosen ones are built; None: from
+    `load_instances`."""
 
     @property
     def key(self) -> str:
         return self.identity or self.origin
+
+    def objects(self) -> Objects:
+        """The sample's objects, masks not yet built (`LabelMap`), or built (`MaskStack`) by sources without one."""
+        return self.load_objects() if self.load_objects is not None else MaskStack(self.load_instances())
+
+
+class Objects:
+    """A sample's objects, in order, whose `(H, W)` bool masks are built on request: `len`, `shape` `(H, W)`,
+    `areas()` `(N,)` pixel counts, `masks(indices)` `(n, H, W)` bool and `boxes()` `(N, 4)` (y0, x0, y1, x1) slices
+    bounds, each end exclusive."""
+
+    shape: tuple[int, int]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def areas(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def masks(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def crop(self, index: int, margin: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+        """Object `index`'s mask inside its bounding box grown by `margin` (clipped to the image), and where that
+        crop lies in the image."""
+        mask = self.masks([index])[0]
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if not len(rows):
+            return mask[:0, :0], (slice(0, 0), slice(0, 0))
+        window = _window(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1, margin, mask.shape)
+        return mask[window], window
+
+
+def _window(y0: int, y1: int, x0: int, x1: int, margin: int, shape: tuple[int, int]) -> tuple[slice, slice]:
+    return slice(max(0, y0 - margin), min(shape[0], y1 + margin)), slice(
+        max(0, x0 - margin), min(shape[1], x1 + margin)
+    )
+
+
+class MaskStack(Objects):
+    """Objects whose masks are already built: `(N, H, W)` bool."""
+
+    def __init__(self, masks: np.ndarray) -> None:
+        self._masks = masks
+        self.shape = tuple(masks.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def areas(self) -> np.ndarray:
+        return self._masks.reshape(len(self._masks), -1).sum(axis=1)
+
+    def masks(self, indices=None) -> np.ndarray:
+        return self._masks if indices is None else self._masks[np.asarray(indices, dtype=np.int64)]
+
+
+class LabelMap(Objects):
+    """Objects as the distinct non-zero `values` of an `(H, W)` label map; a mask is built only when asked for."""
+
+    def __init__(self, labels: np.ndarray, values: np.ndarray, areas: np.ndarray | None = None) -> None:
+        self.labels = labels
+        self.values = values
+        self.shape = tuple(labels.shape)
+        self._areas = areas
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray) -> LabelMap:
+        """Every distinct non-zero value of `labels` `(H, W)` is one object (in increasing order)."""
+        values, counts = np.unique(labels, return_counts=True)
+        nonzero = values != 0
+        return cls(labels, values[nonzero], counts[nonzero])
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def areas(self) -> np.ndarray:
+        if self._areas is None:
+            self._areas = np.array([(self.labels == value).sum() for value in self.values], dtype=np.int64)
+        return self._areas
+
+    def masks(self, indices=None) -> np.ndarray:
+        values = self.values if indices is None else self.values[np.asarray(indices, dtype=np.int64)]
+        return self.labels[None] == values[:, None, None]
+
+    def crop(self, index: int, margin: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+        mask = self.labels == self.values[index]
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        window = _window(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1, margin, mask.shape)
+        return mask[window], window
 
 
 def printable(text: str | os.PathLike) -> str:
@@ -194,6 +286,16 @@ def label_map_to_instances(
     value one object; "auto" decides per mask (see `_mask_kind`) and calls `on_noisy_binary(origin)` when it reads
     a mask of more than two levels as binary.
     """
+    return label_map_objects(labels, origin, mask_type, on_noisy_binary).masks()
+
+
+def label_map_objects(
+    labels: np.ndarray,
+    origin: str,
+    mask_type: str = "auto",
+    on_noisy_binary: Callable[[str], None] | None = None,
+) -> LabelMap:
+    """The objects of a binary or instance-label mask `(H, W)` (see `label_map_to_instances`), masks not yet built."""
     if mask_type not in MASK_TYPES:
         raise DataError(f"--mask-type must be one of {', '.join(MASK_TYPES)}; got '{mask_type}'.")
     if labels.ndim == 3:
@@ -210,10 +312,8 @@ def label_map_to_instances(
         on_noisy_binary(origin)
     if kind != "instance":
         foreground = labels > labels.max() / 2 if labels.size else np.zeros(labels.shape, bool)
-        return foreground[None] if foreground.any() else np.zeros((0, *labels.shape), bool)
-    values = np.unique(labels)
-    values = values[values != 0]
-    return labels[None] == values[:, None, None]
+        return LabelMap.from_labels(foreground)
+    return LabelMap.from_labels(labels)
 
 
 class MaskReader:
@@ -229,7 +329,11 @@ class MaskReader:
         self._lock = threading.Lock()
 
     def __call__(self, labels: np.ndarray, origin: str) -> np.ndarray:
-        return label_map_to_instances(labels, origin, self.mask_type, self._note)
+        return self.objects(labels, origin).masks()
+
+    def objects(self, labels: np.ndarray, origin: str) -> LabelMap:
+        """The objects of a label map, masks not yet built."""
+        return label_map_objects(labels, origin, self.mask_type, self._note)
 
     def _note(self, origin: str) -> None:
         with self._lock:
@@ -276,6 +380,7 @@ def folder_records(root: str | os.PathLike, mask_type: str = "auto") -> list[Sam
             load_image=lambda p=images[stem]: read_image(p),
             load_instances=lambda p=masks[stem]: reader(read_label_image(p), printable(p)),
             identity=os.fspath(images[stem].resolve()),
+            load_objects=lambda p=masks[stem]: reader.objects(read_label_image(p), printable(p)),
         )
         for stem in sorted(images)
     ]
@@ -479,6 +584,26 @@ def _load_hf_dataset(name_or_path: str, split: str | None):
         raise
 
 
+def cell_array(value: object, is_image: bool, base: Path | None) -> np.ndarray:
+    """A `datasets` cell as an array: an image (decoded), an array, or a path to an image file (relative ones from
+    `base`, else the working directory); image cells become RGB."""
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        return read_image(path) if is_image else read_label_image(path)
+    if isinstance(value, Image.Image):
+        return _to_rgb(value) if is_image else np.asarray(value)
+    return np.asarray(value)
+
+
+def image_array(array: np.ndarray) -> np.ndarray:
+    """`(H, W, 3)` uint8 from an image cell (grey repeated)."""
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return array.astype(np.uint8)
+
+
 def hf_dataset_records(
     name_or_path: str,
     split: str | None = "train",
@@ -503,22 +628,10 @@ def hf_dataset_records(
     where = str(Path(name_or_path).resolve()) if base is not None else name_or_path
 
     def cell(index: int, column: str) -> np.ndarray:
-        value = loaded[index][column]
-        is_image = column == image_column
-        if isinstance(value, str):
-            path = Path(value)
-            if not path.is_absolute() and base is not None:
-                path = base / path
-            return read_image(path) if is_image else read_label_image(path)
-        if isinstance(value, Image.Image):
-            return _to_rgb(value) if is_image else np.asarray(value)
-        return np.asarray(value)
+        return cell_array(loaded[index][column], column == image_column, base)
 
     def image(index: int) -> np.ndarray:
-        array = cell(index, image_column)
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=-1)
-        return array.astype(np.uint8)
+        return image_array(cell(index, image_column))
 
     return [
         SampleRecord(
@@ -527,6 +640,7 @@ def hf_dataset_records(
             load_image=lambda i=index: image(i),
             load_instances=lambda i=index: reader(cell(i, mask_column), f"{name_or_path}[{split}][{i}]"),
             identity=f"datasets:{where}[{split}][{index}]",
+            load_objects=lambda i=index: reader.objects(cell(i, mask_column), f"{name_or_path}[{split}][{i}]"),
         )
         for index in range(len(loaded))
     ]
@@ -547,6 +661,7 @@ def synthetic_records(num_scenes: int, seed: int = 0, image_size: int = 256) -> 
             ),
             known_valid=True,
             identity=f"synthetic:{seed}:{image_size}:{index}",
+            load_objects=lambda i=index: label_map_objects(scenes[i].instances, f"synthetic scene {i}", "instance"),
         )
         for index in range(num_scenes)
     ]

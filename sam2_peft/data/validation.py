@@ -12,7 +12,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .config import ValidationConfig
-from .sources import DataError, SampleRecord
+from .sources import DataError, Objects, SampleRecord
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,34 @@ def clean_instances(instances: np.ndarray, config: ValidationConfig) -> np.ndarr
     return instances[areas >= max(config.min_object_area, 1)]
 
 
+def kept_objects(objects: Objects, config: ValidationConfig) -> np.ndarray:
+    """Indices of the objects `clean_instances` keeps (area after the optional closing at least the minimum), found
+    without building their full-size masks: areas from the label map, or closings of each object's crop."""
+    if config.closing_radius > 0 and len(objects):
+        areas = np.array([_closed_crop(objects, i, config.closing_radius)[0].sum() for i in range(len(objects))])
+    else:
+        areas = np.asarray(objects.areas())
+    return np.flatnonzero(areas >= max(config.min_object_area, 1))
+
+
+def build_masks(objects: Objects, indices: np.ndarray, config: ValidationConfig) -> np.ndarray:
+    """The cleaned masks `(n, H, W)` bool of the objects `indices` only (as `clean_instances` would give them)."""
+    if config.closing_radius <= 0:
+        return objects.masks(indices)
+    masks = np.zeros((len(indices), *objects.shape), dtype=bool)
+    for row, index in enumerate(indices):
+        closed, window = _closed_crop(objects, int(index), config.closing_radius)
+        masks[row][window] = closed
+    return masks
+
+
+def _closed_crop(objects: Objects, index: int, radius: int) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """The closing of one object within its box grown by `radius + 1`: equal to the full-image closing there (the
+    dilation cannot leave that box, so the erosion sees zeros beyond it either way) and zero outside it."""
+    crop, window = objects.crop(index, radius + 1)
+    return ndimage.binary_closing(crop, structure=_disk(radius)), window
+
+
 def _disk(radius: int) -> np.ndarray:
     y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
     return x * x + y * y <= radius * radius
@@ -64,12 +92,22 @@ def _disk(radius: int) -> np.ndarray:
 
 def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, int]:
     """Return (skip reason or None, number of objects dropped). Raises DataError for bad files unless skipping."""
+    reason, dropped, _, _ = check_sample(record, config)
+    return reason, dropped
+
+
+def check_sample(
+    record: SampleRecord, config: ValidationConfig
+) -> tuple[str | None, int, np.ndarray | None, Objects | None]:
+    """Decode and judge one sample: (skip reason or None, objects dropped, image, objects), image and objects None
+    when the files could not be used. Raises DataError for bad files unless `skip_bad_files`. Only this sample's
+    image and label map are held, so checking a stream costs one sample's memory."""
     try:
         image = record.load_image()
-        instances = record.load_instances()
-        if instances.shape[1:] != image.shape[:2]:
+        objects = record.objects()  # masks not built: the check holds one label map at a time per thread
+        if objects.shape != image.shape[:2]:
             raise DataError(
-                f"Mask for '{record.origin}' is {instances.shape[2]}x{instances.shape[1]} (width x height) "
+                f"Mask for '{record.origin}' is {objects.shape[1]}x{objects.shape[0]} (width x height) "
                 f"but the image is {image.shape[1]}x{image.shape[0]} (as a viewer shows it, EXIF orientation "
                 "applied): save the mask at the image's size, or pass --skip-bad-files to skip it."
             )
@@ -78,13 +116,13 @@ def _check(record: SampleRecord, config: ValidationConfig) -> tuple[str | None, 
             raise
         logger.warning("Skipping %s", err)
         reason = "mask size differs from image" if "but the image is" in str(err) else "unreadable file"
-        return reason, 0
-    if len(instances) == 0:
-        return "mask has no object", 0
-    kept = clean_instances(instances, config)
+        return reason, 0, None, None
+    if len(objects) == 0:
+        return "mask has no object", 0, image, objects
+    kept = kept_objects(objects, config)
     if len(kept) == 0:
-        return f"every object below {config.min_object_area} px", len(instances)
-    return None, len(instances) - len(kept)
+        return f"every object below {config.min_object_area} px", len(objects), image, objects
+    return None, len(objects) - len(kept), image, objects
 
 
 def validate_records(

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Sam2Processor
 
+from .epoch import SharedEpoch
 from .prompts import PromptConfig, sample_prompts, to_model_coordinates
 from .sources import IMAGE_SUFFIXES, DataError, printable, read_image, read_label_image, viewed_size
 
@@ -147,7 +148,7 @@ class VideoDatasetConfig:
             raise ValueError("Video clips need a prompt on their first frame: prompt 'none' is not supported.")
 
 
-class VideoClipDataset(Dataset):
+class VideoClipDataset(SharedEpoch, Dataset):
     """Training clips: one per annotated frame with an object on it, starting there (where the prompt goes).
 
     Clips whose only annotated frame is the prompted one are skipped (they cannot train tracking through memory).
@@ -172,7 +173,7 @@ class VideoClipDataset(Dataset):
         self.processor = processor
         self.config = config or VideoDatasetConfig()
         self.seed = seed
-        self.epoch = 0
+        self._init_epoch()
         self.image_size = int(processor.image_processor.size["height"])
         self.starts = [
             (s, frame)
@@ -187,10 +188,6 @@ class VideoClipDataset(Dataset):
                 f"1) hold a second annotated frame; with clip_len {self.config.clip_len} and stride "
                 f"{self.config.stride} none does (raise clip_len above the annotation spacing)."
             )
-
-    def set_epoch(self, epoch: int) -> None:
-        """Change the random draws (prompts, object subsets) for a new epoch."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.starts)

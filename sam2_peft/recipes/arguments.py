@@ -115,6 +115,21 @@ class DataArguments(DataSourceArguments):
         metadata={"help": "Train on the first N usable training images only (checked in order until N pass)."},
     )
     max_objects: int = field(default=16, metadata={"help": "Objects (prompts) per training image per step."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training data instead of listing and checking it up front (sets larger than memory): "
+            "a datasets source is read as an IterableDataset (load_dataset(..., streaming=True), or a saved folder's "
+            "to_iterable_dataset()), a folder's or COCO file's images as training reaches them; each sample is "
+            "checked when read. Needs --max-steps; validation only from --val-data or --val-split (no "
+            "--val-fraction); evaluation and checkpoints every --eval-every steps (0: at the end)."
+        },
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={"help": "With --streaming and a datasets source: rows shuffled in a buffer of this many (datasets' "
+                  "shuffle(buffer_size=)); 1 = stream order. Folders and COCO files are fully shuffled each pass."},
+    )  # fmt: skip
 
 
 @dataclass

@@ -16,10 +16,12 @@ from ..data.sources import (
     check_data_source,
     check_disjoint,
     open_records,
+    printable,
     read_split_file,
     set_max_image_pixels,
     split_records,
 )
+from ..data.streaming import ListedStream, StreamingSegmentationDataset, open_datasets_stream
 from ..data.validation import ValidationReport, validate_records
 from ..models.loading import load_base_model
 from ..models.quantization import quantize_image_encoder
@@ -40,6 +42,19 @@ def check_data_arguments(data: DataArguments) -> None:
         check_data_source(data.val_data, "--val-data")
     if data.train_images is not None and data.train_images < 1:
         raise DataError(f"--train-images must be at least 1, got {data.train_images}; leave it out to use every image.")
+    if data.streaming and data.train_images is not None:
+        raise DataError(
+            "--train-images counts images checked up front, which --streaming does not do: leave out one of them."
+        )
+
+
+def check_streaming(data: DataArguments, training) -> None:
+    """A stream has no length: `--streaming` needs `--max-steps` (checked before the model loads)."""
+    if data.streaming and training.max_steps is None:
+        raise DataError(
+            "--streaming reads the data as a stream, which has no length to count epochs in: give the run's length "
+            "with --max-steps."
+        )
 
 
 def load_model(args: ModelArguments, video: bool = False):
@@ -74,6 +89,8 @@ def build_datasets(data: DataArguments, processor, config: DatasetConfig, seed: 
     only until N usable ones are found. A validation set that shares samples with the training set is refused.
     """
     check_data_arguments(data)
+    if data.streaming:
+        return _streaming_datasets(data, processor, config, seed)
     val_source = data.val_data or (data.data if data.val_split else None)
     val_flag = "--val-data" if data.val_data else "--data"
     set_max_image_pixels(data.max_image_pixels)
@@ -98,6 +115,38 @@ def build_datasets(data: DataArguments, processor, config: DatasetConfig, seed: 
         logger.info("Validation data: %s", val_report.summary())
         val_dataset = SegmentationDataset(val_records, processor, config, train=False, seed=seed)
     return SegmentationDataset(train_records, processor, config, train=True, seed=seed), val_dataset
+
+
+def _streaming_datasets(data: DataArguments, processor, config: DatasetConfig, seed: int):
+    """(streamed training set, validation `SegmentationDataset` or None) for `--streaming`: the training samples are
+    not listed (datasets) or not read (folder, COCO, synthetic) up front; the validation set is, as without it."""
+    set_max_image_pixels(data.max_image_pixels)
+    source = dict(image_column=data.image_column, mask_column=data.mask_column, mask_type=data.mask_type)
+    kind = check_data_source(data.data, "--data")
+    train_records = None
+    if kind in ("saved datasets", "hub"):
+        stream = open_datasets_stream(data.data, data.split, seed=seed, buffer_size=data.shuffle_buffer, **source)
+    else:
+        train_records = open_records(data.data, split=data.split, **source)
+        stream = ListedStream(train_records, seed, printable(data.data))
+    train = StreamingSegmentationDataset(stream, processor, config, seed=seed)
+    val_source = data.val_data or (data.data if data.val_split else None)
+    if not val_source:
+        logger.info(
+            "Streaming %s with no validation set: a stream is not split (--val-fraction); give --val-data or "
+            "--val-split to validate.",
+            stream.description,
+        )
+        return train, None
+    if val_source == data.data and data.val_split == data.split:
+        raise DataError(f"--val-split '{data.val_split}' is the training split of --data: name another split.")
+    val_flag = "--val-data" if data.val_data else "--data"
+    val_records = open_records(val_source, split=data.val_split, flag=val_flag, **source)
+    if train_records is not None:
+        check_disjoint(train_records, val_records)
+    val_records, val_report = validate_records(val_records, config.validation, description="Checking validation images")
+    logger.info("Validation data: %s", val_report.summary())
+    return train, SegmentationDataset(val_records, processor, config, train=False, seed=seed)
 
 
 def _log_training_images(report: ValidationReport, available: int, asked: int | None) -> None:
@@ -128,6 +177,7 @@ def run_recipe(
     check_half_base(args.model.base_dtype, args.training.mixed_precision)
     if not video:
         check_data_arguments(args.data)
+        check_streaming(args.data, training=args.training)
     training = args.training
     check_output_dir_before_run(Path(training.output_dir), training.resume is not None, training.overwrite)
     model, processor = load_model(args.model, video=video)

@@ -62,6 +62,14 @@ def check_half_base(base_dtype: str, mixed_precision: str | None) -> None:
         )
 
 
+def default_num_workers(cores: int | None = None) -> int:
+    """DataLoader workers for a machine with `cores` usable cores (default: this process's): 0 with 1-2 cores,
+    where workers compete with the training step for the same cores, else `min(4, cores // 2)`."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
+
+
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
@@ -111,7 +119,14 @@ class TrainingConfig:
     report_to: str = field(
         default="tensorboard", metadata=_help("Tracker (wandb needs the 'trackers' extra).", choices=TRACKERS)
     )
-    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
+    num_workers: int | None = field(
+        default=None,
+        metadata=_help(
+            "DataLoader worker processes (kept alive between epochs). Default: 0 on machines with 1-2 cores (measured: "
+            "workers there compete with the step and slowed it, benchmarks/data_pipeline.py), else min(4, cores // 2). "
+            "The batches are the same with any number."
+        ),
+    )
     num_panels: int = field(
         default=4,
         metadata=_help(
@@ -148,6 +163,8 @@ class TrainingConfig:
         for name in ("batch_size", "grad_accum", "epochs", "cache_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be 0 or more, got {self.num_workers}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}.")
 

@@ -19,7 +19,7 @@ from accelerate.utils.other import load as accelerate_load
 from peft import PeftModel
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -39,7 +39,7 @@ from .checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from .config import ConfigError, TrainingConfig, check_report_to
+from .config import ConfigError, TrainingConfig, check_report_to, default_num_workers
 from .embedding_cache import EmbeddingCache, encoder_fingerprint, plan_embedding_cache
 from .losses import LossOutput
 from .tasks import Task, spread_indices  # noqa: F401  (spread_indices: re-exported for callers of the trainer)
@@ -117,6 +117,8 @@ class Trainer:
         keep_trainable_fp32(self.model, config.mixed_precision)
         self.segmenter = task.segmenter(self.model)
         self.train_dataset, self.val_dataset = task.train_dataset, task.val_dataset
+        self.streamed = isinstance(self.train_dataset, IterableDataset)
+        """Training from a stream (`--streaming`): endless batches, so the run is measured in `--max-steps`."""
         self.cache = self._embedding_cache()
         self.train_loader = self._loader(self.train_dataset, shuffle=True)
         self.val_loader = self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else None
@@ -127,8 +129,13 @@ class Trainer:
             optimizer, math.ceil(config.warmup_ratio * self.total_steps), self.total_steps
         )
         self.accelerator.register_save_state_pre_hook(only_trainable_weights(self.segmenter))
-        prepared = self.accelerator.prepare(self.segmenter, optimizer, self.train_loader, scheduler)
-        self.wrapped, self.optimizer, self.train_loader, self.scheduler = prepared
+        if self.streamed:  # sharded by the stream itself (Accelerate would read it whole in every process)
+            self.wrapped, self.optimizer, self.scheduler = self.accelerator.prepare(
+                self.segmenter, optimizer, scheduler
+            )
+        else:
+            prepared = self.accelerator.prepare(self.segmenter, optimizer, self.train_loader, scheduler)
+            self.wrapped, self.optimizer, self.train_loader, self.scheduler = prepared
         if self.val_loader is not None:
             self.val_loader = self.accelerator.prepare(self.val_loader)
         self.state = TrainerState()
@@ -170,11 +177,17 @@ class Trainer:
         self.run_info["embedding_cache"] = {"enabled": plan.enabled, "views": plan.views}
         if not plan.enabled:
             return None
+        if not getattr(self.train_dataset, "stable_ids", True):
+            logger.info("Embedding cache off: the streamed samples have no stable id to find cached features by.")
+            self.run_info["embedding_cache"] = {"enabled": False, "views": 0}
+            return None
         self.train_dataset.set_augmentation_views(plan.views)
         processes = self.accelerator.num_processes
         val_images = len(self.val_dataset) if self.val_dataset is not None else 0
-        self.cache_capacity = math.ceil(len(self.train_dataset) / processes) * plan.views + math.ceil(
-            val_images / processes
+        self.cache_capacity = (
+            None
+            if self.streamed
+            else math.ceil(len(self.train_dataset) / processes) * plan.views + math.ceil(val_images / processes)
         )
         """Entries a full cache of this process holds (its share of the training images, each in every view, and of
         the validation images): what the training bar counts."""
@@ -205,18 +218,45 @@ class Trainer:
             return self.segmenter.image_embeddings(self.segmenter.vision_features(pixel_values))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        """Batches of `dataset`. Workers stay alive between epochs (each item's random draws come from its index and
+        the dataset's epoch, which `set_epoch` shares with them), so any number of workers gives the same batches.
+        A stream batches itself (for this process's share of it)."""
+        workers = self.num_workers
+        if isinstance(dataset, IterableDataset):
+            accelerator = self.accelerator
+            dataset.configure(
+                self.config.batch_size, self.task.collate, accelerator.process_index, accelerator.num_processes
+            )
+            # The generator keeps the loader's own seed draw off the global RNG (a resumed run starts a new loader).
+            generator = torch.Generator().manual_seed(self.config.seed)
+            return DataLoader(
+                dataset,
+                batch_size=None,
+                collate_fn=_batch_as_is,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                generator=generator,
+            )
         return DataLoader(
             dataset,
             batch_size=self.config.batch_size if shuffle else 1,
             shuffle=shuffle,
             collate_fn=self.task.collate,
-            num_workers=self.config.num_workers,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(self.config.seed),
         )
+
+    @property
+    def num_workers(self) -> int:
+        """`--num-workers`, or the default for this machine (`default_num_workers`)."""
+        return self.config.num_workers if self.config.num_workers is not None else default_num_workers()
 
     def _total_steps(self) -> int:
         if self.config.max_steps is not None:
             return self.config.max_steps
+        if self.streamed:
+            raise ConfigError("Training from a stream (--streaming) needs --max-steps: a stream has no length.")
         batches = math.ceil(len(self.train_dataset) / (self.config.batch_size * self.accelerator.num_processes))
         return self.config.epochs * max(1, math.ceil(batches / self.config.grad_accum))
 
@@ -265,7 +305,8 @@ class Trainer:
         self.wrapped.train()
         while state.global_step < self.total_steps:
             self.train_dataset.set_epoch(state.epoch)
-            self.train_loader.set_epoch(state.epoch)
+            if hasattr(self.train_loader, "set_epoch"):  # not a stream's plain DataLoader
+                self.train_loader.set_epoch(state.epoch)
             loader = self.train_loader
             if state.batches_in_epoch:
                 loader = accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
@@ -345,9 +386,12 @@ class Trainer:
         size = f"{stats.memory_bytes / 2**20:.0f} MiB" + (
             f" + {stats.disk_entries} on disk" if stats.disk_entries else ""
         )
-        self._postfix["cache"] = (
-            f"full, {size}" if held >= self.cache_capacity else f"{held}/{self.cache_capacity} views, {size}"
-        )
+        if self.cache_capacity is None:  # a stream: its length is not known
+            self._postfix["cache"] = f"{held} views, {size}"
+        else:
+            self._postfix["cache"] = (
+                f"full, {size}" if held >= self.cache_capacity else f"{held}/{self.cache_capacity} views, {size}"
+            )
         progress.set_postfix(self._postfix)
 
     # --------------------------------------------------------------------------------------------- evaluation
@@ -533,6 +577,11 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return {"base": state.base_metrics, "fine_tuned": final.metrics if final else {}}
+
+
+def _batch_as_is(batch):
+    """A stream's batches arrive collated (the default would turn their tuples into lists)."""
+    return batch
 
 
 def keep_trainable_fp32(model: nn.Module, mixed_precision: str) -> None:
