@@ -23,6 +23,7 @@ def suite():
     return module
 
 
+@pytest.mark.slow
 def test_quick_cpu_suite_measures_skips_with_reasons_and_writes_json(suite, tmp_path):
     output = tmp_path / "suite.json"
     only = ["train-fp32", "train-fp16", "train-bf16", "qlora-4bit-bf16", "large-decoder-lora-b8-fp32", "predictor-fp32"]

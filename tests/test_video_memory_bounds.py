@@ -7,6 +7,7 @@ import gc
 import logging
 
 import numpy as np
+import pytest
 import torch
 
 from sam2_peft.inference.video import VideoPredictor
@@ -27,6 +28,7 @@ def _live_tensors(exclude: set[int]) -> tuple[int, int]:
     return count, size
 
 
+@pytest.mark.slow
 def test_streaming_a_long_video_holds_the_same_tensors_and_reads_the_same_memory_every_frame():
     model = tiny_video_model()
     model.config.max_object_pointers_in_encoder = 6  # a short pointer window: the plateau comes early
