@@ -12,6 +12,8 @@ tests, so that memory and object pointers carry signal and the masks can be comp
   size out, streaming: clip length unknown).
 - `transformers-e2e`: the same end to end with transformers (`init_video_session(video=...)` preprocessing, then
   propagation and `post_process_masks` per frame).
+- `tracker-with-grad` (opt-in): the tracker without `torch.no_grad`, as a caller who forgets it runs it: autograd
+  keeps every frame's activations (about 3 GB per 1024 px frame on hiera-tiny), so time and memory per frame grow.
 
 Per-frame times are the tracked frames (every frame after the prompted first one; the first is reported apart).
 The masks of `tracker` and `transformers` are compared frame by frame (max |logit difference| and IoU of the
@@ -39,7 +41,8 @@ import torch
 
 DAVIS = Path(os.environ.get("SAM2_PEFT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DAVIS = DAVIS / "video-davis2016-mini"
-VARIANTS = ("transformers", "tracker", "predictor", "transformers-e2e")
+VARIANTS = ("transformers", "tracker", "predictor", "transformers-e2e", "tracker-with-grad")
+DEFAULT_VARIANTS = VARIANTS[:4]
 
 
 def rss_mb() -> float:
@@ -144,7 +147,7 @@ def run_variant(name, model, processor, video_processor, frames, pixel_values, b
         video_processor.add_inputs_to_inference_session(session, frame_idx=0, obj_ids=[1], input_boxes=[[box.tolist()]])
         outputs, seconds = timed(record(model.propagate_in_video_iterator(session, start_frame_idx=0)))
         return [o.pred_masks.float() for o in outputs], seconds, rss
-    if name == "tracker":
+    if name in ("tracker", "tracker-with-grad"):
         from sam2_peft.data.prompts import to_model_coordinates
 
         size = model.config.image_size
@@ -153,11 +156,11 @@ def run_variant(name, model, processor, video_processor, frames, pixel_values, b
         tracker = Sam2VideoTracker(model, memory_dtype=torch.bfloat16).eval()
 
         def run():
-            with torch.no_grad():
+            with torch.set_grad_enabled(name == "tracker-with-grad"):
                 yield from tracker.track(iter(pixel_values), prompt, num_frames=len(pixel_values))
 
         outputs, seconds = timed(record(run()))
-        return [o.pred_masks.float() for o in outputs], seconds, rss
+        return [o.pred_masks.detach().float() for o in outputs], seconds, rss
     if name == "predictor":
         predictor = VideoPredictor(model, processor)
         _, seconds = timed(record(predictor.track(iter(frames), boxes=box[None])))
@@ -232,7 +235,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sequence", default="blackswan")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     parser.add_argument("--output", default="benchmarks/results/video_speed.json")
     args = parser.parse_args()
     torch.manual_seed(0)
