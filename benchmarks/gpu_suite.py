@@ -143,6 +143,8 @@ def skip_reason(m: Measurement, device: str) -> str | None:
             "QLoRA is measured on CUDA only (bitsandbytes' CPU 4-bit kernels are not what QLoRA users run); "
             "tests/test_gpu_suite.py runs this code path on CPU"
         )
+    if m.precision == "fp16" and m.kind == "predict":
+        return "fp16 autocast is a CUDA path; CPU mixed precision is bf16"
     if m.precision == "fp16":
         return "fp16 (autocast + gradient scaling) is a CUDA path, CPU mixed precision is bf16; tests run it on CPU"
     return None
