@@ -10,6 +10,7 @@ training forward and the model users run agree (tested to 1e-4 against `propagat
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from transformers import Sam2VideoModel
 from transformers.models.sam2_video.modeling_sam2_video import NO_OBJ_SCORE
 
 from .segmenter import unwrap_sam
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,9 +131,18 @@ class Sam2VideoTracker(nn.Module):
                 streaming a video of unknown length. Either way frames are consumed one by one and only the frames
                 that memory can still reach are kept, so the bank's size, not the video's length, bounds memory.
             keep_memory_of_last: also encode the memory of the final frame (needed only to continue tracking).
+
+        The bound holds without gradients (inference: `torch.no_grad()`, as `VideoPredictor` runs it). With gradients
+        enabled and trainable parameters, every frame's activations stay reachable through the memory for the
+        backward pass, so memory grows with the video; streaming that way gets a warning.
         """
         base = self.base
         streaming = num_frames is None
+        if streaming and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            logger.warning(
+                "Streaming a video with gradients enabled: every frame's activations are kept for backward, so memory "
+                "grows with the video's length. Wrap inference in torch.no_grad() (VideoPredictor does)."
+            )
         banks = [_MemoryBank() for _ in range(prompt.num_objects)]
         window = max(base.num_maskmem, base.config.max_object_pointers_in_encoder)
         frames = iter(frames)
