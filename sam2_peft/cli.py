@@ -138,17 +138,36 @@ def _load_predictor(args: argparse.Namespace):
 def evaluate(argv: list[str]) -> None:
     """`sam2-peft eval`: score an adapter (or a base model) on an annotated dataset."""
     from .data.config import ValidationConfig
+    from .inference.automatic_config import AutomaticMaskConfig
     from .recipes.arguments import DataSourceArguments, from_namespace
 
     parser = _parser(
         "eval",
-        "Score an adapter or a base model on an annotated dataset (IoU, Dice, boundary IoU, pixel accuracy at the "
-        "original image size) and write the numbers as JSON. The data flags are the training recipes'.",
-        "example:\n  sam2-peft eval --adapter org/sam2-nuclei-lora --data data/val --output val_metrics.json",
-        settings=(DataSourceArguments, ValidationConfig),
+        "Score an adapter or a base model on an annotated dataset and write the numbers as JSON. --protocol prompted "
+        "(default): one prompt per object (IoU, Dice, boundary IoU, pixel accuracy at the original image size). "
+        "automatic: automatic instance masks of the base and the adapter (SAM's point grid; with --foreground-adapter "
+        "also the specialist-guided mode) scored by mSA, SA50, SA75 and COCO mAP / AP50. interactive: simulated "
+        "clicks (RITM protocol, up to --max-clicks per object, clicks only and box then clicks) for the base and the "
+        "adapter: NoC@85/90 and mIoU per click, with a PNG plot next to --output. The data flags are the training "
+        "recipes'.",
+        "examples:\n  sam2-peft eval --adapter org/sam2-nuclei-lora --data data/val --output val_metrics.json\n"
+        "  sam2-peft eval --protocol interactive --adapter outputs/lora --data data/val --output noc.json\n"
+        "  sam2-peft eval --protocol automatic --adapter outputs/lora --foreground-adapter outputs/ptsam \\\n"
+        "      --data data/val --output instances.json",
+        settings=(DataSourceArguments, ValidationConfig, AutomaticMaskConfig),
     )
     _add_model_arguments(parser)
+    parser.add_argument(
+        "--protocol", choices=("prompted", "automatic", "interactive"), default="prompted", help="what to score"
+    )
     parser.add_argument("--prompt", choices=("box", "point", "none"), default="box", help="prompt per object, or none")
+    parser.add_argument(
+        "--foreground-adapter",
+        default=None,
+        help="automatic protocol: a prompt-free PTSAM adapter whose foreground places the point prompts "
+        "(specialist-guided mode); --adapter (or the base) separates the objects",
+    )
+    parser.add_argument("--max-clicks", type=int, default=20, help="interactive protocol: clicks per object")
     parser.add_argument(
         "--max-images", type=int, default=None, help="score only the first N usable images (checked in order)"
     )
@@ -158,6 +177,14 @@ def evaluate(argv: list[str]) -> None:
     source, validation = from_namespace(DataSourceArguments, args), from_namespace(ValidationConfig, args)
     if source.data is None:
         parser.error("the following arguments are required: --data")
+    if args.protocol != "prompted":
+        if args.foreground_adapter and args.protocol != "automatic":
+            parser.error("--foreground-adapter applies to --protocol automatic only")
+        if args.max_clicks < 1:
+            parser.error("--max-clicks must be at least 1")
+        config = from_namespace(AutomaticMaskConfig, args)
+        run_from_command_line(lambda: _evaluate_instances(args, source, validation, config))
+        return
 
     def run() -> None:
         from accelerate import Accelerator
@@ -210,6 +237,161 @@ def evaluate(argv: list[str]) -> None:
         print(json.dumps(result.metrics, indent=2))
 
     run_from_command_line(run)
+
+
+def _base_predictor(predictor, args: argparse.Namespace):
+    """The base model of an adapter's predictor (the one it records, or --base-model), as a predictor."""
+    from .inference.predictor import Sam2PeftPredictor
+    from .models.loading import load_base_model
+
+    model, processor = load_base_model(args.base_model or predictor.adapter.base_model)
+    return Sam2PeftPredictor(model, processor, dtype=args.dtype, device=args.device)
+
+
+def _load_foreground(args: argparse.Namespace):
+    """The --foreground-adapter's predictor; DataError unless it is a prompt-free PTSAM adapter."""
+    from .data.sources import DataError
+    from .inference.predictor import Sam2PeftPredictor
+    from .inference.prompt_free import has_active_ptsam
+
+    foreground = Sam2PeftPredictor.from_pretrained(
+        args.foreground_adapter, dtype=args.dtype, device=args.device, token=args.token
+    )
+    if not has_active_ptsam(foreground.model):
+        raise DataError(
+            f"--foreground-adapter '{args.foreground_adapter}' is not a PTSAM adapter: give a prompt-free PTSAM "
+            "adapter (sam2-peft train ptsam) for the specialist-guided mode."
+        )
+    return foreground
+
+
+def _evaluate_instances(args: argparse.Namespace, source, validation, config) -> None:
+    """`eval --protocol automatic | interactive`: base vs adapter (and specialist-guided) on the dataset's instances."""
+    from .data.sources import check_data_source, open_records, set_max_image_pixels
+    from .data.validation import validate_records
+    from .evaluation import instance_runner
+    from .io import atomic_write_json
+
+    check_data_source(source.data, "--data")
+    set_max_image_pixels(source.max_image_pixels)
+    records = open_records(
+        source.data, split=source.split, image_column=source.image_column, mask_column=source.mask_column,
+        mask_type=source.mask_type,
+    )  # fmt: skip
+    records, report = validate_records(records, validation, limit=args.max_images, description="Checking images")
+    predictor = _load_predictor(args)
+    predictors = (
+        {"base": _base_predictor(predictor, args), "adapter": predictor} if args.adapter else {"base": predictor}
+    )
+    if args.protocol == "interactive":
+        result = instance_runner.interactive_report(predictors, records, args.max_clicks)
+    else:
+        from .inference.automatic import generate_instances, specialist_guided_instances
+
+        segmenters = {
+            f"{name} (grid)": (lambda image, p=p: generate_instances(p, image, config))
+            for name, p in predictors.items()
+        }
+        if args.foreground_adapter:
+            foreground = _load_foreground(args)
+            separator = predictors.get("adapter", predictors["base"])
+            name = f"specialist-guided ({'adapter' if args.adapter else 'base'} separates)"
+            segmenters[name] = lambda image: specialist_guided_instances(foreground, separator, image, config)
+        result = instance_runner.automatic_report(segmenters, records)
+        result["settings"] = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    result.update(
+        adapter=args.adapter, foreground_adapter=getattr(args, "foreground_adapter", None), data=args.data,
+        model=args.model or (predictor.adapter.base_model if predictor.adapter else None),
+        data_report=report.summary(),
+    )  # fmt: skip
+    brief = {
+        name: r["overall"] if "overall" in r else {start: _without_per_image(s) for start, s in r.items()}
+        for name, r in result["results"].items()
+    }
+    if args.output:
+        if args.protocol == "interactive":
+            from .evaluation.interactive import write_report
+
+            result["title"] = f"{Path(args.data).name}: {result['num_images']} images"
+            _, plot = write_report(result, args.output)
+            print(f"Plot: {plot}", file=sys.stderr)
+        else:
+            atomic_write_json(args.output, result)
+    print(json.dumps(brief, indent=2, default=str))
+
+
+def _without_per_image(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("per_image", "miou_per_click")}
+
+
+def segment_all(argv: list[str]) -> None:
+    """`sam2-peft segment-all`: instance label images for a folder of images, without prompts."""
+    from .inference.automatic_config import AutomaticMaskConfig
+    from .recipes.arguments import from_namespace
+
+    parser = _parser(
+        "segment-all",
+        "Segment every object of every image in a folder as its own instance, without prompts: SAM's automatic mask "
+        "generation (a grid of point prompts) with a base model or any adapter, or, with --foreground-adapter, the "
+        "specialist-guided mode (a prompt-free PTSAM adapter's foreground places the points; --adapter or the base "
+        "separates the objects). Writes OUT_DIR/labels/<name>.png (or .tif; 0 background, 1..K instances, 16-bit "
+        "above 255), OUT_DIR/overlays/<name>.png and OUT_DIR/instances.json (COCO results with RLE masks, scores).",
+        "examples:\n  sam2-peft segment-all --model compact-synthetic images/ instances/\n"
+        "  sam2-peft segment-all --adapter outputs/lora --foreground-adapter outputs/ptsam images/ instances/",
+        settings=(AutomaticMaskConfig,),
+    )
+    parser.add_argument("images", metavar="IMAGES", help="folder of images")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where labels/, overlays/ and instances.json go")
+    _add_model_arguments(parser)
+    parser.add_argument("--foreground-adapter", default=None, help="prompt-free PTSAM adapter: specialist-guided mode")
+    parser.add_argument("--format", choices=("png", "tif"), default="png", help="label image format")
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=None, help="refuse larger images (default PIL's limit; 0 = none)"
+    )
+    args = parser.parse_args(argv)
+    config = from_namespace(AutomaticMaskConfig, args)
+    run_from_command_line(lambda: _segment_folder(args, config))
+
+
+def _segment_folder(args: argparse.Namespace, config) -> None:
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, DataError, read_image, set_max_image_pixels
+    from .inference.automatic import generate_instances, specialist_guided_instances
+    from .inference.instance_outputs import coco_results, instance_overlay, save_label_image
+    from .io import atomic_write_dir, atomic_write_json, check_output_dir
+
+    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels)
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Expected a folder of images, found no folder at '{folder}'.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'.")
+    check_output_dir(args.out_dir)
+    predictor = _load_predictor(args)
+    foreground = _load_foreground(args) if args.foreground_adapter else None
+    labels_by_name, scores_by_name, summary = {}, {}, {}
+    with atomic_write_dir(args.out_dir) as staging:
+        (staging / "labels").mkdir()
+        (staging / "overlays").mkdir()
+        for path in tqdm(files, desc="segment-all", unit="image", leave=False):
+            image = read_image(path)
+            if foreground is not None:
+                instances = specialist_guided_instances(foreground, predictor, image, config)
+            else:
+                instances = generate_instances(predictor, image, config)
+            save_label_image(instances.labels, staging / "labels" / f"{path.stem}.{args.format}")
+            Image.fromarray(instance_overlay(image, instances.labels, instances.points)).save(
+                staging / "overlays" / f"{path.stem}.png"
+            )
+            labels_by_name[path.name], scores_by_name[path.name] = instances.labels, instances.score_by_label
+            summary[path.name] = {"instances": int(len(instances.scores)), "prompts": int(len(instances.points))}
+        atomic_write_json(staging / "instances.json", coco_results(labels_by_name, scores_by_name))
+        atomic_write_json(staging / "summary.json", summary)
+    total = sum(s["instances"] for s in summary.values())
+    print(f"Wrote {total} instance(s) of {len(files)} image(s) to {args.out_dir}")
 
 
 def predict(argv: list[str]) -> None:
@@ -470,6 +652,7 @@ COMMANDS = {
     "train": (train, "fine-tune with a recipe (lora, ptsam, partial, video, pretrain)"),
     "eval": (evaluate, "score an adapter or base model on a dataset, write metrics JSON"),
     "predict": (predict, "masks and overlays for a folder of images (boxes JSON or prompt-free)"),
+    "segment-all": (segment_all, "every object as an instance, no prompts: label images, COCO JSON, overlays"),
     "push": (push, "upload a trained adapter with a model card to the Hub"),
     "merge": (merge, "fold a LoRA adapter into its base, save a plain transformers model"),
     "serve": (serve, "serve a base with many adapters over HTTP (needs the serve extra)"),

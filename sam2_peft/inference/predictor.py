@@ -310,6 +310,67 @@ class Sam2PeftPredictor:
         encoded = self.processor(original_sizes=[original_size], return_tensors="pt", **kwargs)
         return {k: encoded[k].to(self.device) for k in ("input_boxes", "input_points", "input_labels") if k in encoded}
 
+    @torch.no_grad()
+    def encode(self, image: ImageLike) -> EncodedImage:
+        """Encode one image for repeated decoding (`decode`): interactive clicks, grids of point prompts."""
+        array = _to_array(image, 0)
+        encoded = self.processor(images=[array], return_tensors="pt")
+        with self._autocast():
+            embeddings = unwrap_sam(self.model).get_image_embeddings(encoded["pixel_values"].to(self.device))
+        return EncodedImage(embeddings=list(embeddings), original_size=encoded["original_sizes"][0].tolist())
+
+    @torch.no_grad()
+    def decode(
+        self,
+        encoded: EncodedImage,
+        boxes: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        *,
+        multimask_output: bool = False,
+    ) -> DecodedPrompts:
+        """Decode N prompts against an encoded image, optionally with each prompt's previous mask logits.
+
+        Prompts are in original pixels (checked by the caller): `boxes` `(N, 4)`, `points` `(N, P, 2)`, `labels`
+        `(N, P)` (1 positive, 0 negative, -10 padding). `mask_inputs` `(N, 1, h, w)` are low-resolution logits from
+        an earlier `decode` (`DecodedPrompts.low_res_logits` of the chosen mask), fed to the prompt encoder as SAM's
+        interactive loop does. Each prompt is its own batch entry so that each gets its own mask input.
+        """
+        prompts = self._prompt_tensors(encoded.original_size, boxes, points, labels)
+        count = next(iter(prompts.values())).shape[1] if prompts else 1
+        inputs = {name: tensor.transpose(0, 1) for name, tensor in prompts.items()}  # (N, 1, ...)
+        embeddings = [e.expand(count, *e.shape[1:]) for e in encoded.embeddings]
+        with self._autocast():
+            outputs = self.model(
+                image_embeddings=embeddings,
+                input_masks=None if mask_inputs is None else mask_inputs.to(self.device),
+                multimask_output=multimask_output,
+                **inputs,
+            )
+        low_res = outputs.pred_masks[:, 0].float()
+        logits = self.processor.post_process_masks([low_res.cpu()], [encoded.original_size], binarize=False)[0]
+        return DecodedPrompts(logits=logits, scores=outputs.iou_scores[:, 0].float().cpu(), low_res_logits=low_res)
+
+
+@dataclass
+class EncodedImage:
+    """One image's decoder inputs from `Sam2PeftPredictor.encode` (the model's image embeddings, batch 1)."""
+
+    embeddings: list[torch.Tensor]
+    original_size: list[int]
+    """`[H, W]` of the image as given."""
+
+
+@dataclass
+class DecodedPrompts:
+    """`Sam2PeftPredictor.decode` output: `logits` `(N, M, H, W)` at the original size (M = 3 with multimask
+    output, else 1), `scores` `(N, M)` predicted IoU, `low_res_logits` `(N, M, h, w)` to feed back as mask inputs."""
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+    low_res_logits: torch.Tensor
+
 
 def _per_image(prompt, num_images: int, single: bool, name: str) -> list:
     """Split a prompt argument into one entry per image (None when absent)."""

@@ -1,0 +1,208 @@
+"""Instance segmentation metrics for label images: mean segmentation accuracy (as micro-sam reports it), and COCO
+AP / mAP computed by pycocotools' `COCOeval` itself.
+
+Segmentation accuracy at an IoU threshold t (the Data Science Bowl / StarDist definition that micro-sam computes with
+`elf.evaluation.mean_segmentation_accuracy`): predicted and true instances are matched one to one by an optimal
+assignment in which a pair counts only if its IoU is at least t (IoU breaks ties); SA(t) = TP / (TP + FP + FN).
+mSA is the mean of SA over t = 0.5, 0.55, ..., 0.95. Label 0 is background in both images. An image with no true and
+no predicted instance scores 1.
+
+AP50 and mAP are COCO's: the predicted instances (with their scores, e.g. the predicted IoU; all 1 for a plain label
+image) and the true ones go to `pycocotools.cocoeval.COCOeval(iouType="segm")` unchanged (area ranges, 100 detections
+per image, 101-point interpolation are all its own); `stats[0]` is mAP@[0.5:0.95], `stats[1]` AP50.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from scipy.optimize import linear_sum_assignment
+
+IOU_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.96, 0.05), 2).tolist())
+"""0.5, 0.55, ..., 0.95: the thresholds of mSA (and of COCO's mAP)."""
+
+
+def _check_label_image(labels: np.ndarray, name: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{name} must be an (H, W) integer label image (0 background), found {labels.dtype} {labels.shape}."
+        )
+    return labels
+
+
+def instances_to_labels(masks: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+    """Paint `(N, H, W)` bool masks into one `(H, W)` label image (1..N in the order given; 0 background).
+
+    Where masks overlap, the one with the higher score wins (the later one when no scores are given). The dtype is
+    uint8 up to 255 instances, uint16 up to 65535, else int32.
+    """
+    masks = np.asarray(masks, bool)
+    count = len(masks)
+    dtype = np.uint8 if count <= 255 else np.uint16 if count <= 65535 else np.int32
+    labels = np.zeros(masks.shape[1:], dtype)
+    order = np.arange(count) if scores is None else np.argsort(np.asarray(scores), kind="stable")
+    for index in order:
+        labels[masks[index]] = index + 1
+    return labels
+
+
+def labels_to_instances(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(N, H, W)` bool masks of the non-zero labels of an `(H, W)` label image, and the label values `(N,)`."""
+    labels = _check_label_image(labels, "labels")
+    values = np.unique(labels)
+    values = values[values != 0]
+    return labels[None] == values[:, None, None], values
+
+
+def iou_matrix(true_labels: np.ndarray, pred_labels: np.ndarray) -> np.ndarray:
+    """IoU of every true instance (rows) with every predicted instance (columns), from the two label images' overlap
+    counts. `(num_true, num_pred)` float64; instances are the non-zero labels in ascending order."""
+    true_labels = _check_label_image(true_labels, "true labels")
+    pred_labels = _check_label_image(pred_labels, "predicted labels")
+    if true_labels.shape != pred_labels.shape:
+        raise ValueError(f"Label images differ in shape: true {true_labels.shape}, predicted {pred_labels.shape}.")
+    true_values, true_index = np.unique(true_labels, return_inverse=True)
+    pred_values, pred_index = np.unique(pred_labels, return_inverse=True)
+    overlap = np.zeros((len(true_values), len(pred_values)), np.int64)
+    np.add.at(overlap, (true_index.ravel(), pred_index.ravel()), 1)
+    overlap = overlap[true_values != 0][:, pred_values != 0]
+    if not overlap.size:
+        return overlap.astype(np.float64)
+    pred_area = np.bincount(pred_index.ravel(), minlength=len(pred_values))[pred_values != 0]
+    true_area = np.bincount(true_index.ravel(), minlength=len(true_values))[true_values != 0]
+    union = true_area[:, None] + pred_area[None, :] - overlap
+    return overlap / np.maximum(union, 1)
+
+
+def true_positives(ious: np.ndarray, threshold: float) -> int:
+    """Matched pairs with IoU >= `threshold` in the optimal one-to-one matching (StarDist's `_compute_tps`, which
+    micro-sam's elf uses): maximise the number of pairs above the threshold, IoU as the tie-breaker."""
+    num_matched = min(ious.shape) if ious.size else 0
+    if num_matched == 0 or not (ious >= threshold).any():
+        return 0
+    costs = -(ious >= threshold).astype(float) - ious / (2 * num_matched)
+    rows, cols = linear_sum_assignment(costs)
+    return int((ious[rows, cols] >= threshold).sum())
+
+
+def segmentation_accuracy(
+    true_labels: np.ndarray, pred_labels: np.ndarray, thresholds: Sequence[float] = IOU_THRESHOLDS
+) -> dict[str, float]:
+    """mSA and SA at each threshold for one image, with the counts behind SA50.
+
+    Returns `{"msa", "sa50", "sa75", "sa@<t>" for each t, "num_true", "num_pred", "tp50"}`.
+    """
+    ious = iou_matrix(true_labels, pred_labels)
+    num_true, num_pred = ious.shape
+    result: dict[str, float] = {}
+    for threshold in thresholds:
+        tp = true_positives(ious, threshold)
+        denominator = num_true + num_pred - tp  # TP + FP + FN
+        result[f"sa@{threshold:g}"] = 1.0 if denominator == 0 else tp / denominator
+    result["msa"] = float(np.mean([result[f"sa@{t:g}"] for t in thresholds]))
+    result["sa50"] = result.get("sa@0.5", float("nan"))
+    result["sa75"] = result.get("sa@0.75", float("nan"))
+    result.update(num_true=num_true, num_pred=num_pred, tp50=true_positives(ious, 0.5))
+    return result
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of an `(H, W)` bool mask, JSON-ready (`counts` as text)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def coco_annotations(labels: np.ndarray, image_id: int, scores: Mapping[int, float] | None = None) -> list[dict]:
+    """One COCO annotation per non-zero label of `labels` (RLE segmentation, bbox, area, category 1; with `scores`
+    {label: score} a `score` field for results)."""
+    masks, values = labels_to_instances(labels)
+    annotations = []
+    for mask, value in zip(masks, values.tolist()):
+        rle = encode_rle(mask)
+        x, y, w, h = mask_utils.toBbox(rle).tolist()
+        annotation = {
+            "image_id": image_id,
+            "category_id": 1,
+            "segmentation": rle,
+            "area": int(mask.sum()),
+            "bbox": [x, y, w, h],
+            "iscrowd": 0,
+        }
+        if scores is not None:
+            annotation["score"] = float(scores.get(value, 1.0))
+        annotations.append(annotation)
+    return annotations
+
+
+def coco_map(
+    true_labels: Sequence[np.ndarray],
+    pred_labels: Sequence[np.ndarray],
+    pred_scores: Sequence[Mapping[int, float] | None] | None = None,
+) -> dict[str, float]:
+    """COCO segmentation AP over a set of images, by `COCOeval` (iouType "segm", one category "object").
+
+    Args:
+        true_labels / pred_labels: `(H, W)` integer label images, one pair per image.
+        pred_scores: per image, {label: confidence} of its predicted instances (default 1 for every instance).
+
+    Returns:
+        `{"map": stats[0] (AP@[.5:.95]), "ap50": stats[1], "ap75": stats[2]}`; -1 values (COCOeval's "no
+        ground truth") become NaN. With no prediction at all, all three are 0.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(true_labels) != len(pred_labels):
+        raise ValueError(f"{len(true_labels)} true label images but {len(pred_labels)} predicted ones.")
+    images, truth, results = [], [], []
+    for image_id, (true, pred) in enumerate(zip(true_labels, pred_labels), start=1):
+        images.append({"id": image_id, "height": int(true.shape[0]), "width": int(true.shape[1])})
+        truth += coco_annotations(true, image_id)
+        scores = (pred_scores[image_id - 1] if pred_scores is not None else None) or {}
+        results += coco_annotations(pred, image_id, scores)
+    for index, annotation in enumerate(truth, start=1):
+        annotation["id"] = index
+    if not results:
+        return {"map": 0.0, "ap50": 0.0, "ap75": 0.0}
+    ground_truth = COCO()
+    ground_truth.dataset = {"images": images, "annotations": truth, "categories": [{"id": 1, "name": "object"}]}
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print progress
+        ground_truth.createIndex()
+        detections = ground_truth.loadRes(results)
+        evaluator = COCOeval(ground_truth, detections, iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = [float("nan") if v < 0 else float(v) for v in evaluator.stats[:3]]
+    return {"map": stats[0], "ap50": stats[1], "ap75": stats[2]}
+
+
+def instance_metrics(
+    true_labels: Mapping[str, np.ndarray],
+    pred_labels: Mapping[str, np.ndarray],
+    pred_scores: Mapping[str, Mapping[int, float]] | None = None,
+) -> dict:
+    """Per image mSA / SA50 / SA75 (and counts), and overall: their mean over images plus COCO mAP / AP50 / AP75
+    of all images together. Keys of the mappings are image ids (the same in both)."""
+    missing = sorted(set(true_labels) ^ set(pred_labels))
+    if missing:
+        raise ValueError(f"True and predicted label images differ in ids, e.g. {missing[:3]}.")
+    ids = list(true_labels)
+    per_image = {i: segmentation_accuracy(true_labels[i], pred_labels[i]) for i in ids}
+    overall = {key: float(np.mean([per_image[i][key] for i in ids])) for key in ("msa", "sa50", "sa75")}
+    overall.update(
+        coco_map(
+            [true_labels[i] for i in ids],
+            [pred_labels[i] for i in ids],
+            [pred_scores.get(i) for i in ids] if pred_scores is not None else None,
+        )
+    )
+    overall["num_images"] = len(ids)
+    overall["num_true"] = int(sum(per_image[i]["num_true"] for i in ids))
+    overall["num_pred"] = int(sum(per_image[i]["num_pred"] for i in ids))
+    return {"overall": overall, "per_image": per_image}

@@ -1,0 +1,59 @@
+"""Writing instance segmentations: label images (PNG, 16-bit above 255 instances; TIFF), COCO results JSON with
+compressed RLE, and colour overlays."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..evaluation.instances import coco_annotations, labels_to_instances
+
+LABEL_FORMATS = ("png", "tif")
+
+
+def save_label_image(labels: np.ndarray, path: str | os.PathLike) -> Path:
+    """Save an `(H, W)` label image losslessly: 8-bit PNG/TIFF up to 255 instances, 16-bit up to 65535 (PIL writes
+    both); more instances raise ValueError. The format follows the suffix (.png, .tif, .tiff)."""
+    path = Path(path)
+    top = int(labels.max()) if labels.size else 0
+    if top > 65535 or (labels.size and labels.min() < 0):
+        raise ValueError(f"{path.name}: labels must lie in 0..65535 for PNG/TIFF, found {labels.min()}..{top}.")
+    array = np.ascontiguousarray(labels, np.uint8 if top <= 255 else np.uint16)
+    if path.suffix.lower() not in (".png", ".tif", ".tiff"):
+        raise ValueError(f"{path.name}: label images are saved as .png, .tif or .tiff.")
+    Image.fromarray(array).save(path, **({"compression": "tiff_deflate"} if path.suffix.lower() != ".png" else {}))
+    return path
+
+
+def coco_results(
+    labels_by_image: Mapping[str, np.ndarray], scores_by_image: Mapping[str, Mapping[int, float]] | None = None
+) -> dict:
+    """A COCO-format dict (images, annotations with compressed RLE, bbox, area, score, one category "object") of
+    label images keyed by file name; image ids 1.. in the given order, annotation ids 1..."""
+    images, annotations = [], []
+    for image_id, (name, labels) in enumerate(labels_by_image.items(), start=1):
+        images.append(
+            {"id": image_id, "file_name": name, "height": int(labels.shape[0]), "width": int(labels.shape[1])}
+        )
+        scores = (scores_by_image or {}).get(name) or {}
+        annotations += coco_annotations(labels, image_id, scores)
+    for annotation_id, annotation in enumerate(annotations, start=1):
+        annotation["id"] = annotation_id
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+
+
+def instance_overlay(image: np.ndarray, labels: np.ndarray, points: np.ndarray | None = None) -> np.ndarray:
+    """`(H, W, 3)` uint8: each instance of `labels` in its own colour with outlines, prompts as small dots."""
+    from ..evaluation.panels import overlay
+
+    masks, _ = labels_to_instances(labels)
+    picture = overlay(image, masks) if len(masks) else image.copy()
+    if points is not None and len(points):
+        height, width = labels.shape
+        for x, y in np.asarray(points).astype(int):
+            picture[max(y - 1, 0) : min(y + 2, height), max(x - 1, 0) : min(x + 2, width)] = (255, 40, 40)
+    return picture

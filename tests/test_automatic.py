@@ -1,0 +1,170 @@
+"""Automatic mask generation: grid and specialist-guided prompts, filtering and NMS through transformers' helpers,
+with a stand-in predictor whose masks are known (the image's bright region under each point), and the commands."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from sam2_peft.cli import main
+from sam2_peft.evaluation.instances import segmentation_accuracy
+from sam2_peft.inference.automatic import (
+    AutomaticMaskConfig,
+    generate_instances,
+    specialist_guided_instances,
+    specialist_points,
+)
+from sam2_peft.inference.predictor import DecodedPrompts, Prediction
+from sam2_peft.models.loading import processor_for_image_size
+
+
+class RegionPredictor:
+    """Decodes a point into the connected region of equal, non-zero grey value under it (+8 logits inside, -8
+    outside; 3 identical candidates, predicted IoU 0.9); a background point gives an empty mask. `predict` with no
+    prompt returns every non-zero pixel (a "foreground" specialist)."""
+
+    def __init__(self):
+        self.processor = processor_for_image_size(128)
+        self.points_seen = []
+
+    def encode(self, image):
+        return image[..., 0]
+
+    def decode(self, grey, points=None, **_):
+        logits = np.full((len(points), 3, *grey.shape), -8.0, np.float32)
+        for index, (x, y) in enumerate(points[:, 0]):
+            value = grey[int(y), int(x)]
+            self.points_seen.append((x, y))
+            if value:
+                regions, _ = ndimage.label(grey == value)
+                logits[index, :, regions == regions[int(y), int(x)]] = 8.0
+        scores = torch.full((len(points), 3), 0.9)
+        return DecodedPrompts(logits=torch.from_numpy(logits), scores=scores, low_res_logits=torch.zeros(0))
+
+    def predict(self, image):
+        return Prediction(masks=(image[..., 0] > 0)[None], scores=np.ones(1))
+
+
+def _scene():
+    """Three separate objects and two touching ones (different grey values) on a black 120 x 160 image."""
+    grey = np.zeros((120, 160), np.uint8)
+    grey[10:40, 10:50] = 50
+    grey[70:100, 20:45] = 90
+    yy, xx = np.mgrid[:120, :160]
+    grey[(yy - 30) ** 2 + (xx - 120) ** 2 <= 15**2] = 130
+    grey[70:110, 80:110] = 170  # touching the next one
+    grey[70:110, 110:150] = 210
+    return np.repeat(grey[..., None], 3, axis=2), grey.astype(np.int32)
+
+
+def test_grid_mask_generation_finds_every_object_once():
+    image, truth = _scene()
+    config = AutomaticMaskConfig(points_per_side=16, min_area=20)
+    result = generate_instances(RegionPredictor(), image, config)
+    assert len(result.points) == 256
+    assert segmentation_accuracy(truth, result.labels.astype(np.int32))["msa"] == 1.0  # NMS left one mask each
+    assert len(result.scores) == 5 and result.labels.dtype == np.uint8
+
+
+def test_crops_add_masks_but_nms_keeps_one_per_object():
+    image, truth = _scene()
+    config = AutomaticMaskConfig(points_per_side=8, crop_n_layers=1, min_area=20)
+    result = generate_instances(RegionPredictor(), image, config)
+    assert len(result.points) == 64 * 5  # the image and its 4 crops
+    assert segmentation_accuracy(truth, result.labels.astype(np.int32))["msa"] == 1.0
+
+
+def test_thresholds_and_min_area_drop_masks():
+    image, _ = _scene()
+    predictor = RegionPredictor()
+    assert (
+        len(generate_instances(predictor, image, AutomaticMaskConfig(points_per_side=16, pred_iou_thresh=0.95)).scores)
+        == 0
+    )
+    big_only = generate_instances(predictor, image, AutomaticMaskConfig(points_per_side=16, min_area=1000))
+    assert len(big_only.scores) == 3  # 1200, 1200 and 1200 pixels; the 750-pixel box and the 709-pixel disc go
+
+
+def test_working_size_keeps_labels_at_the_original_size():
+    image, truth = _scene()
+    # masks made at half size; the stand-in's downscaled image has blended edge rings (< 100 pixels at the original
+    # size), which min_area (in original pixels) removes
+    config = AutomaticMaskConfig(points_per_side=16, max_side=80, min_area=150)
+    result = generate_instances(RegionPredictor(), image, config)
+    assert result.labels.shape == truth.shape
+    assert segmentation_accuracy(truth, result.labels.astype(np.int32))["sa@0.5"] == 1.0
+
+
+def test_specialist_points_lie_in_the_foreground_one_per_component_or_cell():
+    foreground = np.zeros((100, 100), bool)
+    foreground[10:20, 10:20] = True  # within one cell of a 4 x 4 grid (cells 25 px)
+    foreground[60:90, 5:95] = True  # spans 2 x 4 cells
+    points = specialist_points(foreground, cells_per_side=4)
+    assert all(foreground[int(y), int(x)] for x, y in points)
+    inside_small = [(x, y) for x, y in points if y < 30]
+    assert inside_small == [(15.5, 15.5)] or np.allclose(inside_small, [(14.5, 14.5)], atol=1.01)
+    assert len(points) - len(inside_small) == 8  # one per cell piece of the large component
+    assert len(specialist_points(np.zeros((10, 10), bool))) == 0
+    assert len(specialist_points(foreground, cells_per_side=4, min_area=200)) == 8  # the 100-pixel part has none
+
+
+def test_specialist_guided_mode_separates_touching_objects_and_skips_background():
+    image, truth = _scene()
+    specialist, separator = RegionPredictor(), RegionPredictor()
+    config = AutomaticMaskConfig(cells_per_side=8, min_area=20)
+    result = specialist_guided_instances(specialist, separator, image, config)
+    foreground = truth > 0
+    assert np.array_equal(result.foreground, foreground)
+    assert all(foreground[int(y), int(x)] for x, y in separator.points_seen)  # no prompt on background
+    assert len(result.points) < 64
+    assert segmentation_accuracy(truth, result.labels.astype(np.int32))["msa"] == 1.0  # the touching pair split
+
+
+def test_segment_all_writes_labels_coco_json_and_overlays(saved_tiny_model, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        Image.fromarray(_scene()[0]).save(images / f"img_{index}.png")
+    out = tmp_path / "out"
+    main(["segment-all", str(images), str(out), "--model", str(saved_tiny_model), "--points-per-side", "4",
+          "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--format", "tif"])  # fmt: skip
+    coco = json.loads((out / "instances.json").read_text())
+    assert [i["file_name"] for i in coco["images"]] == ["img_0.png", "img_1.png"]
+    summary = json.loads((out / "summary.json").read_text())
+    for index in range(2):
+        labels = np.asarray(Image.open(out / "labels" / f"img_{index}.tif"))
+        assert labels.shape == (120, 160) and labels.max() == summary[f"img_{index}.png"]["instances"]
+        assert (out / "overlays" / f"img_{index}.png").is_file()
+    assert len(coco["annotations"]) == sum(s["instances"] for s in summary.values())
+    assert "Wrote" in capsys.readouterr().out
+
+
+def test_segment_all_refuses_a_foreground_adapter_that_is_not_ptsam(saved_tiny_model, tmp_path):
+    from tests.adapter_helpers import make_adapter
+
+    lora = make_adapter("lora", saved_tiny_model, tmp_path / "lora")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(_scene()[0]).save(images / "a.png")
+    with pytest.raises(SystemExit, match="error: --foreground-adapter .* is not a PTSAM adapter"):
+        main(["segment-all", str(images), str(tmp_path / "out"), "--model", str(saved_tiny_model),
+              "--foreground-adapter", str(lora)])  # fmt: skip
+
+
+def test_eval_automatic_reports_base_and_adapter(saved_tiny_model, folder_dataset, tmp_path):
+    from tests.adapter_helpers import make_adapter
+
+    lora = make_adapter("lora", saved_tiny_model, tmp_path / "lora")
+    out = tmp_path / "auto.json"
+    main(["eval", "--protocol", "automatic", "--adapter", str(lora), "--base-model", str(saved_tiny_model),
+          "--data", str(folder_dataset), "--max-images", "2", "--points-per-side", "4", "--pred-iou-thresh", "0",
+          "--stability-score-thresh", "0", "--output", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"base (grid)", "adapter (grid)"} and report["num_images"] == 2
+    for result in report["results"].values():
+        assert set(result["per_image"]) == {"img_000", "img_001"}
+        assert {"msa", "sa50", "ap50", "map"} <= set(result["overall"])
+        assert result["overall"]["num_true"] == 6 and result["overall"]["prompts_per_image"] == 16
