@@ -33,7 +33,7 @@ class RegionPredictor:
     def encode(self, image):
         return image[..., 0]
 
-    def decode(self, grey, points=None, **_):
+    def decode_logits(self, grey, points=None, **_):
         logits = np.full((len(points), 3, *grey.shape), -8.0, np.float32)
         for index, (x, y) in enumerate(points[:, 0]):
             value = grey[int(y), int(x)]

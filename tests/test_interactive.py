@@ -104,8 +104,8 @@ class Recording:
     def encode(self, image):
         return self.predictor.encode(image)
 
-    def decode(self, encoded, **kwargs):
-        result = self.predictor.decode(encoded, **kwargs)
+    def decode_logits(self, encoded, **kwargs):
+        result = self.predictor.decode_logits(encoded, **kwargs)
         self.calls.append((kwargs, result))
         return result
 
@@ -131,8 +131,8 @@ def test_feeding_logits_back_changes_the_prediction(tiny_model, tiny_processor, 
     predictor = Sam2PeftPredictor(tiny_model, tiny_processor, device="cpu")
     encoded = predictor.encode(image)
     points = np.array([[[40.5, 35.5]], [[90.5, 72.5]]], np.float32)
-    plain = predictor.decode(encoded, points=points)
-    fed = predictor.decode(encoded, points=points, mask_inputs=torch.full_like(plain.low_res_logits, 20.0))
+    plain = predictor.decode_logits(encoded, points=points)
+    fed = predictor.decode_logits(encoded, points=points, mask_inputs=torch.full_like(plain.low_res_logits, 20.0))
     assert not torch.allclose(plain.logits, fed.logits)
 
 

@@ -130,7 +130,7 @@ def _simulate(predictor, encoded, objects: np.ndarray, max_clicks: int, start: s
     done = np.zeros(count, bool)  # exact predictions: nothing left to click, IoU kept
     for step in range(max_clicks):
         if start == "box" and step == 0:
-            decoded = predictor.decode(encoded, boxes=boxes)
+            decoded = predictor.decode_logits(encoded, boxes=boxes)
             choice = torch.zeros(count, dtype=torch.long)
         else:
             new_points = np.zeros((count, 1, 2), np.float32)
@@ -145,7 +145,7 @@ def _simulate(predictor, encoded, objects: np.ndarray, max_clicks: int, start: s
                 not_clicked[index, click.y, click.x] = False
             points, labels = np.concatenate([points, new_points], 1), np.concatenate([labels, new_labels], 1)
             single_click = boxes is None and points.shape[1] == 1
-            decoded = predictor.decode(
+            decoded = predictor.decode_logits(
                 encoded, boxes=boxes, points=points, labels=labels, mask_inputs=low_res, multimask_output=single_click
             )
             choice = decoded.scores.argmax(1) if single_click else torch.zeros(count, dtype=torch.long)

@@ -73,7 +73,7 @@ def _decode_points(predictor, image: np.ndarray, points: np.ndarray, crop_box: l
     rles, scores, boxes = [], [], []
     for start in range(0, len(points), config.points_per_batch):
         batch = points[start : start + config.points_per_batch, None]
-        decoded = predictor.decode(encoded, points=batch, multimask_output=True)
+        decoded = predictor.decode_logits(encoded, points=batch, multimask_output=True)
         masks, kept_scores, kept_boxes = image_processor.filter_masks(
             decoded.logits,
             decoded.scores,

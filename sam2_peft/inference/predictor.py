@@ -311,18 +311,9 @@ class Sam2PeftPredictor:
         return {k: encoded[k].to(self.device) for k in ("input_boxes", "input_points", "input_labels") if k in encoded}
 
     @torch.no_grad()
-    def encode(self, image: ImageLike) -> EncodedImage:
-        """Encode one image for repeated decoding (`decode`): interactive clicks, grids of point prompts."""
-        array = _to_array(image, 0)
-        encoded = self.processor(images=[array], return_tensors="pt")
-        with self._autocast():
-            embeddings = unwrap_sam(self.model).get_image_embeddings(encoded["pixel_values"].to(self.device))
-        return EncodedImage(embeddings=list(embeddings), original_size=encoded["original_sizes"][0].tolist())
-
-    @torch.no_grad()
-    def decode(
+    def decode_logits(
         self,
-        encoded: EncodedImage,
+        encoded: ImageEmbedding,
         boxes: np.ndarray | None = None,
         points: np.ndarray | None = None,
         labels: np.ndarray | None = None,
@@ -330,17 +321,18 @@ class Sam2PeftPredictor:
         *,
         multimask_output: bool = False,
     ) -> DecodedPrompts:
-        """Decode N prompts against an encoded image, optionally with each prompt's previous mask logits.
+        """Raw decoding of N prompts against an image from `encode`, optionally with each prompt's previous mask
+        logits (interactive clicks, grids of point prompts): logit tensors rather than a checked `Prediction`.
 
         Prompts are in original pixels (checked by the caller): `boxes` `(N, 4)`, `points` `(N, P, 2)`, `labels`
         `(N, P)` (1 positive, 0 negative, -10 padding). `mask_inputs` `(N, 1, h, w)` are low-resolution logits from
-        an earlier `decode` (`DecodedPrompts.low_res_logits` of the chosen mask), fed to the prompt encoder as SAM's
+        an earlier call (`DecodedPrompts.low_res_logits` of the chosen mask), fed to the prompt encoder as SAM's
         interactive loop does. Each prompt is its own batch entry so that each gets its own mask input.
         """
         prompts = self._prompt_tensors(encoded.original_size, boxes, points, labels)
         count = next(iter(prompts.values())).shape[1] if prompts else 1
         inputs = {name: tensor.transpose(0, 1) for name, tensor in prompts.items()}  # (N, 1, ...)
-        embeddings = [e.expand(count, *e.shape[1:]) for e in encoded.embeddings]
+        embeddings = [e.expand(count, *e.shape[1:]) for e in encoded.tensors]
         with self._autocast():
             outputs = self.model(
                 image_embeddings=embeddings,
@@ -354,17 +346,8 @@ class Sam2PeftPredictor:
 
 
 @dataclass
-class EncodedImage:
-    """One image's decoder inputs from `Sam2PeftPredictor.encode` (the model's image embeddings, batch 1)."""
-
-    embeddings: list[torch.Tensor]
-    original_size: list[int]
-    """`[H, W]` of the image as given."""
-
-
-@dataclass
 class DecodedPrompts:
-    """`Sam2PeftPredictor.decode` output: `logits` `(N, M, H, W)` at the original size (M = 3 with multimask
+    """`Sam2PeftPredictor.decode_logits` output: `logits` `(N, M, H, W)` at the original size (M = 3 with multimask
     output, else 1), `scores` `(N, M)` predicted IoU, `low_res_logits` `(N, M, h, w)` to feed back as mask inputs."""
 
     logits: torch.Tensor
