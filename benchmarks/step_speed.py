@@ -317,6 +317,8 @@ def main() -> None:
         report["rows"].append({"label": label, "times_s": times, "summary": summarise(times)})
         print(label, {k: round(v["median_s"], 3) for k, v in report["rows"][-1]["summary"].items()}, flush=True)
         del variants
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=1) + "\n")  # a killed run keeps its finished rows
     report["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     report["cache_mib_per_view"] = cache_sizes(base, processor, size)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
