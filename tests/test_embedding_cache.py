@@ -215,6 +215,15 @@ def test_frozen_projections_cache_the_decoder_inputs(folder_dataset, tmp_path, c
     assert _entry_channels(partial.cache)[:2] == [conv_s0.in_channels, conv_s1.in_channels]
 
 
+def test_how_many_views_fit_is_logged_once(encoder, fingerprint, tmp_path, caplog):
+    """Also when the memory tier holds nothing (every entry goes to the folder)."""
+    cache = EmbeddingCache(encoder, fingerprint, memory_budget_bytes=0, directory=tmp_path, expected_entries=3)
+    with caplog.at_level(logging.INFO, logger="sam2_peft.training.embedding_cache"):
+        for seed in range(3):
+            cache.get_or_compute([f"k{seed}"], pixels(seed, 1))
+    assert caplog.text.count("memory budget holds 0 views of the 3 this run needs") == 1, caplog.text
+
+
 def test_bfloat16_storage_halves_entries_and_returns_float32(folder_dataset, tmp_path):
     full, _ = _train(folder_dataset, tmp_path, "full")
     half, _ = _train(folder_dataset, tmp_path, "half", cache_dtype="bfloat16")

@@ -169,6 +169,7 @@ class EmbeddingCache:
         self.stats = CacheStats()
         self._memory: dict[str, tuple[str, list[torch.Tensor]]] = {}
         self._warned_full = False
+        self._logged_fit = False
         if self.directory is not None:
             self._open_directory(rebuild_foreign)
 
@@ -259,8 +260,9 @@ class EmbeddingCache:
 
     def _remember(self, key: str, digest: str, features: list[torch.Tensor]) -> None:
         size = _nbytes(features)
-        if self.stats.memory_entries == 0 and self.stats.memory_bytes == 0 and not self._warned_full:
+        if not self._logged_fit:
             self._log_fit(size, features[0].dtype)
+            self._logged_fit = True
         if self.stats.memory_bytes + size > self.memory_budget_bytes:
             if not self._warned_full and self.directory is None:
                 logger.warning(
