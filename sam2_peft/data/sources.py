@@ -213,7 +213,7 @@ def _load(path: str | os.PathLike, kind: str) -> Image.Image:
         raise DataError(f"Cannot read {kind} '{shown}': {err}. Replace or re-export the file, {SKIP_HINT}.") from err
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
+def image_to_rgb(image: Image.Image) -> np.ndarray:
     """`(H, W, 3)` uint8 RGB; 16-bit and float images are stretched to their value range first."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
@@ -235,7 +235,7 @@ def viewed_size(path: str | os.PathLike) -> tuple[int, int]:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as `(H, W, 3)` uint8 RGB as a viewer shows it (EXIF orientation; grey, 16-bit converted)."""
-    return _to_rgb(_load(path, "image"))
+    return image_to_rgb(_load(path, "image"))
 
 
 def read_label_image(path: str | os.PathLike, kind: str = "mask") -> np.ndarray:
@@ -593,7 +593,7 @@ def cell_array(value: object, is_image: bool, base: Path | None) -> np.ndarray:
             path = base / path
         return read_image(path) if is_image else read_label_image(path)
     if isinstance(value, Image.Image):
-        return _to_rgb(value) if is_image else np.asarray(value)
+        return image_to_rgb(value) if is_image else np.asarray(value)
     return np.asarray(value)
 
 

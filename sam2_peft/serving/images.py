@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..data.sources import _to_rgb
+from ..data.sources import image_to_rgb
 from .errors import ServeError
 
 
@@ -40,7 +40,7 @@ def decode_image(data: bytes, max_pixels: int | None) -> np.ndarray:
                 )
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            return image_to_rgb(image)
     except ServeError:
         raise
     except Image.DecompressionBombError as err:
