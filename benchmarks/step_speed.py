@@ -8,14 +8,15 @@ A B C ... for `--rounds` rounds (so that a change of machine load hits all of th
   on the low-resolution masks, Adam on the mask decoder);
 - before: sam2-peft as released before #15: cached encoder features before the decoder's projections, loss on logits
   upsampled to 1024 px all at once, LoRA dropout 0.1;
-- after: sam2-peft's defaults now (cache after the projections, `LossConfig()`, `LoraOptions()`);
+- after: sam2-peft's defaults now (cache after the projections, `LossConfig()`, `LoraOptions()`, the CPU's prompt
+  chunk: the prompts decoded and back-propagated 4 at a time);
 - one knob at a time (`SETTINGS`): the cache after the projections, then the loss at full resolution chunked, at the
-  native resolution, at points, and LoRA dropout 0;
+  native resolution, at points, LoRA dropout 0, and prompt chunks of 1, 2, 8 or all prompts at once;
 - limit: the decoder's own forward + backward + AdamW on precomputed decoder inputs already on the device, with a
-  plain BCE at the decoder's resolution: nothing a training loop could skip.
+  plain BCE at the decoder's resolution, in the same prompt chunks as `after`: nothing a training loop could skip.
 
-Each step is the real code path: `ImageSegmentationTask.loss` with `EmbeddingCache.segmenter_inputs` (a cache hit,
-pixel hashing included), `backward`, `AdamW.step`. Reports the median step time and its spread (min..max) per
+Each step is the real code path: `ImageSegmentationTask.loss_parts` with `EmbeddingCache.segmenter_inputs` (a cache
+hit, pixel hashing included), `backward` of each part, `AdamW.step`. Reports the median step time and its spread (min..max) per
 variant, ratios of medians, the cache bytes per view, and the load average before and after; JSON under
 benchmarks/results/ and a markdown table (also written into benchmarks/RESULTS.md).
 
@@ -41,12 +42,15 @@ import torch.nn.functional as F
 from results_md import update_section
 from train_speed import build_base
 
+from sam2_peft.training.config import default_prompt_chunk
+
 ROOT = Path(__file__).resolve().parents[1]
 NUCLEI = Path(os.environ.get("SAM2_PEFT_DATA", ROOT.parent / "shared" / "data")) / "nuclei-coelho2009"
 FULL, DROPOUT = dict(loss_resolution="full", loss_chunk=0), dict(lora_dropout=0.1)
+CHUNK = default_prompt_chunk("cpu")
 SETTINGS = {
-    "before": dict(stage="vision_features", loss=FULL, lora=DROPOUT),
-    "after": dict(stage="image_embeddings", loss=None, lora=None),
+    "before": dict(stage="vision_features", loss=FULL, lora=DROPOUT, prompt_chunk=0),
+    "after": dict(stage="image_embeddings", loss=None, lora=None, prompt_chunk=CHUNK),
     "cache after convs": dict(stage="image_embeddings", loss=FULL, lora=DROPOUT),
     "+ loss full chunked": dict(
         stage="image_embeddings", loss=dict(loss_resolution="full", loss_chunk=4), lora=DROPOUT
@@ -59,9 +63,15 @@ SETTINGS = {
     "+ loss points, dropout 0": dict(
         stage="image_embeddings", loss=dict(loss_resolution="points"), lora=dict(lora_dropout=0.0)
     ),
+    **{
+        f"after, prompt chunk {chunk or 'off'}": dict(
+            stage="image_embeddings", loss=None, lora=None, prompt_chunk=chunk
+        )
+        for chunk in (0, 1, 2, 8)
+    },
 }
 """Variants besides `usual` and `limit`: where the cache holds (stage), the `LossConfig` and `LoraOptions` changes
-(None: the defaults)."""
+(None: the defaults), and the prompts per decoder chunk (0: all at once)."""
 
 
 def synthetic_batch(boxes: int, size: int, seed: int = 0) -> dict:
@@ -111,6 +121,7 @@ class Variant:
         stage: str = "",
         loss: dict | None = None,
         lora: dict | None = None,
+        prompt_chunk: int = 0,
     ):
         from sam2_peft.adapters.methods import LoraMethod
         from sam2_peft.data.config import DatasetConfig
@@ -119,7 +130,7 @@ class Variant:
         from sam2_peft.training.embedding_cache import EmbeddingCache
         from sam2_peft.training.tasks import ImageSegmentationTask
 
-        self.name, self.batch = name, batch
+        self.name, self.batch, self.prompt_chunk = name, batch, prompt_chunk
         model = copy.deepcopy(base)
         if name == "usual":
             for key, param in model.named_parameters():
@@ -152,32 +163,41 @@ class Variant:
         return self.cache.stats.memory_bytes if hasattr(self, "cache") else None
 
     def step(self) -> None:
-        if self.name == "usual":
-            batch = self.batch
-            boxes = batch["points"].reshape(1, -1, 4)
-            outputs = self.model(pixel_values=batch["pixel_values"], input_boxes=boxes, multimask_output=False)
-            logits = outputs.pred_masks[0, :, 0]
-            targets = F.interpolate(batch["target_masks"].float()[:, None], size=logits.shape[-2:], mode="nearest")
-            targets = targets[:, 0]
-            probs = logits.sigmoid()
-            dice = 1 - (2 * (probs * targets).sum((-2, -1)) + 1e-5) / (
-                (probs**2).sum((-2, -1)) + (targets**2).sum((-2, -1)) + 1e-5
-            )
-            loss = dice.mean() + F.binary_cross_entropy_with_logits(logits, targets)
-        elif self.name == "limit":
-            batch = self.batch
-            output = self.segmenter(
-                batch["object_image_index"],
-                image_embeddings=self.embeddings,
-                points=batch["points"],
-                point_labels=batch["point_labels"],
-            )
-            loss = F.binary_cross_entropy_with_logits(output.mask_logits, self.native)
-        else:
-            loss = self.task.loss(self.segmenter, self.batch, torch.device("cpu"), nullcontext(), self._encode).loss
         self.optimizer.zero_grad()
-        loss.backward()
+        {"usual": self._usual_backward, "limit": self._limit_backward}.get(self.name, self._toolkit_backward)()
         self.optimizer.step()
+
+    def _usual_backward(self) -> None:
+        batch = self.batch
+        boxes = batch["points"].reshape(1, -1, 4)
+        outputs = self.model(pixel_values=batch["pixel_values"], input_boxes=boxes, multimask_output=False)
+        logits = outputs.pred_masks[0, :, 0]
+        targets = F.interpolate(batch["target_masks"].float()[:, None], size=logits.shape[-2:], mode="nearest")
+        targets = targets[:, 0]
+        probs = logits.sigmoid()
+        dice = 1 - (2 * (probs * targets).sum((-2, -1)) + 1e-5) / (
+            (probs**2).sum((-2, -1)) + (targets**2).sum((-2, -1)) + 1e-5
+        )
+        (dice.mean() + F.binary_cross_entropy_with_logits(logits, targets)).backward()
+
+    def _limit_backward(self) -> None:
+        count = len(self.native)
+        size = CHUNK or count
+        for start in range(0, count, size):
+            chunk = slice(start, start + size)
+            output = self.segmenter(
+                self.batch["object_image_index"][chunk],
+                image_embeddings=self.embeddings,
+                points=self.batch["points"][chunk],
+                point_labels=self.batch["point_labels"][chunk],
+            )
+            native = self.native[chunk]
+            (F.binary_cross_entropy_with_logits(output.mask_logits, native) * (len(native) / count)).backward()
+
+    def _toolkit_backward(self) -> None:
+        cpu = torch.device("cpu")
+        for part in self.task.loss_parts(self.segmenter, self.batch, cpu, self._encode, self.prompt_chunk):
+            part(nullcontext()).loss.backward()
 
     def _encode(self, keys, pixel_values):
         return self.cache.segmenter_inputs(keys, pixel_values)

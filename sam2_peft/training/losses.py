@@ -3,8 +3,8 @@
 Choices, following SAM 2's own training: with multimask output, only the candidate with the lowest mask loss is
 trained (SAM's "best of 3"), while the IoU head learns the true IoU of every candidate; objects absent from the
 target train only the object-score head. Where the mask terms are computed is `LossConfig.loss_resolution`: on logits
-upsampled to the target resolution (the model input size, as SAM 2 trains; computed `loss_chunk` prompts at a time
-and recomputed in the backward pass, so memory does not grow with the prompts), at the decoder's own resolution, or
+upsampled to the target resolution (the model input size, as SAM 2 trains; beyond `loss_chunk` prompts computed
+that many at a time and recomputed in the backward pass, so memory does not grow with the prompts), at the decoder's own resolution, or
 at importance-sampled points (`uncertain_points`).
 """
 
@@ -43,6 +43,10 @@ class LossOutput:
             "loss_object_score": self.object_score.item(),
             "train_iou": self.mask_iou.mean().item() if self.mask_iou.numel() else float("nan"),
         }
+
+
+SCALAR_TERMS = ("loss", "mask", "dice", "iou", "object_score")
+"""`LossOutput`'s scalar fields."""
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -87,6 +91,16 @@ def combine_rounds(losses: list[LossOutput]) -> LossOutput:
     first.loss = torch.stack([part.loss for part in losses]).mean()
     first.last_round_iou = losses[-1].mask_iou
     return first
+
+
+def sum_parts(parts: list[LossOutput]) -> LossOutput:
+    """A batch's loss from its prompt chunks' losses, each normalised by the whole batch's counts (`sam2_loss`'s
+    `batch_counts`), so that they add up; the total is detached (each part was back-propagated on its own)."""
+    if len(parts) == 1:
+        return parts[0]
+    scalars = {name: sum(getattr(part, name).detach() for part in parts) for name in SCALAR_TERMS}
+    last_round = None if parts[0].last_round_iou is None else torch.cat([part.last_round_iou for part in parts])
+    return LossOutput(**scalars, mask_iou=torch.cat([part.mask_iou for part in parts]), last_round_iou=last_round)
 
 
 OVERSAMPLE_RATIO = 3.0
@@ -142,8 +156,8 @@ def mask_loss_terms(
         target_masks: `(N, H, W)` targets at the model input resolution.
     """
     targets = target_masks.float()[:, None]
-    if config.loss_resolution == "full" and config.loss_chunk == 0:
-        return _full_resolution_terms(mask_logits, targets, config)
+    if config.loss_resolution == "full" and (config.loss_chunk == 0 or len(mask_logits) <= config.loss_chunk):
+        return _full_resolution_terms(mask_logits, targets, config)  # one chunk: nothing to gain by recomputing
     if config.loss_resolution == "full":
         parts = []
         for start in range(0, len(mask_logits), config.loss_chunk):
@@ -176,6 +190,7 @@ def sam2_loss(
     object_score_logits: torch.Tensor,
     target_masks: torch.Tensor,
     config: LossConfig | None = None,
+    batch_counts: tuple[int, int] | None = None,
 ) -> LossOutput:
     """Loss for N prompts.
 
@@ -184,16 +199,19 @@ def sam2_loss(
         iou_scores: `(N, M)` predicted IoUs.
         object_score_logits: `(N, 1)` object-presence logits.
         target_masks: `(N, H, W)` bool or float targets (all-zero = object absent).
+        batch_counts: when these N prompts are a chunk of a batch, the batch's (objects present, prompts), by
+            which the terms are normalised instead of the chunk's own, so that the chunks' losses sum to the batch's.
     """
     config = config or LossConfig()
     per_mask, per_dice, true_iou = mask_loss_terms(mask_logits, target_masks, config)
     combined = config.mask_weight * per_mask + config.dice_weight * per_dice
     best = combined.argmin(dim=1, keepdim=True)
     present = target_masks.flatten(1).any(dim=1)
-    num_present = present.sum().clamp(min=1)
+    num_present, num_prompts = batch_counts or (int(present.sum()), len(present))
+    num_present = max(num_present, 1)
     object_loss = F.binary_cross_entropy_with_logits(
-        object_score_logits.float()[:, 0], present.float(), reduction="mean"
-    )
+        object_score_logits.float()[:, 0], present.float(), reduction="sum"
+    ) / max(num_prompts, 1)
     mask_term = (per_mask.gather(1, best)[:, 0] * present).sum() / num_present
     dice_term = (per_dice.gather(1, best)[:, 0] * present).sum() / num_present
     iou_term = (F.mse_loss(iou_scores.float(), true_iou, reduction="none").mean(1) * present).sum() / num_present

@@ -6,6 +6,7 @@ is scored and how its predictions are drawn; the trainer owns the loop, optimisa
 
 from __future__ import annotations
 
+import functools
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -28,9 +29,15 @@ from ..models.segmenter import Sam2Segmenter, wants_multimask
 from .config import LossConfig
 from .losses import LossOutput, combine_rounds, sam2_loss
 
+PER_PROMPT_INPUTS = frozenset({"object_image_index", "points", "point_labels", "mask_inputs"})
+"""Segmenter inputs with one row per prompt (the others are per image)."""
+
 Encode = Callable[[list[str], torch.Tensor], dict[str, list[torch.Tensor]]]
 """`encode(keys, pixel_values)`: a batch's encoded images as segmenter inputs (`{"image_embeddings": [...]}` or
 `{"vision_features": [...]}`), e.g. `EmbeddingCache.segmenter_inputs`."""
+
+LossPart = Callable[[AbstractContextManager], LossOutput]
+"""A part of a batch's loss, computed (forward) when called under an autocast context."""
 
 
 class Task(ABC):
@@ -57,6 +64,14 @@ class Task(ABC):
         self, segmenter: nn.Module, batch, device: torch.device, autocast: AbstractContextManager, encode: Encode | None
     ) -> LossOutput:
         """Run a training batch through `segmenter` (under `autocast`) and return its loss."""
+
+    def loss_parts(
+        self, segmenter: nn.Module, batch, device: torch.device, encode: Encode | None, prompt_chunk: int
+    ) -> list[LossPart]:
+        """The batch's loss as parts whose losses add up to `loss`'s, in chunks of at most `prompt_chunk` prompts
+        where the task can (0: all at once); the trainer back-propagates each part before computing the next. This
+        default: one part, `loss`."""
+        return [lambda autocast: self.loss(segmenter, batch, device, autocast, encode)]
 
     @abstractmethod
     def evaluate(
@@ -148,22 +163,54 @@ class ImageSegmentationTask(Task):
         autocast: AbstractContextManager,
         encode: Encode | None,
     ) -> LossOutput:
+        return self.loss_parts(segmenter, batch, device, encode, prompt_chunk=0)[0](autocast)
+
+    def loss_parts(
+        self, segmenter: nn.Module, batch: dict, device: torch.device, encode: Encode | None, prompt_chunk: int
+    ) -> list[LossPart]:
+        """With cached image features (nothing to back-propagate into the encoder), chunks of `prompt_chunk`
+        prompts: each decodes against the batch's features once encoded, and back-propagating it frees its
+        activations before the next chunk runs (same gradients, a working set that does not grow with the prompts).
+        Without the cache, one part (the encoder runs inside the segmenter's forward)."""
         inputs = model_inputs(batch, device)
         if encode is not None:
             inputs.update(encode(self.cache_keys(batch, "train"), inputs.pop("pixel_values")))
         targets = batch["target_masks"].to(device)
         if self.prompts.mask_prompt_probability and random.random() < self.prompts.mask_prompt_probability:
             inputs["mask_inputs"] = mask_prompts(targets, targets.shape[-1] // 4)
+        multimask = wants_multimask(inputs["point_labels"])
+        count = len(targets)
+        size = prompt_chunk if encode is not None and 0 < prompt_chunk < count else count
+        counts = (int(targets.flatten(1).any(dim=1).sum()), count) if size < count else None
+
+        def part(chunk: slice, autocast: AbstractContextManager) -> LossOutput:
+            chunk_inputs = {
+                key: value[chunk] if key in PER_PROMPT_INPUTS and value is not None else value
+                for key, value in inputs.items()
+            }
+            return self._prompt_loss(segmenter, chunk_inputs, targets[chunk], multimask, autocast, counts)
+
+        return [functools.partial(part, slice(start, start + size)) for start in range(0, count, size)]
+
+    def _prompt_loss(
+        self,
+        segmenter: nn.Module,
+        inputs: dict,
+        targets: torch.Tensor,
+        multimask: bool,
+        autocast: AbstractContextManager,
+        batch_counts: tuple[int, int] | None,
+    ) -> LossOutput:
         rounds = self.prompts.correction_rounds
         with autocast:
             output = segmenter(
                 **inputs,
-                multimask_output=wants_multimask(inputs["point_labels"]),
+                multimask_output=multimask,
                 correction_rounds=rounds,
                 target_masks=targets if rounds else None,
             )
         losses = [
-            sam2_loss(o.mask_logits, o.iou_scores, o.object_score_logits, targets, self.loss_config)
+            sam2_loss(o.mask_logits, o.iou_scores, o.object_score_logits, targets, self.loss_config, batch_counts)
             for o in (output, *output.corrections)
         ]
         return combine_rounds(losses)

@@ -39,9 +39,9 @@ from .checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from .config import ConfigError, TrainingConfig, check_report_to, default_num_workers
+from .config import ConfigError, TrainingConfig, check_report_to, default_num_workers, default_prompt_chunk
 from .embedding_cache import EmbeddingCache, encoder_fingerprint, plan_embedding_cache
-from .losses import LossOutput
+from .losses import LossOutput, sum_parts
 from .tasks import Task, spread_indices  # noqa: F401  (spread_indices: re-exported for callers of the trainer)
 
 logger = get_logger(__name__)
@@ -252,6 +252,12 @@ class Trainer:
         """`--num-workers`, or the default for this machine (`default_num_workers`)."""
         return self.config.num_workers if self.config.num_workers is not None else default_num_workers()
 
+    @property
+    def prompt_chunk(self) -> int:
+        """`--prompt-chunk`, or the default for the device (`default_prompt_chunk`)."""
+        chunk = self.config.prompt_chunk
+        return chunk if chunk is not None else default_prompt_chunk(self.accelerator.device.type)
+
     def _total_steps(self) -> int:
         if self.config.max_steps is not None:
             return self.config.max_steps
@@ -313,10 +319,8 @@ class Trainer:
             for batch in loader:
                 state.batches_in_epoch += 1
                 with accelerator.accumulate(self.wrapped):
-                    losses = self._step(batch)
-                    finite = bool(accelerator.gather(torch.isfinite(losses.loss.detach())[None]).all())
+                    losses, finite = self._forward_backward(batch)
                     if finite:
-                        accelerator.backward(losses.loss)
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(self.wrapped.parameters(), config.max_grad_norm)
                         self.optimizer.step()
@@ -356,9 +360,30 @@ class Trainer:
         if self.cache is not None:
             logger.info("Embedding cache: %s", self.cache.stats)
 
-    def _step(self, batch) -> LossOutput:
+    def _forward_backward(self, batch) -> tuple[LossOutput, bool]:
+        """Forward and backward of a batch, part after part (`Task.loss_parts`: chunks of prompts). Gradients are
+        synchronised across processes by the last part's backward only, after all processes agreed that every
+        loss is finite; returns the batch's loss and that agreement (False: the batch is skipped, nothing is
+        applied; under gradient accumulation, parts already back-propagated keep their finite gradients)."""
+        accelerator = self.accelerator
         encode = None if self.cache is None else self.cache.segmenter_inputs
-        return self.task.loss(self.wrapped, batch, self.accelerator.device, self.accelerator.autocast(), encode)
+        parts = self.task.loss_parts(self.wrapped, batch, accelerator.device, encode, self.prompt_chunk)
+        losses, local_finite = [], True
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.wrapped):
+                loss = part(accelerator.autocast())
+                part_finite = bool(torch.isfinite(loss.loss.detach()))
+                local_finite = local_finite and part_finite
+                if last:
+                    flag = torch.tensor([local_finite], device=accelerator.device)
+                    finite = bool(accelerator.gather(flag).all())
+                    if finite:
+                        accelerator.backward(loss.loss)
+                elif part_finite:
+                    accelerator.backward(loss.loss)
+            losses.append(loss)
+        return sum_parts(losses), finite
 
     @contextlib.contextmanager
     def _base_model_only(self):

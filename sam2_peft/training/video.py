@@ -20,10 +20,8 @@ from ..evaluation.runner import EvaluationResult
 from ..evaluation.video_runner import evaluate_video, frame_strip
 from ..models.video_forward import ClipPrompt, FrameOutput, Sam2VideoTracker
 from .config import LOSS_FRAMES, LossConfig
-from .losses import LossOutput, sam2_loss
+from .losses import SCALAR_TERMS, LossOutput, sam2_loss
 from .tasks import Encode, Task, spread_indices
-
-_SCALARS = ("loss", "mask", "dice", "iou", "object_score")
 
 
 def video_loss(
@@ -54,7 +52,7 @@ def video_loss(
         sam2_loss(frames[t].mask_logits, frames[t].iou_scores, frames[t].object_score_logits, target_masks[t], config)
         for t in chosen
     ]
-    means = {name: torch.stack([getattr(p, name) for p in parts]).mean() for name in _SCALARS}
+    means = {name: torch.stack([getattr(p, name) for p in parts]).mean() for name in SCALAR_TERMS}
     return LossOutput(**means, mask_iou=torch.cat([p.mask_iou for p in parts]))
 
 
@@ -116,7 +114,7 @@ class VideoClipTask(Task):
                 frames = segmenter(clip["pixel_values"].to(device), prompt)
             targets = clip["target_masks"].to(device)
             parts.append(video_loss(frames, targets, clip["annotated"], self.loss_frames, self.loss_config))
-        means = {n: torch.stack([getattr(p, n) for p in parts]).mean() for n in _SCALARS}
+        means = {n: torch.stack([getattr(p, n) for p in parts]).mean() for n in SCALAR_TERMS}
         return LossOutput(**means, mask_iou=torch.cat([p.mask_iou for p in parts]))
 
     def evaluate(
