@@ -139,3 +139,26 @@ def test_training_with_workers_gives_the_adapter_of_training_without(saved_tiny_
     assert adapters[0].keys() == adapters[1].keys()
     for key in adapters[0]:
         assert torch.equal(adapters[0][key], adapters[1][key]), key
+
+
+@pytest.mark.parametrize("count", [0, 1, 8, 9, 17])
+def test_masks_augmented_packed_in_bit_planes_equal_masks_augmented_one_by_one(count):
+    from torchvision import tv_tensors
+
+    from sam2_peft.data.augment import augment, build_augmentation, pack_masks, unpack_masks
+
+    generator = torch.Generator().manual_seed(count)
+    masks = torch.rand(count, 48, 40, generator=generator) > 0.7
+    assert torch.equal(unpack_masks(pack_masks(masks), count), masks)
+    image = torch.randint(0, 256, (3, 48, 40), dtype=torch.uint8, generator=generator)
+    transform = build_augmentation(AugmentationConfig(affine=1.0, horizontal_flip=0.5, vertical_flip=0.5, blur=0.5))
+    moved = 0
+    for seed in range(12):
+        augmented_image, augmented = augment(transform, image, masks, seed)
+        with torch.random.fork_rng(devices=[]):  # what augment did before packing: every mask a channel
+            torch.manual_seed(seed)
+            expected_image, expected = transform(tv_tensors.Image(image), tv_tensors.Mask(masks.to(torch.uint8)))
+        assert torch.equal(augmented_image, expected_image.as_subclass(torch.Tensor))
+        assert augmented.dtype == torch.bool and torch.equal(augmented, expected.as_subclass(torch.Tensor).bool())
+        moved += int(not torch.equal(augmented, masks))
+    assert count == 0 or moved >= 6  # the transform really moved the masks

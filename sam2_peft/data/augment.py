@@ -30,11 +30,29 @@ def build_augmentation(config: AugmentationConfig) -> v2.Transform | None:
     return v2.Compose(steps) if steps else None
 
 
+def pack_masks(masks: torch.Tensor) -> torch.Tensor:
+    """`(N, H, W)` bool masks as the bits of `(ceil(N / 8), H, W)` uint8 planes (mask k is bit k % 8 of plane k // 8)."""
+    planes = -(-len(masks) // 8)
+    padded = torch.zeros(planes * 8, *masks.shape[1:], dtype=torch.uint8)
+    padded[: len(masks)] = masks
+    weights = (1 << torch.arange(8, dtype=torch.uint8)).view(1, 8, 1, 1)
+    return (padded.view(planes, 8, *masks.shape[1:]) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_masks(planes: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` `(count, H, W)` bool masks of `pack_masks`' planes."""
+    bits = (planes[:, None] >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1, 1)) & 1
+    return bits.reshape(-1, *planes.shape[1:])[:count].bool()
+
+
 def augment(
     transform: v2.Transform, image: torch.Tensor, masks: torch.Tensor, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply `transform` to `(3, H, W)` uint8 and `(N, H, W)` bool jointly, deterministically for `seed`."""
+    """Apply `transform` to `(3, H, W)` uint8 and `(N, H, W)` bool jointly, deterministically for `seed`.
+
+    The masks travel packed 8 to a uint8 plane (exact: geometric transforms move mask pixels by nearest-neighbour
+    sampling, which copies values): resampling 16 masks costs 2 planes' work instead of 16 (measured on nuclei)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out_image, out_masks = transform(tv_tensors.Image(image), tv_tensors.Mask(masks.to(torch.uint8)))
-    return out_image.as_subclass(torch.Tensor), out_masks.as_subclass(torch.Tensor).bool()
+        out_image, out_planes = transform(tv_tensors.Image(image), tv_tensors.Mask(pack_masks(masks)))
+    return out_image.as_subclass(torch.Tensor), unpack_masks(out_planes.as_subclass(torch.Tensor), len(masks))
