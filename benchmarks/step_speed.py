@@ -199,8 +199,8 @@ class Variant:
         for part in self.task.loss_parts(self.segmenter, self.batch, cpu, self._encode, self.prompt_chunk):
             part(nullcontext()).loss.backward()
 
-    def _encode(self, keys, pixel_values):
-        return self.cache.segmenter_inputs(keys, pixel_values)
+    def _encode(self, keys, pixel_values, sources=None):
+        return self.cache.segmenter_inputs(keys, pixel_values, sources)
 
 
 def variants_for(names: list[str], base, processor, batch: dict) -> list[Variant]:

@@ -162,3 +162,24 @@ def test_masks_augmented_packed_in_bit_planes_equal_masks_augmented_one_by_one(c
         assert augmented.dtype == torch.bool and torch.equal(augmented, expected.as_subclass(torch.Tensor).bool())
         moved += int(not torch.equal(augmented, masks))
     assert count == 0 or moved >= 6  # the transform really moved the masks
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int32", "int64", "float32", "bool", "empty"])
+def test_value_counts_equal_numpys_unique(dtype):
+    from sam2_peft.data.sources import value_counts
+
+    rng = np.random.default_rng(0)
+    labels = {
+        "uint8": rng.integers(0, 40, (64, 48)).astype(np.uint8),
+        "uint16": rng.integers(0, 3000, (64, 48)).astype(np.uint16),
+        "int32": rng.integers(-5, 40, (64, 48)).astype(np.int32),  # negative: counted by sorting
+        "int64": rng.integers(0, 2**20, (64, 48)),  # past 2^16: by sorting
+        "float32": rng.integers(0, 4, (64, 48)).astype(np.float32),
+        "bool": rng.random((64, 48)) > 0.5,
+        "empty": np.zeros((0, 48), np.uint8),
+    }[dtype]
+    values, counts = value_counts(labels)
+    expected_values, expected_counts = np.unique(labels, return_counts=True)
+    assert values.dtype == expected_values.dtype
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(counts, expected_counts)

@@ -77,7 +77,7 @@ def _cached_setup(tiny_model, tiny_processor, count: int, prompts: PromptConfig)
     with torch.no_grad():
         embeddings = segmenter.image_embeddings(segmenter.vision_features(batch["pixel_values"]))
 
-    def encode(keys, pixel_values):
+    def encode(keys, pixel_values, sources=None):
         return {"image_embeddings": embeddings}
 
     data = SimpleNamespace(processor=tiny_processor, config=DatasetConfig(prompts=prompts))

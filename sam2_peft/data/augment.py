@@ -46,13 +46,19 @@ def unpack_masks(planes: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def augment(
-    transform: v2.Transform, image: torch.Tensor, masks: torch.Tensor, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply `transform` to `(3, H, W)` uint8 and `(N, H, W)` bool jointly, deterministically for `seed`.
+    transform: v2.Transform, image: torch.Tensor | None, masks: torch.Tensor, seed: int
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Apply `transform` to `(3, H, W)` uint8 and `(N, H, W)` bool jointly, deterministically for `seed`. Without
+    an image (None), the masks come out as they would with one: the random draws depend on the size only.
 
     The masks travel packed 8 to a uint8 plane (exact: geometric transforms move mask pixels by nearest-neighbour
     sampling, which copies values): resampling 16 masks costs 2 planes' work instead of 16 (measured on nuclei)."""
+    planes = tv_tensors.Mask(pack_masks(masks))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out_image, out_planes = transform(tv_tensors.Image(image), tv_tensors.Mask(pack_masks(masks)))
-    return out_image.as_subclass(torch.Tensor), unpack_masks(out_planes.as_subclass(torch.Tensor), len(masks))
+        if image is None:
+            out_image, out_planes = None, transform(planes)
+        else:
+            out_image, out_planes = transform(tv_tensors.Image(image), planes)
+            out_image = out_image.as_subclass(torch.Tensor)
+    return out_image, unpack_masks(out_planes.as_subclass(torch.Tensor), len(masks))

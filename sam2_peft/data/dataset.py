@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xxhash
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 from transformers import Sam2Processor
@@ -24,7 +27,9 @@ class SegmentationDataset(SharedEpoch, Dataset):
         `pixel_values` `(3, S, S)` float, preprocessed by the processor (S = the model's image size);
         `points` `(N, P, 2)` float in model-input coordinates and `point_labels` `(N, P)` long (see `prompts`);
         `target_masks` `(N, S, S)` bool, the objects at model-input resolution;
-        `original_size` `(H, W)`; `sample_id`; `view` (which fixed augmentation, see `set_augmentation_views`); and, for evaluation, `original_masks` `(N, H, W)` bool.
+        `original_size` `(H, W)`; `sample_id`; `view` (which fixed augmentation, see `set_augmentation_views`);
+        `view_source` (what the view's pixels are made of, `_view_source`; None for images without a file); and, for
+        evaluation, `original_masks` `(N, H, W)` bool.
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class SegmentationDataset(SharedEpoch, Dataset):
         self.image_size = int(processor.image_processor.size["height"])
         self.transform = build_augmentation(self.config.augmentation) if train else None
         self._index = {record.sample_id: i for i, record in enumerate(records)}
+        self.is_cached: Callable[[str, str], bool] | None = None
 
     def set_augmentation_views(self, views: int | None) -> None:
         """Draw each item's augmentation from `views` fixed ones per image (cached encoder features), or afresh."""
@@ -69,31 +75,38 @@ class SegmentationDataset(SharedEpoch, Dataset):
         its random draws); `image_index` (default `index`) numbers the image itself, and fixes its augmented views."""
         seed = self._sample_seed(index, epoch)
         generator = torch.Generator().manual_seed(seed)
-        image = torch.from_numpy(np.array(record.load_image())).permute(2, 0, 1)  # a writable copy
         masks = torch.from_numpy(self._chosen_masks(record.objects(), generator))
-        size = [self.image_size, self.image_size]
-        if self.train and list(image.shape[1:]) != size:
-            # Resize to the model's input first: augmenting a 4-megapixel image costs far more than the step.
-            image = v2.functional.resize(image, size, antialias=True)
-            masks = v2.functional.resize(masks.to(torch.uint8), size, InterpolationMode.NEAREST_EXACT).bool()
         view, augment_seed = self._augmentation_view(index if image_index is None else image_index, seed)
+        source = self._view_source(record, augment_seed)
+        skip_image = source is not None and self._is_cached(view_key(record.sample_id, view), source)
+        image = None if skip_image else torch.from_numpy(np.array(record.load_image())).permute(2, 0, 1)
+        size = [self.image_size, self.image_size]
+        if self.train and list(masks.shape[1:]) != size:
+            # Resize to the model's input first: augmenting a 4-megapixel image costs far more than the step.
+            if image is not None:
+                image = v2.functional.resize(image, size, antialias=True)
+            masks = v2.functional.resize(masks.to(torch.uint8), size, InterpolationMode.NEAREST_EXACT).bool()
         if self.transform is not None:
             augmented_image, augmented_masks = augment(self.transform, image, masks, augment_seed)
             visible = augmented_masks.flatten(1).any(1)
             if visible.any():  # objects pushed out of the frame are dropped; if all were, keep the unaugmented view
                 image, masks = augmented_image, augmented_masks[visible]
-        original_size = tuple(image.shape[1:])
+        original_size = tuple(masks.shape[1:])
         if self.config.target_mode == "semantic":
             masks = masks.any(dim=0, keepdim=True)
         points, labels = sample_prompts(masks, self._prompt_config(masks), generator)
         at_size = list(original_size) == size  # then the processor's resize and the targets' would change nothing
-        pixel_values = self.processor.image_processor(
-            images=image, return_tensors="pt", **({"do_resize": False} if at_size else {})
-        )["pixel_values"][0]
+        if image is None:  # its features are cached: the encoder will not see these pixels
+            pixel_values = torch.zeros(3, *size)
+        else:
+            pixel_values = self.processor.image_processor(
+                images=image, return_tensors="pt", **({"do_resize": False} if at_size else {})
+            )["pixel_values"][0]
         targets = masks if at_size else F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].bool()
         item = {
             "sample_id": record.sample_id,
             "view": view,
+            "view_source": source,
             "pixel_values": pixel_values,
             "points": to_model_coordinates(points, original_size, self.image_size),
             "point_labels": labels,
@@ -103,6 +116,25 @@ class SegmentationDataset(SharedEpoch, Dataset):
         if not self.train:
             item["original_masks"] = masks
         return item
+
+    def skip_cached_images(self, is_cached: Callable[[str, str], bool] | None) -> None:
+        """Training items whose view `is_cached(key, source)` (the embedding cache of this process holds the
+        features of `view_key` computed from `source`, the view's `view_source`) skip decoding, augmenting and
+        normalising their image: their `pixel_values` are zeros, their masks and prompts what they would be."""
+        self.is_cached = is_cached
+
+    def _is_cached(self, key: str, source: str) -> bool:
+        return self.train and self.is_cached is not None and self.is_cached(key, source)
+
+    def _view_source(self, record: SampleRecord, augment_seed: int) -> str | None:
+        """What a view's pixels are made of, without decoding them: the image file's fingerprint, the augmentation
+        and its seed, the model's input size (None: an image without a file)."""
+        fingerprint = record.image_fingerprint()
+        if fingerprint is None:
+            return None
+        augmentation = f"{self.config.augmentation}|{augment_seed}" if self.transform is not None else "none"
+        recipe = f"{fingerprint}|{augmentation}|{self.image_size}|{self.train}"
+        return xxhash.xxh3_128_hexdigest(recipe.encode())
 
     def _augmentation_view(self, index: int, seed: int) -> tuple[int, int]:
         """(view, augmentation seed): one of `augmentation_views` fixed views per image, or the item's own seed."""
@@ -147,6 +179,11 @@ class SegmentationDataset(SharedEpoch, Dataset):
         return build_masks(objects, kept, self.config.validation)
 
 
+def view_key(sample_id: str, view: int) -> str:
+    """The embedding-cache key of a training view: `train/<id>/view-<k>` (one per fixed augmented view)."""
+    return f"train/{sample_id}/view-{view}"
+
+
 def collate_segmentation(items: list[dict]) -> dict:
     """Batch images, and concatenate their objects into one flat prompt batch.
 
@@ -163,6 +200,7 @@ def collate_segmentation(items: list[dict]) -> dict:
     batch = {
         "sample_ids": [item["sample_id"] for item in items],
         "views": [item["view"] for item in items],
+        "view_sources": [item.get("view_source") for item in items],
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "object_image_index": torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts)),
         "points": torch.cat(points) if max_points else None,

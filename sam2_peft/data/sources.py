@@ -66,10 +66,20 @@ class SampleRecord:
     load_objects: Callable[[], Objects] | None = None
     """The objects before their masks are built (a label map), so that only the chosen ones are built; None: from
     `load_instances`."""
+    image_file: str | None = None
+    """The image's file, when it has one: its path, size and modification time fingerprint the pixels."""
 
     @property
     def key(self) -> str:
         return self.identity or self.origin
+
+    def image_fingerprint(self) -> str | None:
+        """What identifies the image without decoding it: its file's path, size and modification time (None: no
+        file)."""
+        if self.image_file is None:
+            return None
+        stat = os.stat(self.image_file)
+        return f"{self.image_file}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def objects(self) -> Objects:
         """The sample's objects, masks not yet built (`LabelMap`), or built (`MaskStack`) by sources without one."""
@@ -138,7 +148,7 @@ class LabelMap(Objects):
     @classmethod
     def from_labels(cls, labels: np.ndarray) -> LabelMap:
         """Every distinct non-zero value of `labels` `(H, W)` is one object (in increasing order)."""
-        values, counts = np.unique(labels, return_counts=True)
+        values, counts = value_counts(labels)
         nonzero = values != 0
         return cls(labels, values[nonzero], counts[nonzero])
 
@@ -244,6 +254,18 @@ def read_label_image(path: str | os.PathLike, kind: str = "mask") -> np.ndarray:
     return np.asarray(_load(path, kind))
 
 
+def value_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(labels, return_counts=True)`, by counting (`np.bincount`, linear, about 10x faster on a megapixel
+    map) where the values are non-negative integers below 2^16 (label maps), else by sorting (`np.unique`)."""
+    if labels.dtype in (np.uint8, np.uint16, np.bool_) or (
+        np.issubdtype(labels.dtype, np.integer) and labels.size and 0 <= labels.min() and labels.max() < 2**16
+    ):
+        counts = np.bincount(labels.ravel().astype(np.intp, copy=False))
+        values = np.flatnonzero(counts)
+        return values.astype(labels.dtype), counts[values]
+    return np.unique(labels, return_counts=True)
+
+
 def _mask_kind(labels: np.ndarray, origin: str) -> str:
     """What `--mask-type auto` makes of a label map: "binary", "noisy binary" or "instance"; DataError if unclear.
 
@@ -251,7 +273,7 @@ def _mask_kind(labels: np.ndarray, origin: str) -> str:
     such as 1.0) with nearly every pixel near 0 or near that maximum is binary with JPEG or anti-aliasing noise.
     Integer labels using most values from 1 to their maximum are instances. Anything else is refused.
     """
-    values, counts = np.unique(labels, return_counts=True)
+    values, counts = value_counts(labels)
     if len(values) <= 2:
         return "binary"
     top = float(values[-1])
@@ -381,6 +403,7 @@ def folder_records(root: str | os.PathLike, mask_type: str = "auto") -> list[Sam
             load_instances=lambda p=masks[stem]: reader(read_label_image(p), printable(p)),
             identity=os.fspath(images[stem].resolve()),
             load_objects=lambda p=masks[stem]: reader.objects(read_label_image(p), printable(p)),
+            image_file=os.fspath(images[stem].resolve()),
         )
         for stem in sorted(images)
     ]
@@ -541,6 +564,7 @@ def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLi
                 load_image=lambda p=path: read_image(p),
                 load_instances=lambda i=image_id: instances(i),
                 identity=os.fspath(path.resolve()),
+                image_file=os.fspath(path.resolve()),
             )
         )
     return records

@@ -168,6 +168,8 @@ class EmbeddingCache:
         self.directory = Path(directory) if directory is not None else None
         self.stats = CacheStats()
         self._memory: dict[str, tuple[str, list[torch.Tensor]]] = {}
+        self._sources: dict[str, str] = {}
+        """Keys of the memory tier -> the source (`SegmentationDataset._view_source`) their pixels were made of."""
         self._warned_full = False
         self._logged_fit = False
         if self.directory is not None:
@@ -239,6 +241,7 @@ class EmbeddingCache:
 
     def _evict(self, key: str) -> None:
         _, features = self._memory.pop(key)
+        self._sources.pop(key, None)
         self.stats.memory_bytes -= _nbytes(features)
         self.stats.memory_entries -= 1
 
@@ -293,18 +296,35 @@ class EmbeddingCache:
             temp.replace(path)
             self.stats.disk_entries += 1
 
-    def segmenter_inputs(self, keys: list[str], pixel_values: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    def segmenter_inputs(
+        self, keys: list[str], pixel_values: torch.Tensor, sources: list[str | None] | None = None
+    ) -> dict[str, list[torch.Tensor]]:
         """`get_or_compute` as the `Sam2Segmenter.forward` argument it fills, e.g. `{"image_embeddings": [...]}`."""
-        return {self.stage: self.get_or_compute(keys, pixel_values)}
+        return {self.stage: self.get_or_compute(keys, pixel_values, sources)}
 
-    def get_or_compute(self, keys: list[str], pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def holds(self, key: str, source: str) -> bool:
+        """Whether the memory tier holds `key` computed from pixels made of `source`: then its pixels are not needed
+        (memory entries stay for the whole run)."""
+        return self._sources.get(key) == source
+
+    def get_or_compute(
+        self, keys: list[str], pixel_values: torch.Tensor, sources: list[str | None] | None = None
+    ) -> list[torch.Tensor]:
         """Features of a batch: `(B, 3, S, S)` pixels named by `keys` -> 3 maps `(B, C_l, h_l, w_l)`.
 
-        Cached entries are checked against a hash of their pixels; missing or stale ones are encoded together in one
-        batch and stored. Returned on the pixels' device (in `output_dtype`).
+        Entries that `holds(key, source)` are used as they are (their pixels may be placeholders); other cached
+        entries are checked against a hash of their pixels; missing or stale ones are encoded together in one batch
+        and stored. Returned on the pixels' device (in `output_dtype`).
         """
-        digests = [tensor_digest(p) for p in pixel_values]
-        found = [self._lookup(key, digest) for key, digest in zip(keys, digests)]
+        sources = sources or [None] * len(keys)
+        found: list[list[torch.Tensor] | None] = [None] * len(keys)
+        digests: list[str | None] = [None] * len(keys)
+        for i, (key, source, pixels) in enumerate(zip(keys, sources, pixel_values)):
+            if source is not None and self.holds(key, source):
+                found[i] = self._memory[key][1]
+            else:
+                digests[i] = tensor_digest(pixels)
+                found[i] = self._lookup(key, digests[i])
         missing = [i for i, features in enumerate(found) if features is None]
         self.stats.hits += len(keys) - len(missing)
         self.stats.misses += len(missing)
@@ -314,6 +334,9 @@ class EmbeddingCache:
             for j, i in enumerate(missing):
                 found[i] = [level[j].detach().to("cpu", self.storage_dtype, copy=True) for level in encoded]
                 self._store(keys[i], digests[i], found[i])
+        for key, source in zip(keys, sources):
+            if source is not None and key in self._memory:
+                self._sources[key] = source
         device = pixel_values.device
         return [torch.stack([f[level] for f in found]).to(device, self.output_dtype) for level in range(len(found[0]))]
 

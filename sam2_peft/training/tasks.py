@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from transformers import Sam2Processor
 
-from ..data.dataset import SegmentationDataset, collate_segmentation, model_inputs
+from ..data.dataset import SegmentationDataset, collate_segmentation, model_inputs, view_key
 from ..data.prompts import mask_prompts, mask_to_boxes
 from ..evaluation.panels import comparison_panel
 from ..evaluation.runner import EvaluationResult, evaluate_segmenter
@@ -32,9 +32,10 @@ from .losses import LossOutput, combine_rounds, sam2_loss
 PER_PROMPT_INPUTS = frozenset({"object_image_index", "points", "point_labels", "mask_inputs"})
 """Segmenter inputs with one row per prompt (the others are per image)."""
 
-Encode = Callable[[list[str], torch.Tensor], dict[str, list[torch.Tensor]]]
-"""`encode(keys, pixel_values)`: a batch's encoded images as segmenter inputs (`{"image_embeddings": [...]}` or
-`{"vision_features": [...]}`), e.g. `EmbeddingCache.segmenter_inputs`."""
+Encode = Callable[..., dict[str, list[torch.Tensor]]]
+"""`encode(keys, pixel_values, sources=None)`: a batch's encoded images as segmenter inputs (`{"image_embeddings":
+[...]}` or `{"vision_features": [...]}`), e.g. `EmbeddingCache.segmenter_inputs`; `sources` (the items'
+`view_source`) lets it use entries whose pixels the dataset did not build."""
 
 LossPart = Callable[[AbstractContextManager], LossOutput]
 """A part of a batch's loss, computed (forward) when called under an autocast context."""
@@ -153,7 +154,7 @@ class ImageSegmentationTask(Task):
         """Embedding-cache keys of a batch's images (`train/<id>/view-<k>`, one per fixed augmented view)."""
         if split == "eval":
             return [f"eval/{sample_id}" for sample_id in batch["sample_ids"]]
-        return [f"train/{sample_id}/view-{view}" for sample_id, view in zip(batch["sample_ids"], batch["views"])]
+        return [view_key(sample_id, view) for sample_id, view in zip(batch["sample_ids"], batch["views"])]
 
     def loss(
         self,
@@ -174,7 +175,8 @@ class ImageSegmentationTask(Task):
         Without the cache, one part (the encoder runs inside the segmenter's forward)."""
         inputs = model_inputs(batch, device)
         if encode is not None:
-            inputs.update(encode(self.cache_keys(batch, "train"), inputs.pop("pixel_values")))
+            keys, pixels = self.cache_keys(batch, "train"), inputs.pop("pixel_values")
+            inputs.update(encode(keys, pixels, batch.get("view_sources")))
         targets = batch["target_masks"].to(device)
         if self.prompts.mask_prompt_probability and random.random() < self.prompts.mask_prompt_probability:
             inputs["mask_inputs"] = mask_prompts(targets, targets.shape[-1] // 4)

@@ -120,6 +120,10 @@ class Trainer:
         self.streamed = isinstance(self.train_dataset, IterableDataset)
         """Training from a stream (`--streaming`): endless batches, so the run is measured in `--max-steps`."""
         self.cache = self._embedding_cache()
+        if self.cache is not None and self.num_workers == 0 and hasattr(self.train_dataset, "skip_cached_images"):
+            # In this process the dataset can ask the cache: views it holds are not decoded again. (Workers would
+            # ask a copy of it, frozen when they started.)
+            self.train_dataset.skip_cached_images(self.cache.holds)
         self.train_loader = self._loader(self.train_dataset, shuffle=True)
         self.val_loader = self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else None
         optimizer = torch.optim.AdamW(method.parameter_groups(self.model, config.lr, config.weight_decay))
