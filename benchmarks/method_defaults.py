@@ -26,11 +26,13 @@ VAL_IMAGES = 32
 
 
 def loss_settings(quick: bool) -> list[tuple[str, str, list[str]]]:
-    """Decoder LoRA at its default lr, one knob at a time from SAM 2's loss with dropout 0.1: where the mask loss is
-    computed (full, native, points), and LoRA dropout 0."""
-    points = [("full", "0.1"), ("full", "0"), ("native", "0.1"), ("points", "0.1")]
-    grid = [("lora_decoder", f"loss {resolution}, dropout {dropout}",
-             ["--loss-resolution", resolution, "--lora-dropout", dropout]) for resolution, dropout in points]  # fmt: skip
+    """Decoder LoRA at its default lr, one knob at a time from SAM 2's loss with dropout 0.1 on every target: where
+    the mask loss is computed (full, native, points), LoRA dropout 0, and dropout 0.1 on the prompt tokens only."""
+    points = [("full", "0.1", "all"), ("full", "0", "all"), ("native", "0.1", "all"), ("points", "0.1", "all"),
+              ("full", "0.1", "tokens")]  # fmt: skip
+    grid = [("lora_decoder", f"loss {resolution}, dropout {dropout}{' on tokens' if inputs == 'tokens' else ''}",
+             ["--loss-resolution", resolution, "--lora-dropout", dropout, "--lora-dropout-inputs", inputs])
+            for resolution, dropout, inputs in points]  # fmt: skip
     return grid[:2] if quick else grid
 
 

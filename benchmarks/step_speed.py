@@ -11,7 +11,8 @@ A B C ... for `--rounds` rounds (so that a change of machine load hits all of th
 - after: sam2-peft's defaults now (cache after the projections, `LossConfig()`, `LoraOptions()`, the CPU's prompt
   chunk: the prompts decoded and back-propagated 4 at a time);
 - one knob at a time (`SETTINGS`): the cache after the projections, then the loss at full resolution chunked, at the
-  native resolution, at points, LoRA dropout 0, and prompt chunks of 1, 2, 8 or all prompts at once;
+  native resolution, at points, LoRA dropout 0 or on every target, and prompt chunks of 1, 2, 8 or all prompts at
+  once;
 - limit: the decoder's own forward + backward + AdamW on precomputed decoder inputs already on the device, with a
   plain BCE at the decoder's resolution, in the same prompt chunks as `after`: nothing a training loop could skip.
 
@@ -46,7 +47,7 @@ from sam2_peft.training.config import default_prompt_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
 NUCLEI = Path(os.environ.get("SAM2_PEFT_DATA", ROOT.parent / "shared" / "data")) / "nuclei-coelho2009"
-FULL, DROPOUT = dict(loss_resolution="full", loss_chunk=0), dict(lora_dropout=0.1)
+FULL, DROPOUT = dict(loss_resolution="full", loss_chunk=0), dict(lora_dropout=0.1, lora_dropout_inputs="all")
 CHUNK = default_prompt_chunk("cpu")
 SETTINGS = {
     "before": dict(stage="vision_features", loss=FULL, lora=DROPOUT, prompt_chunk=0),
@@ -63,6 +64,8 @@ SETTINGS = {
     "+ loss points, dropout 0": dict(
         stage="image_embeddings", loss=dict(loss_resolution="points"), lora=dict(lora_dropout=0.0)
     ),
+    "after, dropout 0": dict(stage="image_embeddings", loss=None, lora=dict(lora_dropout=0.0), prompt_chunk=CHUNK),
+    "after, dropout 0.1 on all": dict(stage="image_embeddings", loss=None, lora=DROPOUT, prompt_chunk=CHUNK),
     **{
         f"after, prompt chunk {chunk or 'off'}": dict(
             stage="image_embeddings", loss=None, lora=None, prompt_chunk=chunk

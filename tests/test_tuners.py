@@ -139,3 +139,46 @@ def test_segmenter_gradients_reach_only_lora(tiny_model):
     output.mask_logits.sum().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n for n in with_grad)
+
+
+def _dropout_by_module(model) -> dict[str, bool]:
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name.removeprefix("base_model.model.mask_decoder.transformer."): isinstance(
+            module.lora_dropout["default"], torch.nn.Dropout
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+
+
+def test_dropout_stays_on_the_decoders_prompt_token_projections_only(tiny_model):
+    """The image-token projections are found by their inputs: those that see the image's tokens lose dropout."""
+    import copy
+
+    model = LoraMethod(lora_r=4, lora_dropout=0.1, lora_dropout_inputs="tokens").prepare(
+        copy.deepcopy(tiny_model), "tiny"
+    )
+    dropout = _dropout_by_module(model)
+    inputs = {}
+    for name, module in model.named_modules():
+        if name.removeprefix("base_model.model.mask_decoder.transformer.") in dropout and hasattr(module, "base_layer"):
+            module.register_forward_hook(lambda m, args, out, n=name: inputs.update({n: args[0].shape[-2]}))
+    segmenter = Sam2Segmenter(model)
+    with torch.no_grad():
+        segmenter(torch.zeros(1, dtype=torch.long), torch.randn(1, 3, 128, 128), points=torch.tensor([[[9.0, 9], [60, 70]]]),
+                  point_labels=torch.tensor([[2, 3]]))  # fmt: skip
+    image_tokens = (128 // 16) ** 2
+    seen = {n.removeprefix("base_model.model.mask_decoder.transformer."): rows for n, rows in inputs.items()}
+    assert len(seen) == len(dropout) == 28
+    for name, rows in seen.items():
+        assert dropout[name] == (rows < image_tokens), (name, rows)
+    assert sum(dropout.values()) == 18
+
+    everywhere = LoraMethod(lora_r=4, lora_dropout=0.1).prepare(  # the default: every target
+        copy.deepcopy(tiny_model), "tiny"
+    )
+    assert all(_dropout_by_module(everywhere).values())
+    with pytest.raises(ValueError, match="lora_dropout_inputs"):
+        LoraMethod(lora_dropout_inputs="image")

@@ -22,6 +22,15 @@ LORA_PRESETS: dict[str, list[str]] = {
 }
 """Named groups of target modules (regexes over full module names). Combine with '+' (or ','), e.g. `decoder+encoder`."""
 
+IMAGE_TOKEN_INPUTS = (
+    r"mask_decoder\.transformer\.(?:layers\.\d+\.)?(?:(?:cross_attn_token_to_image|final_attn_token_to_image)\."
+    r"(?:k_proj|v_proj)|cross_attn_image_to_token\.(?:q_proj|o_proj))"
+)
+"""The mask decoder's 10 projections whose inputs are the image's tokens (4096 per prompt at 1024 px); the other 18 of
+its 28 take the prompt tokens (a handful per prompt)."""
+DROPOUT_INPUTS = ("tokens", "all")
+"""Where LoRA dropout applies: the decoder's projections of prompt tokens only, or every target (as peft does)."""
+
 TOKEN_INITS = ("padding", "normal", "box", "point")
 OUTPUT_MASKS = ("single", "multi1", "multi2", "multi3", "best", "dynamic")
 
@@ -51,8 +60,19 @@ class LoraOptions:
         default=32, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha / r)."}
     )
     lora_dropout: float = field(
-        default=0.0,
-        metadata={"help": "Dropout on the LoRA branch's input (off by default: 0.1 trained no better, and slower)."},
+        default=0.1,
+        metadata={
+            "help": "Dropout on the LoRA branch's input (0 trains 1.1x faster on CPU, but lost 0.015 Dice on polyps)."
+        },
+    )
+    lora_dropout_inputs: str = field(
+        default="all",
+        metadata={
+            "help": "Where --lora-dropout applies: all (every target, as peft does) or tokens (only the decoder's "
+            "projections of the prompt tokens, not the 4096 image tokens per prompt: cheaper, but measured no "
+            "better than no dropout).",
+            "choices": DROPOUT_INPUTS,
+        },
     )
     target_regex: str | None = field(
         default=None, metadata={"help": "Full-match regex over module names (overrides --targets)."}
@@ -61,6 +81,8 @@ class LoraOptions:
     def __post_init__(self) -> None:
         if self.target_regex is None:
             preset_regex(self.targets)  # an unknown preset fails here, naming the known ones
+        if self.lora_dropout_inputs not in DROPOUT_INPUTS:
+            raise ValueError(f"lora_dropout_inputs must be one of {DROPOUT_INPUTS}, got '{self.lora_dropout_inputs}'.")
 
     @property
     def target_modules(self) -> str:
