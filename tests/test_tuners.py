@@ -16,7 +16,7 @@ from sam2_peft.adapters import (
 from sam2_peft.adapters.files import SIDECAR_FILE
 from sam2_peft.models.loading import build_model_from_config, tiny_config
 from sam2_peft.models.segmenter import Sam2Segmenter
-from sam2_peft.tuners.lora import preset_regex
+from sam2_peft.tuners.lora import BitsDropout, preset_regex
 
 
 def _trainable(model):
@@ -146,7 +146,7 @@ def _dropout_by_module(model) -> dict[str, bool]:
 
     return {
         name.removeprefix("base_model.model.mask_decoder.transformer."): isinstance(
-            module.lora_dropout["default"], torch.nn.Dropout
+            module.lora_dropout["default"], BitsDropout
         )
         for name, module in model.named_modules()
         if isinstance(module, LoraLayer)
@@ -182,3 +182,21 @@ def test_dropout_stays_on_the_decoders_prompt_token_projections_only(tiny_model)
     assert all(_dropout_by_module(everywhere).values())
     with pytest.raises(ValueError, match="lora_dropout_inputs"):
         LoraMethod(lora_dropout_inputs="image")
+
+
+def test_bits_dropout_is_dropout_with_p_rounded_to_a_32768th():
+    torch.manual_seed(0)
+    dropout = BitsDropout(0.1).train()
+    x = torch.full((501, 999), 2.0, requires_grad=True)  # an odd count: the last int32 is half used
+    y = dropout(x)
+    dropped = y == 0
+    keep_rate = 1 - dropout.threshold / 2**15
+    assert abs(dropout.threshold / 2**15 - 0.1) < 2e-5
+    for half in (dropped.flatten()[0::2], dropped.flatten()[1::2]):  # both 16-bit halves of each random word
+        assert abs(half.float().mean().item() - 0.1) < 0.003
+    torch.testing.assert_close(y[~dropped], torch.full_like(y[~dropped], 2.0 / keep_rate))
+    assert abs(y.mean().item() - 2.0) < 0.01  # unbiased
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (~dropped).float() / keep_rate)
+    assert not torch.equal(dropout(x) == 0, dropped)  # a fresh mask each call
+    assert torch.equal(dropout.eval()(x), x) and torch.equal(BitsDropout(0.0).train()(x), x)

@@ -22,7 +22,7 @@ from ..io import atomic_adapter_dir, atomic_write_json
 from ..models.loading import RANDOM_WEIGHTS_KEY
 from ..models.names import BASE_DTYPES, COMPONENTS
 from ..models.segmenter import unwrap_sam
-from ..tuners.lora import keep_dropout_on_prompt_tokens, sam2_lora_config
+from ..tuners.lora import install_lora_dropout, sam2_lora_config
 from ..tuners.options import LoraOptions, PtsamOptions
 from ..tuners.ptsam import PtsamConfig
 from .files import ADAPTER_FILE_NAMES, PARTIAL_CONFIG_FILE, PARTIAL_WEIGHTS_FILE, save_peft_adapter, write_sidecar
@@ -64,8 +64,7 @@ class LoraMethod(TuningMethod, LoraOptions):
     def prepare(self, model: nn.Module, base_name: str | None) -> nn.Module:
         model.name_or_path = base_name  # peft copies it into the adapter config
         model = get_peft_model(model, sam2_lora_config(self, base_name))
-        if self.lora_dropout and self.lora_dropout_inputs == "tokens":
-            keep_dropout_on_prompt_tokens(model)
+        install_lora_dropout(model, self.lora_dropout, self.lora_dropout_inputs)
         return model
 
     def save(self, model: nn.Module, directory: str | os.PathLike, base_name: str | None) -> None:
