@@ -67,6 +67,17 @@ def test_the_view_source_follows_the_file_the_view_and_the_augmentation(folder_d
     assert plain._view_source(record, 1) == plain._view_source(record, 2)  # without augmentation: one view
 
 
+def test_a_vanished_image_file_fails_as_reading_it_does(folder_dataset, tiny_processor):
+    from sam2_peft.data.sources import DataError
+
+    dataset = _dataset(folder_dataset, tiny_processor)
+    dataset.skip_cached_images(lambda key, source: True)
+    os.remove(dataset.records[0].image_file)
+    assert dataset.records[0].image_fingerprint() is None
+    with pytest.raises(DataError, match="Cannot read image"):
+        dataset[0]
+
+
 def test_an_image_without_a_file_is_always_built(folder_dataset, tiny_processor):
     dataset = _dataset(folder_dataset, tiny_processor)
     for record in dataset.records:

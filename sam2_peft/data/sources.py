@@ -78,7 +78,10 @@ class SampleRecord:
         file)."""
         if self.image_file is None:
             return None
-        stat = os.stat(self.image_file)
+        try:
+            stat = os.stat(self.image_file)
+        except OSError:
+            return None  # gone or unreadable: decoding it says so, in the reader's words
         return f"{self.image_file}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def objects(self) -> Objects:
