@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import time
 from contextlib import nullcontext
@@ -313,7 +314,8 @@ def main() -> None:
     size = int(base.config.prompt_encoder_config.image_size)
     names = args.variants
     report = {
-        "command": "python benchmarks/step_speed.py " + " ".join(os.sys.argv[1:]),
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/step_speed.py "
+        + shlex.join(os.sys.argv[1:]),
         "arch": args.arch,
         "image_size": size,
         "torch": torch.__version__,
