@@ -332,7 +332,10 @@ class EmbeddingCache:
             with torch.no_grad():
                 encoded = self.encode(pixel_values[missing])
             for j, i in enumerate(missing):
-                found[i] = [level[j].detach().to("cpu", self.storage_dtype, copy=True) for level in encoded]
+                found[i] = [  # contiguous: the convs' channels-last maps would make every hit's stack strided
+                    level[j].detach().to("cpu", self.storage_dtype, copy=True, memory_format=torch.contiguous_format)
+                    for level in encoded
+                ]
                 self._store(keys[i], digests[i], found[i])
         for key, source in zip(keys, sources):
             if source is not None and key in self._memory:
