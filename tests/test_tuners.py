@@ -157,9 +157,7 @@ def test_dropout_stays_on_the_decoders_prompt_token_projections_only(tiny_model)
     """The image-token projections are found by their inputs: those that see the image's tokens lose dropout."""
     import copy
 
-    model = LoraMethod(lora_r=4, lora_dropout=0.1, lora_dropout_inputs="tokens").prepare(
-        copy.deepcopy(tiny_model), "tiny"
-    )
+    model = LoraMethod(lora_r=4, lora_dropout=0.1).prepare(copy.deepcopy(tiny_model), "tiny")  # the default: tokens
     dropout = _dropout_by_module(model)
     inputs = {}
     for name, module in model.named_modules():
@@ -176,7 +174,7 @@ def test_dropout_stays_on_the_decoders_prompt_token_projections_only(tiny_model)
         assert dropout[name] == (rows < image_tokens), (name, rows)
     assert sum(dropout.values()) == 18
 
-    everywhere = LoraMethod(lora_r=4, lora_dropout=0.1).prepare(  # the default: every target
+    everywhere = LoraMethod(lora_r=4, lora_dropout=0.1, lora_dropout_inputs="all").prepare(
         copy.deepcopy(tiny_model), "tiny"
     )
     assert all(_dropout_by_module(everywhere).values())
