@@ -241,3 +241,29 @@ def test_chunked_full_resolution_loss_keeps_no_full_resolution_tensor_for_backwa
         assert sum(saved) < 1.2 * targets_numel, sum(saved) / targets_numel
     else:
         assert sum(saved) > 4 * targets_numel, sum(saved) / targets_numel
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.6, 1.5), (0.0, 0.0)])
+def test_focal_dice_on_binary_targets_equals_the_generic_terms(alpha, gamma):
+    """The one-pass focal + dice with its analytic gradient (bool targets) against torchvision's focal loss and
+    `dice_loss` through autograd (float targets), and against finite differences (gradcheck, float64)."""
+    from sam2_peft.training.losses import FocalDiceOnBinaryTargets, mask_loss_terms
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 3, 8, 8, generator=generator).mul(4).requires_grad_()
+    targets = torch.rand(3, 32, 32, generator=generator) > 0.6
+    targets[2] = False  # an absent object: dice against an empty target
+    config = LossConfig(focal_alpha=alpha, focal_gamma=gamma)
+    fused = mask_loss_terms(logits, targets, config)
+    generic = mask_loss_terms(logits, targets.float(), config)
+    weights = torch.rand(2, 3, 3, generator=generator)
+    grads = [torch.autograd.grad((terms[0] * weights[0] + terms[1] * weights[1]).sum(), logits)[0]
+             for terms in (fused, generic)]  # fmt: skip
+    for got, want in zip(fused, generic):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-9)
+    flat_logits = torch.randn(2, 3, 50, dtype=torch.float64, generator=generator).mul(3).requires_grad_()
+    flat_targets = (torch.rand(2, 1, 50, generator=generator) > 0.5).double()
+    assert torch.autograd.gradcheck(
+        lambda x: FocalDiceOnBinaryTargets.apply(x, flat_targets, alpha, gamma), (flat_logits,)
+    )

@@ -136,14 +136,59 @@ def _mask_terms(logits: torch.Tensor, targets: torch.Tensor, config: LossConfig)
     return per_mask, dice_loss(logits, targets)
 
 
+class FocalDiceOnBinaryTargets(torch.autograd.Function):
+    """`focal_loss` and `dice_loss` per mask in one pass and an analytic gradient, for targets in {0, 1}: 2x fewer
+    passes over the pixels than autograd through torchvision's focal loss (which serves soft targets too), and 3
+    saved maps per mask instead of about 10. With `z = x` off the object and `-x` on it, focal's cross-entropy is
+    `softplus(z)` and its `1 - p_t` is `sigmoid(z)`.
+
+    `(N, M, K)` logits, `(N, 1, K)` float targets -> focal `(N, M)`, dice `(N, M)`.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float):
+        sign = 1 - 2 * targets
+        z = logits * sign
+        q = torch.sigmoid(z)
+        softplus = F.softplus(z)
+        alpha_t = (1 - alpha) + (2 * alpha - 1) * targets
+        focal = torch.einsum("nmk,nok->nm", q.pow(gamma).mul_(softplus), alpha_t) / logits.shape[-1]
+        probs = torch.sigmoid(logits)
+        numerator = 2 * torch.einsum("nmk,nok->nm", probs, targets) + 1
+        denominator = probs.sum(-1) + targets.sum(-1) + 1
+        ctx.save_for_backward(q, softplus, probs, targets, numerator, denominator)
+        ctx.alpha, ctx.gamma = alpha, gamma
+        return focal, 1 - numerator / denominator
+
+    @staticmethod
+    def backward(ctx, grad_focal: torch.Tensor, grad_dice: torch.Tensor):
+        q, softplus, probs, targets, numerator, denominator = ctx.saved_tensors
+        alpha, gamma = ctx.alpha, ctx.gamma
+        # d focal / dx = sign * alpha_t * q^gamma * (q + gamma * softplus * (1 - q))
+        signed_alpha = (1 - 2 * targets) * ((1 - alpha) + (2 * alpha - 1) * targets)
+        grad = torch.addcmul(q, softplus, 1 - q, value=gamma).mul_(q.pow(gamma)).mul_(signed_alpha)
+        grad.mul_((grad_focal / q.shape[-1])[..., None])
+        # d dice / dx = (numerator / denominator^2 - 2 t / denominator) * p (1 - p)
+        constant, per_target = grad_dice * numerator / denominator**2, 2 * grad_dice / denominator
+        per_pixel = constant[..., None] - per_target[..., None] * targets
+        grad += probs.mul(1 - probs).mul_(per_pixel)
+        return grad, None, None, None
+
+
 def _full_resolution_terms(
     mask_logits: torch.Tensor, targets: torch.Tensor, config: LossConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask and dice terms and true IoU of logits upsampled to the `(N, 1, H, W)` targets (float, or bool: binary)."""
     upsampled = F.interpolate(mask_logits.float(), size=targets.shape[-2:], mode="bilinear", align_corners=False)
-    targets = targets.expand_as(upsampled)
+    binary, targets = targets.dtype == torch.bool, targets.float()
     with torch.no_grad():
-        true_iou = mask_iou(upsampled, targets)
-    return (*_mask_terms(upsampled, targets, config), true_iou)
+        true_iou = mask_iou(upsampled, targets.expand_as(upsampled))
+    if binary and config.mask_loss == "focal" and config.focal_alpha >= 0:  # alpha < 0: torchvision weighs none
+        focal, dice = FocalDiceOnBinaryTargets.apply(
+            upsampled.flatten(-2), targets.flatten(-2), config.focal_alpha, config.focal_gamma
+        )
+        return focal, dice, true_iou
+    return (*_mask_terms(upsampled, targets.expand_as(upsampled), config), true_iou)
 
 
 def mask_loss_terms(
@@ -155,19 +200,19 @@ def mask_loss_terms(
         mask_logits: `(N, M, h, w)` low-resolution logits.
         target_masks: `(N, H, W)` targets at the model input resolution.
     """
-    targets = target_masks.float()[:, None]
     if config.loss_resolution == "full" and (config.loss_chunk == 0 or len(mask_logits) <= config.loss_chunk):
-        return _full_resolution_terms(mask_logits, targets, config)  # one chunk: nothing to gain by recomputing
+        return _full_resolution_terms(mask_logits, target_masks[:, None], config)  # one chunk: nothing to recompute
     if config.loss_resolution == "full":
         parts = []
         for start in range(0, len(mask_logits), config.loss_chunk):
             chunk = slice(start, start + config.loss_chunk)
-            logits, chunk_targets = mask_logits[chunk], targets[chunk]
+            logits, chunk_targets = mask_logits[chunk], target_masks[chunk, None]
             if torch.is_grad_enabled() and logits.requires_grad:
                 parts.append(checkpoint(_full_resolution_terms, logits, chunk_targets, config, use_reentrant=False))
             else:
                 parts.append(_full_resolution_terms(logits, chunk_targets, config))
         return tuple(torch.cat(column) for column in zip(*parts))
+    targets = target_masks.float()[:, None]
     logits = mask_logits.float()
     native_targets = F.interpolate(targets, size=logits.shape[-2:], mode="area")
     with torch.no_grad():
