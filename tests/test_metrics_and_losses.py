@@ -267,3 +267,20 @@ def test_focal_dice_on_binary_targets_equals_the_generic_terms(alpha, gamma):
     assert torch.autograd.gradcheck(
         lambda x: FocalDiceOnBinaryTargets.apply(x, flat_targets, alpha, gamma), (flat_logits,)
     )
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (3, 5), (16, 16)])
+def test_bilinear_upsampling_backward_is_pytorchs(height, width):
+    """The separable transpose of 4x upsampling equals autograd through `F.interpolate`, edges included."""
+    from sam2_peft.training.losses import upsample_logits
+
+    generator = torch.Generator().manual_seed(height)
+    logits = torch.randn(2, 3, height, width, dtype=torch.float64, generator=generator, requires_grad=True)
+    grad = torch.randn(2, 3, 4 * height, 4 * width, dtype=torch.float64, generator=generator)
+    size = (4 * height, 4 * width)
+    ours = upsample_logits(logits, size)
+    (got,) = torch.autograd.grad(ours, logits, grad)
+    reference = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    (want,) = torch.autograd.grad(reference, logits, grad)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
