@@ -66,6 +66,9 @@ SETTINGS = {
         stage="image_embeddings", loss=dict(loss_resolution="points"), lora=dict(lora_dropout=0.0)
     ),
     "after, dropout 0": dict(stage="image_embeddings", loss=None, lora=dict(lora_dropout=0.0), prompt_chunk=CHUNK),
+    "after, loss native": dict(
+        stage="image_embeddings", loss=dict(loss_resolution="native"), lora=None, prompt_chunk=CHUNK
+    ),
     "after, dropout 0.1 on all": dict(stage="image_embeddings", loss=None, lora=DROPOUT, prompt_chunk=CHUNK),
     **{
         f"after, prompt chunk {chunk or 'off'}": dict(
