@@ -222,8 +222,8 @@ def test_point_loss_approaches_the_full_loss_with_many_points():
 @pytest.mark.parametrize("chunk", [0, 2])
 def test_chunked_full_resolution_loss_keeps_no_full_resolution_tensor_for_backward(chunk):
     """What autograd keeps for the backward pass: with chunks (recomputed in backward), the chunks' inputs only (the
-    low-resolution logits and the targets, which the batch holds anyway); computed at once, the upsampled logits and
-    every intermediate of the focal and dice terms at the targets' resolution."""
+    low-resolution logits and the targets, which the batch holds anyway); computed at once, the upsampled logits
+    and the targets at full resolution (`FocalDiceOnBinaryTargets` recomputes the rest)."""
     logits = torch.randn(6, 1, 16, 16, requires_grad=True)
     targets = torch.zeros(6, 128, 128, dtype=torch.bool)
     targets[:, 20:90, 30:100] = True
@@ -240,14 +240,18 @@ def test_chunked_full_resolution_loss_keeps_no_full_resolution_tensor_for_backwa
     if chunk:
         assert sum(saved) < 1.2 * targets_numel, sum(saved) / targets_numel
     else:
-        assert sum(saved) > 4 * targets_numel, sum(saved) / targets_numel
+        assert sum(saved) >= 2 * targets_numel, sum(saved) / targets_numel
 
 
 @pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.6, 1.5), (0.0, 0.0)])
-def test_focal_dice_on_binary_targets_equals_the_generic_terms(alpha, gamma):
-    """The one-pass focal + dice with its analytic gradient (bool targets) against torchvision's focal loss and
-    `dice_loss` through autograd (float targets), and against finite differences (gradcheck, float64)."""
+def test_focal_dice_on_binary_targets_equals_the_generic_terms(alpha, gamma, monkeypatch):
+    """The blocked focal + dice + IoU with its analytic gradient (bool targets) against torchvision's focal loss,
+    `dice_loss` and `mask_iou` through autograd (float targets), and against finite differences (gradcheck,
+    float64); blocks smaller than the maps, with a remainder."""
+    from sam2_peft.training import losses
     from sam2_peft.training.losses import FocalDiceOnBinaryTargets, mask_loss_terms
+
+    monkeypatch.setattr(losses, "PIXEL_BLOCK", 100)  # 1024 pixels: 10 blocks and 24 left
 
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 3, 8, 8, generator=generator).mul(4).requires_grad_()
@@ -265,7 +269,7 @@ def test_focal_dice_on_binary_targets_equals_the_generic_terms(alpha, gamma):
     flat_logits = torch.randn(2, 3, 50, dtype=torch.float64, generator=generator).mul(3).requires_grad_()
     flat_targets = (torch.rand(2, 1, 50, generator=generator) > 0.5).double()
     assert torch.autograd.gradcheck(
-        lambda x: FocalDiceOnBinaryTargets.apply(x, flat_targets, alpha, gamma), (flat_logits,)
+        lambda x: FocalDiceOnBinaryTargets.apply(x, flat_targets, alpha, gamma, 16)[:2], (flat_logits,)
     )
 
 
