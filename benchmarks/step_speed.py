@@ -151,7 +151,8 @@ class Variant:
         if name == "limit":
             with torch.no_grad():
                 features = self.segmenter.vision_features(batch["pixel_values"])
-                self.embeddings = [e.detach() for e in self.segmenter.image_embeddings(features)]
+                # contiguous, as the cache returns them (the convs give channels-last maps, slower to decode)
+                self.embeddings = [e.detach().contiguous() for e in self.segmenter.image_embeddings(features)]
             size = batch["target_masks"].shape[-1] // 4
             self.native = F.interpolate(batch["target_masks"].float()[:, None], size=(size, size), mode="area")
             return

@@ -152,8 +152,8 @@ def _upsampling_transpose(grad: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class BilinearUpsample4x(torch.autograd.Function):
-    """`F.interpolate(x, scale_factor=4, mode="bilinear")` whose backward pass is separable: 5x faster on CPU than
-    PyTorch's (1.7 against 9 ms for 256^2 -> 1024^2), the same values up to float rounding."""
+    """`F.interpolate(x, scale_factor=4, mode="bilinear")` whose backward pass is its separable transpose (a few
+    strided passes, where PyTorch's CPU kernel scatters pixel by pixel); the same values up to float rounding."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
@@ -173,15 +173,16 @@ def upsample_logits(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 
 PIXEL_BLOCK = 65536
-"""Pixels per block of `FocalDiceOnBinaryTargets`: a block's handful of temporaries stays in a core's L2 cache, which
-made the loss 2x faster on CPU than the same operations on whole 1024^2 maps."""
+"""Pixels per block of `FocalDiceOnBinaryTargets` on CPU, where a block's handful of temporaries stays in a core's L2
+cache (on a GPU, one block: every operation is a kernel launch)."""
 
 
 class FocalDiceOnBinaryTargets(torch.autograd.Function):
     """`focal_loss`, `dice_loss` and `mask_iou` per mask for targets in {0, 1}, with an analytic gradient, computed
-    `block` pixels at a time and recomputed in the backward pass (it keeps only its inputs): 2.5x faster on CPU than
-    autograd through torchvision's focal loss, which serves soft targets too (`benchmarks/loss_speed.py`). With
-    `z = x` off the object and `-x` on it, focal's cross-entropy is `softplus(z)` and its `1 - p_t` is `sigmoid(z)`.
+    `block` pixels at a time and recomputed in the backward pass (it keeps only its inputs): with the upsampling,
+    2x faster on CPU than autograd through torchvision's focal loss, which serves soft targets too
+    (`benchmarks/loss_speed.py`). With `z = x` off the object and `-x` on it, focal's cross-entropy is
+    `softplus(z)` and its `1 - p_t` is `sigmoid(z)`.
 
     `(N, M, K)` logits, `(N, 1, K)` float targets -> focal, dice, IoU `(N, M)` (IoU not differentiable).
     """
@@ -241,8 +242,9 @@ def _full_resolution_terms(
     upsampled = upsample_logits(mask_logits.float(), targets.shape[-2:])
     binary, targets = targets.dtype == torch.bool, targets.float()
     if binary and config.mask_loss == "focal" and config.focal_alpha >= 0:  # alpha < 0: torchvision weighs none
+        block = PIXEL_BLOCK if upsampled.device.type == "cpu" else upsampled.shape[-2:].numel()
         return FocalDiceOnBinaryTargets.apply(
-            upsampled.flatten(-2), targets.flatten(-2), config.focal_alpha, config.focal_gamma, PIXEL_BLOCK
+            upsampled.flatten(-2), targets.flatten(-2), config.focal_alpha, config.focal_gamma, block
         )
     with torch.no_grad():
         true_iou = mask_iou(upsampled, targets.expand_as(upsampled))
