@@ -273,6 +273,20 @@ def test_focal_dice_on_binary_targets_equals_the_generic_terms(alpha, gamma, mon
     )
 
 
+def test_focal_dice_on_binary_targets_stays_float32_under_autocast():
+    """A caller's bfloat16 autocast must not round the loss: matmul-like reductions would run in bfloat16."""
+    from sam2_peft.training.losses import mask_loss_terms
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 64, 64, generator=generator).mul(3)
+    targets = torch.rand(2, 256, 256, generator=generator) > 0.5
+    reference = mask_loss_terms(logits, targets, LossConfig())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = mask_loss_terms(logits, targets, LossConfig())
+    for got, want in zip(under_autocast, reference):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("height, width", [(1, 1), (3, 5), (16, 16)])
 def test_bilinear_upsampling_backward_is_pytorchs(height, width):
     """The separable transpose of 4x upsampling equals autograd through `F.interpolate`, edges included."""

@@ -179,8 +179,8 @@ cache (on a GPU, one block: every operation is a kernel launch)."""
 
 class FocalDiceOnBinaryTargets(torch.autograd.Function):
     """`focal_loss`, `dice_loss` and `mask_iou` per mask for targets in {0, 1}, with an analytic gradient, computed
-    `block` pixels at a time and recomputed in the backward pass (it keeps only its inputs): with the upsampling,
-    2x faster on CPU than autograd through torchvision's focal loss, which serves soft targets too
+    `block` pixels at a time in float32 and recomputed in the backward pass (it keeps only its inputs): with the
+    upsampling, 2x faster on CPU than autograd through torchvision's focal loss, which serves soft targets too
     (`benchmarks/loss_speed.py`). With `z = x` off the object and `-x` on it, focal's cross-entropy is
     `softplus(z)` and its `1 - p_t` is `sigmoid(z)`.
 
@@ -194,9 +194,9 @@ class FocalDiceOnBinaryTargets(torch.autograd.Function):
             x, t = logits[..., start : start + block], targets[..., start : start + block]
             z = x * (1 - 2 * t)
             focal = torch.sigmoid(z).pow_(gamma).mul_(F.softplus(z))
-            sums[0] += torch.einsum("nmk,nok->nm", focal, (2 * alpha - 1) * t + (1 - alpha))
+            sums[0] += focal.mul_((2 * alpha - 1) * t + (1 - alpha)).sum(-1)  # elementwise: immune to autocast
             probs = torch.sigmoid(x)
-            sums[1] += torch.einsum("nmk,nok->nm", probs, t)
+            sums[1] += (probs * t).sum(-1)
             sums[2] += probs.sum(-1)
             positive = x > 0
             sums[3] += (positive & (t > 0.5)).sum(-1)
@@ -246,9 +246,10 @@ def _full_resolution_terms(
         return FocalDiceOnBinaryTargets.apply(
             upsampled.flatten(-2), targets.flatten(-2), config.focal_alpha, config.focal_gamma, block
         )
+    targets = targets.expand_as(upsampled)
     with torch.no_grad():
-        true_iou = mask_iou(upsampled, targets.expand_as(upsampled))
-    return (*_mask_terms(upsampled, targets.expand_as(upsampled), config), true_iou)
+        true_iou = mask_iou(upsampled, targets)
+    return (*_mask_terms(upsampled, targets, config), true_iou)
 
 
 def mask_loss_terms(
