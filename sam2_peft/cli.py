@@ -528,7 +528,7 @@ def push(argv: list[str]) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
-    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--commit-message", default=None, help="Hub commit message (default: one naming the method)")
     parser.add_argument("--base-model", default=None, help="record this Hub id as the base (if trained on a copy)")
     parser.add_argument("--license", default=None, help="license id for the card, e.g. apache-2.0 (SAM 2's)")
     args = parser.parse_args(argv)

@@ -131,9 +131,9 @@ class TrainingConfig:
     num_workers: int | None = field(
         default=None,
         metadata=_help(
-            "DataLoader worker processes (kept alive between epochs). Default: 0 on machines with 1-2 cores (measured: "
-            "workers there compete with the step and slowed it, benchmarks/data_pipeline.py), else min(4, cores // 2). "
-            "The batches are the same with any number."
+            "DataLoader worker processes (kept alive between epochs). Default: 0 on machines with 1-2 cores (workers "
+            "there compete with the training step for the same cores), else min(4, cores // 2). The batches are the "
+            "same with any number."
         ),
     )
     num_panels: int = field(
@@ -160,7 +160,7 @@ class TrainingConfig:
         metadata=_help(
             "With the embedding cache: prompts decoded and back-propagated together, chunk after chunk (the same "
             "gradients; a working set that does not grow with the objects per image). 0: all at once. Default: 4 on "
-            "CPU (measured faster at 16 and 64 prompts, benchmarks/step_speed.py), all at once on a GPU."
+            "CPU, all at once on a GPU."
         ),
     )
     cache_dtype: str = field(

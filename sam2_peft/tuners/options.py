@@ -67,8 +67,8 @@ class LoraOptions:
         default="tokens",
         metadata={
             "help": "Where --lora-dropout applies: tokens (the default: only the mask decoder's projections of the "
-            "prompt tokens, not those of the 4096 image tokens per prompt, nor encoder targets: as good on nuclei "
-            "and polyps, and cheaper) or all (every target, as peft does).",
+            "prompt tokens, not those of the 4096 image tokens per prompt, nor encoder targets) or all (every "
+            "target, as peft does).",
             "choices": DROPOUT_INPUTS,
         },
     )
@@ -109,8 +109,7 @@ class PtsamOptions:
         default="normal",
         metadata={
             "help": "How decoder tokens start: padding (SAM 2's own not-a-point embedding, what the base uses "
-            "prompt-free, plus N(0, (token_init_std * 1e-2)^2) noise; nuclei Dice 0.532 after 40 steps against 0.089 "
-            "for normal, but below the base on polyps at lr 2e-2, so not the default yet; benchmarks/method_defaults.py), normal (N(0, token_init_std^2)), box (the "
+            "prompt-free, plus N(0, (token_init_std * 1e-2)^2) noise), normal (N(0, token_init_std^2)), box (the "
             "corner embeddings of random boxes from the base prompt encoder) or point (embeddings of random positive "
             "points).",
             "choices": TOKEN_INITS,
