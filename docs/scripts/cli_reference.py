@@ -1,7 +1,8 @@
 """Write the command-line reference (docs/reference/cli.md) from the real parsers, at build time, so it cannot drift.
 
-Each command and recipe builds its parser inside its entry point; here `ArgumentParser.parse_args` is replaced, for
-the moment of the call, by one that hands the parser back instead of parsing, so the parser is the one users get.
+Each command and recipe builds its parser inside its entry point; here `ArgumentParser.parse_known_args` (which
+`parse_args` and `HfArgumentParser.parse_args_into_dataclasses` call) is replaced, for the moment of the call, by one
+that hands the parser back instead of parsing, so the parser documented is the one users get.
 mkdocs-gen-files runs this file (`plugins: gen-files` in mkdocs.yml); `tests/test_docs.py` imports it.
 """
 
@@ -31,16 +32,16 @@ def _capturing() -> Iterator[None]:
     def capture(self, *args, **kwargs):
         raise _Captured(self)
 
-    original, argv = argparse.ArgumentParser.parse_args, sys.argv
-    argparse.ArgumentParser.parse_args = capture
+    original, argv = argparse.ArgumentParser.parse_known_args, sys.argv
+    argparse.ArgumentParser.parse_known_args = capture
     try:
         yield
     finally:
-        argparse.ArgumentParser.parse_args, sys.argv = original, argv
+        argparse.ArgumentParser.parse_known_args, sys.argv = original, argv
 
 
 def captured_parser(entry_point: Callable[[list[str]], object], prog: str) -> argparse.ArgumentParser:
-    """The parser that `entry_point(argv)` builds, taken at its `parse_args` call (nothing runs after it); `prog`
+    """The parser that `entry_point(argv)` builds, taken when it parses (nothing runs after it); `prog`
     is the program name a parser that names none takes from `sys.argv`."""
     with _capturing():
         sys.argv = [prog]
