@@ -127,8 +127,15 @@ def markdown(command: str, parser: argparse.ArgumentParser) -> str:
 
 def page() -> str:
     """The whole reference page."""
-    from sam2_peft.recipes import ALIASES
+    from sam2_peft.cli import COMMANDS
+    from sam2_peft.recipes import ALIASES, RECIPES
 
+    def row(command: str, about: str) -> str:
+        anchor = command.replace(" ", "-")
+        return f"| [`{command}`](#{anchor}) | {_cell(about)} |"
+
+    commands = "\n".join(row(f"sam2-peft {name}", about) for name, (_, about) in COMMANDS.items() if name != "train")
+    recipes = "\n".join(row(f"sam2-peft train {name}", about) for name, about in RECIPES.items())
     sections = [markdown(command, parser) for command, parser in parsers().items()]
     aliases = "\n".join(
         f"- `{old}`: `{name}`" + (f" with {', '.join(f'`{k}={v}`' for k, v in defaults.items())}" if defaults else "")
@@ -141,7 +148,8 @@ def page() -> str:
         "and `--snake_case`, and `--help` of any command shows the same text with its default.\n\n"
         "A recipe runs as `sam2-peft train NAME` (one process), `accelerate launch -m sam2_peft.recipes.NAME` (any "
         "number), or from a clone `accelerate launch recipes/FILE.py`. The first release's recipe names still work:\n\n"
-        f"{aliases}\n"
+        f"{aliases}\n\n| command | what it does |\n|---|---|\n{commands}\n{recipes}\n"
+        "| `python -m sam2_peft.data.synthetic` | write synthetic scenes as an images/ + masks/ folder |\n"
     )
     return intro + "\n" + "\n".join(sections)
 
