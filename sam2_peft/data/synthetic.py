@@ -614,9 +614,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Write synthetic segmentation scenes as images/ and masks/.",
     )
     parser.add_argument("out_dir", type=Path, help="folder to write images/ and masks/ into")
-    parser.add_argument("--num-scenes", type=int, default=24, help="number of scenes")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
-    parser.add_argument("--size", type=int, default=256, help="image height and width")
+    parser.add_argument("--num-scenes", type=int, default=24, help="number of scenes (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=256, help="image height and width in pixels (default: %(default)s)")
     _add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     out_dir, num_scenes, seed, size = (args.pop(name) for name in ("out_dir", "num_scenes", "seed", "size"))
