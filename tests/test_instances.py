@@ -8,6 +8,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam2_peft.evaluation.instances import (
+    coco_annotations,
     coco_map,
     instance_metrics,
     instances_to_labels,
@@ -62,7 +63,46 @@ def test_coco_map_comes_from_cocoeval():
     result = coco_map(truth, half)
     # COCO's 101-point interpolated precision: 1 up to recall 2/3, then 0 -> 67 of 101 recall points
     assert result["ap50"] == pytest.approx(67 / 101) and result["map"] == pytest.approx(67 / 101)
-    assert coco_map(truth, [np.zeros_like(t) for t in truth]) == {"map": 0.0, "ap50": 0.0, "ap75": 0.0}
+    empty = coco_map(truth, [np.zeros_like(t) for t in truth])
+    assert empty == {"map": 0.0, "ap50": 0.0, "ap75": 0.0, "coco_max_dets": 100}
+
+
+def _plain_cocoeval_stats(truth, pred, scores):
+    """pycocotools' own `summarize` with its default settings (100 detections per image)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images = [{"id": i, "height": t.shape[0], "width": t.shape[1]} for i, t in enumerate(truth, start=1)]
+    annotations = [a for i, t in enumerate(truth, start=1) for a in coco_annotations(t, i)]
+    for index, annotation in enumerate(annotations, start=1):
+        annotation["id"] = index
+    results = [a for i, (p, s) in enumerate(zip(pred, scores), start=1) for a in coco_annotations(p, i, s or {})]
+    ground_truth = COCO()
+    ground_truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "o"}]}
+    ground_truth.createIndex()
+    evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), iouType="segm")
+    evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    return evaluator.stats[:3].tolist()
+
+
+def test_coco_map_equals_cocoeval_summarize_up_to_100_detections():
+    size = (80, 100)  # a 40 x 40 object (COCO's "medium" area) and IoUs 0.82, 0.71, 0.85 between 0.7 and 0.75
+    truth = [_squares((1, 0, 0, 40), (2, 50, 50, 12), size=size), _squares((1, 5, 5, 12), (2, 25, 40, 8), size=size)]
+    pred = [_squares((1, 0, 4, 40), (2, 50, 52, 12), (3, 60, 80, 5), size=size), _squares((1, 6, 5, 12), size=size)]
+    scores = [{1: 0.9, 2: 0.4, 3: 0.7}, {1: 0.8}]
+    result = coco_map(truth, pred, scores)
+    assert [result["map"], result["ap50"], result["ap75"]] == _plain_cocoeval_stats(truth, pred, scores)
+    assert 0 < result["map"] < result["ap50"] < 1
+
+
+def test_coco_map_keeps_every_detection_past_cocoevals_100():
+    truth = np.zeros((60, 50), np.int32)
+    for index in range(120):  # 120 instances, 3 x 3 squares on a 12 x 10 grid
+        y, x = divmod(index, 10)
+        truth[5 * y : 5 * y + 3, 5 * x : 5 * x + 3] = index + 1
+    result = coco_map([truth], [truth])
+    assert result["coco_max_dets"] == 120 and result["map"] == pytest.approx(1.0)
+    assert _plain_cocoeval_stats([truth], [truth], [None])[0] < 0.9  # the default drops 20 exact detections
 
 
 def test_coco_map_ranks_by_score():
@@ -115,3 +155,11 @@ def test_coco_results_round_trip_through_pycocotools(tmp_path):
         rle = {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}
         assert np.array_equal(mask_utils.decode(rle).astype(bool), labels == value)
         assert annotation["bbox"] == mask_utils.toBbox(rle).tolist()
+
+
+def test_an_iou_exactly_on_a_threshold_matches():
+    truth = _squares((1, 0, 0, 10))
+    pred = np.zeros_like(truth)
+    pred[0:6, 0:10] = 1  # IoU 60 / 100 = 0.6 exactly (elf's threshold 0.6000000000000001 would not match it)
+    scores = segmentation_accuracy(truth, pred)
+    assert scores["sa@0.6"] == 1.0 and scores["sa@0.65"] == 0.0

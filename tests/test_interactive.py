@@ -2,6 +2,7 @@
 tiny model (previous logits fed back, box start = the predictor's box prediction, report and plot written)."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from scipy import ndimage
 
 from sam2_peft.cli import main
-from sam2_peft.evaluation.interactive import InteractiveResult, next_click, noc, simulate_clicks
+from sam2_peft.data.prompts import NEGATIVE, POSITIVE
+from sam2_peft.evaluation.interactive import Click, InteractiveResult, next_click, noc, simulate_clicks
 from sam2_peft.inference.predictor import Sam2PeftPredictor
 
 
@@ -53,37 +55,69 @@ def test_equal_depths_give_a_negative_click_as_ritm_does():
     assert (click.x, click.y, click.positive) == (22, 22, False)  # strictly deeper FN needed for a positive click
 
 
-def test_clicked_pixels_are_not_clicked_again_and_exact_masks_need_no_click():
-    target = _box((30, 30), 10, 15, 10, 15)
+def test_an_ignored_click_is_followed_by_one_beside_it():
+    target = _box((31, 31), 5, 26, 5, 26)  # 21 x 21: (15, 15) is 11 from the border; its 8 neighbours are 10
     not_clicked = np.ones_like(target)
-    not_clicked[12, 12] = False
-    click = next_click(np.zeros_like(target), target, not_clicked)
-    assert (click.x, click.y) != (12, 12) and target[click.y, click.x]
-    assert next_click(target, target) is None
+    clicks = []
+    for _ in range(3):  # the model ignores every click: the prediction stays empty
+        click = next_click(np.zeros_like(target), target, not_clicked)
+        not_clicked[click.y, click.x] = False
+        clicks.append((click.y, click.x, click.positive))
+    # the reference computes distances on the whole error region, then zeroes clicked pixels: the next deepest
+    # pixels are the clicked one's neighbours, first in row-major order (removing it first would give (10, 10))
+    assert clicks == [(15, 15, True), (14, 14, True), (14, 15, True)]
 
 
-def test_windowed_distance_equals_the_full_image_transform():
+def test_with_no_error_left_the_reference_clicks_negative_at_the_origin():
+    target = _box((30, 30), 10, 15, 10, 15)
+    assert next_click(target, target) == Click(x=0, y=0, positive=False)  # perfect prediction: still a click
+    pred = target.copy()
+    pred[12, 13] = False  # a one-pixel miss that was already clicked: every distance is 0 again
+    not_clicked = np.ones_like(target)
+    not_clicked[12, 13] = False
+    assert next_click(pred, target, not_clicked) == Click(x=0, y=0, positive=False)
+    assert next_click(pred, target) == Click(x=13, y=12, positive=True)
+
+
+def _reference_click(pred, target, not_clicked):
+    """The reference clicker's rule, written from its algorithm: full-image transforms of the padded error masks,
+    clicked pixels zeroed afterwards, positive only when the FN maximum is strictly larger, first maximum."""
+    fn = ndimage.distance_transform_edt(np.pad(target & ~pred, 1))[1:-1, 1:-1] * not_clicked
+    fp = ndimage.distance_transform_edt(np.pad(~target & pred, 1))[1:-1, 1:-1] * not_clicked
+    positive = fn.max() > fp.max()
+    dist = fn if positive else fp
+    ys, xs = np.where(dist == dist.max())
+    return Click(x=int(xs[0]), y=int(ys[0]), positive=bool(positive))
+
+
+def test_click_sequences_equal_the_reference_rule_on_random_masks():
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        target = ndimage.binary_dilation(rng.random((48, 64)) > 0.97, iterations=3)
-        pred = ndimage.binary_dilation(rng.random((48, 64)) > 0.97, iterations=2)
-        fn, fp = target & ~pred, pred & ~target
-        fn_d = ndimage.distance_transform_edt(np.pad(fn, 1))[1:-1, 1:-1]
-        fp_d = ndimage.distance_transform_edt(np.pad(fp, 1))[1:-1, 1:-1]
-        positive = fn_d.max() > fp_d.max()
-        ys, xs = np.where((fn_d if positive else fp_d) == max(fn_d.max(), fp_d.max()))
-        click = next_click(pred, target)
-        assert (click.x, click.y, click.positive) == (xs[0], ys[0], positive)
+    for trial in range(40):
+        shape = (int(rng.integers(8, 48)), int(rng.integers(8, 64)))
+        target = ndimage.binary_dilation(rng.random(shape) > 0.97, iterations=int(rng.integers(1, 4)))
+        pred = ndimage.binary_dilation(rng.random(shape) > 0.97, iterations=int(rng.integers(0, 3)))
+        if trial % 5 == 0:
+            pred = target.copy()  # perfect, until the flips below
+        not_clicked = np.ones(shape, bool)
+        for step in range(8):
+            expected = _reference_click(pred, target, not_clicked)
+            assert next_click(pred, target, not_clicked) == expected, (trial, step)
+            not_clicked[expected.y, expected.x] = False
+            if step % 3 == 2:  # sometimes the model answers: a small patch around the click follows it
+                y, x = expected.y, expected.x
+                pred[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = expected.positive
 
 
 def test_noc_counts_never_reached_objects_as_the_maximum():
     ious = np.array([[0.5, 0.86, 0.91], [0.9, 0.95, 0.95], [0.1, 0.2, 0.3]])
-    counts, never = noc(ious, 0.85, max_clicks=3)
-    assert counts.tolist() == [2, 1, 3] and never == 1
-    counts, never = noc(ious, 0.9, max_clicks=3)
+    counts, never, at_max = noc(ious, 0.85, max_clicks=3)
+    assert counts.tolist() == [2, 1, 3] and never == 1 and at_max == 1
+    counts, never, at_max = noc(ious, 0.9, max_clicks=3)
     assert counts.tolist() == [3, 1, 3] and never == 1  # object 0 reaches 0.9 exactly at the last click
+    assert at_max == 2  # RITM's count (NoC == max_clicks) includes it
     summary = InteractiveResult({"a": ious}).summary(max_clicks=3)
     assert summary["noc@85"] == pytest.approx(2.0) and summary["never_reached@90"] == 1
+    assert summary["noc_at_max@90"] == 2 and summary["noc_at_max@85"] == 1
     assert summary["miou_per_click"] == pytest.approx(ious.mean(0).tolist(), abs=1e-5)
 
 
@@ -164,3 +198,30 @@ def test_foreground_adapter_is_refused_outside_automatic(saved_tiny_model, folde
     with pytest.raises(SystemExit):
         main(["eval", "--protocol", "interactive", "--model", str(saved_tiny_model), "--data", str(folder_dataset),
               "--foreground-adapter", "x"])  # fmt: skip
+
+
+class Constant:
+    """A predictor that always returns the same masks (`(N, H, W)` bool), whatever the clicks; decode calls recorded."""
+
+    def __init__(self, masks):
+        self.masks, self.calls = torch.as_tensor(masks), []
+
+    def encode(self, image):
+        return None
+
+    def decode_logits(self, encoded, **kwargs):
+        self.calls.append(kwargs)
+        logits = torch.where(self.masks, 1.0, -1.0)[:, None].repeat(1, 3 if kwargs["multimask_output"] else 1, 1, 1)
+        return SimpleNamespace(logits=logits, low_res_logits=logits, scores=torch.zeros(logits.shape[:2]))
+
+
+def test_the_loop_clicks_beside_an_ignored_click_and_at_the_origin_after_a_perfect_mask():
+    target = _box((31, 31), 5, 26, 5, 26)[None]
+    image = np.zeros((31, 31, 3), np.uint8)
+    ignoring = Constant(np.zeros_like(target))
+    simulate_clicks(ignoring, image, target, max_clicks=3)
+    assert ignoring.calls[-1]["points"][0].tolist() == [[15.5, 15.5], [14.5, 14.5], [15.5, 14.5]]
+    perfect = Constant(target)
+    ious = simulate_clicks(perfect, image, target, max_clicks=3)
+    assert perfect.calls[-1]["points"][0].tolist() == [[15.5, 15.5], [0.5, 0.5], [0.5, 0.5]]
+    assert perfect.calls[-1]["labels"][0].tolist() == [POSITIVE, NEGATIVE, NEGATIVE] and (ious == 1).all()

@@ -5,9 +5,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from sam2_peft.evaluation.video_metrics import VideoMetricAccumulator, boundary_f_measure, region_jaccard, seg2bmap
+from sam2_peft.evaluation.video_metrics import (
+    VideoMetricAccumulator,
+    boundary_f_measure,
+    dilate_disk,
+    disk,
+    region_jaccard,
+    seg2bmap,
+)
 
 
 def _square(shape=(100, 100), top=20, left=20, side=30) -> np.ndarray:
@@ -72,3 +80,37 @@ def test_accumulator_averages_frames_then_objects():
     assert per_sequence["a"]["J"] == (1.0 + 0.5) / 2 and per_sequence["b"]["J"] == 1.0
     assert acc.compute()["J"] == (1.0 + 0.5 + 1.0) / 3  # DAVIS: mean over all objects
     assert acc.compute()["J&F"] == (acc.compute()["J"] + acc.compute()["F"]) / 2
+
+
+def test_disk_dilation_equals_scipy_bit_for_bit():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        shape = tuple(int(v) for v in rng.integers(1, 70, 2))
+        mask = rng.random(shape) > rng.choice([0.5, 0.9, 0.99, 0.999])  # dense to nearly empty, objects at edges
+        radius = int(rng.integers(0, 13))
+        expected = ndimage.binary_dilation(mask, structure=disk(radius))
+        assert np.array_equal(dilate_disk(mask, radius), expected), (trial, shape, radius)
+
+
+def _reference_f(pred: np.ndarray, target: np.ndarray, bound_th: float = 0.008) -> float:
+    """davis2017-evaluation's `f_measure` steps (written from its algorithm), its cv2 dilation done by scipy."""
+    radius = bound_th if bound_th >= 1 else np.ceil(bound_th * np.linalg.norm(pred.shape))
+    fg, gt = seg2bmap(pred), seg2bmap(target)
+    fg_dil = ndimage.binary_dilation(fg, structure=disk(int(radius)))
+    gt_dil = ndimage.binary_dilation(gt, structure=disk(int(radius)))
+    n_fg, n_gt = np.sum(fg), np.sum(gt)
+    if n_fg == 0 or n_gt == 0:
+        precision, recall = (1 if n_fg == 0 else 0), (1 if n_gt == 0 else 0)
+    else:
+        precision, recall = np.sum(fg & gt_dil) / float(n_fg), np.sum(gt & fg_dil) / float(n_gt)
+    return 0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def test_f_equals_the_reference_exactly_on_random_masks():
+    rng = np.random.default_rng(1)
+    for trial in range(60):
+        shape = (int(rng.integers(20, 160)), int(rng.integers(20, 240)))
+        blobs = [ndimage.binary_dilation(rng.random(shape) > 0.995, iterations=int(rng.integers(1, 8))) for _ in "ab"]
+        pred, target = blobs if trial % 4 else (blobs[0], np.roll(blobs[0], int(rng.integers(1, 9)), 1))
+        bound_th = 0.008 if trial % 3 else float(rng.integers(1, 6))
+        assert boundary_f_measure(pred, target, bound_th) == _reference_f(pred, target, bound_th), trial

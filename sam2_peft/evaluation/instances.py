@@ -8,19 +8,35 @@ mSA is the mean of SA over t = 0.5, 0.55, ..., 0.95. Label 0 is background in bo
 no predicted instance scores 1.
 
 AP50 and mAP are COCO's: the predicted instances (with their scores, e.g. the predicted IoU; all 1 for a plain label
-image) and the true ones go to `pycocotools.cocoeval.COCOeval(iouType="segm")` unchanged (area ranges, 100 detections
-per image, 101-point interpolation are all its own); `stats[0]` is mAP@[0.5:0.95], `stats[1]` AP50.
+image) and the true ones go to `pycocotools.cocoeval.COCOeval(iouType="segm")` (area ranges, matching, 101-point
+interpolation are all its own), and mAP@[0.5:0.95], AP50, AP75 are read from its accumulated precision (area "all")
+as its `summarize` does.
+
+Deliberate differences from the references (micro-sam's `elf.evaluation`, pycocotools' defaults):
+- IoU thresholds are the values as written (0.6 is 0.6), and a pair matches at IoU >= t, as COCOeval does; elf's
+  `np.arange(0.5, 1.0, 0.05)` puts 0.6, ..., 0.95 one float step above, so a pair whose IoU is exactly one of them
+  (3/5, 7/10, ...: small objects) counts as matched here and not in elf. Any other IoU is scored the same.
+- An image with no true and no predicted instance has SA 1 at every threshold (nothing to find, nothing wrong); elf
+  scores it 0 (its SA is 0 whenever TP is 0).
+- COCOeval keeps the 100 highest-scored detections per image (`maxDets`); here the cap is the larger of 100 and the
+  most detections any image has (reported as `coco_max_dets`), so no detection is dropped: on images with more than
+  100 instances (nuclei) `segment-all` can predict more, and the default would score the extra ones as misses. With
+  at most 100 detections per image the numbers are COCOeval's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
+
+COCO_MAX_DETS = 100
+"""COCOeval's default detections per image; raised to the largest per-image count when an image has more."""
 
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.96, 0.05), 2).tolist())
 """0.5, 0.55, ..., 0.95: the thresholds of mSA (and of COCO's mAP)."""
@@ -151,8 +167,9 @@ def coco_map(
         pred_scores: per image, {label: confidence} of its predicted instances (default 1 for every instance).
 
     Returns:
-        `{"map": stats[0] (AP@[.5:.95]), "ap50": stats[1], "ap75": stats[2]}`; -1 values (COCOeval's "no
-        ground truth") become NaN. With no prediction at all, all three are 0.
+        `{"map": AP@[.5:.95], "ap50", "ap75", "coco_max_dets"}` (the detections per image kept: 100, or the largest
+        per-image count if more); NaN where COCOeval has no ground truth (its -1). With no prediction at all, the APs
+        are 0.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -167,19 +184,32 @@ def coco_map(
         results += coco_annotations(pred, image_id, scores)
     for index, annotation in enumerate(truth, start=1):
         annotation["id"] = index
+    max_dets = max([COCO_MAX_DETS, *Counter(r["image_id"] for r in results).values()])
     if not results:
-        return {"map": 0.0, "ap50": 0.0, "ap75": 0.0}
+        return {"map": 0.0, "ap50": 0.0, "ap75": 0.0, "coco_max_dets": max_dets}
     ground_truth = COCO()
     ground_truth.dataset = {"images": images, "annotations": truth, "categories": [{"id": 1, "name": "object"}]}
     with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print progress
         ground_truth.createIndex()
         detections = ground_truth.loadRes(results)
         evaluator = COCOeval(ground_truth, detections, iouType="segm")
+        evaluator.params.maxDets = [1, 10, max_dets]
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
-    stats = [float("nan") if v < 0 else float(v) for v in evaluator.stats[:3]]
-    return {"map": stats[0], "ap50": stats[1], "ap75": stats[2]}
+    precision = evaluator.eval["precision"][..., 0, -1]  # (IoU threshold, recall, category), area "all", last cap
+    thresholds = evaluator.params.iouThrs
+    return {
+        "map": _mean_precision(precision),
+        "ap50": _mean_precision(precision[thresholds == 0.5]),
+        "ap75": _mean_precision(precision[thresholds == 0.75]),
+        "coco_max_dets": max_dets,
+    }
+
+
+def _mean_precision(precision: np.ndarray) -> float:
+    """COCOeval `summarize`'s mean over the defined (> -1) precision values; NaN where none is."""
+    defined = precision[precision > -1]
+    return float(defined.mean()) if defined.size else float("nan")
 
 
 def instance_metrics(

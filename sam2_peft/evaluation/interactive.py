@@ -1,18 +1,27 @@
 """Interactive evaluation by simulated clicks, the RITM / f-BRS protocol (Sofiiuk et al. 2020, 2022), as its
-reference clicker (`isegm/inference/clicker.py`) places them:
+reference clicker (`isegm/inference/clicker.py`, `Clicker._get_next_click`) places them:
 
 - false negatives FN = object & ~prediction, false positives FP = ~object & prediction; the image border counts as
   background (each error mask is padded by one zero pixel before its exact Euclidean distance transform);
-- pixels already clicked are excluded (their distance is set to 0);
+- the distances are computed on the whole FN and FP regions, then pixels already clicked get distance 0 (so when the
+  model ignores a click, the next one lands right beside it, as in the reference);
 - the click is positive, at the FN pixel farthest from the FN region's border, when that distance is strictly larger
   than the FP one; otherwise negative, at the farthest FP pixel; among equally far pixels the first in row-major order.
-  Before any prediction the mask is empty, so the first click is the object pixel farthest from its border.
+  Before any prediction the mask is empty, so the first click is the object pixel farthest from its border;
+- when no unclicked error pixel is left (a perfect prediction, say) every distance is 0 and the reference still
+  clicks: negative, at pixel (0, 0), the first zero in row-major order. So does `next_click`.
 
 Each click is added to the object's prompt with the previous prediction's low-resolution logits fed back as the mask
 input, as SAM's interactive loop does; the first single click asks for SAM's 3 candidates and keeps the one with the
 highest predicted IoU (SAM's rule for an ambiguous click). NoC@t is the number of clicks until IoU >= t, counted as
-`max_clicks` (20) for objects that never get there (their number is reported, as RITM's `compute_noc_metric` does).
+`max_clicks` (20) for objects that never get there. Two counts are reported: objects that never reach t, and RITM's
+`compute_noc_metric` count, objects whose NoC equals `max_clicks` (also those that reach t only at the last click).
 With `start="box"` the object's tight box is the first interaction and clicks follow it.
+
+Deliberate differences from the reference's `evaluate_sample`: the prediction is the model's own mask (logits > 0,
+SAM's threshold) rather than RITM's probability > 0.49, and every object gets all `max_clicks` clicks (RITM stops at
+its target IoU; its `--iou-analysis` mode runs all of them, as here), so mIoU after k clicks is defined for every k;
+NoC is the same either way.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..data.prompts import NEGATIVE, PADDING, POSITIVE
+from ..data.prompts import NEGATIVE, POSITIVE
 
 MAX_CLICKS = 20
 NOC_THRESHOLDS = (0.85, 0.9)
@@ -41,8 +50,8 @@ class Click:
     positive: bool
 
 
-def next_click(pred: np.ndarray, target: np.ndarray, not_clicked: np.ndarray | None = None) -> Click | None:
-    """RITM's next click for `(H, W)` bool prediction and object masks; None when the prediction is exact.
+def next_click(pred: np.ndarray, target: np.ndarray, not_clicked: np.ndarray | None = None) -> Click:
+    """RITM's next click for `(H, W)` bool prediction and object masks (always a click, as in the reference).
 
     `not_clicked` `(H, W)` bool (default all True) marks pixels that may still be clicked. Distances are computed on
     the box around the error pixels grown by one pixel (exactly the full-image transform: every pixel outside it is
@@ -50,16 +59,18 @@ def next_click(pred: np.ndarray, target: np.ndarray, not_clicked: np.ndarray | N
     """
     pred, target = np.asarray(pred, bool), np.asarray(target, bool)
     false_neg, false_pos = target & ~pred, ~target & pred
-    if not_clicked is not None:
-        false_neg, false_pos = false_neg & not_clicked, false_pos & not_clicked
     errors = false_neg | false_pos
     if not errors.any():
-        return None
+        return Click(x=0, y=0, positive=False)  # every distance is 0: the reference's first zero, negative
     rows, cols = np.flatnonzero(errors.any(1)), np.flatnonzero(errors.any(0))
     y0, x0 = max(rows[0] - 1, 0), max(cols[0] - 1, 0)
     window = (slice(y0, rows[-1] + 2), slice(x0, cols[-1] + 2))
     fn_dist = _border_distance(false_neg[window])
     fp_dist = _border_distance(false_pos[window])
+    if not_clicked is not None:  # after the transform, as the reference multiplies by its not-clicked map
+        fn_dist, fp_dist = fn_dist * not_clicked[window], fp_dist * not_clicked[window]
+    if max(fn_dist.max(), fp_dist.max()) == 0:
+        return Click(x=0, y=0, positive=False)
     positive = fn_dist.max() > fp_dist.max()
     dist = fn_dist if positive else fp_dist
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)  # first maximum in row-major order, as np.where[0]
@@ -127,19 +138,15 @@ def _simulate(predictor, encoded, objects: np.ndarray, max_clicks: int, start: s
     labels = np.zeros((count, 0), np.int64)
     boxes = np.array([_tight_box(m) for m in objects], np.float32) if start == "box" else None
     low_res = None
-    done = np.zeros(count, bool)  # exact predictions: nothing left to click, IoU kept
     for step in range(max_clicks):
         if start == "box" and step == 0:
             decoded = predictor.decode_logits(encoded, boxes=boxes)
             choice = torch.zeros(count, dtype=torch.long)
         else:
             new_points = np.zeros((count, 1, 2), np.float32)
-            new_labels = np.full((count, 1), PADDING, np.int64)
+            new_labels = np.empty((count, 1), np.int64)
             for index in range(count):
-                click = None if done[index] else next_click(preds[index], objects[index], not_clicked[index])
-                if click is None:
-                    done[index] = True
-                    continue
+                click = next_click(preds[index], objects[index], not_clicked[index])
                 new_points[index, 0] = (click.x + 0.5, click.y + 0.5)  # the pixel's centre
                 new_labels[index, 0] = POSITIVE if click.positive else NEGATIVE
                 not_clicked[index, click.y, click.x] = False
@@ -151,18 +158,17 @@ def _simulate(predictor, encoded, objects: np.ndarray, max_clicks: int, start: s
             choice = decoded.scores.argmax(1) if single_click else torch.zeros(count, dtype=torch.long)
         rows = torch.arange(count)
         low_res = decoded.low_res_logits[rows, choice][:, None]
-        new_preds = (decoded.logits[rows, choice] > 0).numpy()
-        preds = np.where(done[:, None, None], preds, new_preds)
+        preds = (decoded.logits[rows, choice] > 0).numpy()
         ious[:, step] = [mask_iou(p, t) for p, t in zip(preds, objects)]
     return ious
 
 
-def noc(ious: np.ndarray, threshold: float, max_clicks: int = MAX_CLICKS) -> tuple[np.ndarray, int]:
-    """Clicks needed per object to reach `threshold` (`max_clicks` if never), and how many never reached it.
-    `ious`: `(N, K)` IoU after each click."""
+def noc(ious: np.ndarray, threshold: float, max_clicks: int = MAX_CLICKS) -> tuple[np.ndarray, int, int]:
+    """Clicks needed per object to reach `threshold` (`max_clicks` if never), how many objects never reached it, and
+    how many have NoC == `max_clicks` (RITM's `compute_noc_metric` count). `ious`: `(N, K)` IoU after each click."""
     reached = ious >= threshold
     counts = np.where(reached.any(1), reached.argmax(1) + 1, max_clicks)
-    return counts, int((~reached.any(1)).sum())
+    return counts, int((~reached.any(1)).sum()), int((counts == max_clicks).sum())
 
 
 @dataclass
@@ -173,16 +179,18 @@ class InteractiveResult:
     """Per image id, `(N, K)` IoU after each interaction of each object."""
 
     def summary(self, max_clicks: int = MAX_CLICKS) -> dict:
-        """NoC@85/90 (mean over all objects), objects never reaching each, mIoU after k interactions, per image."""
+        """NoC@85/90 (mean over all objects), objects never reaching each and objects with NoC == `max_clicks`, mIoU
+        after k interactions, per image."""
         if not self.ious:
             return {"num_objects": 0}
         stacked = np.concatenate(list(self.ious.values()), 0)
         result: dict = {"num_objects": int(len(stacked)), "num_images": len(self.ious)}
         for threshold in NOC_THRESHOLDS:
-            counts, never = noc(stacked, threshold, max_clicks)
+            counts, never, at_max = noc(stacked, threshold, max_clicks)
             tag = f"{round(threshold * 100)}"
             result[f"noc@{tag}"] = float(counts.mean()) if len(counts) else float("nan")
             result[f"never_reached@{tag}"] = never
+            result[f"noc_at_max@{tag}"] = at_max  # RITM's ">=20@85%" column
         result["miou_per_click"] = stacked.mean(0).round(5).tolist() if len(stacked) else []
         result["per_image"] = {
             image_id: {

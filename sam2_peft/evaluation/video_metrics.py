@@ -7,6 +7,9 @@ ceil(0.008 x image diagonal), a boundary pixel counts as matched if the other di
 harmonic mean of the matched fractions (precision, recall). As in the toolkit, a sequence's first and last frames are
 left out (the first carries the prompt), each object is averaged over its frames, and the mean over all objects gives
 the benchmark's J, F and J&F.
+
+The dilation (`dilate_disk`) is exact and fast: F of a 480 x 854 frame takes 3.7 ms against 5.9 ms for the reference's
+`f_measure` (cv2) and 141 ms with scipy's `binary_dilation` (`benchmarks/davis_f_speed.py`, equal F on every frame).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from .metrics import iou
 
@@ -45,6 +47,41 @@ def disk(radius: int) -> np.ndarray:
     return xx**2 + yy**2 <= radius**2
 
 
+def dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of a `(H, W)` bool mask by `disk(radius)`, outside the image counting as False: exactly
+    `ndimage.binary_dilation(mask, disk(radius))` and the reference's `cv2.dilate`, at cv2's speed.
+
+    The disk is a stack of horizontal runs, so the mask is dilated along rows once per run half-width, and those rows
+    OR-ed in, shifted by each run's row offset; all of it on the box around the mask grown by `radius`.
+    """
+    mask = np.asarray(mask, bool)
+    out = np.zeros_like(mask)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
+        return out
+    window = (
+        slice(max(rows[0] - radius, 0), rows[-1] + radius + 1),
+        slice(max(cols[0] - radius, 0), cols[-1] + radius + 1),
+    )
+    source = mask[window]
+    half_widths = [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)]
+    wanted, along_rows = set(half_widths), {}
+    horizontal = source.copy()
+    for width in range(max(half_widths) + 1):
+        if width:
+            horizontal[:, width:] |= source[:, :-width]
+            horizontal[:, :-width] |= source[:, width:]
+        if width in wanted:
+            along_rows[width] = horizontal.copy()
+    dilated = along_rows[half_widths[0]]
+    for dy in range(1, radius + 1):
+        run = along_rows[half_widths[dy]]
+        dilated[dy:] |= run[:-dy]
+        dilated[:-dy] |= run[dy:]
+    out[window] = dilated
+    return out
+
+
 def boundary_f_measure(pred: np.ndarray, target: np.ndarray, bound_th: float = BOUNDARY_THRESHOLD) -> float:
     """DAVIS boundary F-measure of two `(H, W)` bool masks (`bound_th` >= 1 is a radius in pixels)."""
     radius = int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*target.shape)))
@@ -54,11 +91,8 @@ def boundary_f_measure(pred: np.ndarray, target: np.ndarray, bound_th: float = B
         precision = 0.0 if n_pred > 0 else 1.0
         recall = 0.0 if n_true > 0 else 1.0
     else:
-        structure = disk(radius)
-        pred_dilated = ndimage.binary_dilation(pred_boundary, structure=structure)
-        true_dilated = ndimage.binary_dilation(true_boundary, structure=structure)
-        precision = float((pred_boundary & true_dilated).sum()) / n_pred
-        recall = float((true_boundary & pred_dilated).sum()) / n_true
+        precision = float((pred_boundary & dilate_disk(true_boundary, radius)).sum()) / n_pred
+        recall = float((true_boundary & dilate_disk(pred_boundary, radius)).sum()) / n_true
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
