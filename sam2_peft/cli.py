@@ -495,13 +495,21 @@ def _warn_if_trained_with_prompts(predictor) -> None:
 def _read_boxes(path: Path) -> dict[str, list[list[float]]]:
     from .data.sources import DataError
 
+    form = "expected a JSON object {image name: [[x0, y0, x1, y1], ...]}"
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"Cannot read the boxes file '{path}': {err}") from err
+    except RecursionError as err:
+        raise DataError(f"'{path}' is nested too deeply to read: {form}.") from err
     if not isinstance(data, dict):
-        raise DataError(f"'{path}': expected a JSON object {{image name: [[x0, y0, x1, y1], ...]}}.")
+        raise DataError(f"'{path}': {form}.")
     for name, boxes in data.items():
+        if boxes == []:
+            raise DataError(
+                f"'{path}', image '{name}': no boxes; give at least one [x0, y0, x1, y1] box, or leave the image out "
+                "(only the images named in the file are predicted)."
+            )
         if not isinstance(boxes, list) or any(
             not isinstance(b, list)
             or len(b) != 4

@@ -28,11 +28,11 @@ from .files import (
     PARTIAL_CONFIG_FILE,
     PARTIAL_WEIGHTS_FILE,
     PEFT_CONFIG_FILE,
-    PEFT_WEIGHTS_FILE,
     TRAINING_CONFIG_FILE,
     AdapterLoadError,
     ensure_peft_type,
     load_adapter,
+    peft_weights_path,
     read_adapter_json,
     read_peft_config,
     read_sidecar,
@@ -109,8 +109,7 @@ def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
             f"No adapter in '{directory}': expected {PEFT_CONFIG_FILE} (peft) or {PARTIAL_CONFIG_FILE} (partial "
             f"fine-tune), found {found or 'nothing'}."
         )
-    if not any((directory / name).exists() for name in (PEFT_WEIGHTS_FILE, "adapter_model.bin")):
-        raise AdapterLoadError(f"'{directory}' has {PEFT_CONFIG_FILE} but no weights ({PEFT_WEIGHTS_FILE}).")
+    peft_weights_path(directory)
     config = read_peft_config(directory)
     peft_type = config["peft_type"]
     ensure_peft_type(peft_type, peft)
