@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -85,9 +85,13 @@ def download_adapter(
             "(log in with `hf auth login` or set HF_TOKEN)."
         ) from err
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE is set): unset HF_HUB_OFFLINE to download it"
+            if constants.HF_HUB_OFFLINE
+            else "the Hub is unreachable: connect once to cache it"
+        )
         raise AdapterLoadError(
-            f"Cannot fetch {at}: the Hub is unreachable or offline mode is on (HF_HUB_OFFLINE), and it is not in "
-            "the local cache. Connect once to cache it, or pass a local folder."
+            f"Cannot fetch {at}: it is not in the local cache and {why}, or pass a local folder."
         ) from err
     except HfHubHTTPError as err:
         raise AdapterLoadError(f"The Hub refused {at}: {err}") from err
