@@ -391,7 +391,7 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
     from tqdm.auto import tqdm
 
     from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, DataError, read_image, set_max_image_pixels
-    from .inference.automatic import generate_instances, specialist_guided_instances
+    from .inference.automatic import MaskFunnel, generate_instances, specialist_guided_instances
     from .inference.instance_outputs import coco_results, instance_overlay, save_label_image
     from .io import atomic_write_dir, atomic_write_json, check_output_dir
 
@@ -405,7 +405,7 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
     check_output_dir(args.out_dir)
     predictor = _load_predictor(args)
     foreground = _load_foreground(args) if args.foreground_adapter else None
-    labels_by_name, scores_by_name, summary = {}, {}, {}
+    labels_by_name, scores_by_name, summary, funnel = {}, {}, {}, MaskFunnel()
     with atomic_write_dir(args.out_dir) as staging:
         (staging / "labels").mkdir()
         (staging / "overlays").mkdir()
@@ -415,6 +415,7 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
                 instances = specialist_guided_instances(foreground, predictor, image, config)
             else:
                 instances = generate_instances(predictor, image, config)
+            funnel += instances.funnel
             save_label_image(instances.labels, staging / "labels" / f"{path.stem}.{args.format}")
             Image.fromarray(instance_overlay(image, instances.labels, instances.points)).save(
                 staging / "overlays" / f"{path.stem}.png"
@@ -425,6 +426,10 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
         atomic_write_json(staging / "summary.json", summary)
     total = sum(s["instances"] for s in summary.values())
     print(f"Wrote {total} instance(s) of {len(files)} image(s) to {args.out_dir}")
+    if total == 0:
+        print(
+            f"warning: no instances: {funnel.describe(config)}. Lower the setting that dropped most.", file=sys.stderr
+        )
 
 
 def predict(argv: list[str]) -> None:
