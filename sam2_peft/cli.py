@@ -43,11 +43,33 @@ def is_user_error(error: BaseException) -> bool:
     )
 
 
+def check_torchvision() -> None:
+    """Exit with one `error:` line when torchvision cannot load into this torch (they come from different builds):
+    transformers would otherwise fail much later, as a `ModuleNotFoundError` for some unrelated model class."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return  # not installed: transformers does without it
+    except RuntimeError as err:
+        import torch
+
+        version = torch.__version__
+        build = version.partition("+")[2]
+        index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        sys.exit(
+            f"error: torchvision does not fit torch {version} ({cause}): they come from different builds. Install "
+            f'both from the same index: pip install --force-reinstall "torch=={version.partition("+")[0]}" '
+            f"torchvision{index}"
+        )
+
+
 def run_from_command_line(main: Callable[[], object]) -> None:
     """Run a command or recipe: a user error exits with its message as the last line and status 1, without a
-    traceback. In a multi-process run only the main process prints it (every process meets the same error); the
-    others wait for the launcher to stop them once the main process has printed and exited, so that its line is not
+    traceback. In a multi-process run only the main process of each machine prints it (every process meets the same
+    error); the others wait for the launcher to stop them once it has printed and exited, so that its line is not
     cut off by their exit. One still running after that wait (its error was its own) prints it with its rank."""
+    check_torchvision()
     try:
         main()
     except Exception as error:
@@ -56,7 +78,7 @@ def run_from_command_line(main: Callable[[], object]) -> None:
         for stream in (*logging.getLogger().handlers, sys.stdout):  # the error line comes last
             stream.flush()
         rank = os.environ.get("RANK", "0")
-        if rank != "0":
+        if os.environ.get("LOCAL_RANK", rank) != "0":
             time.sleep(OTHER_RANKS_EXIT_AFTER_S)
             sys.exit(f"error (process {rank}): {error}")
         sys.exit(f"error: {error}")
@@ -106,6 +128,17 @@ def _parser(command: str, description: str, epilog: str = "", settings: tuple = 
     return RecipeParser(list(settings), **{**kwargs, "formatter_class": Formatter, "usage": None})
 
 
+def _add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--device`: a torch device, or `auto` (None: cuda when available); help shows its default once, with or
+    without a defaults-showing formatter (which adds none to a help naming `%(default)s`)."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        type=lambda name: None if name == "auto" else name,
+        help="cpu, cuda, cuda:1 ..., or auto: cuda when available (default: %(default)s)",
+    )
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (give --adapter or --model)")
     which = group.add_mutually_exclusive_group(required=True)
@@ -114,7 +147,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--revision", default=None, help="Hub branch, tag or commit of the adapter (or of --model)")
     group.add_argument("--base-model", default=None, help="base to load the adapter into (default: the one it records)")
     group.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_device_argument(group)
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="autocast dtype")
 
 
@@ -358,7 +391,7 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
     from tqdm.auto import tqdm
 
     from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, DataError, read_image, set_max_image_pixels
-    from .inference.automatic import generate_instances, specialist_guided_instances
+    from .inference.automatic import MaskFunnel, generate_instances, specialist_guided_instances
     from .inference.instance_outputs import coco_results, instance_overlay, save_label_image
     from .io import atomic_write_dir, atomic_write_json, check_output_dir
 
@@ -372,7 +405,7 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
     check_output_dir(args.out_dir)
     predictor = _load_predictor(args)
     foreground = _load_foreground(args) if args.foreground_adapter else None
-    labels_by_name, scores_by_name, summary = {}, {}, {}
+    labels_by_name, scores_by_name, summary, funnel = {}, {}, {}, MaskFunnel()
     with atomic_write_dir(args.out_dir) as staging:
         (staging / "labels").mkdir()
         (staging / "overlays").mkdir()
@@ -382,6 +415,7 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
                 instances = specialist_guided_instances(foreground, predictor, image, config)
             else:
                 instances = generate_instances(predictor, image, config)
+            funnel += instances.funnel
             save_label_image(instances.labels, staging / "labels" / f"{path.stem}.{args.format}")
             Image.fromarray(instance_overlay(image, instances.labels, instances.points)).save(
                 staging / "overlays" / f"{path.stem}.png"
@@ -392,6 +426,10 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
         atomic_write_json(staging / "summary.json", summary)
     total = sum(s["instances"] for s in summary.values())
     print(f"Wrote {total} instance(s) of {len(files)} image(s) to {args.out_dir}")
+    if total == 0:
+        print(
+            f"warning: no instances: {funnel.describe(config)}. Lower the setting that dropped most.", file=sys.stderr
+        )
 
 
 def predict(argv: list[str]) -> None:
@@ -495,13 +533,21 @@ def _warn_if_trained_with_prompts(predictor) -> None:
 def _read_boxes(path: Path) -> dict[str, list[list[float]]]:
     from .data.sources import DataError
 
+    form = "expected a JSON object {image name: [[x0, y0, x1, y1], ...]}"
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"Cannot read the boxes file '{path}': {err}") from err
+    except RecursionError as err:
+        raise DataError(f"'{path}' is nested too deeply to read: {form}.") from err
     if not isinstance(data, dict):
-        raise DataError(f"'{path}': expected a JSON object {{image name: [[x0, y0, x1, y1], ...]}}.")
+        raise DataError(f"'{path}': {form}.")
     for name, boxes in data.items():
+        if boxes == []:
+            raise DataError(
+                f"'{path}', image '{name}': no boxes; give at least one [x0, y0, x1, y1] box, or leave the image out "
+                "(only the images named in the file are predicted)."
+            )
         if not isinstance(boxes, list) or any(
             not isinstance(b, list)
             or len(b) != 4
@@ -608,7 +654,7 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--token", default=None, help="token for POST/DELETE /v1/adapters (Authorization: Bearer)")
     parser.add_argument("--token-all", action="store_true", help="require --token on every route")
     parser.add_argument("--adapter-root", default=None, help="folder POST /v1/adapters may load from (else Hub only)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_device_argument(parser)
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="autocast dtype")
     parser.add_argument("--cache-gb", type=float, default=2.0, help="image-embedding cache budget (GiB)")
     parser.add_argument("--image-cache-gb", type=float, default=1.0, help="uploaded-image cache budget (GiB)")

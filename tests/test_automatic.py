@@ -2,6 +2,7 @@
 with a stand-in predictor whose masks are known (the image's bright region under each point), and the commands."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -88,6 +89,25 @@ def test_thresholds_and_min_area_drop_masks():
     assert len(big_only.scores) == 3  # 1200, 1200 and 1200 pixels; the 750-pixel box and the 709-pixel disc go
 
 
+def test_funnel_counts_what_each_setting_dropped():
+    image, _ = _scene()
+    config = AutomaticMaskConfig(points_per_side=16, min_area=20)
+    result = generate_instances(RegionPredictor(), image, config)
+    funnel = result.funnel
+    assert funnel.candidates == 256 * 3 and funnel.best_iou == pytest.approx(0.9)
+    assert funnel.below_iou == 0 and funnel.unstable > 0  # background points decode empty masks, which are unstable
+    assert funnel.duplicates > 0  # every point on an object gives the same mask 3 times
+    dropped = funnel.below_iou + funnel.unstable + funnel.at_crop_edge + funnel.duplicates + funnel.small_or_covered
+    assert dropped + len(result.scores) == funnel.candidates
+
+    strict = AutomaticMaskConfig(points_per_side=16, pred_iou_thresh=0.95)
+    assert generate_instances(RegionPredictor(), image, strict).funnel.describe(strict) == (
+        "768 candidate mask(s); dropped: 768 by --pred-iou-thresh 0.95, 0 by --stability-score-thresh 0.95, 0 by "
+        "touching a crop edge, 0 by --nms-thresh 0.7 (duplicates), 0 by --min-area 0 or covered by higher-scored "
+        "instances; highest predicted IoU 0.900"
+    )
+
+
 def test_working_size_keeps_labels_at_the_original_size():
     image, truth = _scene()
     # masks made at half size; the stand-in's downscaled image has blended edge rings (< 100 pixels at the original
@@ -140,6 +160,19 @@ def test_segment_all_writes_labels_coco_json_and_overlays(saved_tiny_model, tmp_
         assert (out / "overlays" / f"img_{index}.png").is_file()
     assert len(coco["annotations"]) == sum(s["instances"] for s in summary.values())
     assert "Wrote" in capsys.readouterr().out
+
+
+def test_segment_all_says_why_it_found_no_instances(saved_tiny_model, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(_scene()[0]).save(images / "a.png")
+    main(["segment-all", str(images), str(tmp_path / "out"), "--model", str(saved_tiny_model), "--points-per-side",
+          "4", "--pred-iou-thresh", "1"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "Wrote 0 instance(s)" in captured.out
+    warning = captured.err.strip().splitlines()[-1]
+    assert warning.startswith("warning: no instances: 48 candidate mask(s); dropped: 48 by --pred-iou-thresh 1, 0 by")
+    assert re.search(r"highest predicted IoU 0\.\d{3}\. Lower the setting that dropped most\.$", warning), warning
 
 
 def test_segment_all_refuses_a_foreground_adapter_that_is_not_ptsam(saved_tiny_model, tmp_path):

@@ -175,6 +175,20 @@ def test_cli_predict_checks_boxes_and_writes_strict_json(lora_dir, images, tmp_p
     assert predictions["img_0.png"]["boxes"] == [[0.0, 10.0, 150.0, 50.0]]
 
 
+@pytest.mark.parametrize(
+    "content,expected",
+    [({"img_0": []}, "image 'img_0': no boxes; give at least one"), ("[" * 100_000, "is nested too deeply to read")],
+    ids=["no-boxes", "deep"],
+)
+def test_cli_predict_refuses_a_bad_boxes_file(content, expected, lora_dir, images, tmp_path):
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(content if isinstance(content, str) else json.dumps(content))
+    message = error_of(
+        ["predict", str(images), str(tmp_path / "out"), "--adapter", str(lora_dir), "--boxes", str(boxes)]
+    )
+    assert f"'{boxes}'" in message and expected in message
+
+
 def test_atomic_write_json_writes_missing_numbers_as_null(tmp_path):
     path = tmp_path / "metrics.json"
     atomic_write_json(path, {"iou": float("nan"), "dice": [0.5, float("inf"), -math.inf], "n": np.float32("nan")})
@@ -221,6 +235,48 @@ def test_cli_bad_adapter_config(change, expected, lora_dir, images, tmp_path):
         message = error_of(argv)
         assert str(adapter / "adapter_config.json") in message
         assert re.search(expected, message), message
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "sam2_peft.json"])
+def test_cli_json_nested_too_deeply(name, lora_dir, images, tmp_path):
+    adapter = copy_adapter(lora_dir, tmp_path / "bad")
+    (adapter / name).write_text("[" * 100_000 + "]" * 100_000)
+    message = error_of(["predict", str(images), str(tmp_path / "out"), "--adapter", str(adapter)])
+    assert f"'{adapter / name}' is not an adapter's JSON (nested too deeply to read)" in message
+
+
+def test_cli_edited_lora_rank(lora_dir, images, tmp_path):
+    adapter = copy_adapter(lora_dir, tmp_path / "bad")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    message = error_of(["predict", str(images), str(tmp_path / "out"), "--adapter", str(adapter)])
+    assert f"'{adapter / 'adapter_config.json'}' says r=8, but the LoRA weights beside it have rank 4" in message
+    assert 'set "r": 4 again' in message
+
+
+def test_cli_adapter_without_sidecar_into_another_base(lora_dir, images, tmp_path):
+    adapter = copy_adapter(lora_dir, tmp_path / "bad")
+    (adapter / "sam2_peft.json").unlink()
+    argv = ["predict", str(images), str(tmp_path / "out"), "--adapter", str(adapter), "--base-model", "compact-random"]
+    message = error_of(argv)
+    assert f"The weights in '{adapter / 'adapter_model.safetensors'}' do not fit this base model" in message
+    assert "size mismatch for" in message and "(--base-model / base_model=)" in message
+
+
+def test_cli_refuses_pickled_weights(lora_dir, images, tmp_path, monkeypatch):
+    import torch
+
+    adapter = copy_adapter(lora_dir, tmp_path / "bad")
+    weights = adapter / "adapter_model.safetensors"
+    torch.save(load_file(weights), adapter / "adapter_model.bin")
+    weights.unlink()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle was loaded"))
+    for argv in (
+        ["predict", str(images), str(tmp_path / "out"), "--adapter", str(adapter)],
+        ["merge", str(adapter), str(tmp_path / "merged")],
+    ):
+        message = error_of(argv)
+        assert f"'{adapter / 'adapter_model.bin'}' is a pickle" in message and "adapter_model.safetensors" in message
 
 
 def test_cli_malformed_sidecar(lora_dir, images, tmp_path, hub_server, hub_repo_id):

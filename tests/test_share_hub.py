@@ -69,7 +69,10 @@ def test_push_then_load_online_and_offline(kind, hub_server, make_hub_repo_id, h
     with hub_offline():
         offline = Sam2PeftPredictor.from_pretrained(repo_id, device="cpu")
         np.testing.assert_array_equal(logits(offline, image), local)
-        with pytest.raises(AdapterLoadError, match="offline mode is on .* not in the local cache"):
+        with pytest.raises(
+            AdapterLoadError,
+            match=r"not in the local cache and offline mode is on \(HF_HUB_OFFLINE is set\): unset HF_HUB_OFFLINE",
+        ):
             Sam2PeftPredictor.from_pretrained(make_hub_repo_id("never-pushed"))
     assert len(hub_server.requests) == requests
 
@@ -132,3 +135,34 @@ def test_ptsam_adapter_round_trip(hub_server, hub_repo_id, saved_tiny_model, tmp
     remote = Sam2PeftPredictor.from_pretrained(hub_repo_id, device="cpu").predict(image, return_logits=True)
     assert remote.masks.shape == (1, *image.shape[:2])
     np.testing.assert_array_equal(remote.logits, local.logits)
+
+
+def test_only_adapter_files_are_downloaded_and_their_sizes_are_capped(
+    hub_server, make_hub_repo_id, saved_tiny_model, tmp_path, monkeypatch
+):
+    from sam2_peft.adapters import resolve
+    from sam2_peft.cli import main
+
+    adapter = make_adapter("lora", saved_tiny_model, tmp_path / "lora")
+    repo_id = make_hub_repo_id("big-readme")
+    push_adapter(adapter, repo_id)
+    api = HfApi()
+    api.upload_file(path_or_fileobj=b"#" * 3_000_000, path_in_repo="README.md", repo_id=repo_id)
+    monkeypatch.setitem(resolve.MAX_DOWNLOAD_BYTES, ".json", 2**20)
+    requests = len(hub_server.requests)
+    folder = resolve.download_adapter(repo_id)
+    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "sam2_peft.json"}
+    assert not any(path.endswith(("README.md", "comparison.png")) for _, path in hub_server.requests[requests:])
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    padded = json.dumps({**config, "padding": "x" * 1_500_000})
+    api.upload_file(path_or_fileobj=padded.encode(), path_in_repo="adapter_config.json", repo_id=repo_id)
+    requests = len(hub_server.requests)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", repo_id, str(tmp_path / "merged")])
+    assert exit_info.value.code == (
+        f"error: 'adapter_config.json' of the Hub repo '{repo_id}' weighs 1.4 MiB, over the 1 MiB that an adapter's "
+        f".json file may have, so it is not downloaded: check that it is the adapter you meant. If it is, download "
+        f"it yourself (hf download {repo_id} --local-dir DIR) and pass that folder."
+    )
+    assert not any("/resolve/" in path for _, path in hub_server.requests[requests:])

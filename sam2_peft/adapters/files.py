@@ -29,6 +29,8 @@ PARTIAL_CONFIG_FILE = "partial_config.json"
 PARTIAL_WEIGHTS_FILE = "partial_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"
+"""peft's old pickle format: refused, since unpickling a file can run any code in it."""
 
 ADAPTER_FILE_NAMES = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PARTIAL_CONFIG_FILE, PARTIAL_WEIGHTS_FILE)
 """Files that mark an adapter of some method: a save replaces (or removes) all of them, and the sidecar, at once,
@@ -71,11 +73,8 @@ def read_sidecar(adapter_dir: str | os.PathLike) -> dict | None:
     if not sidecar.exists():
         return None
     fix = f"re-save the adapter with sam2-peft, or delete {SIDECAR_FILE} to load it without the architecture check"
-    try:
-        data = json.loads(sidecar.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterLoadError(f"'{sidecar}' is not valid JSON ({err}): {fix}.") from err
-    if not isinstance(data, dict) or not isinstance(data.get("base_signature", {}), dict):
+    data = read_adapter_json(sidecar, fix)
+    if not isinstance(data.get("base_signature", {}), dict):
         raise AdapterLoadError(f"'{sidecar}' must be a JSON object with a 'base_signature' object: {fix}.")
     return data
 
@@ -160,17 +159,18 @@ def load_partial(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
-def read_adapter_json(path: str | os.PathLike) -> dict:
-    """A JSON object of an adapter folder (its peft or partial config); `AdapterLoadError` when it is not one."""
+def read_adapter_json(path: str | os.PathLike, fix: str = "save the adapter again") -> dict:
+    """A JSON object of an adapter folder (its config or sidecar); `AdapterLoadError` saying `fix` when it is not
+    one (unreadable, not JSON, nested too deeply for Python's parser, or not an object)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterLoadError(f"Could not read '{path}' as JSON ({err}): save the adapter again.") from err
+        raise AdapterLoadError(f"'{path}' is not valid JSON ({err}): {fix}.") from err
+    except RecursionError as err:
+        raise AdapterLoadError(f"'{path}' is not an adapter's JSON (nested too deeply to read): {fix}.") from err
     if not isinstance(data, dict):
-        raise AdapterLoadError(
-            f"Expected a JSON object in '{path}', found {type(data).__name__}: save the adapter again."
-        )
+        raise AdapterLoadError(f"Expected a JSON object in '{path}', found {type(data).__name__}: {fix}.")
     return data
 
 
@@ -204,19 +204,57 @@ def ensure_peft_type(peft_type: str, config_file: Path) -> None:
         )
 
 
+def peft_weights_path(directory: Path) -> Path:
+    """The adapter's safetensors weights; `AdapterLoadError` when it has none, or only a pickle (never unpickled)."""
+    path = directory / PEFT_WEIGHTS_FILE
+    if path.exists():
+        return path
+    pickled = directory / PICKLED_WEIGHTS_FILE
+    if pickled.exists():
+        raise AdapterLoadError(
+            f"'{pickled}' is a pickle, which can run any code when loaded, so it is not loaded: convert it to "
+            f'{PEFT_WEIGHTS_FILE} once, where you trust its source (python -c "import torch; from safetensors.torch '
+            f"import save_file; save_file(torch.load('{pickled}', weights_only=True), '{path}')\"), then delete it."
+        )
+    raise AdapterLoadError(f"'{directory}' has {PEFT_CONFIG_FILE} but no weights ({PEFT_WEIGHTS_FILE}).")
+
+
+def check_lora_rank(config: dict, state: dict[str, torch.Tensor], config_file: Path) -> None:
+    """`AdapterLoadError` when a LoRA config's `r` differs from the rank of its saved weights (an edited config)."""
+    if config.get("peft_type") != "LORA" or config.get("rank_pattern"):
+        return
+    ranks = sorted({int(t.shape[0]) for name, t in state.items() if ".lora_A." in name and t.ndim == 2})
+    if ranks and ranks != [config.get("r")]:
+        raise AdapterLoadError(
+            f"'{config_file}' says r={config.get('r')!r}, but the LoRA weights beside it have rank "
+            f'{", ".join(map(str, ranks))}: set "r": {ranks[0]} again (r is fixed when an adapter is trained), or '
+            "train a new adapter with another --lora-r."
+        )
+
+
 def load_peft(model: nn.Module, directory: str | os.PathLike, **peft_kwargs) -> PeftModel:
-    """`PeftModel.from_pretrained` with its weights checked first and config problems reported as `AdapterLoadError`."""
+    """`PeftModel.from_pretrained` with its weights checked first and config problems reported as `AdapterLoadError`
+    (weights of another shape than the base's modules: `AdapterMismatchError`)."""
     directory = Path(directory)
     config_file = directory / PEFT_CONFIG_FILE
-    ensure_peft_type(read_peft_config(directory)["peft_type"], config_file)
-    if (directory / PEFT_WEIGHTS_FILE).exists():
-        read_adapter_weights(directory / PEFT_WEIGHTS_FILE)
+    config = read_peft_config(directory)
+    ensure_peft_type(config["peft_type"], config_file)
+    check_lora_rank(config, read_adapter_weights(peft_weights_path(directory)), config_file)
     try:
         return PeftModel.from_pretrained(model, str(directory), **peft_kwargs)
     except (ValueError, KeyError, TypeError) as err:
         raise AdapterLoadError(
             f"The adapter config '{config_file}' does not fit this base model or misses fields ({err}). Check its "
             "target_modules (module names of the base model) and fields, or save the adapter again."
+        ) from err
+    except RuntimeError as err:
+        mismatch = next((line.strip(" \t.") for line in str(err).splitlines() if "size mismatch" in line), None)
+        if mismatch is None:
+            raise
+        raise AdapterMismatchError(
+            f"The weights in '{directory / PEFT_WEIGHTS_FILE}' do not fit this base model ({mismatch}): the adapter "
+            f"was trained for another base architecture (it has no {SIDECAR_FILE} naming it). Load it into the base "
+            "it was trained for (--base-model / base_model=)."
         ) from err
 
 

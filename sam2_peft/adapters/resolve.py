@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -22,21 +22,28 @@ from huggingface_hub.errors import (
 from torch import nn
 from transformers import Sam2Processor
 
-from ..models.loading import load_base_model
+from ..models.loading import hub_unreachable_reason, load_base_model
 from .files import (
     ADAPTER_FILES,
     PARTIAL_CONFIG_FILE,
     PARTIAL_WEIGHTS_FILE,
     PEFT_CONFIG_FILE,
-    PEFT_WEIGHTS_FILE,
     TRAINING_CONFIG_FILE,
     AdapterLoadError,
     ensure_peft_type,
     load_adapter,
+    peft_weights_path,
     read_adapter_json,
     read_peft_config,
     read_sidecar,
 )
+
+ADAPTER_DOWNLOADS = (*ADAPTER_FILES, TRAINING_CONFIG_FILE)
+"""The files of a Hub adapter repo that are downloaded: nothing else (a model card, pictures) is needed to load it."""
+
+MAX_DOWNLOAD_BYTES = {".json": 16 * 2**20, ".safetensors": 8 * 2**30}
+"""The largest file of each kind that is downloaded: the repo's file sizes are checked first, so that a repo that is
+not (only) an adapter cannot make a load download gigabytes."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,9 @@ def download_adapter(
         raise AdapterLoadError(f"Expected an adapter folder or a Hub repo id ('org/name'), found '{name}'.")
     at = f"'{name}'" + (f" at revision '{revision}'" if revision else "")
     try:
-        folder = snapshot_download(
-            name, revision=revision, token=token, allow_patterns=[*ADAPTER_FILES, TRAINING_CONFIG_FILE, "README.md"]
-        )
+        if hub_unreachable_reason() is None:  # else the cache is used: nothing to download
+            check_download_sizes(name, revision, token)
+        folder = snapshot_download(name, revision=revision, token=token, allow_patterns=list(ADAPTER_DOWNLOADS))
     except RevisionNotFoundError as err:
         raise AdapterLoadError(
             f"The Hub repo '{name}' has no revision '{revision}' (expected a branch, tag or commit of it)."
@@ -85,13 +92,32 @@ def download_adapter(
             "(log in with `hf auth login` or set HF_TOKEN)."
         ) from err
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE is set): unset HF_HUB_OFFLINE to download it"
+            if constants.HF_HUB_OFFLINE
+            else "the Hub is unreachable: connect once to cache it"
+        )
         raise AdapterLoadError(
-            f"Cannot fetch {at}: the Hub is unreachable or offline mode is on (HF_HUB_OFFLINE), and it is not in "
-            "the local cache. Connect once to cache it, or pass a local folder."
+            f"Cannot fetch {at}: it is not in the local cache and {why}, or pass a local folder."
         ) from err
     except HfHubHTTPError as err:
         raise AdapterLoadError(f"The Hub refused {at}: {err}") from err
     return Path(folder)
+
+
+def check_download_sizes(repo_id: str, revision: str | None, token: str | bool | None) -> None:
+    """`AdapterLoadError` when a file of `ADAPTER_DOWNLOADS` in the Hub repo is over `MAX_DOWNLOAD_BYTES` for its kind
+    (read from the repo's file metadata, before anything is downloaded)."""
+    for file in HfApi().get_paths_info(repo_id, list(ADAPTER_DOWNLOADS), revision=revision, token=token):
+        limit = MAX_DOWNLOAD_BYTES.get(Path(file.path).suffix)
+        size = getattr(file, "size", None)
+        if limit is not None and size is not None and size > limit:
+            raise AdapterLoadError(
+                f"'{file.path}' of the Hub repo '{repo_id}' weighs {size / 2**20:,.1f} MiB, over the "
+                f"{limit / 2**20:,.0f} MiB that an adapter's {Path(file.path).suffix} file may have, so it is not "
+                f"downloaded: check that it is the adapter you meant. If it is, download it yourself (hf download "
+                f"{repo_id} --local-dir DIR) and pass that folder."
+            )
 
 
 def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
@@ -109,8 +135,7 @@ def inspect_adapter(directory: str | os.PathLike) -> AdapterInfo:
             f"No adapter in '{directory}': expected {PEFT_CONFIG_FILE} (peft) or {PARTIAL_CONFIG_FILE} (partial "
             f"fine-tune), found {found or 'nothing'}."
         )
-    if not any((directory / name).exists() for name in (PEFT_WEIGHTS_FILE, "adapter_model.bin")):
-        raise AdapterLoadError(f"'{directory}' has {PEFT_CONFIG_FILE} but no weights ({PEFT_WEIGHTS_FILE}).")
+    peft_weights_path(directory)
     config = read_peft_config(directory)
     peft_type = config["peft_type"]
     ensure_peft_type(peft_type, peft)

@@ -23,7 +23,7 @@ crops (the processor does one NMS over all crops, scored by predicted IoU).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -32,6 +32,43 @@ from scipy import ndimage
 
 from ..evaluation.instances import instances_to_labels
 from .automatic_config import AutomaticMaskConfig
+
+
+@dataclass
+class MaskFunnel:
+    """How many candidate masks each step dropped (the answer to "why no instances?"), and the highest predicted IoU
+    among all candidates."""
+
+    candidates: int = 0
+    below_iou: int = 0
+    unstable: int = 0
+    at_crop_edge: int = 0
+    duplicates: int = 0
+    small_or_covered: int = 0
+    best_iou: float = float("-inf")
+
+    def __iadd__(self, other: MaskFunnel) -> MaskFunnel:
+        for name in (f.name for f in fields(self) if f.name != "best_iou"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.best_iou = max(self.best_iou, other.best_iou)
+        return self
+
+    def describe(self, config: AutomaticMaskConfig) -> str:
+        """One line: candidates, what each setting dropped (named by its flag), the highest predicted IoU."""
+        if not self.candidates:
+            return "no candidate masks (no point prompts: the foreground was empty)"
+        steps = [
+            (self.below_iou, f"--pred-iou-thresh {config.pred_iou_thresh:g}"),
+            (self.unstable, f"--stability-score-thresh {config.stability_score_thresh:g}"),
+            (self.at_crop_edge, "touching a crop edge"),
+            (self.duplicates, f"--nms-thresh {config.nms_thresh:g} (duplicates)"),
+            (self.small_or_covered, f"--min-area {config.min_area} or covered by higher-scored instances"),
+        ]
+        return (
+            f"{self.candidates} candidate mask(s); dropped: "
+            + ", ".join(f"{count} by {step}" for count, step in steps)
+            + f"; highest predicted IoU {self.best_iou:.3f}"
+        )
 
 
 @dataclass
@@ -44,6 +81,7 @@ class Instances:
         boxes: `(K, 4)` `x0, y0, x1, y1` boxes of the instances.
         points: `(P, 2)` the point prompts used (x, y pixels).
         foreground: `(H, W)` bool, the specialist's foreground (specialist-guided mode only).
+        funnel: how many candidate masks each setting dropped.
     """
 
     labels: np.ndarray
@@ -51,6 +89,7 @@ class Instances:
     boxes: np.ndarray
     points: np.ndarray
     foreground: np.ndarray | None = None
+    funnel: MaskFunnel = field(default_factory=MaskFunnel)
 
     @property
     def score_by_label(self) -> dict[int, float]:
@@ -65,9 +104,29 @@ def _grid_in_pixels(points: torch.Tensor, crop_size: tuple[int, int], target_siz
     return (points.numpy().reshape(-1, 2) * np.array([width, height]) / resized).astype(np.float32)
 
 
-def _decode_points(predictor, image: np.ndarray, points: np.ndarray, crop_box: list[int], full_size, config):
+def _count_filtered(funnel: MaskFunnel, logits: torch.Tensor, scores: torch.Tensor, kept: int, config) -> None:
+    """Add to `funnel` what `filter_masks` dropped of these candidates (its tests: predicted IoU above the threshold,
+    then stability score above its threshold, then boxes off crop edges; `kept` masks passed)."""
+    scores = scores.flatten()
+    funnel.candidates += len(scores)
+    funnel.best_iou = max(funnel.best_iou, float(scores.max())) if len(scores) else funnel.best_iou
+    confident = scores > config.pred_iou_thresh if config.pred_iou_thresh > 0 else torch.ones_like(scores, dtype=bool)
+    funnel.below_iou += int((~confident).sum())
+    stable = int(confident.sum())
+    if config.stability_score_thresh > 0 and stable:
+        logits = logits.flatten(0, 1)[confident.to(logits.device)]
+        offset = config.stability_score_offset
+        inside = (logits > offset).flatten(1).sum(1) / (logits > -offset).flatten(1).sum(1).clamp(min=1)
+        stable = int((inside > config.stability_score_thresh).sum())
+    funnel.unstable += int(confident.sum()) - stable
+    funnel.at_crop_edge += stable - kept
+
+
+def _decode_points(
+    predictor, image: np.ndarray, points: np.ndarray, crop_box: list[int], full_size, config, funnel: MaskFunnel
+):
     """Masks (RLE), scores and boxes kept by `filter_masks` for `points` `(P, 2)` in the pixels of `image`, the crop
-    at `crop_box` (x0, y0, x1, y1) of an image of `full_size` (H, W)."""
+    at `crop_box` (x0, y0, x1, y1) of an image of `full_size` (H, W); what it dropped is added to `funnel`."""
     image_processor = predictor.processor.image_processor
     encoded = predictor.encode(image)
     rles, scores, boxes = [], [], []
@@ -84,24 +143,27 @@ def _decode_points(predictor, image: np.ndarray, points: np.ndarray, crop_box: l
             mask_threshold=0.0,
             stability_score_offset=config.stability_score_offset,
         )
+        _count_filtered(funnel, decoded.logits, decoded.scores, len(kept_scores), config)
         rles += masks
         scores.append(kept_scores)
         boxes.append(kept_boxes)
     return rles, scores, boxes
 
 
-def _instances(image_processor, rles, scores, boxes, points, size, config, foreground=None, scale=1.0) -> Instances:
+def _instances(
+    image_processor, rles, scores, boxes, points, size, config, funnel, foreground=None, scale=1.0
+) -> Instances:
     """NMS over all kept masks, then overlaps resolved (higher score wins) and instances under `min_area` (original
-    pixels; `scale` is the working size's) dropped."""
+    pixels; `scale` is the working size's) dropped; the drops are added to `funnel`."""
     height, width = size
     scores = torch.cat(scores) if scores else torch.zeros(0)
     if not rles or len(scores) == 0:
-        return Instances(
-            np.zeros(size, np.uint8), np.zeros(0, np.float32), np.zeros((0, 4), np.float32), points, foreground
-        )
+        empty = np.zeros(size, np.uint8), np.zeros(0, np.float32), np.zeros((0, 4), np.float32)
+        return Instances(*empty, points, foreground, funnel)
     masks, scores, _, boxes = image_processor.post_process_for_mask_generation(
         rles, scores, torch.cat(boxes), config.nms_thresh
     )
+    funnel.duplicates += len(rles) - len(masks)
     masks = np.stack([m.numpy() for m in masks]).reshape(-1, height, width)
     if foreground is not None and config.clip_to_foreground:
         masks &= foreground
@@ -109,6 +171,7 @@ def _instances(image_processor, rles, scores, boxes, points, size, config, foreg
     labels = instances_to_labels(masks, scores)
     areas = np.bincount(labels.ravel(), minlength=len(masks) + 1)[1:]
     keep = areas >= max(round(config.min_area * scale**2), 1)
+    funnel.small_or_covered += int((~keep).sum())
     order = np.argsort(-scores[keep], kind="stable")  # instance 1 = the highest score
     old = np.flatnonzero(keep)[order]
     lookup = np.zeros(len(masks) + 1, np.int64)
@@ -126,6 +189,7 @@ def _instances(image_processor, rles, scores, boxes, points, size, config, foreg
         boxes=np.array(final_boxes, np.float32).reshape(-1, 4),
         points=points,
         foreground=foreground,
+        funnel=funnel,
     )
 
 
@@ -173,18 +237,20 @@ def generate_instances(predictor, image: np.ndarray, config: AutomaticMaskConfig
         points_per_crop=config.points_per_side,
         crop_n_points_downscale_factor=config.crop_n_points_downscale_factor,
     )
-    rles, scores, boxes, used = [], [], [], []
+    rles, scores, boxes, used, funnel = [], [], [], [], MaskFunnel()
     for index, box in enumerate(crop_boxes.long().tolist()):
         x0, y0, x1, y1 = box
         crop = image[y0:y1, x0:x1]
         layer_points = grid_points[0, :, index]  # (1, P, crops, 2)
         points = _grid_in_pixels(layer_points, crop.shape[:2], target)
-        kept = _decode_points(predictor, crop, points, box, size, config)
+        kept = _decode_points(predictor, crop, points, box, size, config, funnel)
         rles += kept[0]
         scores += kept[1]
         boxes += kept[2]
         used.append(points + np.array([x0, y0], np.float32))
-    instances = _instances(image_processor, rles, scores, boxes, np.concatenate(used), size, config, scale=scale)
+    instances = _instances(
+        image_processor, rles, scores, boxes, np.concatenate(used), size, config, funnel, scale=scale
+    )
     return _to_original(instances, original_size, scale)
 
 
@@ -249,8 +315,11 @@ def specialist_guided_instances(
     foreground = foreground_predictor.predict(image).masks[0]
     points = specialist_points(foreground, config.cells_per_side, round(config.min_area * scale**2))
     height, width = image.shape[:2]
-    rles, scores, boxes = [], [], []
+    rles, scores, boxes, funnel = [], [], [], MaskFunnel()
     if len(points):
-        rles, scores, boxes = _decode_points(separator, image, points, [0, 0, width, height], (height, width), config)
-    instances = _instances(image_processor, rles, scores, boxes, points, (height, width), config, foreground, scale)
+        crop = [0, 0, width, height]
+        rles, scores, boxes = _decode_points(separator, image, points, crop, (height, width), config, funnel)
+    instances = _instances(
+        image_processor, rles, scores, boxes, points, (height, width), config, funnel, foreground, scale
+    )
     return _to_original(instances, original_size, scale)

@@ -27,11 +27,10 @@ logger = logging.getLogger(__name__)
 HUB_PROBE_TIMEOUT_S = 3.0
 """How long to wait for a TCP connection to the Hub before calling it unreachable (instead of minutes of retries)."""
 
-OFFLINE_OPTIONS = (
-    "Offline, set HF_HUB_OFFLINE=1 to use models already in the Hugging Face cache; a local folder saved with "
-    "save_pretrained or a Meta checkpoint (--model sam2.1_hiera_small.pt --meta-config sam2.1_hiera_s) works "
-    "too; without SAM 2 weights use --model compact-synthetic (shipped, pre-trained on synthetic scenes only: a "
-    "test base that segments, not SAM 2) or --model tiny-random (random weights, smoke tests)."
+OTHER_BASES = (
+    "A local folder saved with save_pretrained or a Meta checkpoint (--model sam2.1_hiera_small.pt --meta-config "
+    "sam2.1_hiera_s) works too; without SAM 2 weights use --model compact-synthetic (shipped, pre-trained on "
+    "synthetic scenes only: a test base that segments, not SAM 2) or --model tiny-random (random weights, smoke tests)."
 )
 
 RANDOM_WEIGHTS_KEY = "sam2_peft_random_weights"
@@ -260,18 +259,27 @@ def check_model_name(name_or_path: str) -> None:
         )
 
 
+def offline_fix() -> str:
+    """What to do about the Hub when a download is impossible or failed: the advice depends on HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so only the Hugging Face cache is used: unset it to download."
+    return "Without a network connection, set HF_HUB_OFFLINE=1 to use what is already in the Hugging Face cache."
+
+
 def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     """Why the Hub cannot be reached (a name or connection failure within `timeout` seconds), or None if it can."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
+        return "offline mode is on (HF_HUB_OFFLINE is set)"
     endpoint = urlparse(constants.ENDPOINT)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError as err:
-        return f"cannot connect to {endpoint.hostname}:{port} ({err})"
+        return f"the Hugging Face Hub is unreachable (cannot connect to {endpoint.hostname}:{port}: {err})"
     return None
 
 
@@ -297,12 +305,17 @@ def _load_pretrained(name_or_path: str, video: bool, revision: str | None) -> tu
         unreachable = hub_unreachable_reason()
         local_only = unreachable is not None
         if local_only and not _is_cached(name_or_path, revision):
+            fix = (
+                "Unset HF_HUB_OFFLINE to download it."
+                if "HF_HUB_OFFLINE" in unreachable
+                else "Connect to download it once."
+            )
             raise Sam2LoadError(
-                f"Cannot download '{name_or_path}': the Hugging Face Hub is unreachable ({unreachable}), the model "
-                f"is not in the local cache and there is no local folder of that name. {OFFLINE_OPTIONS}"
+                f"Cannot download '{name_or_path}': {unreachable}, the model is not in the local cache and there is "
+                f"no local folder of that name. {fix} {OTHER_BASES}"
             )
         if local_only:
-            logger.info("Hub unreachable (%s): loading '%s' from the local cache.", unreachable, name_or_path)
+            logger.info("%s: loading '%s' from the local cache.", unreachable, name_or_path)
     try:
         model = model_cls.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
     except (OSError, ValueError) as err:
@@ -310,7 +323,7 @@ def _load_pretrained(name_or_path: str, video: bool, revision: str | None) -> tu
             raise Sam2LoadError(f"Could not load a SAM 2 model from the folder '{name_or_path}': {err}") from err
         raise Sam2LoadError(
             f"Could not load '{name_or_path}' from the Hugging Face Hub (no such repo or revision, or no access: "
-            f"{str(err).splitlines()[0]}). {OFFLINE_OPTIONS}"
+            f"{str(err).splitlines()[0]}). {offline_fix()} {OTHER_BASES}"
         ) from err
     try:
         processor = Sam2Processor.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
