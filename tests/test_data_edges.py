@@ -313,6 +313,7 @@ def test_file_names_that_are_not_utf8_work_with_a_readable_id(folder_dataset, ti
     args = _args("--data", str(folder_dataset))
     train, val = datasets(args, tiny_processor)
     assert len(train) + len(val) == 6
+    assert {item["sample_id"] for item in (*train, *val)} >= {"bad\\xff"}  # decoded, and the view keyed
     json.dumps(sorted(r.sample_id for r in train.records), ensure_ascii=False).encode("utf-8")
 
 
