@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -185,6 +186,14 @@ def printable(text: str | os.PathLike) -> str:
         return os.fsencode(text).decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # surrogates that did not come from a file name
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key in which runs of digits compare as numbers: `2.jpg` before `10.jpg` (as text it comes after)."""
+    return tuple(int(part) if index % 2 else part for index, part in enumerate(_DIGITS.split(name)))
 
 
 def set_max_image_pixels(limit: int | None) -> None:
