@@ -282,8 +282,10 @@ def _mask_kind(labels: np.ndarray, origin: str) -> str:
     """What `--mask-type auto` makes of a label map: "binary", "noisy binary" or "instance"; DataError if unclear.
 
     Two levels are binary. A mask whose maximum is the white of its format (255, 65535, or any non-integer maximum
-    such as 1.0) with nearly every pixel near 0 or near that maximum is binary with JPEG or anti-aliasing noise.
-    Integer labels using most values from 1 to their maximum are instances. Anything else is refused.
+    such as 1.0), with few pixels in the middle of the range and whose other levels are scattered noise (JPEG or
+    anti-aliasing: few of their pixels touch one of the same value) is binary. Integer labels whose levels are regions
+    and use most values from their smallest to their largest (1, 2, 3, ... or 250 ... 255) are instances. Anything
+    else is refused.
     """
     values, counts = value_counts(labels)
     if len(values) <= 2:
@@ -293,12 +295,12 @@ def _mask_kind(labels: np.ndarray, origin: str) -> str:
     band = top / 8
     high = counts[values >= top - band].sum()
     middle = counts[(values > band) & (values < top - band)].sum()
-    low_nonzero = counts[(values > 0) & (values <= band)].sum()
     white = top in (255, 65535) or not integral
-    if white and high > 0 and middle <= 0.25 * high and low_nonzero <= 0.5 * high:
+    regions = _level_coherence(labels) >= 0.5
+    if white and high > 0 and middle <= 0.25 * high and not regions:
         return "noisy binary"
-    nonzero = int((values != 0).sum())
-    if integral and top >= 1 and nonzero >= 0.5 * top:
+    nonzero = values[values != 0]
+    if integral and regions and len(nonzero) >= 0.5 * (top - nonzero[0] + 1):
         return "instance"
     shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
     raise DataError(
@@ -306,6 +308,20 @@ def _mask_kind(labels: np.ndarray, origin: str) -> str:
         "maximum) nor instance labels (1, 2, 3, ...): say which with --mask-type binary (threshold at half the "
         "maximum) or --mask-type instance (each non-zero value is one object)."
     )
+
+
+def _level_coherence(labels: np.ndarray) -> float:
+    """The share of pixels neither 0 nor the maximum that touch (4-neighbours) a pixel of the same value: near 1 when
+    each level is a region (labels), about 0.2 or less for JPEG and anti-aliasing noise."""
+    inner = (labels != 0) & (labels != labels.max())
+    if not inner.any():
+        return 1.0
+    same = np.zeros(labels.shape, bool)
+    same[1:] |= labels[1:] == labels[:-1]
+    same[:-1] |= labels[:-1] == labels[1:]
+    same[:, 1:] |= labels[:, 1:] == labels[:, :-1]
+    same[:, :-1] |= labels[:, :-1] == labels[:, 1:]
+    return float((same & inner).sum() / inner.sum())
 
 
 def label_map_to_instances(
