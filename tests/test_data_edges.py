@@ -377,3 +377,24 @@ def test_edge_errors_end_in_one_error_line_from_the_command_line(tmp_path, folde
             run_from_command_line(lambda a=args: datasets(a, tiny_processor))
         message = str(exit_info.value.code)
         assert message.startswith("error: ") and "\n" not in message and named in message
+
+
+def _float_image_dataset(tmp_path, pixels: np.ndarray) -> str:
+    import datasets
+
+    mask = np.zeros(pixels.shape[:2], np.uint8)
+    mask[8:24, 8:24] = 255
+    table = datasets.Dataset.from_dict({"image": [pixels.tolist()], "mask": [mask.tolist()]})
+    table.save_to_disk(tmp_path / "hf")
+    return str(tmp_path / "hf")
+
+
+def test_float_image_columns_in_0_1_are_scaled_and_other_ranges_refused(tmp_path):
+    pixels = _gradient(32, 40).astype(np.float32) / 255  # floats in [0, 1], as many pipelines keep images
+    record = hf_dataset_records(_float_image_dataset(tmp_path / "unit", pixels))[0]
+    np.testing.assert_array_equal(record.load_image(), _gradient(32, 40))
+    record = hf_dataset_records(_float_image_dataset(tmp_path / "bytes", pixels * 255))[0]
+    np.testing.assert_array_equal(record.load_image(), _gradient(32, 40))  # floats holding 0..255 kept
+    record = hf_dataset_records(_float_image_dataset(tmp_path / "signed", pixels * 2 - 1))[0]
+    with pytest.raises(DataError, match=r"hf\[train\]\[0\].*-1.*\[0, 1\] or 0\.\.255"):
+        record.load_image()

@@ -649,10 +649,21 @@ def cell_array(value: object, is_image: bool, base: Path | None) -> np.ndarray:
     return np.asarray(value)
 
 
-def image_array(array: np.ndarray) -> np.ndarray:
-    """`(H, W, 3)` uint8 from an image cell (grey repeated)."""
+def image_array(array: np.ndarray, origin: str) -> np.ndarray:
+    """`(H, W, 3)` uint8 from an image cell (grey repeated): floats in [0, 1] are scaled to 0..255, other values
+    must lie in 0..255; DataError naming `origin` otherwise."""
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
+    if array.dtype in (np.uint8, np.bool_) or not array.size:
+        return array.astype(np.uint8) * (255 if array.dtype == np.bool_ else 1)
+    low, high = float(array.min()), float(array.max())
+    if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= 255):
+        raise DataError(
+            f"Image '{origin}' holds values {low:g}..{high:g}: image arrays must be floats in [0, 1] or 0..255 "
+            "(uint8); rescale the column."
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.round(array * 255 if high <= 1 else array)  # floats up to 1 are in [0, 1]: 1.0 is white
     return array.astype(np.uint8)
 
 
@@ -683,7 +694,7 @@ def hf_dataset_records(
         return cell_array(loaded[index][column], column == image_column, base)
 
     def image(index: int) -> np.ndarray:
-        return image_array(cell(index, image_column))
+        return image_array(cell(index, image_column), f"{name_or_path}[{split}][{index}]")
 
     return [
         SampleRecord(
