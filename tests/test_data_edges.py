@@ -398,3 +398,23 @@ def test_float_image_columns_in_0_1_are_scaled_and_other_ranges_refused(tmp_path
     record = hf_dataset_records(_float_image_dataset(tmp_path / "signed", pixels * 2 - 1))[0]
     with pytest.raises(DataError, match=r"hf\[train\]\[0\].*-1.*\[0, 1\] or 0\.\.255"):
         record.load_image()
+
+
+@pytest.mark.parametrize("suffix", ["_mask", "_masks", "_label", "_labels", "_gt", "_seg", "-mask"])
+def test_masks_named_with_a_common_suffix_match_their_images(folder_dataset, suffix):
+    for path in sorted((folder_dataset / "masks").iterdir())[:3]:  # half renamed: both namings in one folder
+        path.rename(path.with_name(f"{path.stem}{suffix}.png"))
+    records = folder_records(folder_dataset)
+    assert [r.sample_id for r in records] == [f"img_{i:03d}" for i in range(6)]
+    expected = label_map_to_instances(np.asarray(Image.open(folder_dataset / "masks" / f"img_000{suffix}.png")), "m")
+    np.testing.assert_array_equal(records[0].load_instances(), expected)
+
+
+def test_unmatched_image_names_the_masks_with_similar_names(folder_dataset):
+    (folder_dataset / "masks" / "img_001.png").rename(folder_dataset / "masks" / "img_001-annotation.png")
+    with pytest.raises(DataError, match=r"img_001\.png.*similar names: 'img_001-annotation\.png'"):
+        folder_records(folder_dataset)
+    (folder_dataset / "masks" / "img_001-annotation.png").rename(folder_dataset / "masks" / "img_001_gt.png")
+    (folder_dataset / "masks" / "img_002.png").rename(folder_dataset / "masks" / "img_001_mask.png")
+    with pytest.raises(DataError, match=r"img_001\.png.*two masks.*img_001_mask\.png.*img_001_gt\.png"):
+        folder_records(folder_dataset)

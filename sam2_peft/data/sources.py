@@ -7,6 +7,7 @@ until a loader is called, so large datasets cost nothing to list. Images are rea
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -415,13 +416,7 @@ def folder_records(root: str | os.PathLike, mask_type: str = "auto") -> list[Sam
                 f"'{printable(folder)}' or point --data at the folder that holds both."
             )
     images = _files_by_stem(image_dir, IMAGE_SUFFIXES)
-    masks = _files_by_stem(mask_dir, MASK_SUFFIXES)
-    missing = sorted(set(images) - set(masks))
-    if missing:
-        raise DataError(
-            f"{len(missing)} image(s) in '{printable(image_dir)}' have no mask in '{printable(mask_dir)}' with the "
-            f"same stem, e.g. '{printable(images[missing[0]].name)}': add their masks or move the images out."
-        )
+    masks = _match_masks(images, _files_by_stem(mask_dir, MASK_SUFFIXES), mask_dir)
     reader = MaskReader(mask_type, printable(root))
     return [
         SampleRecord(
@@ -435,6 +430,42 @@ def folder_records(root: str | os.PathLike, mask_type: str = "auto") -> list[Sam
         )
         for stem in sorted(images)
     ]
+
+
+MASK_NAME_SUFFIXES = ("_mask", "_masks", "-mask", "-masks", "_label", "_labels", "-label", "_gt", "-gt", "_seg")
+"""Endings of a mask's stem after its image's (`001_mask.png` for `001.png`), tried when no mask has the image's
+stem."""
+
+
+def _match_masks(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path) -> dict[str, Path]:
+    """Each image stem's mask: the mask of the same stem, else the one whose stem adds one of `MASK_NAME_SUFFIXES`.
+
+    DataError when an image has two masks by suffix, or none (naming the unmatched masks with similar names)."""
+    matched, missing = {}, []
+    for stem in sorted(images):
+        candidates = [stem] if stem in masks else [stem + end for end in MASK_NAME_SUFFIXES if stem + end in masks]
+        if len(candidates) > 1:
+            names = " and ".join(f"'{printable(masks[c].name)}'" for c in candidates)
+            raise DataError(
+                f"Image '{printable(images[stem].name)}' has two masks in '{printable(mask_dir)}', {names}: remove "
+                "one, or rename its mask to the image's stem."
+            )
+        if candidates:
+            matched[stem] = masks[candidates[0]]
+        else:
+            missing.append(stem)
+    if missing:
+        used = set(matched.values())
+        unused = [m for m in masks if masks[m] not in used]
+        similar = [m for m in unused if m.startswith(missing[0])][:3] or difflib.get_close_matches(missing[0], unused)
+        hint = f" (masks with similar names: {', '.join(repr(printable(masks[m].name)) for m in similar)})"
+        raise DataError(
+            f"{len(missing)} image(s) in '{printable(images[missing[0]].parent)}' have no mask in "
+            f"'{printable(mask_dir)}' with the same stem (or the stem and {', '.join(MASK_NAME_SUFFIXES)}), e.g. "
+            f"'{printable(images[missing[0]].name)}'{hint if similar else ''}: name each mask after its image, add "
+            "the missing masks or move those images out."
+        )
+    return matched
 
 
 def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
