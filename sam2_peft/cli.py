@@ -324,6 +324,16 @@ def _without_per_image(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("per_image", "miou_per_click")}
 
 
+OUTPUT_NAMES = (
+    "<name> is the image's stem (a.png gives <name>.png = a.png), or its file name where two images share the stem "
+    "(a.png and a.jpg give a.png.png and a.jpg.png). An OUT_DIR holding an earlier run's outputs is refused unless "
+    "--overwrite."
+)
+SEGMENT_OUTPUTS = ("labels", "overlays", "instances.json", "summary.json")
+PREDICT_OUTPUTS = ("masks", "overlays", "predictions.json")
+"""What `segment-all` and `predict` write in OUT_DIR: an earlier run's are refused, or replaced with --overwrite."""
+
+
 def segment_all(argv: list[str]) -> None:
     """`sam2-peft segment-all`: instance label images for a folder of images, without prompts."""
     from .inference.automatic_config import AutomaticMaskConfig
@@ -335,7 +345,8 @@ def segment_all(argv: list[str]) -> None:
         "generation (a grid of point prompts) with a base model or any adapter, or, with --foreground-adapter, the "
         "specialist-guided mode (a prompt-free PTSAM adapter's foreground places the points; --adapter or the base "
         "separates the objects). Writes OUT_DIR/labels/<name>.png (or .tif; 0 background, 1..K instances, 16-bit "
-        "above 255), OUT_DIR/overlays/<name>.png and OUT_DIR/instances.json (COCO results with RLE masks, scores).",
+        "above 255), OUT_DIR/overlays/<name>.png and OUT_DIR/instances.json (COCO results with RLE masks, scores). "
+        f"{OUTPUT_NAMES}",
         "examples:\n  sam2-peft segment-all --model compact-synthetic images/ instances/\n"
         "  sam2-peft segment-all --adapter outputs/lora --foreground-adapter outputs/ptsam images/ instances/",
         settings=(AutomaticMaskConfig,),
@@ -349,11 +360,6 @@ def segment_all(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     config = from_namespace(AutomaticMaskConfig, args)
     run_from_command_line(lambda: _segment_folder(args, config))
-
-
-SEGMENT_OUTPUTS = ("labels", "overlays", "instances.json", "summary.json")
-PREDICT_OUTPUTS = ("masks", "overlays", "predictions.json")
-"""What `segment-all` and `predict` write in OUT_DIR: an earlier run's are refused, or replaced with --overwrite."""
 
 
 def _segment_folder(args: argparse.Namespace, config) -> None:
@@ -478,7 +484,8 @@ def predict(argv: list[str]) -> None:
     parser = _parser(
         "predict",
         "Predict masks for every image in a folder. Writes OUT_DIR/masks/<name>.png (label maps: 0 background, k = "
-        "k-th prompt), OUT_DIR/overlays/<name>.png and OUT_DIR/predictions.json (scores). Without --boxes every image "
+        "k-th prompt), OUT_DIR/overlays/<name>.png and OUT_DIR/predictions.json (scores). "
+        f"{OUTPUT_NAMES} Without --boxes every image "
         "gets one prompt-free mask (meant for prompt-free adapters such as PTSAM; an adapter trained with prompts gets a warning).",
         "boxes file: JSON mapping image file names (or stems) to [[x0, y0, x1, y1], ...] in pixels;\n"
         "only the images it lists are predicted.\n\n"
