@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -71,6 +72,7 @@ def _folder_with_a_shared_stem(folder):
     Image.fromarray(first).save(folder / "a.png")
     Image.fromarray(second).save(folder / "a.jpg")  # another picture, the same stem
     Image.fromarray(second).save(folder / "b.png")
+    Image.fromarray(second).save(folder / os.fsdecode(b"c\xff.png"))  # Linux file names need not be UTF-8
     return folder
 
 
@@ -79,8 +81,9 @@ def test_images_sharing_a_stem_get_one_output_each(command, saved_tiny_model, tm
     images = _folder_with_a_shared_stem(tmp_path / "images")
     main([command, str(images), str(tmp_path / "out"), "--model", str(saved_tiny_model), *POINTS[command]])
     folder = tmp_path / "out" / ("masks" if command == "predict" else "labels")
-    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg.png", "a.png.png", "b.png"]
-    assert sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir()) == ["a.jpg.png", "a.png.png", "b.png"]
+    written = ["a.jpg.png", "a.png.png", "b.png", os.fsdecode(b"c\xff.png")]
+    assert sorted(p.name for p in folder.iterdir()) == written
+    assert sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir()) == written
     shapes = {name: np.asarray(Image.open(folder / name)).shape for name in ("a.png.png", "a.jpg.png")}
     assert shapes == {"a.png.png": (72, 150), "a.jpg.png": (88, 120)}  # each image's own output
 
