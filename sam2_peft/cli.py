@@ -357,6 +357,16 @@ def _without_per_image(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("per_image", "miou_per_click")}
 
 
+OUTPUT_NAMES = (
+    "<name> is the image's stem (a.png gives <name>.png = a.png), or its file name where two images share the stem "
+    "(a.png and a.jpg give a.png.png and a.jpg.png). An OUT_DIR holding an earlier run's outputs is refused unless "
+    "--overwrite."
+)
+SEGMENT_OUTPUTS = ("labels", "overlays", "instances.json", "summary.json")
+PREDICT_OUTPUTS = ("masks", "overlays", "predictions.json")
+"""What `segment-all` and `predict` write in OUT_DIR: an earlier run's are refused, or replaced with --overwrite."""
+
+
 def segment_all(argv: list[str]) -> None:
     """`sam2-peft segment-all`: instance label images for a folder of images, without prompts."""
     from .inference.automatic_config import AutomaticMaskConfig
@@ -368,7 +378,8 @@ def segment_all(argv: list[str]) -> None:
         "generation (a grid of point prompts) with a base model or any adapter, or, with --foreground-adapter, the "
         "specialist-guided mode (a prompt-free PTSAM adapter's foreground places the points; --adapter or the base "
         "separates the objects). Writes OUT_DIR/labels/<name>.png (or .tif; 0 background, 1..K instances, 16-bit "
-        "above 255), OUT_DIR/overlays/<name>.png and OUT_DIR/instances.json (COCO results with RLE masks, scores).",
+        "above 255), OUT_DIR/overlays/<name>.png and OUT_DIR/instances.json (COCO results with RLE masks, scores). "
+        f"{OUTPUT_NAMES}",
         "examples:\n  sam2-peft segment-all --model compact-synthetic images/ instances/\n"
         "  sam2-peft segment-all --adapter outputs/lora --foreground-adapter outputs/ptsam images/ instances/",
         settings=(AutomaticMaskConfig,),
@@ -378,9 +389,7 @@ def segment_all(argv: list[str]) -> None:
     _add_model_arguments(parser)
     parser.add_argument("--foreground-adapter", default=None, help="prompt-free PTSAM adapter: specialist-guided mode")
     parser.add_argument("--format", choices=("png", "tif"), default="png", help="label image format")
-    parser.add_argument(
-        "--max-image-pixels", type=int, default=None, help="refuse larger images (default PIL's limit; 0 = none)"
-    )
+    _add_folder_arguments(parser)
     args = parser.parse_args(argv)
     config = from_namespace(AutomaticMaskConfig, args)
     run_from_command_line(lambda: _segment_folder(args, config))
@@ -388,48 +397,124 @@ def segment_all(argv: list[str]) -> None:
 
 def _segment_folder(args: argparse.Namespace, config) -> None:
     from PIL import Image
-    from tqdm.auto import tqdm
 
-    from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, DataError, read_image, set_max_image_pixels
     from .inference.automatic import MaskFunnel, generate_instances, specialist_guided_instances
     from .inference.instance_outputs import coco_results, instance_overlay, save_label_image
-    from .io import atomic_write_dir, atomic_write_json, check_output_dir
+    from .io import atomic_write_dir, atomic_write_json
 
-    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels)
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Expected a folder of images, found no folder at '{folder}'.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'.")
-    check_output_dir(args.out_dir)
+    files, names = _image_files(args, SEGMENT_OUTPUTS)
     predictor = _load_predictor(args)
     foreground = _load_foreground(args) if args.foreground_adapter else None
     labels_by_name, scores_by_name, summary, funnel = {}, {}, {}, MaskFunnel()
-    with atomic_write_dir(args.out_dir) as staging:
+    with atomic_write_dir(args.out_dir, replaces=SEGMENT_OUTPUTS) as staging:
         (staging / "labels").mkdir()
         (staging / "overlays").mkdir()
-        for path in tqdm(files, desc="segment-all", unit="image", leave=False):
-            image = read_image(path)
+        for path, image in _read_images(files, "segment-all", args.skip_bad_files):
             if foreground is not None:
                 instances = specialist_guided_instances(foreground, predictor, image, config)
             else:
                 instances = generate_instances(predictor, image, config)
             funnel += instances.funnel
-            save_label_image(instances.labels, staging / "labels" / f"{path.stem}.{args.format}")
+            save_label_image(instances.labels, staging / "labels" / f"{names[path]}.{args.format}")
             Image.fromarray(instance_overlay(image, instances.labels, instances.points)).save(
-                staging / "overlays" / f"{path.stem}.png"
+                staging / "overlays" / f"{names[path]}.png"
             )
             labels_by_name[path.name], scores_by_name[path.name] = instances.labels, instances.score_by_label
             summary[path.name] = {"instances": int(len(instances.scores)), "prompts": int(len(instances.points))}
         atomic_write_json(staging / "instances.json", coco_results(labels_by_name, scores_by_name))
         atomic_write_json(staging / "summary.json", summary)
     total = sum(s["instances"] for s in summary.values())
-    print(f"Wrote {total} instance(s) of {len(files)} image(s) to {args.out_dir}")
+    print(f"Wrote {total} instance(s) of {len(summary)} image(s) to {args.out_dir}")
     if total == 0:
         print(
             f"warning: no instances: {funnel.describe(config)}. Lower the setting that dropped most.", file=sys.stderr
         )
+
+
+def _add_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `predict` and `segment-all` share: large images, bad files, an earlier run's outputs."""
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=None, help="refuse larger images (default PIL's limit; 0 = none)"
+    )
+    parser.add_argument(
+        "--skip-bad-files", action="store_true", help="skip unreadable images with a warning (default: stop)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run's outputs in OUT_DIR (default: refuse)"
+    )
+
+
+def _image_files(args: argparse.Namespace, outputs: tuple[str, ...], boxes: dict | None = None):
+    """(images, their output names) of the folder `args.images`, in natural order (`2.png` before `10.png`), checked
+    before the model loads: the folder, OUT_DIR (`outputs` of an earlier run need --overwrite), each file's header
+    (a bad one stops the run, or is skipped with --skip-bad-files). With `boxes`, only the images it names."""
+    from .data.sources import (
+        DEFAULT_MAX_IMAGE_PIXELS,
+        IMAGE_SUFFIXES,
+        DataError,
+        natural_key,
+        set_max_image_pixels,
+        viewed_size,
+    )
+    from .inference.instance_outputs import output_names
+    from .io import check_output_dir
+
+    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels)
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Expected a folder of images, found no folder at '{folder}'.")
+    files = sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name)
+    )
+    names = output_names(files)
+    if boxes is not None:
+        unknown = [name for name in boxes if not any(name in (path.name, path.stem) for path in files)]
+        if unknown:
+            raise DataError(f"'{args.boxes}' names images not in '{folder}': {unknown[:5]}")
+        files = [_boxed_file(files, name, args.boxes) for name in boxes]
+    if not files:
+        raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'.")
+    check_output_dir(args.out_dir, outputs=outputs, overwrite=args.overwrite)
+    return [path for path, _ in _skipping_bad_files(files, viewed_size, args.skip_bad_files)], names
+
+
+def _boxed_file(files: list[Path], name: str, boxes_file: str) -> Path:
+    """The image a boxes file's key names: a file name, or the stem of exactly one image."""
+    from .data.sources import DataError
+
+    matches = [p for p in files if p.name == name] or [p for p in files if p.stem == name]
+    if len(matches) > 1:
+        raise DataError(
+            f"'{boxes_file}' names '{name}', the stem of {', '.join(p.name for p in matches)}: name the file instead."
+        )
+    return matches[0]
+
+
+def _skipping_bad_files(paths, read: Callable[[Path], object], skip: bool):
+    """(path, read(path)) for each path; a DataError stops the run (naming --skip-bad-files) or, with `skip`, is
+    one warning line and the file is left out."""
+    from .data.sources import SKIP_HINT, DataError, printable
+
+    for path in paths:
+        try:
+            value = read(path)
+        except DataError as err:
+            if not skip:
+                if "--skip-bad-files" in str(err):
+                    raise
+                raise DataError(f"{str(err).rstrip('.')}, {SKIP_HINT}.") from err
+            print(f"warning: skipping '{printable(path.name)}' (--skip-bad-files): {err}", file=sys.stderr)
+            continue
+        yield path, value
+
+
+def _read_images(files: list[Path], command: str, skip: bool):
+    """(path, `(H, W, 3)` uint8 image) of each file in turn, with a progress bar (see `_skipping_bad_files`)."""
+    from tqdm.auto import tqdm
+
+    from .data.sources import read_image
+
+    return _skipping_bad_files(tqdm(files, desc=command, unit="image", leave=False), read_image, skip)
 
 
 def predict(argv: list[str]) -> None:
@@ -437,7 +522,8 @@ def predict(argv: list[str]) -> None:
     parser = _parser(
         "predict",
         "Predict masks for every image in a folder. Writes OUT_DIR/masks/<name>.png (label maps: 0 background, k = "
-        "k-th prompt), OUT_DIR/overlays/<name>.png and OUT_DIR/predictions.json (scores). Without --boxes every image "
+        "k-th prompt), OUT_DIR/overlays/<name>.png and OUT_DIR/predictions.json (scores). "
+        f"{OUTPUT_NAMES} Without --boxes every image "
         "gets one prompt-free mask (meant for prompt-free adapters such as PTSAM; an adapter trained with prompts gets a warning).",
         "boxes file: JSON mapping image file names (or stems) to [[x0, y0, x1, y1], ...] in pixels;\n"
         "only the images it lists are predicted.\n\n"
@@ -447,69 +533,46 @@ def predict(argv: list[str]) -> None:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where masks, overlays and predictions.json go")
     _add_model_arguments(parser)
     parser.add_argument("--boxes", default=None, help="JSON file of boxes per image (see below)")
-    parser.add_argument(
-        "--max-image-pixels", type=int, default=None, help="refuse larger images (default PIL's limit; 0 = none)"
-    )
+    _add_folder_arguments(parser)
     args = parser.parse_args(argv)
     run_from_command_line(lambda: _predict_folder(args))
 
 
 def _predict_folder(args: argparse.Namespace) -> None:
     from PIL import Image
-    from tqdm.auto import tqdm
 
-    from .data.sources import (
-        DEFAULT_MAX_IMAGE_PIXELS,
-        IMAGE_SUFFIXES,
-        DataError,
-        read_image,
-        set_max_image_pixels,
-        viewed_size,
-    )
+    from .data.sources import viewed_size
     from .evaluation.panels import overlay
     from .inference.predictor import check_boxes
-    from .io import atomic_write_dir, atomic_write_json, check_output_dir
+    from .io import atomic_write_dir, atomic_write_json
 
-    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels)
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Expected a folder of images, found no folder at '{folder}'.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    boxes = None
-    if args.boxes:
-        boxes = _read_boxes(Path(args.boxes))
-        by_name = {p.name: p for p in files} | {p.stem: p for p in files}
-        unknown = sorted(set(boxes) - set(by_name))
-        if unknown:
-            raise DataError(f"'{args.boxes}' names images not in '{folder}': {unknown[:5]}")
-        files = [by_name[name] for name in boxes]
-    if not files:
-        raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'.")
+    boxes = _read_boxes(Path(args.boxes)) if args.boxes else None
+    files, names = _image_files(args, PREDICT_OUTPUTS, boxes)
     if boxes is not None:  # every box checked (and clipped) against its image before the model loads
+        checked = {}
         for path in files:
-            name = path.name if path.name in boxes else path.stem
+            key = path.name if path.name in boxes else path.stem
             width, height = viewed_size(path)  # boxes are in the pixels a viewer shows (EXIF orientation)
-            boxes[name] = check_boxes(boxes[name], (height, width), f"'{args.boxes}', image '{name}'").tolist()
-    check_output_dir(args.out_dir)
+            checked[path.name] = check_boxes(boxes[key], (height, width), f"'{args.boxes}', image '{key}'").tolist()
+        boxes = checked
     predictor = _load_predictor(args)
     if boxes is None:
         _warn_if_trained_with_prompts(predictor)
     summary = {}
-    with atomic_write_dir(args.out_dir) as staging:
+    with atomic_write_dir(args.out_dir, replaces=PREDICT_OUTPUTS) as staging:
         (staging / "masks").mkdir()
         (staging / "overlays").mkdir()
-        for path in tqdm(files, desc="predict", unit="image", leave=False):
-            image = read_image(path)
-            image_boxes = boxes.get(path.name, boxes.get(path.stem)) if boxes is not None else None
+        for path, image in _read_images(files, "predict", args.skip_bad_files):
+            image_boxes = boxes[path.name] if boxes is not None else None
             prediction = predictor.predict(image, boxes=image_boxes)
             labels = np.zeros(image.shape[:2], np.uint16 if len(prediction.masks) > 255 else np.uint8)
             for index, mask in enumerate(prediction.masks, start=1):
                 labels[mask] = index
-            Image.fromarray(labels).save(staging / "masks" / f"{path.stem}.png")
-            Image.fromarray(overlay(image, prediction.masks)).save(staging / "overlays" / f"{path.stem}.png")
+            Image.fromarray(labels).save(staging / "masks" / f"{names[path]}.png")
+            Image.fromarray(overlay(image, prediction.masks)).save(staging / "overlays" / f"{names[path]}.png")
             summary[path.name] = {"scores": prediction.scores.tolist(), "boxes": image_boxes}
         atomic_write_json(staging / "predictions.json", summary)
-    print(f"Wrote masks and overlays of {len(files)} image(s) to {args.out_dir}")
+    print(f"Wrote masks and overlays of {len(summary)} image(s) to {args.out_dir}")
 
 
 def _warn_if_trained_with_prompts(predictor) -> None:

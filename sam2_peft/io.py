@@ -15,16 +15,23 @@ from typing import Any
 
 
 @contextmanager
-def atomic_write_dir(directory: str | os.PathLike) -> Iterator[Path]:
+def atomic_write_dir(directory: str | os.PathLike, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder; on success move each file in it into `directory` with `os.replace`.
 
-    Each file appears complete or not at all. Files already in `directory` that are not rewritten are kept.
+    Each file appears complete or not at all. Files already in `directory` that are not rewritten are kept, except
+    the files and folders named in `replaces` (a previous run's outputs), deleted on success just before the move.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
     try:
         yield staging
+        for name in replaces:
+            path = directory / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         for path in sorted(staging.rglob("*")):
             if path.is_file():
                 target = directory / path.relative_to(staging)
@@ -157,8 +164,11 @@ class OutputDirError(FileNotFoundError):
     """An output folder cannot be written: it is a file, or the folder is read-only (printed as `error: ...`)."""
 
 
-def check_output_dir(directory: str | os.PathLike, what: str = "OUT_DIR") -> Path:
-    """Check, before any long work starts, that `directory` is (or can be created as) a folder one can write in.
+def check_output_dir(
+    directory: str | os.PathLike, what: str = "OUT_DIR", outputs: Iterable[str] = (), overwrite: bool = False
+) -> Path:
+    """Check, before any long work starts, that `directory` is (or can be created as) a folder one can write in,
+    and, unless `overwrite`, that it holds none of the `outputs` (file and folder names) an earlier run wrote.
 
     Creates nothing: the folder, or its nearest existing parent, is probed with a temporary folder.
     """
@@ -175,4 +185,10 @@ def check_output_dir(directory: str | os.PathLike, what: str = "OUT_DIR") -> Pat
             f"Cannot write to {what} '{directory}' ('{existing}' is not writable: {err.strerror or err}). Choose a "
             "folder you can write to, or fix its permissions."
         ) from err
+    found = [name for name in outputs if os.path.lexists(directory / name)]
+    if found and not overwrite:
+        raise OutputDirError(
+            f"{what} '{directory}' holds the outputs of an earlier run ({', '.join(found)}): pass --overwrite to "
+            f"replace them, or choose another {what}."
+        )
     return directory

@@ -126,11 +126,53 @@ def test_jpeg_saved_and_anti_aliased_binary_masks_are_one_object(tmp_path):
         assert (objects[0] ^ _disc()).sum() <= 0.05 * _disc().sum()
 
 
+def _jpeg_round_trip(mask: np.ndarray, path, quality: int = 90) -> np.ndarray:
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path, quality=quality)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"))
+
+
+def _crack(size: int = 128, seed: int = 0) -> np.ndarray:
+    """A thin crack: a wandering line two pixels wide on an empty background."""
+    mask, x = np.zeros((size, size), bool), size // 4
+    for y, step in enumerate(np.random.default_rng(seed).integers(-1, 2, size)):
+        x = int(np.clip(x + step, 0, size - 2))
+        mask[y, x : x + 2] = True
+    return mask
+
+
+@pytest.mark.parametrize("shape", ["crack", "disc", "large disc"])
+def test_jpeg_binary_masks_with_noise_at_both_ends_are_one_object(tmp_path, shape):
+    mask = {"crack": _crack(), "disc": _disc(), "large disc": _disc(512, 150.0)}[shape]
+    labels = _jpeg_round_trip(mask, tmp_path / "mask.jpg")
+    levels = np.unique(labels)
+    assert len(levels) > 3 and levels[1] <= 8 and levels[-2] >= 247  # noise next to both 0 and 255
+    objects = label_map_to_instances(labels, "mask.jpg")
+    assert objects.shape == (1, *mask.shape)
+    assert (objects[0] ^ mask).sum() <= 0.05 * mask.sum()
+
+
+def test_instance_ids_next_to_white_are_instances():
+    labels = np.zeros((96, 96), np.uint8)
+    yy, xx = np.mgrid[:96, :96]
+    for k, value in enumerate(range(250, 256)):  # six nuclei with ids 250..255
+        labels[(yy - 15 - 30 * (k // 3)) ** 2 + (xx - 15 - 30 * (k % 3)) ** 2 <= 100] = value
+    objects = label_map_to_instances(labels, "nuclei.png")
+    assert objects.shape == (6, 96, 96)
+    assert [int(labels[m][0]) for m in objects] == list(range(250, 256))
+
+
 def test_ambiguous_mask_names_file_and_option_and_forced_types_decide(tmp_path):
     labels = np.zeros((64, 64), np.uint8)
     labels[:, 20:40], labels[:, 40:] = 128, 255  # a grey band as large as the white one: labels or soft mask?
     with pytest.raises(DataError, match=r"odd\.png.*--mask-type"):
         label_map_to_instances(labels, "odd.png")
+    labels_and_void = np.zeros((64, 64), np.uint8)
+    labels_and_void[:4] = 255  # a 255 border (void, or object 255?) around objects 1..9
+    for k in range(1, 10):
+        labels_and_void[6 * k : 6 * k + 4, 10:40] = k
+    with pytest.raises(DataError, match=r"void\.png.*--mask-type"):
+        label_map_to_instances(labels_and_void, "void.png")
     assert label_map_to_instances(labels, "odd.png", mask_type="instance").shape == (2, 64, 64)
     binary = label_map_to_instances(labels, "odd.png", mask_type="binary")
     np.testing.assert_array_equal(binary[0], labels > 127)
@@ -313,6 +355,7 @@ def test_file_names_that_are_not_utf8_work_with_a_readable_id(folder_dataset, ti
     args = _args("--data", str(folder_dataset))
     train, val = datasets(args, tiny_processor)
     assert len(train) + len(val) == 6
+    assert {item["sample_id"] for item in (*train, *val)} >= {"bad\\xff"}  # decoded, and the view keyed
     json.dumps(sorted(r.sample_id for r in train.records), ensure_ascii=False).encode("utf-8")
 
 
@@ -334,3 +377,44 @@ def test_edge_errors_end_in_one_error_line_from_the_command_line(tmp_path, folde
             run_from_command_line(lambda a=args: datasets(a, tiny_processor))
         message = str(exit_info.value.code)
         assert message.startswith("error: ") and "\n" not in message and named in message
+
+
+def _float_image_dataset(tmp_path, pixels: np.ndarray) -> str:
+    import datasets
+
+    mask = np.zeros(pixels.shape[:2], np.uint8)
+    mask[8:24, 8:24] = 255
+    table = datasets.Dataset.from_dict({"image": [pixels.tolist()], "mask": [mask.tolist()]})
+    table.save_to_disk(tmp_path / "hf")
+    return str(tmp_path / "hf")
+
+
+def test_float_image_columns_in_0_1_are_scaled_and_other_ranges_refused(tmp_path):
+    pixels = _gradient(32, 40).astype(np.float32) / 255  # floats in [0, 1], as many pipelines keep images
+    record = hf_dataset_records(_float_image_dataset(tmp_path / "unit", pixels))[0]
+    np.testing.assert_array_equal(record.load_image(), _gradient(32, 40))
+    record = hf_dataset_records(_float_image_dataset(tmp_path / "bytes", pixels * 255))[0]
+    np.testing.assert_array_equal(record.load_image(), _gradient(32, 40))  # floats holding 0..255 kept
+    record = hf_dataset_records(_float_image_dataset(tmp_path / "signed", pixels * 2 - 1))[0]
+    with pytest.raises(DataError, match=r"hf\[train\]\[0\].*-1.*\[0, 1\] or 0\.\.255"):
+        record.load_image()
+
+
+@pytest.mark.parametrize("suffix", ["_mask", "_masks", "_label", "_labels", "_gt", "_seg", "-mask"])
+def test_masks_named_with_a_common_suffix_match_their_images(folder_dataset, suffix):
+    for path in sorted((folder_dataset / "masks").iterdir())[:3]:  # half renamed: both namings in one folder
+        path.rename(path.with_name(f"{path.stem}{suffix}.png"))
+    records = folder_records(folder_dataset)
+    assert [r.sample_id for r in records] == [f"img_{i:03d}" for i in range(6)]
+    expected = label_map_to_instances(np.asarray(Image.open(folder_dataset / "masks" / f"img_000{suffix}.png")), "m")
+    np.testing.assert_array_equal(records[0].load_instances(), expected)
+
+
+def test_unmatched_image_names_the_masks_with_similar_names(folder_dataset):
+    (folder_dataset / "masks" / "img_001.png").rename(folder_dataset / "masks" / "img_001-annotation.png")
+    with pytest.raises(DataError, match=r"img_001\.png.*similar names: 'img_001-annotation\.png'"):
+        folder_records(folder_dataset)
+    (folder_dataset / "masks" / "img_001-annotation.png").rename(folder_dataset / "masks" / "img_001_gt.png")
+    (folder_dataset / "masks" / "img_002.png").rename(folder_dataset / "masks" / "img_001_mask.png")
+    with pytest.raises(DataError, match=r"img_001\.png.*two masks.*img_001_mask\.png.*img_001_gt\.png"):
+        folder_records(folder_dataset)

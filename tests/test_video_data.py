@@ -100,3 +100,23 @@ def test_davis_mini_opens():
     dog = next(s for s in sequences if s.name == "dog")
     assert dog.annotated_frames == list(range(0, len(dog.frames), 5))
     assert set(np.unique(dog.load_labels(0))) == {0, 1}
+
+
+def test_unpadded_frame_numbers_are_in_numeric_order(tmp_path):
+    write_video_folder(tmp_path, frames=12)
+    for folder, suffix in (("JPEGImages", ".jpg"), ("Annotations", ".png")):
+        for t in range(12):
+            path = tmp_path / folder / "seq" / f"{t:05d}{suffix}"
+            path.rename(path.with_name(f"{t}{suffix}"))  # 0, 1, ..., 11: as text 10 and 11 come before 2
+    sequence = open_video_folder(tmp_path)[0]
+    assert [p.stem for p in sequence.frames] == [str(t) for t in range(12)]
+    assert sequence.annotations[2].name == "2.png"
+    np.testing.assert_array_equal(sequence.load_labels(11) == 1, read_label_map(sequence.annotations[11]) == 1)
+
+
+def test_frame_numbers_that_differ_only_in_zero_padding_are_refused(tmp_path):
+    write_video_folder(tmp_path, frames=3)
+    (tmp_path / "JPEGImages" / "seq" / "00001.jpg").rename(tmp_path / "JPEGImages" / "seq" / "1.jpg")
+    (tmp_path / "JPEGImages" / "seq" / "00002.jpg").rename(tmp_path / "JPEGImages" / "seq" / "001.jpg")
+    with pytest.raises(DataError, match=r"'001\.jpg' and '1\.jpg'.*rename"):
+        open_video_folder(tmp_path)

@@ -134,7 +134,7 @@ class SegmentationDataset(SharedEpoch, Dataset):
             return None
         augmentation = f"{self.config.augmentation}|{augment_seed}" if self.transform is not None else "none"
         recipe = f"{fingerprint}|{augmentation}|{self.image_size}|{self.train}"
-        return xxhash.xxh3_128_hexdigest(recipe.encode())
+        return xxhash.xxh3_128_hexdigest(recipe.encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
 
     def _augmentation_view(self, index: int, seed: int) -> tuple[int, int]:
         """(view, augmentation seed): one of `augmentation_views` fixed views per image, or the item's own seed."""

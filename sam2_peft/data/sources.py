@@ -7,11 +7,13 @@ until a loader is called, so large datasets cost nothing to list. Images are rea
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -187,6 +189,14 @@ def printable(text: str | os.PathLike) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key in which runs of digits compare as numbers: `2.jpg` before `10.jpg` (as text it comes after)."""
+    return tuple(int(part) if index % 2 else part for index, part in enumerate(_DIGITS.split(name)))
+
+
 def set_max_image_pixels(limit: int | None) -> None:
     """Refuse images with more than `limit` pixels (0 or None: no limit), naming `--max-image-pixels`.
 
@@ -273,8 +283,10 @@ def _mask_kind(labels: np.ndarray, origin: str) -> str:
     """What `--mask-type auto` makes of a label map: "binary", "noisy binary" or "instance"; DataError if unclear.
 
     Two levels are binary. A mask whose maximum is the white of its format (255, 65535, or any non-integer maximum
-    such as 1.0) with nearly every pixel near 0 or near that maximum is binary with JPEG or anti-aliasing noise.
-    Integer labels using most values from 1 to their maximum are instances. Anything else is refused.
+    such as 1.0), with few pixels in the middle of the range and whose other levels are scattered noise (JPEG or
+    anti-aliasing: few of their pixels touch one of the same value) is binary. Integer labels whose levels are regions
+    and use most values from their smallest to their largest (1, 2, 3, ... or 250 ... 255) are instances. Anything
+    else is refused.
     """
     values, counts = value_counts(labels)
     if len(values) <= 2:
@@ -284,12 +296,12 @@ def _mask_kind(labels: np.ndarray, origin: str) -> str:
     band = top / 8
     high = counts[values >= top - band].sum()
     middle = counts[(values > band) & (values < top - band)].sum()
-    low_nonzero = counts[(values > 0) & (values <= band)].sum()
     white = top in (255, 65535) or not integral
-    if white and high > 0 and middle <= 0.25 * high and low_nonzero <= 0.5 * high:
+    regions = _level_coherence(labels) >= 0.5
+    if white and high > 0 and middle <= 0.25 * high and not regions:
         return "noisy binary"
-    nonzero = int((values != 0).sum())
-    if integral and top >= 1 and nonzero >= 0.5 * top:
+    nonzero = values[values != 0]
+    if integral and regions and len(nonzero) >= 0.5 * (top - nonzero[0] + 1):
         return "instance"
     shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
     raise DataError(
@@ -297,6 +309,20 @@ def _mask_kind(labels: np.ndarray, origin: str) -> str:
         "maximum) nor instance labels (1, 2, 3, ...): say which with --mask-type binary (threshold at half the "
         "maximum) or --mask-type instance (each non-zero value is one object)."
     )
+
+
+def _level_coherence(labels: np.ndarray) -> float:
+    """The share of pixels neither 0 nor the maximum that touch (4-neighbours) a pixel of the same value: near 1 when
+    each level is a region (labels), about 0.2 or less for JPEG and anti-aliasing noise."""
+    inner = (labels != 0) & (labels != labels.max())
+    if not inner.any():
+        return 1.0
+    same = np.zeros(labels.shape, bool)
+    same[1:] |= labels[1:] == labels[:-1]
+    same[:-1] |= labels[:-1] == labels[1:]
+    same[:, 1:] |= labels[:, 1:] == labels[:, :-1]
+    same[:, :-1] |= labels[:, :-1] == labels[:, 1:]
+    return float((same & inner).sum() / inner.sum())
 
 
 def label_map_to_instances(
@@ -390,13 +416,7 @@ def folder_records(root: str | os.PathLike, mask_type: str = "auto") -> list[Sam
                 f"'{printable(folder)}' or point --data at the folder that holds both."
             )
     images = _files_by_stem(image_dir, IMAGE_SUFFIXES)
-    masks = _files_by_stem(mask_dir, MASK_SUFFIXES)
-    missing = sorted(set(images) - set(masks))
-    if missing:
-        raise DataError(
-            f"{len(missing)} image(s) in '{printable(image_dir)}' have no mask in '{printable(mask_dir)}' with the "
-            f"same stem, e.g. '{printable(images[missing[0]].name)}': add their masks or move the images out."
-        )
+    masks = _match_masks(images, _files_by_stem(mask_dir, MASK_SUFFIXES), mask_dir)
     reader = MaskReader(mask_type, printable(root))
     return [
         SampleRecord(
@@ -410,6 +430,42 @@ def folder_records(root: str | os.PathLike, mask_type: str = "auto") -> list[Sam
         )
         for stem in sorted(images)
     ]
+
+
+MASK_NAME_SUFFIXES = ("_mask", "_masks", "-mask", "-masks", "_label", "_labels", "-label", "_gt", "-gt", "_seg")
+"""Endings of a mask's stem after its image's (`001_mask.png` for `001.png`), tried when no mask has the image's
+stem."""
+
+
+def _match_masks(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path) -> dict[str, Path]:
+    """Each image stem's mask: the mask of the same stem, else the one whose stem adds one of `MASK_NAME_SUFFIXES`.
+
+    DataError when an image has two masks by suffix, or none (naming the unmatched masks with similar names)."""
+    matched, missing = {}, []
+    for stem in sorted(images):
+        candidates = [stem] if stem in masks else [stem + end for end in MASK_NAME_SUFFIXES if stem + end in masks]
+        if len(candidates) > 1:
+            names = " and ".join(f"'{printable(masks[c].name)}'" for c in candidates)
+            raise DataError(
+                f"Image '{printable(images[stem].name)}' has two masks in '{printable(mask_dir)}', {names}: remove "
+                "one, or rename its mask to the image's stem."
+            )
+        if candidates:
+            matched[stem] = masks[candidates[0]]
+        else:
+            missing.append(stem)
+    if missing:
+        used = set(matched.values())
+        unused = [m for m in masks if masks[m] not in used]
+        similar = [m for m in unused if m.startswith(missing[0])][:3] or difflib.get_close_matches(missing[0], unused)
+        hint = f" (masks with similar names: {', '.join(repr(printable(masks[m].name)) for m in similar)})"
+        raise DataError(
+            f"{len(missing)} image(s) in '{printable(images[missing[0]].parent)}' have no mask in "
+            f"'{printable(mask_dir)}' with the same stem (or the stem and {', '.join(MASK_NAME_SUFFIXES)}), e.g. "
+            f"'{printable(images[missing[0]].name)}'{hint if similar else ''}: name each mask after its image, add "
+            "the missing masks or move those images out."
+        )
+    return matched
 
 
 def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
@@ -624,10 +680,21 @@ def cell_array(value: object, is_image: bool, base: Path | None) -> np.ndarray:
     return np.asarray(value)
 
 
-def image_array(array: np.ndarray) -> np.ndarray:
-    """`(H, W, 3)` uint8 from an image cell (grey repeated)."""
+def image_array(array: np.ndarray, origin: str) -> np.ndarray:
+    """`(H, W, 3)` uint8 from an image cell (grey repeated): floats in [0, 1] are scaled to 0..255, other values
+    must lie in 0..255; DataError naming `origin` otherwise."""
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
+    if array.dtype in (np.uint8, np.bool_) or not array.size:
+        return array.astype(np.uint8) * (255 if array.dtype == np.bool_ else 1)
+    low, high = float(array.min()), float(array.max())
+    if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= 255):
+        raise DataError(
+            f"Image '{origin}' holds values {low:g}..{high:g}: image arrays must be floats in [0, 1] or 0..255 "
+            "(uint8); rescale the column."
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.round(array * 255 if high <= 1 else array)  # floats up to 1 are in [0, 1]: 1.0 is white
     return array.astype(np.uint8)
 
 
@@ -658,7 +725,7 @@ def hf_dataset_records(
         return cell_array(loaded[index][column], column == image_column, base)
 
     def image(index: int) -> np.ndarray:
-        return image_array(cell(index, image_column))
+        return image_array(cell(index, image_column), f"{name_or_path}[{split}][{index}]")
 
     return [
         SampleRecord(

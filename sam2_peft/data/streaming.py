@@ -121,7 +121,7 @@ class DatasetsStream(RecordStream):
                 SampleRecord(
                     sample_id=f"{self.split}-pass{epoch}-{part}-{position:06d}",
                     origin=origin,
-                    load_image=lambda v=image: image_array(cell_array(v, True, self.base)),
+                    load_image=lambda v=image, o=origin: image_array(cell_array(v, True, self.base), o),
                     load_instances=lambda v=labels, o=origin: self.reader(cell_array(v, False, self.base), o),
                     identity=origin,
                     load_objects=lambda v=labels, o=origin: self.reader.objects(cell_array(v, False, self.base), o),

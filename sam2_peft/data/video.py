@@ -19,7 +19,7 @@ from transformers import Sam2Processor
 
 from .epoch import SharedEpoch
 from .prompts import PromptConfig, sample_prompts, to_model_coordinates
-from .sources import IMAGE_SUFFIXES, DataError, printable, read_image, read_label_image, viewed_size
+from .sources import IMAGE_SUFFIXES, DataError, natural_key, printable, read_image, read_label_image, viewed_size
 
 FRAMES_DIR = "JPEGImages"
 ANNOTATIONS_DIR = "Annotations"
@@ -77,7 +77,11 @@ def open_video_folder(
             raise DataError(
                 f"Video folder '{root}' needs '{FRAMES_DIR}/SEQ/' and '{ANNOTATIONS_DIR}/SEQ/'; '{folder}' is missing."
             )
-    names = sequences if sequences is not None else sorted(p.name for p in frames_root.iterdir() if p.is_dir())
+    names = (
+        sequences
+        if sequences is not None
+        else sorted((p.name for p in frames_root.iterdir() if p.is_dir()), key=natural_key)
+    )
     if not names:
         raise DataError(
             f"No sequence folders in '{printable(frames_root)}': put each video's frames in a folder SEQ/ there."
@@ -93,7 +97,14 @@ def _open_sequence(frame_dir: Path, annotation_dir: Path, annotated_every: int) 
             f"Sequence '{printable(frame_dir.name)}' has no annotation folder '{printable(annotation_dir)}': add its "
             "annotations there or leave the sequence out."
         )
-    frames = sorted(p for p in frame_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    frames = sorted((p for p in frame_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_frame_order)
+    for before, after in zip(frames, frames[1:]):
+        if _frame_order(before)[0] == _frame_order(after)[0]:
+            raise DataError(
+                f"Frames '{printable(before.name)}' and '{printable(after.name)}' of sequence "
+                f"'{printable(frame_dir.name)}' have the same number (frames are ordered by the numbers in their "
+                "names): rename or remove one."
+            )
     if not frames:
         raise DataError(
             f"Sequence folder '{printable(frame_dir)}' holds no frames ({', '.join(IMAGE_SUFFIXES)}): add them or "
@@ -125,6 +136,11 @@ def _open_sequence(frame_dir: Path, annotation_dir: Path, annotated_every: int) 
                     f"are {frame_size[0]}x{frame_size[1]} ('{frames[0]}'): frames and masks must have one size."
                 )
     return VideoSequence(frame_dir.name, frames, annotations)
+
+
+def _frame_order(path: Path) -> tuple:
+    """Frames in the order of the numbers in their stems (`2.jpg` before `10.jpg`), then by name."""
+    return natural_key(path.stem), path.name
 
 
 @dataclass

@@ -4,15 +4,31 @@ compressed RLE, and colour overlays."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..data.sources import DataError, printable
 from ..evaluation.instances import coco_annotations, labels_to_instances
 
 LABEL_FORMATS = ("png", "tif")
+
+
+def output_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """Each input file's output name (without suffix): its stem (`a.png` -> `a`), or its whole name where another
+    input has the same stem (`a.png`, `a.jpg` -> `a.png`, `a.jpg`), so that no output replaces another's.
+
+    Raises DataError in the rare case that names still collide (`a.png`, `a.jpg` and `a.png.tif`)."""
+    stems = Counter(path.stem for path in paths)
+    names = {path: path.stem if stems[path.stem] == 1 else path.name for path in paths}
+    clashes = [name for name, count in Counter(names.values()).items() if count > 1]
+    if clashes:
+        same = [printable(path.name) for path, name in names.items() if name == clashes[0]]
+        raise DataError(f"Images {', '.join(same)} would write one output '{printable(clashes[0])}': rename one.")
+    return names
 
 
 def save_label_image(labels: np.ndarray, path: str | os.PathLike) -> Path:
