@@ -229,6 +229,7 @@ def test_frozen_projections_cache_the_decoder_inputs(folder_dataset, tmp_path, c
         folder_dataset, tmp_path, "partial", PartialFinetuneMethod(learning_rates={"mask_decoder": 1e-4})
     )
     assert partial.cache.stage == "vision_features", "conv_s0/conv_s1 train: cache before them"
+    assert partial.config.lr is None, "the method's own per-component rates train: the lr given is not recorded"
     assert _entry_channels(partial.cache)[:2] == [conv_s0.in_channels, conv_s1.in_channels]
 
 
