@@ -181,9 +181,10 @@ def _train(folder, tmp_path, name: str, method=None, **overrides) -> tuple[Train
     data_config = DatasetConfig(max_objects_per_image=3, augmentation=AugmentationConfig(augment=False))
     train = SegmentationDataset(records[:4], processor, data_config, train=True, seed=0)
     val = SegmentationDataset(records[4:], processor, data_config, train=False, seed=0)
-    config = TrainingConfig(
-        output_dir=str(tmp_path / name), max_steps=4, batch_size=2, lr=1e-3, log_every=1, report_to="none"
-    )
+    config = TrainingConfig(  # the last weights (not the best evaluation's): those the adapters compared are
+        output_dir=str(tmp_path / name), max_steps=4, batch_size=2, lr=1e-3, log_every=1, report_to="none",
+        load_best=False,
+    )  # fmt: skip
     for key, value in overrides.items():
         setattr(config, key, value)
     model = build_model_from_config(tiny_config(SIZE), seed=0)
@@ -228,6 +229,7 @@ def test_frozen_projections_cache_the_decoder_inputs(folder_dataset, tmp_path, c
         folder_dataset, tmp_path, "partial", PartialFinetuneMethod(learning_rates={"mask_decoder": 1e-4})
     )
     assert partial.cache.stage == "vision_features", "conv_s0/conv_s1 train: cache before them"
+    assert partial.config.lr is None, "the method's own per-component rates train: the lr given is not recorded"
     assert _entry_channels(partial.cache)[:2] == [conv_s0.in_channels, conv_s1.in_channels]
 
 

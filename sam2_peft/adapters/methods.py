@@ -32,6 +32,9 @@ class TuningMethod(ABC):
     """Interface between a way of adapting SAM 2 and the trainer."""
 
     name: ClassVar[str]
+    own_learning_rates: ClassVar[bool] = False
+    """Whether the method sets its learning rates itself (`parameter_groups` ignores the training `lr`, which the
+    trainer then records as None)."""
 
     @abstractmethod
     def prepare(self, model: nn.Module, base_name: str | None) -> nn.Module:
@@ -99,6 +102,7 @@ class PartialFinetuneMethod(TuningMethod):
     """Component name -> learning rate, e.g. `{"vision_encoder": 1e-6, "mask_decoder": 1e-4}`."""
     weight_decay: float = 1e-4
     name: ClassVar[str] = "partial"
+    own_learning_rates: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         unknown = set(self.learning_rates) - set(COMPONENTS)

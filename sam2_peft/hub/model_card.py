@@ -64,6 +64,22 @@ def _metrics_table(base: dict, tuned: dict) -> str:
     return "\n".join(rows)
 
 
+def _below_base_warning(metrics: dict) -> list[str]:
+    """A warning paragraph when the run recorded that the adapter scores below its base model (`below_base`)."""
+    if not metrics.get("below_base"):
+        return []
+    metric = metrics.get("metric_for_best") or "dice"
+    base, tuned = (metrics.get(key, {}).get(metric) for key in ("base", "fine_tuned"))
+    scores = (
+        f" ({METRIC_NAMES.get(metric, metric)} {tuned:.4f} against {base:.4f})" if None not in (base, tuned) else ""
+    )
+    return [
+        f"> **Warning:** this adapter scores below the base model on its validation set{scores}: on data like it, "
+        "the base model alone does better.",
+        "",
+    ]
+
+
 def _size(num_bytes: int) -> str:
     for unit in ("bytes", "KB", "MB", "GB"):
         if num_bytes < 1000 or unit == "GB":
@@ -172,7 +188,16 @@ def build_model_card(
         )
     facts.append(f"- **Adapter file size:** {_size(size)} ({', '.join(weights) or 'no weights found'})")
     if "steps" in metrics:
-        facts.append(f"- **Training steps:** {metrics['steps']}")
+        kept = metrics.get("kept_step")
+        best = METRIC_NAMES.get(metrics.get("metric_for_best"), metrics.get("metric_for_best"))
+        facts.append(
+            f"- **Training steps:** {metrics['steps']}"
+            + (
+                f" (the adapter is step {kept}'s, the best validation {best})"
+                if kept not in (None, metrics["steps"])
+                else ""
+            )
+        )
     where = repo_id or str(output_dir)
     body = [
         f"# {name}",
@@ -185,6 +210,7 @@ def build_model_card(
         "",
         "## Validation metrics",
         "",
+        *_below_base_warning(metrics),
         _metrics_table(metrics.get("base") or {}, tuned),
         "",
     ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..cli import run_from_command_line
 from ..models.names import COMPONENTS
+from ..training.config import ConfigError
 from .arguments import parse_recipe_arguments
 
 DEFAULT_COMPONENT_LRS = ["mask_decoder=1e-4", "prompt_encoder=1e-4"]
@@ -51,7 +52,13 @@ class PartialArguments:
 
 
 def main(argv: Sequence[str] | None = None, **defaults) -> dict:
-    args = parse_recipe_arguments(__doc__.splitlines()[0], PartialArguments, argv=argv, **defaults)
+    # No --lr default: each component has its own rate (--component-lr), and a given --lr is refused, not ignored.
+    args = parse_recipe_arguments(__doc__.splitlines()[0], PartialArguments, argv=argv, **{"lr": None, **defaults})
+    if args.training.lr is not None:
+        raise ConfigError(
+            f"--lr {args.training.lr:g}: partial fine-tuning gives each component its own learning rate; set them "
+            "with --component-lr NAME=LR (e.g. --component-lr mask_decoder=1e-4 prompt_encoder=1e-4) instead."
+        )
     from ..adapters.methods import PartialFinetuneMethod
     from .runner import run_recipe
 

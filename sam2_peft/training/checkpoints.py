@@ -29,6 +29,7 @@ from torch import nn
 
 from ..data.sources import DataError
 from ..io import OutputDirError, atomic_write_json, check_output_dir
+from .disk import reporting_full_disk
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,20 @@ class TrainerState:
     base_per_image: dict[str, dict[str, float]] = field(default_factory=dict)
     """The base model's metrics of each validation image (to find the images fine-tuning helped and hurt most)."""
     history: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    """The step of the fine-tuned evaluation that scored best so far by the task's `metric_for_best` (the earliest of
+    equal ones; the base model's step-0 evaluation is not a candidate): the adapter `--load-best` keeps."""
+    best_value: float | None = None
+    """That evaluation's `metric_for_best`."""
+
+    def note_evaluation(self, metric: str) -> bool:
+        """Make the current step the best when its `metrics[metric]` beats `best_value` (a NaN never does); returns
+        whether it did."""
+        value = self.metrics.get(metric)
+        if value is None or value != value or (self.best_value is not None and value <= self.best_value):
+            return False
+        self.best_step, self.best_value = self.global_step, float(value)
+        return True
 
     @classmethod
     def load(cls, directory: Path) -> TrainerState:
@@ -133,24 +148,49 @@ def save_checkpoint(
     accelerator: Accelerator, root: Path, state: TrainerState, save_adapter, settings: dict | None = None
 ) -> Path:
     """Write `root/step-N` atomically on every process; `save_adapter(folder)` writes the published adapter and
-    `settings` (what a resume must match, see `check_run_settings`) goes to `run_settings.json`."""
+    `settings` (what a resume must match, see `check_run_settings`) goes to `run_settings.json`.
+
+    A failed write leaves the checkpoints already there as they were (the partial one is deleted, freeing its
+    space); a full disk raises `DiskFullError` naming the folder and the last complete checkpoint."""
     final = root / f"step-{state.global_step}"
     staging = root / f".tmp-step-{state.global_step}"
+    last = checkpoint_dirs(root)
+    fix = (
+        f"choose another --output-dir, then resume from the last complete checkpoint ({last[-1]})"
+        if last
+        else "choose another --output-dir"
+    )
+    try:
+        with reporting_full_disk(root, f"the checkpoint of step {state.global_step}", fix):
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            with quiet_accelerate_checkpointing():
+                accelerator.save_state(str(staging))
+            if accelerator.is_main_process:
+                save_adapter(staging / "adapter")
+                atomic_write_json(staging / STATE_FILE, asdict(state))
+                if settings is not None:
+                    atomic_write_json(staging / SETTINGS_FILE, settings)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    with quiet_accelerate_checkpointing():
-        accelerator.save_state(str(staging))
-    if accelerator.is_main_process:
-        save_adapter(staging / "adapter")
-        atomic_write_json(staging / STATE_FILE, asdict(state))
-        if settings is not None:
-            atomic_write_json(staging / SETTINGS_FILE, settings)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        _replace_dir(staging, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; an existing `target` is first moved aside, so a crash leaves one of them whole."""
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    source.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prune_checkpoints(root: Path, metric: str, keep_best: int) -> list[Path]:

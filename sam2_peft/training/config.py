@@ -114,6 +114,14 @@ class TrainingConfig:
     seed: int = field(default=0, metadata=_help("Seed of every random draw (also of the adapter's initialisation)."))
     eval_every: int = field(default=0, metadata=_help("Evaluate and checkpoint every N steps (0 = each epoch)."))
     keep_best: int = field(default=3, metadata=_help("Checkpoints kept by validation score (plus the latest)."))
+    load_best: bool = field(
+        default=True,
+        metadata=_help(
+            "End with the fine-tuned evaluation that scored best (the task's metric, e.g. Dice; the earliest of equal "
+            "ones) as the adapter, not the last steps' (--no-load-best keeps the last). The base model's own "
+            "step-0 score is never kept: a run that does not beat it says so."
+        ),
+    )
     resume: str | None = field(
         default=None,
         metadata=_help("Resume: 'latest' (alone: --resume) or a checkpoint folder.", nargs="?", const="latest"),

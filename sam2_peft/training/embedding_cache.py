@@ -39,6 +39,7 @@ from torch import nn
 
 from ..io import atomic_write_json
 from ..models.segmenter import unwrap_sam
+from .disk import is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,8 @@ class EmbeddingCache:
         """Keys of the memory tier -> the source (`SegmentationDataset._view_source`) their pixels were made of."""
         self._warned_full = False
         self._logged_fit = False
+        self.disk_full = False
+        """The folder ran out of space: new entries stay in memory only (the ones on disk are still read)."""
         if self.directory is not None:
             self._open_directory(rebuild_foreign)
 
@@ -198,8 +201,25 @@ class EmbeddingCache:
                 "or new folder for --cache-dir."
             )
         self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(manifest, {"fingerprint": self.fingerprint, "entry_format": "safetensors, one per key"})
+        try:
+            atomic_write_json(manifest, {"fingerprint": self.fingerprint, "entry_format": "safetensors, one per key"})
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            self._note_disk_full(error)
+            self.directory = None  # a folder without its manifest is not a cache
+            return
         self.stats.disk_entries = sum(1 for _ in self.directory.glob(f"*{ENTRY_SUFFIX}"))
+
+    def _note_disk_full(self, error: BaseException) -> None:
+        """Once: the folder is full, so new entries stay in memory (within the budget) instead of stopping the run."""
+        self.disk_full = True
+        logger.warning(
+            "Embedding cache folder '%s' is full (%s): new features are kept in memory only (within "
+            "--cache-memory-gb, beyond it re-encoded). Free space there or choose another --cache-dir.",
+            self.directory,
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+        )
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{xxhash.xxh3_64_hexdigest(key.encode())}{ENTRY_SUFFIX}"
@@ -267,7 +287,7 @@ class EmbeddingCache:
             self._log_fit(size, features[0].dtype)
             self._logged_fit = True
         if self.stats.memory_bytes + size > self.memory_budget_bytes:
-            if not self._warned_full and self.directory is None:
+            if not self._warned_full and (self.directory is None or self.disk_full):
                 logger.warning(
                     "Embedding cache memory budget (%.2f GB) is full after %d entries: further images are re-encoded "
                     "every time. Raise --cache-memory-gb or give --cache-dir to keep them on disk.",
@@ -282,7 +302,7 @@ class EmbeddingCache:
 
     def _store(self, key: str, digest: str, features: list[torch.Tensor]) -> None:
         self._remember(key, digest, features)
-        if self.directory is not None:
+        if self.directory is not None and not self.disk_full:
             path = self._path(key)
             temp = path.with_name(f".{path.name}.tmp")
             tensors = {f"level_{level}": f.contiguous() for level, f in enumerate(features)}
@@ -292,8 +312,15 @@ class EmbeddingCache:
                 "levels": str(len(features)),
                 "checksum": features_checksum(features),
             }
-            save_file(tensors, str(temp), metadata=metadata)
-            temp.replace(path)
+            try:
+                save_file(tensors, str(temp), metadata=metadata)
+                temp.replace(path)
+            except (OSError, SafetensorError) as error:
+                temp.unlink(missing_ok=True)
+                if not is_disk_full(error):
+                    raise
+                self._note_disk_full(error)
+                return
             self.stats.disk_entries += 1
 
     def segmenter_inputs(

@@ -29,6 +29,7 @@ from ..evaluation.runner import EvaluationResult
 from ..hub.model_card import EXTREME_PANEL_PREFIXES, write_model_card
 from ..io import atomic_write_json
 from .checkpoints import (
+    STATE_FILE,
     RunFolderError,
     TrainerState,
     check_run_settings,
@@ -40,6 +41,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainingConfig, check_report_to, default_num_workers, default_prompt_chunk
+from .disk import reporting_full_disk
 from .embedding_cache import EmbeddingCache, encoder_fingerprint, plan_embedding_cache
 from .losses import LossOutput, sum_parts
 from .tasks import Task, spread_indices  # noqa: F401  (spread_indices: re-exported for callers of the trainer)
@@ -59,6 +61,23 @@ RESUME_SETTINGS = (
 )  # fmt: skip
 """Training settings a resumed run must share with its checkpoint (they shape the schedule or batches; the task's
 and the method's settings are matched too)."""
+
+FLAT_LOSS_CHANGE = 0.02
+"""Relative change of the training loss (mean of the first quarter of its logged values against the last quarter's)
+below which a run is said not to learn."""
+FLAT_LOSS_MIN_LOGS = 4
+"""Logged training losses needed to judge it."""
+
+
+def flat_loss(history: list[dict]) -> tuple[float, float] | None:
+    """(first, last) mean training loss when it moved less than `FLAT_LOSS_CHANGE` over the run (at least
+    `FLAT_LOSS_MIN_LOGS` logged values, each the mean of `--log-every` steps), else None."""
+    losses = [entry["loss"] for entry in history if "loss" in entry and math.isfinite(entry["loss"])]
+    if len(losses) < FLAT_LOSS_MIN_LOGS:
+        return None
+    quarter = len(losses) // 4
+    first, last = float(np.mean(losses[:quarter])), float(np.mean(losses[-quarter:]))
+    return (first, last) if abs(last - first) <= FLAT_LOSS_CHANGE * abs(first) else None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -111,6 +130,8 @@ class Trainer:
             "--mixed-precision" if config.mixed_precision else "Accelerate's setting: launch flag, config or env"
         )
         self.config = config = replace(config, mixed_precision=self.accelerator.mixed_precision)
+        if method.own_learning_rates and config.lr is not None:  # the method sets them; recording lr would mislead
+            self.config = config = replace(config, lr=None)
         logger.info("Mixed precision: %s (%s).", config.mixed_precision, chosen_by)
         set_seed(config.seed)
         self.model = method.prepare(model, base_name)
@@ -149,6 +170,14 @@ class Trainer:
         """What the training bar shows after its counter (loss, embedding-cache fill)."""
         self.last_evaluation: tuple[int, EvaluationResult | None] = (-1, None)
         """(step, result) of the newest evaluation, so that the end of training does not repeat it."""
+        self.warnings: list[str] = []
+        """What the end of the run warned about (logged, and recorded in metrics.json)."""
+
+    def _full_disk(self, what: str):
+        """Report a full disk while writing `what` into the output folder as one `DiskFullError` line."""
+        return reporting_full_disk(
+            self.output_dir, what, "choose another --output-dir (copy the run there and --resume it)"
+        )
 
     def _claim_output_dir(self) -> IO | None:
         """Lock the output folder on the main process (see `claim_output_dir`); every process raises its refusal."""
@@ -440,23 +469,26 @@ class Trainer:
             result = self.evaluate(keep_ids=set(self.panel_ids))
             self.last_evaluation = (self.state.global_step, result)
             self.state.metrics = result.metrics
+            self.state.note_evaluation(self.task.metric_for_best)
             self.state.history.append(
                 {"step": self.state.global_step, **{f"val_{k}": v for k, v in result.metrics.items()}}
             )
             self.accelerator.log({f"val/{k}": v for k, v in result.metrics.items()}, step=self.state.global_step)
             logger.info("Step %d validation: %s", self.state.global_step, _format(result.metrics))
             if self.accelerator.is_main_process:
-                panels = self._write_panels(
-                    result.kept_predictions,
-                    self.output_dir / "panels" / f"step-{self.state.global_step}",
-                    tuned_scores=result.per_image,
-                )
+                with self._full_disk(f"the panels of step {self.state.global_step}"):
+                    panels = self._write_panels(
+                        result.kept_predictions,
+                        self.output_dir / "panels" / f"step-{self.state.global_step}",
+                        tuned_scores=result.per_image,
+                    )
                 self._log_panels(panels, "panels", self.state.global_step)
         root = self.output_dir / "checkpoints"
         path = save_checkpoint(self.accelerator, root, self.state, self._save_adapter, self.run_settings())
         logger.info("Saved checkpoint %s", path)
-        if self.accelerator.is_main_process:
-            prune_checkpoints(root, self.task.metric_for_best, self.config.keep_best)
+        if self.accelerator.is_main_process:  # --load-best needs the best one kept
+            keep_best = max(self.config.keep_best, 1) if self.config.load_best else self.config.keep_best
+            prune_checkpoints(root, self.task.metric_for_best, keep_best)
         self.accelerator.wait_for_everyone()
 
     def _write_panels(
@@ -491,18 +523,8 @@ class Trainer:
 
     def _dice_extremes(self, final: EvaluationResult) -> dict[str, str]:
         """The validation images whose Dice the fine-tuning lowered most and raised most (fine-tuned minus base), as
-        panel name -> sample id; empty without per-image Dice of both models."""
-        base = self.state.base_per_image
-        change = {
-            sample_id: scores["dice"] - base[sample_id]["dice"]
-            for sample_id, scores in final.per_image.items()
-            if "dice" in scores and "dice" in base.get(sample_id, {})
-        }
-        if not change:
-            return {}
-        ordered = sorted(change, key=lambda sample_id: (change[sample_id], sample_id))
-        worst, best = EXTREME_PANEL_PREFIXES
-        return {f"{worst}{ordered[0]}": ordered[0], f"{best}{ordered[-1]}": ordered[-1]}
+        panel name -> sample id (`dice_extremes`)."""
+        return dice_extremes(final.per_image, self.state.base_per_image)
 
     def _predict_for_panels(self, sample_ids: set[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(base, fine-tuned) predictions of a few validation images, by sample id (every process runs them all)."""
@@ -519,7 +541,12 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / "base_predictions.npz"
             temp = path.with_suffix(".tmp.npz")
-            np.savez_compressed(temp, **self.base_predictions)
+            try:
+                with self._full_disk("the base model's predictions"):
+                    np.savez_compressed(temp, **self.base_predictions)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
             temp.replace(path)
 
     # ---------------------------------------------------------------------------------------- saving/resume
@@ -565,47 +592,149 @@ class Trainer:
 
     def _finish(self) -> dict:
         accelerator, state = self.accelerator, self.state
-        final = None
+        final, kept_step = None, state.global_step
         if self.val_loader is not None:
             step, result = self.last_evaluation
             final = result if step == state.global_step else self.evaluate(keep_ids=set(self.panel_ids))
+            if self._load_best(final):
+                kept_step = state.best_step
+                final = self.evaluate(keep_ids=set(self.panel_ids))
         extremes = self._dice_extremes(final) if final is not None else {}
         extra_base, extra_tuned = self._predict_for_panels(set(extremes.values())) if extremes else ({}, {})
         if accelerator.is_main_process:
-            self._save_adapter(self.output_dir)
-            if final is not None:
-                names = {**{sample_id: sample_id for sample_id in self.panel_ids}, **extremes}
-                panels = self._write_panels(
-                    {**final.kept_predictions, **extra_tuned},
-                    self.output_dir / "panels" / "final",
-                    names,
-                    {**self.base_predictions, **extra_base},
-                    tuned_scores=final.per_image,
+            with self._full_disk("the adapter and the run's results"):
+                self._save_adapter(self.output_dir)
+                if final is not None:
+                    names = {**{sample_id: sample_id for sample_id in self.panel_ids}, **extremes}
+                    panels = self._write_panels(
+                        {**final.kept_predictions, **extra_tuned},
+                        self.output_dir / "panels" / "final",
+                        names,
+                        {**self.base_predictions, **extra_base},
+                        tuned_scores=final.per_image,
+                    )
+                    self._log_panels(panels, "final", state.global_step)
+                below_base = self._check_against_base(final)
+                loss_flat = self._check_learning()
+                trainable, total = count_parameters(self.model)
+                summary = {
+                    "base": state.base_metrics,
+                    "fine_tuned": final.metrics if final else {},
+                    "below_base": below_base,
+                    "loss_flat": loss_flat,
+                    "warnings": self.warnings,
+                    "kept_step": kept_step,
+                    "metric_for_best": self.task.metric_for_best,
+                    "per_image": final.per_image if final else {},
+                    "base_per_image": state.base_per_image,
+                    "steps": state.global_step,
+                    "trainable_parameters": trainable,
+                    "total_parameters": total,
+                    "adapter_bytes": _adapter_bytes(self.output_dir),
+                    "history": state.history,
+                    **self.run_info,
+                }
+                atomic_write_json(self.output_dir / "metrics.json", summary)
+                method = {"name": self.method.name, **self.method.settings()}
+                atomic_write_json(
+                    self.output_dir / "training_config.json",
+                    {
+                        "training": self.config.to_dict(),
+                        "method_settings": method,
+                        **self.task.settings(),
+                        **self.run_info,
+                    },
                 )
-                self._log_panels(panels, "final", state.global_step)
-            trainable, total = count_parameters(self.model)
-            summary = {
-                "base": state.base_metrics,
-                "fine_tuned": final.metrics if final else {},
-                "per_image": final.per_image if final else {},
-                "base_per_image": state.base_per_image,
-                "steps": state.global_step,
-                "trainable_parameters": trainable,
-                "total_parameters": total,
-                "adapter_bytes": _adapter_bytes(self.output_dir),
-                "history": state.history,
-                **self.run_info,
-            }
-            atomic_write_json(self.output_dir / "metrics.json", summary)
-            atomic_write_json(
-                self.output_dir / "training_config.json",
-                {"training": self.config.to_dict(), **self.task.settings(), **self.run_info},
-            )
-            write_model_card(self.output_dir)
+                write_model_card(self.output_dir)
             logger.info("Done. Fine-tuned validation: %s", _format(summary["fine_tuned"]))
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        return {"base": state.base_metrics, "fine_tuned": final.metrics if final else {}}
+        return {"base": state.base_metrics, "fine_tuned": final.metrics if final else {}, "kept_step": kept_step}
+
+    def _load_best(self, final: EvaluationResult) -> bool:
+        """With `--load-best`, load the best fine-tuned evaluation's checkpoint when it beat the last weights' score
+        `final`; returns whether it did (every process loads it)."""
+        state, metric = self.state, self.task.metric_for_best
+        if not self.config.load_best or state.best_step is None or state.best_step == state.global_step:
+            return False
+        last = final.metrics.get(metric, float("nan"))
+        if last >= state.best_value:  # a NaN is beaten by any score
+            return False
+        checkpoint = self.output_dir / "checkpoints" / f"step-{state.best_step}"
+        if not (checkpoint / STATE_FILE).exists():
+            logger.warning(
+                "The best evaluation (step %d, %s %.4f) has no checkpoint left in %s: the adapter is the last "
+                "weights' (%s %.4f).",
+                state.best_step, metric, state.best_value, checkpoint.parent, metric, last,
+            )  # fmt: skip
+            return False
+        with quiet_accelerate_checkpointing():
+            self.accelerator.load_state(str(checkpoint), strict=False)
+        logger.info(
+            "Keeping step %d, the best evaluation (%s %.4f; the last weights, step %d: %.4f); --no-load-best keeps "
+            "the last.",
+            state.best_step, metric, state.best_value, state.global_step, last,
+        )  # fmt: skip
+        return True
+
+    def _check_against_base(self, final: EvaluationResult | None) -> bool | None:
+        """Warn when the adapter scores below the base model (`metric_for_best` of the step-0 evaluation); returns
+        whether it does (None without both scores)."""
+        metric = self.task.metric_for_best
+        base = self.state.base_metrics.get(metric)
+        tuned = final.metrics.get(metric) if final is not None else None
+        if base is None or tuned is None:
+            return None
+        if not tuned < base:
+            return False
+        evaluations = sum(1 for entry in self.state.history if f"val_{metric}" in entry)
+        self._warn(
+            f"The fine-tuned adapter scores below the base model on the validation set ({metric} {tuned:.4f} < "
+            f"{base:.4f}; none of the {evaluations} fine-tuned evaluations beat it): the base model alone does "
+            "better. Try another learning rate (--lr, or --component-lr for partial), more steps or more data."
+            if self.state.best_value is None or self.state.best_value < base
+            else f"The fine-tuned adapter scores below the base model on the validation set ({metric} {tuned:.4f} < "
+            f"{base:.4f}), although step {self.state.best_step} beat it ({self.state.best_value:.4f}): keep the best "
+            "evaluation (--load-best) or try another learning rate."
+        )
+        return True
+
+    def _check_learning(self) -> bool:
+        """Warn when the training loss did not move over the run (`flat_loss`); returns whether it did not."""
+        flat = flat_loss(self.state.history)
+        if flat is None:
+            return False
+        lr = "the per-component rates (--component-lr)" if self.config.lr is None else f"--lr {self.config.lr:g}"
+        self._warn(
+            f"The training loss did not move ({flat[0]:.4f} -> {flat[1]:.4f} over {self.state.global_step} steps, "
+            f"less than {FLAT_LOSS_CHANGE:.0%}): the method is not learning at {lr}. Try a larger learning rate "
+            "(e.g. 10x)."
+        )
+        return True
+
+    def _warn(self, message: str) -> None:
+        """Log a warning about the run's result and record it for metrics.json and the model card."""
+        logger.warning(message)
+        self.warnings.append(message)
+
+
+def dice_extremes(tuned: dict[str, dict[str, float]], base: dict[str, dict[str, float]]) -> dict[str, str]:
+    """Panel name -> sample id of the image whose Dice went down most from `base` to `tuned` (per-image metrics by
+    sample id) and of the one whose Dice went up most. Only a drop makes a worst-change panel and only a rise a
+    best-change one: with every image improved (or none) there is no worst (best) panel."""
+    change = {
+        sample_id: scores["dice"] - base[sample_id]["dice"]
+        for sample_id, scores in tuned.items()
+        if "dice" in scores and "dice" in base.get(sample_id, {})
+    }
+    ordered = sorted(change, key=lambda sample_id: (change[sample_id], sample_id))
+    worst, best = EXTREME_PANEL_PREFIXES
+    extremes = {}
+    if ordered and change[ordered[0]] < 0:
+        extremes[f"{worst}{ordered[0]}"] = ordered[0]
+    if ordered and change[ordered[-1]] > 0:
+        extremes[f"{best}{ordered[-1]}"] = ordered[-1]
+    return extremes
 
 
 def _batch_as_is(batch):
