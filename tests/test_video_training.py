@@ -1,4 +1,5 @@
-"""Video clips through the one trainer: a short run, J&F evaluation, frame strips, adapter round trip, resume."""
+"""Video clips through the one trainer: a short run, J&F evaluation, frame strips, adapter round trip, resume,
+batches of clips; the video recipe's flags."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sam2_peft.data.prompts import PromptConfig
 from sam2_peft.data.video import VideoClipDataset, VideoDatasetConfig, VideoSequenceDataset, open_video_folder
 from sam2_peft.models.loading import processor_for_image_size
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
+from sam2_peft.recipes.video import main as video_recipe
 from sam2_peft.training import video as video_module
 from sam2_peft.training.config import TrainingConfig
 from sam2_peft.training.losses import LossConfig
@@ -90,3 +92,37 @@ def test_video_training_takes_batches_of_clips_and_accumulates_them_under_autoca
     assert len(losses) == 8  # 2 micro-batches x 2 clips x 2 annotated frames (loss_frames all)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 1
     assert any(not torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
+IMAGE_ONLY_FLAGS = [
+    ["--streaming"],
+    ["--train-images", "1"],
+    ["--val-fraction", "0.9"],
+    ["--mask-type", "instance"],
+    ["--max-image-pixels", "10"],
+    ["--no-augment"],
+    ["--min-object-area", "4"],
+    ["--correction-rounds", "1"],
+    ["--prompt-chunk", "2"],
+    ["--no-cache-embeddings"],
+    ["--cache-dir", "features"],
+]
+"""Flags of the image recipes that clips have no use for."""
+
+
+@pytest.mark.parametrize("flag", IMAGE_ONLY_FLAGS, ids=lambda flag: flag[0])
+def test_video_recipe_refuses_image_only_flags(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        video_recipe(["--data", "videos", *flag])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: unrecognized arguments: {' '.join(flag)}" in last
+
+
+def test_video_recipe_help_lists_only_the_flags_it_uses(capsys):
+    with pytest.raises(SystemExit):
+        video_recipe(["--help"])
+    shown = capsys.readouterr().out
+    assert "--clip-len" in shown and "--data" in shown and "--max-objects" in shown
+    for flag, *_ in IMAGE_ONLY_FLAGS:
+        assert flag.replace("--no-", "--") not in shown, flag
