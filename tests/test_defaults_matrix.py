@@ -67,8 +67,11 @@ def test_train_lora(lora_run):
     [
         ("partial", "partial_model.safetensors", "mask_decoder", None),
         ("ptsam_decoder", "adapter_model.safetensors", "prompt", 0),
-        ("ptsam_encoder", "adapter_model.safetensors", "prompt", 8),
+        pytest.param(  # deep encoder prompts: the encoder runs at every step (no embedding cache)
+            "ptsam_encoder", "adapter_model.safetensors", "prompt", 8, marks=pytest.mark.slow, id="ptsam_encoder"
+        ),
     ],
+    ids=["partial", "ptsam_decoder", "ptsam_encoder"],
 )
 def test_train_image_recipes(recipe, weights_file, weights, encoder_prompts, data, tmp_path):
     out = tmp_path / recipe
@@ -106,7 +109,15 @@ def test_train_pretrain(data, tmp_path):
     assert model.config.vision_config.backbone_config.image_size == [256, 256]
 
 
-@pytest.mark.parametrize("protocol", ["prompted", "automatic", "interactive"])
+@pytest.mark.parametrize(
+    "protocol",
+    # the automatic protocol's default 32 x 32 point grid and the interactive one's 20 clicks per object take time
+    [
+        "prompted",
+        pytest.param("automatic", marks=pytest.mark.slow),
+        pytest.param("interactive", marks=pytest.mark.slow),
+    ],
+)
 def test_eval(protocol, lora_run, data, tmp_path):
     output = tmp_path / "metrics.json"
     main(["eval", "--protocol", protocol, "--adapter", str(lora_run), "--data", str(data), "--output", str(output)])
