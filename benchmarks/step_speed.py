@@ -205,7 +205,7 @@ class Variant:
     def _toolkit_backward(self) -> None:
         cpu = torch.device("cpu")
         for part in self.task.loss_parts(self.segmenter, self.batch, cpu, self._encode, self.prompt_chunk):
-            part(nullcontext()).loss.backward()
+            part(nullcontext).loss.backward()
 
     def _encode(self, keys, pixel_values, sources=None):
         return self.cache.segmenter_inputs(keys, pixel_values, sources)

@@ -89,7 +89,7 @@ def _gradients(model, task, segmenter, batch, encode, chunk: int) -> tuple[torch
     parts = task.loss_parts(segmenter, batch, torch.device("cpu"), encode, chunk)
     losses = []
     for part in parts:
-        loss = part(nullcontext())
+        loss = part(nullcontext)
         loss.loss.backward()
         losses.append(loss)
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}

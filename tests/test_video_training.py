@@ -1,4 +1,5 @@
-"""Video clips through the one trainer: a short run, J&F evaluation, frame strips, adapter round trip, resume."""
+"""Video clips through the one trainer: a short run, J&F evaluation, frame strips, adapter round trip, resume,
+batches of clips; the video recipe's flags."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from sam2_peft.data.prompts import PromptConfig
 from sam2_peft.data.video import VideoClipDataset, VideoDatasetConfig, VideoSequenceDataset, open_video_folder
 from sam2_peft.models.loading import processor_for_image_size
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
+from sam2_peft.recipes.video import main as video_recipe
+from sam2_peft.training import video as video_module
 from sam2_peft.training.config import TrainingConfig
 from sam2_peft.training.losses import LossConfig
 from sam2_peft.training.trainer import Trainer
@@ -20,25 +23,18 @@ from sam2_peft.training.video import VideoClipTask
 from .video_helpers import VIDEO_SIZE, tiny_video_model, write_video_folder
 
 
-def _trainer(root, output_dir, max_steps: int, resume: str | None = None) -> Trainer:
+def _trainer(root, output_dir, max_steps: int, validate: bool = True, **training) -> Trainer:
+    """LoRA on the decoder and memory, trained on clips of sequence `a` (every other frame annotated) and validated
+    on sequence `b` (when `validate`); `training` overrides the `TrainingConfig` settings."""
     processor = processor_for_image_size(VIDEO_SIZE)
     train = open_video_folder(root, annotated_every=2, sequences=["a"])
-    val = open_video_folder(root, sequences=["b"])
+    val = open_video_folder(root, sequences=["b"]) if validate else None
     config = VideoDatasetConfig(clip_len=3, prompts=PromptConfig(prompt="box"))
-    training = TrainingConfig(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        batch_size=1,
-        lr=1e-2,
-        warmup_ratio=0.0,
-        eval_every=1,
-        report_to="none",
-        num_panels=2,
-        resume=resume,
-    )
+    settings = dict(batch_size=1, lr=1e-2, warmup_ratio=0.0, eval_every=1, report_to="none", num_panels=2)
+    training = TrainingConfig(output_dir=str(output_dir), max_steps=max_steps, **{**settings, **training})
     task = VideoClipTask(
         VideoClipDataset(train, processor, config),
-        VideoSequenceDataset(val),
+        VideoSequenceDataset(val) if val else None,
         processor,
         loss_frames="all",
         loss=LossConfig(mask_loss="bce"),
@@ -76,3 +72,57 @@ def test_video_training_run_evaluates_saves_reloads_and_resumes(tmp_path):
     resumed = _trainer(root, output, max_steps=2, resume="latest").train()
     assert json.loads((output / "metrics.json").read_text())["steps"] == 2
     assert set(resumed["fine_tuned"]) == {"J", "F", "J&F"}
+
+
+def test_video_training_takes_batches_of_clips_and_accumulates_them_under_autocast(tmp_path, monkeypatch):
+    """Each clip of a batch runs under its own autocast context (Accelerate's cannot be entered twice): one
+    optimizer step over 2 micro-batches of 2 clips computes every clip's loss and moves the adapter."""
+    root = write_video_folder(tmp_path / "data", "a", frames=10)  # 4 clips: one for each annotated start but the last
+    losses = []
+
+    def recording(*args, **kwargs):
+        losses.append(real_loss(*args, **kwargs))
+        return losses[-1]
+
+    real_loss = video_module.sam2_loss
+    monkeypatch.setattr(video_module, "sam2_loss", recording)
+    trainer = _trainer(root, tmp_path / "run", 1, validate=False, batch_size=2, grad_accum=2, eval_every=0)
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert len(losses) == 8  # 2 micro-batches x 2 clips x 2 annotated frames (loss_frames all)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 1
+    assert any(not torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
+IMAGE_ONLY_FLAGS = [
+    ["--streaming"],
+    ["--train-images", "1"],
+    ["--val-fraction", "0.9"],
+    ["--mask-type", "instance"],
+    ["--max-image-pixels", "10"],
+    ["--no-augment"],
+    ["--min-object-area", "4"],
+    ["--correction-rounds", "1"],
+    ["--prompt-chunk", "2"],
+    ["--no-cache-embeddings"],
+    ["--cache-dir", "features"],
+]
+"""Flags of the image recipes that clips have no use for."""
+
+
+@pytest.mark.parametrize("flag", IMAGE_ONLY_FLAGS, ids=lambda flag: flag[0])
+def test_video_recipe_refuses_image_only_flags(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        video_recipe(["--data", "videos", *flag])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: unrecognized arguments: {' '.join(flag)}" in last
+
+
+def test_video_recipe_help_lists_only_the_flags_it_uses(capsys):
+    with pytest.raises(SystemExit):
+        video_recipe(["--help"])
+    shown = capsys.readouterr().out
+    assert "--clip-len" in shown and "--data" in shown and "--max-objects" in shown
+    for flag, *_ in IMAGE_ONLY_FLAGS:
+        assert flag.replace("--no-", "--") not in shown, flag

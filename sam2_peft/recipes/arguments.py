@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from argparse import Action, ArgumentDefaultsHelpFormatter, Namespace
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser
@@ -161,12 +161,17 @@ class RecipeParser(HfArgumentParser):
     """`HfArgumentParser` with "did you mean ...?" for unknown flags (Python 3.11's argparse suggests nothing), and
     settings that a dataclass refuses (`ValueError` in `__post_init__`) reported as usage errors.
 
-    Every flag is accepted as `--kebab-case` and `--snake_case`; help and usage show the first."""
+    Every flag is accepted as `--kebab-case` and `--snake_case`; help and usage show the first. The fields named in
+    `without` get no flag (unknown to the parser and its help) and keep their defaults."""
 
-    def __init__(self, dataclass_types, **kwargs) -> None:
+    def __init__(self, dataclass_types, without: Collection[str] = (), **kwargs) -> None:
         kwargs.setdefault("usage", "%(prog)s [flags]  (--help lists them)")
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(dataclass_types, **kwargs)
+        for action in [action for action in self._actions if action.dest in without]:
+            self.set_defaults(**{action.dest: action.default})
+            # argparse's own removal of an action (conflict_handler="resolve"), applied to every spelling
+            self._handle_conflict_resolve(action, [(option, action) for option in list(action.option_strings)])
         for action in self._actions:
             action.option_strings.sort(key=lambda option: "_" in option)
 
@@ -207,30 +212,32 @@ def from_namespace(cls: type, namespace: Namespace):
 
 @dataclass
 class RecipeArguments:
-    """Everything a recipe parsed: the shared settings plus its method's own (`method`)."""
+    """Everything a recipe parsed: the shared settings plus its method's own (`method`). `validation` and
+    `augmentation` are None for recipes that do not read images one by one (video)."""
 
     model: ModelArguments
     data: DataArguments
-    validation: ValidationConfig
     prompts: PromptConfig
-    augmentation: AugmentationConfig
     training: TrainingConfig
     loss: LossConfig
     sharing: SharingArguments
+    validation: ValidationConfig | None = None
+    augmentation: AugmentationConfig | None = None
     method: object | None = None
     extra: tuple = ()
 
 
-SHARED_ARGUMENTS = (
-    ModelArguments,
-    DataArguments,
-    ValidationConfig,
-    PromptConfig,
-    AugmentationConfig,
-    TrainingConfig,
-    LossConfig,
-    SharingArguments,
-)
+SHARED_ARGUMENTS = {
+    "model": ModelArguments,
+    "data": DataArguments,
+    "validation": ValidationConfig,
+    "prompts": PromptConfig,
+    "augmentation": AugmentationConfig,
+    "training": TrainingConfig,
+    "loss": LossConfig,
+    "sharing": SharingArguments,
+}
+"""The flags of the image recipes, by `RecipeArguments` field."""
 
 
 def parse_recipe_arguments(
@@ -238,14 +245,17 @@ def parse_recipe_arguments(
     method: type | None = None,
     extra: Sequence[type] = (),
     argv: Sequence[str] | None = None,
+    shared: dict[str, type] = SHARED_ARGUMENTS,
+    without: Collection[str] = (),
     **defaults,
 ) -> RecipeArguments:
-    """Parse a recipe's command line: the shared flags, the method's dataclass and `extra` dataclasses, with the
-    recipe's own `defaults` (e.g. `lr=2e-3`; `--help` shows them)."""
-    classes = [*SHARED_ARGUMENTS, *([method] if method else []), *extra]
-    parser = RecipeParser(classes, description=description)
+    """Parse a recipe's command line: the `shared` flags (by `RecipeArguments` field; a recipe offers only those it
+    uses; the settings named in `without` are not offered and keep their defaults), the method's dataclass and `extra`
+    dataclasses, with the recipe's own `defaults` (e.g. `lr=2e-3`; `--help` shows them)."""
+    classes = [*shared.values(), *([method] if method else []), *extra]
+    parser = RecipeParser(classes, without=without, description=description)
     parser.set_defaults(**defaults)
     parsed = parser.parse(argv)
-    shared, rest = parsed[: len(SHARED_ARGUMENTS)], parsed[len(SHARED_ARGUMENTS) :]
+    rest = parsed[len(shared) :]
     method_options = rest[0] if method else None
-    return RecipeArguments(*shared, method=method_options, extra=tuple(rest[1 if method else 0 :]))
+    return RecipeArguments(**dict(zip(shared, parsed)), method=method_options, extra=tuple(rest[1 if method else 0 :]))

@@ -8,14 +8,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..cli import run_from_command_line
-from ..training.config import LOSS_FRAMES
+from ..training.config import LOSS_FRAMES, TrainingConfig
 from ..tuners.options import LoraOptions
-from .arguments import RecipeArguments, parse_recipe_arguments
+from .arguments import SHARED_ARGUMENTS, RecipeArguments, parse_recipe_arguments
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoDataArguments:
+    """The clips' data: the image recipes' source, split and image-checking flags do not apply to a video folder."""
+
+    _argument_group_name = "data"
+
+    data: str | None = field(
+        default=None, metadata={"help": "A DAVIS-style folder: JPEGImages/SEQ/*.jpg and Annotations/SEQ/*.png."}
+    )
+    val_data: str | None = field(
+        default=None,
+        metadata={"help": "A separate validation folder (its --val-sequences, or all of it); else --val-sequences."},
+    )
+    max_objects: int = field(default=16, metadata={"help": "Objects (prompts) per training clip."})
+
+
+VIDEO_ARGUMENTS = {
+    **{role: cls for role, cls in SHARED_ARGUMENTS.items() if role not in ("validation", "augmentation")},
+    "data": VideoDataArguments,
+}
+"""The shared flags the video recipe uses: no image checks (`ValidationConfig`) and no augmentation."""
+
+UNUSED_SETTINGS = ("correction_rounds", "prompt_chunk", *(f.name for f in fields(TrainingConfig) if "cache" in f.name))
+"""Shared settings the clip task has no use for (no correction rounds, no embedding cache): not offered."""
 
 
 @dataclass
@@ -79,7 +105,15 @@ def video_task(args: RecipeArguments, video: VideoArguments, processor):
 
 def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     defaults = {"data": None, "targets": "decoder+memory", **defaults}
-    args = parse_recipe_arguments(__doc__.splitlines()[0], LoraOptions, extra=[VideoArguments], argv=argv, **defaults)
+    args = parse_recipe_arguments(
+        __doc__.splitlines()[0],
+        LoraOptions,
+        extra=[VideoArguments],
+        argv=argv,
+        shared=VIDEO_ARGUMENTS,
+        without=UNUSED_SETTINGS,
+        **defaults,
+    )
     from ..adapters.methods import LoraMethod
     from .runner import run_recipe
 

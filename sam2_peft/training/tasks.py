@@ -37,8 +37,12 @@ Encode = Callable[..., dict[str, list[torch.Tensor]]]
 [...]}` or `{"vision_features": [...]}`), e.g. `EmbeddingCache.segmenter_inputs`; `sources` (the items'
 `view_source`) lets it use entries whose pixels the dataset did not build."""
 
-LossPart = Callable[[AbstractContextManager], LossOutput]
-"""A part of a batch's loss, computed (forward) when called under an autocast context."""
+Autocast = Callable[[], AbstractContextManager]
+"""A factory of mixed-precision contexts (e.g. `Accelerator.autocast`): each forward enters a fresh one, as a
+context made by a `contextlib.contextmanager` can be entered only once."""
+
+LossPart = Callable[[Autocast], LossOutput]
+"""A part of a batch's loss, computed (forward) when called with an autocast factory."""
 
 
 class Task(ABC):
@@ -62,9 +66,9 @@ class Task(ABC):
 
     @abstractmethod
     def loss(
-        self, segmenter: nn.Module, batch, device: torch.device, autocast: AbstractContextManager, encode: Encode | None
+        self, segmenter: nn.Module, batch, device: torch.device, autocast: Autocast, encode: Encode | None
     ) -> LossOutput:
-        """Run a training batch through `segmenter` (under `autocast`) and return its loss."""
+        """Run a training batch through `segmenter` (each forward under a fresh `autocast()`) and return its loss."""
 
     def loss_parts(
         self, segmenter: nn.Module, batch, device: torch.device, encode: Encode | None, prompt_chunk: int
@@ -161,7 +165,7 @@ class ImageSegmentationTask(Task):
         segmenter: nn.Module,
         batch: dict,
         device: torch.device,
-        autocast: AbstractContextManager,
+        autocast: Autocast,
         encode: Encode | None,
     ) -> LossOutput:
         return self.loss_parts(segmenter, batch, device, encode, prompt_chunk=0)[0](autocast)
@@ -185,7 +189,7 @@ class ImageSegmentationTask(Task):
         size = prompt_chunk if encode is not None and 0 < prompt_chunk < count else count
         counts = (int(targets.flatten(1).any(dim=1).sum()), count) if size < count else None
 
-        def part(chunk: slice, autocast: AbstractContextManager) -> LossOutput:
+        def part(chunk: slice, autocast: Autocast) -> LossOutput:
             chunk_inputs = {
                 key: value[chunk] if key in PER_PROMPT_INPUTS and value is not None else value
                 for key, value in inputs.items()
@@ -200,11 +204,11 @@ class ImageSegmentationTask(Task):
         inputs: dict,
         targets: torch.Tensor,
         multimask: bool,
-        autocast: AbstractContextManager,
+        autocast: Autocast,
         batch_counts: tuple[int, int] | None,
     ) -> LossOutput:
         rounds = self.prompts.correction_rounds
-        with autocast:
+        with autocast():
             output = segmenter(
                 **inputs,
                 multimask_output=multimask,

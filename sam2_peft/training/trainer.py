@@ -405,7 +405,7 @@ class Trainer:
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(self.wrapped):
-                loss = part(accelerator.autocast())
+                loss = part(accelerator.autocast)
                 part_finite = bool(torch.isfinite(loss.loss.detach()))
                 local_finite = local_finite and part_finite
                 if last:

@@ -4,7 +4,6 @@ whole sequences)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import asdict
 
 import numpy as np
@@ -21,7 +20,7 @@ from ..evaluation.video_runner import evaluate_video, frame_strip
 from ..models.video_forward import ClipPrompt, FrameOutput, Sam2VideoTracker
 from .config import LOSS_FRAMES, LossConfig
 from .losses import SCALAR_TERMS, LossOutput, sam2_loss
-from .tasks import Encode, Task, spread_indices
+from .tasks import Autocast, Encode, Task, spread_indices
 
 
 def video_loss(
@@ -99,7 +98,7 @@ class VideoClipTask(Task):
         segmenter: nn.Module,
         batch: list[dict],
         device: torch.device,
-        autocast: AbstractContextManager,
+        autocast: Autocast,
         encode: Encode | None,
     ) -> LossOutput:
         parts = []
@@ -110,7 +109,7 @@ class VideoClipTask(Task):
                 point_labels=None if masks is not None else clip["point_labels"].to(device),
                 masks=None if masks is None else masks.to(device),
             )
-            with autocast:
+            with autocast():
                 frames = segmenter(clip["pixel_values"].to(device), prompt)
             targets = clip["target_masks"].to(device)
             parts.append(video_loss(frames, targets, clip["annotated"], self.loss_frames, self.loss_config))
