@@ -139,6 +139,7 @@ def _record_logit_dtypes(monkeypatch) -> list[torch.dtype]:
     return dtypes
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_gradient_accumulation_on_cpu(saved_tiny_model, folder_dataset, tmp_path, monkeypatch):
     dtypes = _record_logit_dtypes(monkeypatch)
     out = tmp_path / "bf16"
