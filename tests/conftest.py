@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random SAM 2 models, a small synthetic dataset on disk, and the real data folder."""
+"""Shared fixtures: tiny random SAM 2 models, a small synthetic dataset on disk, and the real data folder; the quick
+suite by default (`--all` adds the slow tests)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,22 @@ from sam2_peft.models.loading import build_model_from_config, processor_for_imag
 pytest_plugins = ["tests.hub_fixtures"]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all", action="store_true", help="run the whole suite: the tests marked slow too")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Plain `pytest` is the quick suite: tests marked slow (over 10 s on 2 CPU cores) are deselected unless
+    `--all` is given or a `-m` expression chooses by marker itself (`-m slow`, `-m real_data`)."""
+    if config.getoption("--all") or config.option.markexpr:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
 
 REAL_DATA = Path(os.environ.get("SAM2_PEFT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 """The research-licensed datasets (read in place, never copied): `$SAM2_PEFT_DATA` or `../shared/data`."""

@@ -216,6 +216,7 @@ def _entry_channels(cache: EmbeddingCache) -> list[int]:
     return [level.shape[0] for level in features]
 
 
+@pytest.mark.slow
 def test_frozen_projections_cache_the_decoder_inputs(folder_dataset, tmp_path, caplog):
     """Decoder LoRA leaves conv_s0/conv_s1 frozen: entries are the decoder's inputs (5.25x smaller at SAM 2's widths:
     32 + 64 channels at 1/4 and 1/8 instead of 256 + 256); training them matches training on uncached images."""

@@ -181,7 +181,7 @@ def test_processor_matches_sam2_transforms_on_non_square_image(image_size):
 # ------------------------------------------------------------------------------------------------- image model
 
 IMAGE_CASES = [
-    ("sam2.1_hiera_t", 1024),
+    pytest.param("sam2.1_hiera_t", 1024, marks=pytest.mark.slow),  # over 10 s on 2 CPU cores
     ("sam2.1_hiera_t", 512),
     ("sam2.1_hiera_s", 256),
     ("sam2_hiera_s", 384),
@@ -288,6 +288,7 @@ VIDEO_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "image_size", "object_score_bias", "num_frames"), VIDEO_CASES)
 def test_video_propagation_parity(name, image_size, object_score_bias, num_frames, tmp_path):
     torch.manual_seed(0)

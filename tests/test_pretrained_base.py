@@ -39,6 +39,7 @@ def test_shipped_base_is_a_small_half_precision_trained_model():
         load_base_model(BASE, video=True)
 
 
+@pytest.mark.slow
 def test_shipped_base_reproduces_its_reported_box_prompted_scores():
     from benchmarks.pretrained_base import SYNTHETIC_VALIDATION, score
 

@@ -121,6 +121,7 @@ def test_default_chunk_is_small_on_cpu_and_off_on_accelerators():
     assert default_prompt_chunk("cuda") == 0 and default_prompt_chunk("mps") == 0
 
 
+@pytest.mark.slow
 def test_training_in_prompt_chunks_gives_the_adapter_of_whole_batches(saved_tiny_model, folder_dataset, tmp_path):
     def adapter(chunk: str) -> np.ndarray:
         run = tmp_path / f"chunk-{chunk}"

@@ -139,11 +139,27 @@ def test_single_output_mask_is_the_same_in_train_and_eval():
     assert not torch.equal(_masks(dynamic.eval()), eval_masks)
 
 
-def test_box_and_point_initialisations_are_prompt_embeddings():
+@torch.no_grad()
+def test_point_initialisation_embeds_positive_points_spread_over_the_image():
+    """Each token less the positive-point type embedding is exactly a position's sin/cos features (a negative or
+    not-a-point label breaks sin^2 + cos^2 = 1: those type embeddings differ by ~0.03), and a search over a quarter-pixel
+    grid finds each position inside the image, the five spread over it."""
     encoder = _tiny().prompt_encoder
-    point_tokens = initial_tokens(encoder, PtsamConfig(num_tokens=5, token_init="point"))
-    fourier = point_tokens - encoder.point_embed.weight[1]  # positive-point type embedding removed
-    assert point_tokens.shape == (5, WIDTH) and fourier.abs().max() <= 1 + 1e-6  # sin/cos features
+    tokens = initial_tokens(encoder, PtsamConfig(num_tokens=5, token_init="point"))
+    assert tokens.shape == (5, WIDTH)
+    fourier = tokens - encoder.point_embed.weight[1]
+    sin, cos = fourier.chunk(2, dim=-1)
+    torch.testing.assert_close(sin**2 + cos**2, torch.ones_like(sin))
+    axis = torch.arange(0, SIZE, 0.25)
+    grid = torch.cartesian_prod(axis, axis).reshape(1, 1, -1, 2)
+    distance, nearest = torch.cdist(fourier, encoder.shared_embedding(grid, (SIZE, SIZE))[0, 0]).min(dim=1)
+    assert distance.max() < 0.1  # grid neighbours are 0.14 apart in these features
+    positions = grid[0, 0, nearest]
+    assert ((positions.amax(dim=0) - positions.amin(dim=0)) > SIZE / 4).all()
+
+
+def test_box_and_normal_initialisations():
+    encoder = _tiny().prompt_encoder
     box_tokens = initial_tokens(encoder, PtsamConfig(num_tokens=5, token_init="box"))
     corners = box_tokens - encoder.point_embed.weight[[2, 3, 2, 3, 2]]
     assert box_tokens.shape == (5, WIDTH) and corners.abs().max() <= 1 + 1e-6

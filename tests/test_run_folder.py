@@ -20,6 +20,7 @@ from tests.recipe_helpers import error_line, lora_args
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_finished_run_is_refused_unless_resumed_or_overwritten(
     saved_tiny_model, folder_dataset, tmp_path, capsys
 ):
@@ -62,6 +63,7 @@ def test_resume_may_train_a_run_for_longer_with_a_warning(saved_tiny_model, fold
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
 
 
+@pytest.mark.slow
 def test_a_second_concurrent_run_stops_naming_the_first_and_a_killed_run_does_not_block(
     saved_tiny_model, folder_dataset, tmp_path
 ):
@@ -112,6 +114,7 @@ def test_unusable_output_folders_are_one_line_errors(saved_tiny_model, folder_da
     assert f"'{read_only}'" in message and "--output-dir" in message and "writ" in message
 
 
+@pytest.mark.slow
 def test_five_non_finite_losses_are_a_one_line_error(saved_tiny_model, folder_dataset, tmp_path, capsys, monkeypatch):
     real_loss = tasks_module.sam2_loss
 
@@ -129,6 +132,7 @@ class _NotAllowedInWeightsOnly:
     """A pickled object that `torch.load(weights_only=True)` refuses."""
 
 
+@pytest.mark.slow
 def test_unreadable_random_states_are_a_warning_naming_the_file(saved_tiny_model, folder_dataset, tmp_path, caplog):
     out = tmp_path / "run"
     args = lora_args(saved_tiny_model, folder_dataset, out, "--max-steps", "2", "--eval-every", "1")

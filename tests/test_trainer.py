@@ -17,7 +17,7 @@ from transformers import Sam2Model
 
 from sam2_peft.recipes.lora import main as lora_recipe
 from sam2_peft.training import tasks as tasks_module
-from sam2_peft.training.trainer import NonFiniteLossError
+from sam2_peft.training.trainer import NonFiniteLossError, Trainer
 from tests.recipe_helpers import lora_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,25 @@ def _adapter(path: Path) -> dict:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-def test_recipe_end_to_end_outputs_and_plain_peft_reload(saved_tiny_model, folder_dataset, tmp_path):
+def test_recipe_end_to_end_outputs_and_plain_peft_reload(saved_tiny_model, folder_dataset, tmp_path, monkeypatch):
+    image = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    box = torch.tensor([[[20.0, 20, 80, 90]]])
+
+    def masks(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model(pixel_values=image, input_boxes=box, multimask_output=False).pred_masks
+
+    evaluated = []  # the probe's masks from the model each validation scores: the last is the one reported
+    evaluate = Trainer.evaluate
+
+    def recording_evaluate(self, *args, **kwargs):
+        sam = self.accelerator.unwrap_model(self.wrapped).sam
+        training = sam.training
+        evaluated.append(masks(sam.eval()))
+        sam.train(training)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", recording_evaluate)
     out = tmp_path / "run"
     flags = ("--max-steps", "4", "--eval-every", "2", "--no-load-best")  # the last weights: step 4's
     result = lora_recipe(lora_args(saved_tiny_model, folder_dataset, out, *flags))
@@ -50,15 +68,11 @@ def test_recipe_end_to_end_outputs_and_plain_peft_reload(saved_tiny_model, folde
     assert config["base_model_name_or_path"] == str(saved_tiny_model)
 
     # Plain peft + transformers reproduce the masks the trainer evaluated at the end.
-    base = Sam2Model.from_pretrained(saved_tiny_model)
-    model = PeftModel.from_pretrained(base, out).eval()
-    image = torch.randn(1, 3, 128, 128)
-    box = torch.tensor([[[20.0, 20, 80, 90]]])
-    with torch.no_grad():
-        adapted = model(pixel_values=image, input_boxes=box, multimask_output=False).pred_masks
-        with model.disable_adapter():
-            plain = model(pixel_values=image, input_boxes=box, multimask_output=False).pred_masks
-    assert not torch.allclose(adapted, plain)  # the adapter changed something
+    model = PeftModel.from_pretrained(Sam2Model.from_pretrained(saved_tiny_model), out).eval()
+    adapted = masks(model)
+    with model.disable_adapter():
+        assert not torch.allclose(adapted, masks(model))  # the adapter changed something
+    torch.testing.assert_close(adapted, evaluated[-1])
     trained = load_file(str(out / "checkpoints" / "step-4" / "adapter" / "adapter_model.safetensors"))
     for key, value in _adapter(out).items():
         torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
@@ -129,6 +143,7 @@ def _record_logit_dtypes(monkeypatch) -> list[torch.dtype]:
     return dtypes
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_gradient_accumulation_on_cpu(saved_tiny_model, folder_dataset, tmp_path, monkeypatch):
     dtypes = _record_logit_dtypes(monkeypatch)
     out = tmp_path / "bf16"

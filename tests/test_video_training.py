@@ -4,9 +4,11 @@ batches of clips; the video recipe's flags."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sam2_peft.adapters import LoraMethod, load_adapter
 from sam2_peft.data.prompts import PromptConfig
@@ -30,7 +32,11 @@ def _trainer(root, output_dir, max_steps: int, validate: bool = True, **training
     train = open_video_folder(root, annotated_every=2, sequences=["a"])
     val = open_video_folder(root, sequences=["b"]) if validate else None
     config = VideoDatasetConfig(clip_len=3, prompts=PromptConfig(prompt="box"))
-    settings = dict(batch_size=1, lr=1e-2, warmup_ratio=0.0, eval_every=1, report_to="none", num_panels=2)
+    # the last weights, not the best evaluation's: a resume that skipped its checkpoint could otherwise end on the
+    # same best step as the uninterrupted run and go unnoticed
+    settings = dict(
+        batch_size=1, lr=1e-2, warmup_ratio=0.0, eval_every=1, report_to="none", num_panels=2, load_best=False
+    )
     training = TrainingConfig(output_dir=str(output_dir), max_steps=max_steps, **{**settings, **training})
     task = VideoClipTask(
         VideoClipDataset(train, processor, config),
@@ -45,16 +51,16 @@ def _trainer(root, output_dir, max_steps: int, validate: bool = True, **training
 
 
 @pytest.mark.slow
-def test_video_training_run_evaluates_saves_reloads_and_resumes(tmp_path):
+def test_video_training_run_evaluates_saves_reloads_and_resumes(tmp_path, monkeypatch):
     root = write_video_folder(tmp_path / "data", "a", frames=6)  # every clip has 2+ frames
     write_video_folder(root, "b", frames=4)
     output = tmp_path / "run"
-    trainer = _trainer(root, output, max_steps=1)
+    trainer = _trainer(root, output, max_steps=2)
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     result = trainer.train()
     assert set(result["base"]) == set(result["fine_tuned"]) == {"J", "F", "J&F"}
     summary = json.loads((output / "metrics.json").read_text())
-    assert set(summary["per_image"]) == {"b"} and summary["steps"] == 1
+    assert set(summary["per_image"]) == {"b"} and summary["steps"] == 2
     assert (output / "panels" / "final" / "b.png").exists()
     assert (output / "checkpoints" / "step-1" / "adapter" / "adapter_model.safetensors").exists()
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, initial[n])]
@@ -69,9 +75,23 @@ def test_video_training_run_evaluates_saves_reloads_and_resumes(tmp_path):
         for a, b in zip(trained(frames, prompt), reloaded(frames, prompt)):
             torch.testing.assert_close(a.pred_masks, b.pred_masks, atol=1e-6, rtol=0)
 
-    resumed = _trainer(root, output, max_steps=2, resume="latest").train()
-    assert json.loads((output / "metrics.json").read_text())["steps"] == 2
+    # resuming from step 1 trains one step and ends where the uninterrupted run ended: the checkpoint was loaded
+    again = tmp_path / "resumed"
+    shutil.copytree(output / "checkpoints" / "step-1", again / "checkpoints" / "step-1")
+    shutil.copy(output / "base_predictions.npz", again / "base_predictions.npz")
+    steps = []
+    forward_backward = Trainer._forward_backward
+    monkeypatch.setattr(
+        Trainer, "_forward_backward", lambda self, batch: steps.append(1) or forward_backward(self, batch)
+    )
+    resumed = _trainer(root, again, max_steps=2, resume="latest").train()
+    assert len(steps) == 1
+    assert json.loads((again / "metrics.json").read_text())["steps"] == 2
     assert set(resumed["fine_tuned"]) == {"J", "F", "J&F"}
+    expected, got = (load_file(str(d / "adapter_model.safetensors")) for d in (output, again))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
 
 
 def test_video_training_takes_batches_of_clips_and_accumulates_them_under_autocast(tmp_path, monkeypatch):
