@@ -120,7 +120,7 @@ def test_pretrain_recipe_from_a_config_file_on_synthetic_scenes(tmp_path):
         "--max-steps", "2", "--batch-size", "2", "--correction-rounds", "1", "--report-to", "none",
         "--output-dir", str(out), "--num-panels", "1", "--log-every", "1",
     ])  # fmt: skip
-    assert set(result) == {"base", "fine_tuned"}
+    assert set(result) == {"base", "fine_tuned", "kept_step"}
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert "train_iou_last_round" in history[0]
     model, _ = load_base_model(str(out))
