@@ -36,7 +36,7 @@ from sam2_peft.models.loading import (  # noqa: E402
     processor_for_image_size,
     tiny_config,
 )
-from sam2_peft.serving.app import GB, ServeConfig, create_app  # noqa: E402
+from sam2_peft.serving.app import GB, ServeConfig, build_app, create_app  # noqa: E402
 from sam2_peft.serving.encoding import polygon_support  # noqa: E402
 from tests.serve_helpers import LiveServer, free_port, make_adapter  # noqa: E402
 
@@ -511,7 +511,35 @@ def test_token_all_and_timeout(setup):
         live.stop()
 
 
+def test_openapi_schema_is_served_and_can_be_turned_off(client):
+    """/openapi.json describes the pydantic request models (and /docs serves); --no-openapi removes both."""
+    schema = client.get("/openapi.json").json()
+    segment = schema["components"]["schemas"]["SegmentRequest"]
+    assert set(segment["properties"]) == {"image_id", "image", "adapter", "boxes", "points", "labels", "multimask",
+                                          "format"}  # fmt: skip
+    assert "/v1/segment" in schema["paths"] and client.get("/docs").status_code == 200
+    closed = build_app(ServeConfig(model="m", openapi=False))
+    assert closed.openapi_url is None and closed.docs_url is None
+
+
 # ---- the command ------------------------------------------------------------------------------------------------
+
+
+def test_serve_flags_come_from_serve_config_with_their_defaults(capsys):
+    """Every ServeConfig field is a flag whose --help shows its default; NAME=SOURCE mistakes are usage errors."""
+    from dataclasses import fields
+
+    from sam2_peft import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for item in fields(ServeConfig):
+        assert f"--{item.name.replace('_', '-')}" in text
+    assert "Micro-batching: how long a decode waits for others to join (0: off). (default: 5.0)" in text
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--model", "m", "--adapter", "nuclei"])
+    assert "--adapter takes NAME=SOURCE" in capsys.readouterr().err
 
 
 def test_serve_without_the_extra_says_how_to_install():

@@ -17,11 +17,10 @@ from ..inference.predictor import ImageEmbedding, Prediction, PromptError, check
 from .adapters import AdapterEntry, AdapterRegistry
 from .batching import MicroBatcher
 from .cache import ByteLRU
-from .encoding import FORMATS, encode_mask
+from .encoding import encode_mask
 from .errors import ServeError
-from .images import content_id, decode_image
-
-SEGMENT_FIELDS = ("image_id", "image", "adapter", "boxes", "points", "labels", "multimask", "format")
+from .images import content_id, decode_base64, decode_image
+from .schemas import SegmentRequest
 
 
 @dataclass
@@ -98,7 +97,7 @@ class SegmentService:
         return image_id, array
 
     def image(self, image_id: str) -> np.ndarray:
-        array = self.images.peek(image_id) if isinstance(image_id, str) else None
+        array = self.images.peek(image_id)
         if array is None:
             raise ServeError(
                 404,
@@ -137,19 +136,14 @@ class SegmentService:
 
     # ---- segmenting -------------------------------------------------------------------------------------------
 
-    def check_prompts(self, body: dict, image_size, entry: AdapterEntry | None) -> Prompts:
-        boxes, points, labels = body.get("boxes"), body.get("points"), body.get("labels")
-        multimask = body.get("multimask", False)
-        if not isinstance(multimask, bool):
-            raise ServeError(422, "bad_request", f"'multimask' must be true or false, got {multimask!r}.")
+    def check_prompts(self, body: SegmentRequest, image_size, entry: AdapterEntry | None) -> Prompts:
+        boxes, points, labels = body.boxes, body.points, body.labels
         try:
             if boxes is not None:
                 boxes = check_boxes(_numeric(boxes, "boxes"), image_size, "image")
             if points is not None:
                 points = check_points(_numeric(points, "points"), image_size, "image")
-                labels = (
-                    np.ones(points.shape[:2], np.int64) if labels is None else np.asarray(_numeric(labels, "labels"))
-                )
+                labels = np.ones(points.shape[:2], np.int64) if labels is None else _numeric(labels, "labels")
                 if labels.shape != points.shape[:2]:
                     raise PromptError(
                         f"image: labels must be (N, P) = {list(points.shape[:2])} to match points, found "
@@ -169,7 +163,7 @@ class SegmentService:
                 f"image: boxes and points describe the same objects: found {len(boxes)} boxes, {len(points)} "
                 "point sets.",
             )
-        prompts = Prompts(boxes, points, labels, multimask)
+        prompts = Prompts(boxes, points, labels, body.multimask)
         if prompts.count > self.max_prompts:
             raise ServeError(
                 413,
@@ -187,30 +181,16 @@ class SegmentService:
             )
         return prompts
 
-    def segment(self, body: dict) -> dict:
-        """The `POST /v1/segment` answer for a parsed JSON body (see the README for the fields)."""
-        if not isinstance(body, dict):
-            raise ServeError(422, "bad_request", "The body must be a JSON object.")
-        unknown = sorted(set(body) - set(SEGMENT_FIELDS))
-        if unknown:
-            raise ServeError(422, "bad_request", f"Unknown field(s) {unknown}; known: {', '.join(SEGMENT_FIELDS)}.")
-        fmt = body.get("format", "rle")
-        if fmt not in FORMATS:
-            raise ServeError(422, "bad_format", f"'format' must be one of {', '.join(FORMATS)}; got {fmt!r}.")
-        adapter = body.get("adapter")
-        if adapter is not None and not isinstance(adapter, str):
-            raise ServeError(422, "bad_request", f"'adapter' must be an adapter name or null, got {adapter!r}.")
+    def segment(self, body: SegmentRequest) -> dict:
+        """The `POST /v1/segment` answer for a validated request (fields in `schemas.SegmentRequest`)."""
+        adapter = body.adapter
         with self.registry.acquire(adapter) as entry:
-            if body.get("image") is not None:
-                if body.get("image_id") is not None:
+            if body.image is not None:
+                if body.image_id is not None:
                     raise ServeError(422, "bad_request", "Give 'image_id' or 'image', not both.")
-                if not isinstance(body["image"], str):
-                    raise ServeError(422, "bad_request", "'image' must be a base64 string.")
-                from .images import decode_base64
-
-                image_id, array = self.add_image(decode_base64(body["image"]))
-            elif body.get("image_id") is not None:
-                image_id = body["image_id"]
+                image_id, array = self.add_image(decode_base64(body.image))
+            elif body.image_id is not None:
+                image_id = body.image_id
                 array = self.image(image_id)
             else:
                 raise ServeError(422, "bad_request", "Give 'image_id' (from POST /v1/images) or 'image' (base64).")
@@ -223,7 +203,7 @@ class SegmentService:
         return {
             "image_id": image_id,
             "adapter": adapter,
-            "masks": _masks_json(prediction, prompts.multimask, fmt),
+            "masks": _masks_json(prediction, prompts.multimask, body.format),
             "timing": timing,
         }
 
