@@ -7,11 +7,13 @@ partial fine-tune); every answer is compared with `Sam2PeftPredictor` on the sam
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,7 +39,9 @@ from sam2_peft.models.loading import (  # noqa: E402
     tiny_config,
 )
 from sam2_peft.serving.app import GB, ServeConfig, build_app, create_app  # noqa: E402
+from sam2_peft.serving.batching import MicroBatcher  # noqa: E402
 from sam2_peft.serving.encoding import polygon_support  # noqa: E402
+from sam2_peft.serving.errors import ServeError  # noqa: E402
 from tests.serve_helpers import LiveServer, free_port, make_adapter  # noqa: E402
 
 KINDS = ["lora_a", "lora_b", "lora_enc", "ptsam", "ptsam_enc", "partial"]
@@ -522,6 +526,148 @@ def test_openapi_schema_is_served_and_can_be_turned_off(client):
     assert closed.openapi_url is None and closed.docs_url is None
 
 
+# ---- under load ---------------------------------------------------------------------------------------------------
+
+
+def test_batches_form_while_a_decode_runs():
+    """Requests that arrive, 30 ms apart, while a decode of their key runs all join the next decode (a fixed wait
+    alone would close each after a few ms and decode them one by one)."""
+    calls, started = [], threading.Event()
+
+    def process(items):
+        calls.append(list(items))
+        started.set()
+        time.sleep(0.3 if len(calls) == 1 else 0)
+        return items
+
+    batcher, results = MicroBatcher(wait_s=0.0), {}
+    threads = [threading.Thread(target=lambda i=i: results.update({i: batcher.run("k", i, process)})) for i in range(4)]
+    threads[0].start()
+    started.wait(5)
+    for thread in threads[1:]:
+        thread.start()
+        time.sleep(0.03)
+    for thread in threads:
+        thread.join()
+    assert calls == [[0], [1, 2, 3]] and results == {i: i for i in range(4)}
+    assert (batcher.batches, batcher.items, batcher.shared) == (2, 4, 3)
+
+
+def test_requests_past_their_deadline_are_dropped_not_decoded():
+    calls, started = [], threading.Event()
+
+    def process(items):
+        calls.append(list(items))
+        started.set()
+        time.sleep(0.3 if len(calls) == 1 else 0)
+        return items
+
+    batcher, outcomes = MicroBatcher(wait_s=0.0), {}
+
+    def request(i, deadline):
+        try:
+            outcomes[i] = batcher.run("k", i, process, deadline)
+        except ServeError as err:
+            outcomes[i] = err.status
+
+    first = threading.Thread(target=request, args=(0, None))
+    first.start()
+    started.wait(5)
+    soon = time.monotonic() + 0.05
+    threads = [threading.Thread(target=request, args=(i, d)) for i, d in ((1, soon), (2, soon), (3, None))]
+    for thread in [*threads]:
+        thread.start()
+    for thread in [first, *threads]:
+        thread.join()
+    assert calls == [[0], [3]] and outcomes == {0: 0, 1: 504, 2: 504, 3: 3} and batcher.dropped == 2
+
+
+@contextlib.contextmanager
+def _held_server(setup, **overrides):
+    """A server whose /v1/segment waits for `gate` (set it to let them through): a decoder that is busy."""
+    app = create_app(_config(setup, adapters=[], **overrides))
+    service, gate = app.state.service, threading.Event()
+    segment = service.segment
+
+    def held(*args, **kwargs):
+        gate.wait(30)
+        return segment(*args, **kwargs)
+
+    service.segment = held
+    live = LiveServer(app)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            image_id = _upload(http, setup["paths"][0])["image_id"]
+            yield live, http, gate, {"image_id": image_id, "boxes": [BOX]}
+    finally:
+        gate.set()
+        live.stop()
+
+
+def _in_background(url: str, body: dict, answers: list) -> threading.Thread:
+    def post():
+        answers.append(httpx.post(f"{url}/v1/segment", json=body, timeout=60).status_code)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_overloaded_server_answers_503_at_once_then_serves(setup):
+    with _held_server(setup, workers=1, max_queue=2) as (live, http, gate, body):
+        answers = []
+        threads = [_in_background(live.url, body, answers) for _ in range(2)]
+        _wait_for(lambda: live.app.state.admitted == 2)
+        started = time.perf_counter()
+        refused = http.post("/v1/segment", json=body)
+        assert time.perf_counter() - started < 1
+        _assert_error(refused, 503, "overloaded", "--max-queue")
+        assert refused.headers["retry-after"] == "1"
+        gate.set()
+        for thread in threads:
+            thread.join()
+        assert answers == [200, 200] and http.post("/v1/segment", json=body).status_code == 200
+
+
+def test_timed_out_requests_are_not_computed(setup):
+    """Two requests past --timeout-s behind a busy decoder both get 504, and neither is decoded afterwards (one
+    waited for the model thread, the other for its decode)."""
+    with _held_server(setup, workers=1, timeout_s=0.5) as (live, http, gate, body):
+        answers = []
+        threads = [_in_background(live.url, body, answers) for _ in range(2)]
+        for thread in threads:
+            thread.join()
+        assert answers == [504, 504]
+        gate.set()
+        _wait_for(lambda: live.app.state.admitted == 0)
+        service = live.app.state.service
+        assert (service.batcher.items, service.batcher.dropped) == (0, 1)
+        assert http.post("/v1/segment", json=body).status_code == 200
+
+
+def test_half_sent_requests_are_closed(setup):
+    """A request head or body that stops arriving: the connection closes (head) or gets 408 (body) after
+    --read-timeout-s, instead of staying open."""
+    app = create_app(_config(setup, adapters=[], read_timeout_s=0.5))
+    live = LiveServer(app)
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as head:
+            head.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\n")
+            assert head.recv(1024) == b""  # closed by the server
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as body:
+            body.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            assert body.recv(1024).startswith(b"HTTP/1.1 408")
+    finally:
+        live.stop()
+
+
 # ---- the command ------------------------------------------------------------------------------------------------
 
 
@@ -536,7 +682,7 @@ def test_serve_flags_come_from_serve_config_with_their_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for item in fields(ServeConfig):
         assert f"--{item.name.replace('_', '-')}" in text
-    assert "Micro-batching: how long a decode waits for others to join (0: off). (default: 5.0)" in text
+    assert "Most requests decoded together (1: no micro-batching). (default: 64)" in text
     with pytest.raises(SystemExit):
         cli.main(["serve", "--model", "m", "--adapter", "nuclei"])
     assert "--adapter takes NAME=SOURCE" in capsys.readouterr().err

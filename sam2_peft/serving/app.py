@@ -13,6 +13,7 @@ import hmac
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +41,9 @@ from .service import SegmentService
 __all__ = ["GB", "ServeConfig", "build_app", "create_app", "run"]
 
 logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+"""What a 503 (overloaded, not ready, the Hub unreachable) asks clients to wait before retrying."""
 
 
 class _Metrics:
@@ -91,8 +95,8 @@ class BodyLimit:
     """ASGI middleware refusing request bodies over `max_bytes` (413): by Content-Length at once, else (chunked
     uploads) as soon as the bytes read pass the limit (the body, at most `max_bytes`, is read before the app runs)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, int(max_bytes)
+    def __init__(self, app, max_bytes: int, read_timeout_s: float | None = None) -> None:
+        self.app, self.max_bytes, self.read_timeout_s = app, int(max_bytes), read_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -105,7 +109,11 @@ class BodyLimit:
         # Raising from inside `receive` instead would surface through Starlette's middleware as a 500.
         chunks, received, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                response = _error(408, "body_timeout", f"No part of the body arrived for {self.read_timeout_s:g} s.")
+                return await response(scope, receive, send)
             if message["type"] != "http.request":
                 return  # the client went away
             chunks.append(message.get("body", b""))
@@ -160,21 +168,40 @@ def admin(request: Request, credentials: HTTPAuthorizationCredentials | None = S
 
 # ---- routes -------------------------------------------------------------------------------------------------------
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 422, 500, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 422, 500, 503, 504)}
 router = APIRouter(responses=ERRORS)
 
 
-async def in_pool(request: Request, function, *args):
-    """`function(*args)` on the model threads; 504 past --timeout-s (the work itself runs on)."""
+async def in_pool(request: Request, work):
+    """`work(deadline)` on the model threads (`deadline`: `time.monotonic()` + --timeout-s). 503 with Retry-After
+    when --max-queue requests are already admitted; 504 past the deadline, and work still waiting for a thread then
+    is dropped, not run (a decode already under way finishes)."""
     state = request.app.state
-    future = asyncio.get_running_loop().run_in_executor(state.pool, function, *args)
+    config: ServeConfig = state.config
+    if config.max_queue and state.admitted >= config.max_queue:
+        raise ServeError(
+            503,
+            "overloaded",
+            f"The server is busy ({state.admitted} requests queued or running, --max-queue {config.max_queue}); "
+            "retry after the time in Retry-After.",
+        )
+    deadline = time.monotonic() + config.timeout_s
+
+    def guarded():
+        if time.monotonic() > deadline:
+            raise ServeError(504, "timeout", "The request waited past its deadline for a model thread; dropped.")
+        return work(deadline)
+
+    state.admitted += 1
+    future = asyncio.get_running_loop().run_in_executor(state.pool, guarded)
+    future.add_done_callback(lambda _: setattr(state, "admitted", state.admitted - 1))
     try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout=state.config.timeout_s)
+        return await asyncio.wait_for(asyncio.shield(future), timeout=config.timeout_s)
     except TimeoutError as err:
         raise ServeError(
             504,
             "timeout",
-            f"The request took longer than this server's limit of {state.config.timeout_s:g} s (--timeout-s); the "
+            f"The request took longer than this server's limit of {config.timeout_s:g} s (--timeout-s); the "
             "server is busy or the image is large. Retry later.",
         ) from err
 
@@ -204,7 +231,7 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> dict:
     registry: AdapterRegistry = request.app.state.registry
     request.state.adapter = body.name
 
-    def work():
+    def work(deadline):
         directory = registry.resolve_request_source(body.source, body.revision)
         return registry.load(body.name, directory, source=body.source, revision=body.revision)
 
@@ -219,7 +246,7 @@ async def unload_adapter(name: str, request: Request) -> dict:
     entry = registry.entries.get(name)
     encoder = entry.encoder if entry is not None else "base"
 
-    def work():
+    def work(deadline):
         described = registry.unload(name)
         request.app.state.service.drop_adapter(encoder)  # its own embeddings can never be hit again
         return described
@@ -238,7 +265,7 @@ async def upload_image(
     data = await file.read()
     request.state.adapter = adapter
 
-    def work():
+    def work(deadline):
         with service.registry.acquire(adapter) as entry:
             image_id, array = service.add_image(data)
             _, timing = service.embedding(entry, image_id, array)
@@ -253,7 +280,7 @@ async def upload_image(
 async def segment(body: SegmentRequest, request: Request) -> dict:
     """Masks for boxes or points (original pixels), or prompt-free with a PTSAM adapter."""
     request.state.adapter = body.adapter
-    return await in_pool(request, request.app.state.service.segment, body)
+    return await in_pool(request, partial(request.app.state.service.segment, body))
 
 
 @router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(reader)])
@@ -291,7 +318,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 async def _serve_error(request: Request, error: ServeError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": str(RETRY_AFTER_S)}}.get(error.status)
     return _error(error.status, error.code, error.message, headers)
 
 
@@ -369,6 +396,7 @@ def create_app(config: ServeConfig, registry: AdapterRegistry | None = None) -> 
         max_image_pixels=config.max_image_pixels or None,
         max_prompts=config.max_prompts,
         batch_wait_s=config.batch_wait_ms / 1000,
+        max_batch=config.max_batch,
         on_batch=lambda size: metrics_holder["m"].batch_size.observe(size),
     )
     pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="sam2peft")
@@ -379,9 +407,9 @@ def create_app(config: ServeConfig, registry: AdapterRegistry | None = None) -> 
         pool.shutdown(wait=True, cancel_futures=False)
 
     app = build_app(config, lifespan)
-    app.state.service, app.state.registry, app.state.pool = service, registry, pool
+    app.state.service, app.state.registry, app.state.pool, app.state.admitted = service, registry, pool, 0
     app.state.metrics = metrics_holder["m"] = _Metrics(service)
-    return BodyLimitApp(app, int(config.max_body_mb * 1024 * 1024))
+    return BodyLimitApp(app, int(config.max_body_mb * 1024 * 1024), config.read_timeout_s)
 
 
 class BodyLimitApp(BodyLimit):
@@ -389,6 +417,60 @@ class BodyLimitApp(BodyLimit):
 
     def __getattr__(self, name):
         return getattr(self.app, name)
+
+
+def _read_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, also closing a connection whose request head does not fully arrive within `seconds`
+    of the connection opening or of its first byte (uvicorn alone times out idle keep-alive connections only)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ReadTimeoutH11Protocol(H11Protocol):
+        read_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.read_timer = self.loop.call_later(seconds, self.read_timed_out)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # a whole request head arrived
+                self._cancel_read_timer()
+            elif self.read_timer is None:
+                self.read_timer = self.loop.call_later(seconds, self.read_timed_out)
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_read_timer()
+            super().connection_lost(exc)
+
+        def _cancel_read_timer(self) -> None:
+            if self.read_timer is not None:
+                self.read_timer.cancel()
+                self.read_timer = None
+
+        def read_timed_out(self) -> None:
+            self.read_timer = None
+            if self.conn.their_state is h11.IDLE:  # still no whole request head
+                self.timeout_keep_alive_handler()  # closes the connection
+
+    return ReadTimeoutH11Protocol
+
+
+def uvicorn_config(app, **overrides):
+    """The `uvicorn.Config` that serves `app` with its `ServeConfig`'s address, timeouts and limits."""
+    import uvicorn
+
+    config: ServeConfig = app.state.config
+    settings = dict(
+        host=config.host,
+        port=config.port,
+        http=_read_timeout_protocol(config.read_timeout_s),
+        timeout_keep_alive=config.keep_alive_s,
+        h11_max_incomplete_event_size=config.max_header_kb * 1024,
+        timeout_graceful_shutdown=30,
+        log_level="info",
+    )
+    return uvicorn.Config(app, **{**settings, **overrides})
 
 
 def run(config: ServeConfig) -> None:
@@ -403,4 +485,5 @@ def run(config: ServeConfig) -> None:
         config.host,
         config.port,
     )
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=30)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it shut down on, as uvicorn.run does
+        uvicorn.Server(uvicorn_config(app)).run()

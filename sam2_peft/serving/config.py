@@ -49,8 +49,31 @@ class ServeConfig:
     max_body_mb: float = field(default=32.0, metadata={"help": "Largest request body (MiB; 413 above)."})
     timeout_s: float = field(default=60.0, metadata={"help": "Per-request limit in seconds (504 past it)."})
     batch_wait_ms: float = field(
-        default=5.0, metadata={"help": "Micro-batching: how long a decode waits for others to join (0: off)."}
+        default=0.0,
+        metadata={
+            "help": "Micro-batching: how long a decode that finds the decoder idle waits for others to join (requests "
+            "that arrive while a decode of the same image and adapter runs join the next one without it)."
+        },
     )
+    max_batch: int = field(default=64, metadata={"help": "Most requests decoded together (1: no micro-batching)."})
+    max_queue: int = field(
+        default=32,
+        metadata={
+            "help": "Requests admitted to the model threads at once, running or waiting; more get 503 with "
+            "Retry-After at once (0: no limit)."
+        },
+    )
+    read_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "A client must send a request's headers, and each chunk of its body, within this many seconds "
+            "(else the connection closes, or 408)."
+        },
+    )
+    keep_alive_s: float = field(
+        default=5.0, metadata={"help": "Close a keep-alive connection idle this many seconds (uvicorn's)."}
+    )
+    max_header_kb: int = field(default=64, metadata={"help": "Largest request head (line and headers, KiB)."})
     workers: int = field(default=8, metadata={"help": "Threads running model work."})
     openapi: bool = field(
         default=True, metadata={"help": "Serve the OpenAPI schema at /openapi.json and its docs at /docs."}

@@ -63,7 +63,9 @@ class SegmentService:
         cache_bytes: budget of the embedding LRU; image_cache_bytes: of the decoded uploaded images.
         max_image_pixels: larger uploads are refused from their header (413).
         max_prompts: most objects (boxes or point sets) per request (413 above).
-        batch_wait_s: how long a decode waits for concurrent ones to join it (0: no micro-batching).
+        batch_wait_s: how long a decode that finds the decoder idle waits for others to join it (batches also form,
+            with no wait, while the previous decode of the same image and adapter runs).
+        max_batch: most requests decoded together (1: no micro-batching).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class SegmentService:
         max_image_pixels: int | None,
         max_prompts: int,
         batch_wait_s: float,
+        max_batch: int = 64,
         on_batch=None,
     ) -> None:
         self.registry = registry
@@ -82,7 +85,7 @@ class SegmentService:
         self.images = ByteLRU(image_cache_bytes, lambda a: a.nbytes)
         self.max_image_pixels = max_image_pixels
         self.max_prompts = max_prompts
-        self.batcher = MicroBatcher(batch_wait_s, on_batch=on_batch)
+        self.batcher = MicroBatcher(batch_wait_s, max_batch, on_batch=on_batch)
         self._encoding: dict[tuple, threading.Lock] = {}
         self._encoding_lock = threading.Lock()
 
@@ -181,8 +184,9 @@ class SegmentService:
             )
         return prompts
 
-    def segment(self, body: SegmentRequest) -> dict:
-        """The `POST /v1/segment` answer for a validated request (fields in `schemas.SegmentRequest`)."""
+    def segment(self, body: SegmentRequest, deadline: float | None = None) -> dict:
+        """The `POST /v1/segment` answer for a validated request (fields in `schemas.SegmentRequest`); past
+        `deadline` (`time.monotonic()`) before its decode starts, a 504 instead, with nothing decoded."""
         adapter = body.adapter
         with self.registry.acquire(adapter) as entry:
             if body.image is not None:
@@ -198,7 +202,8 @@ class SegmentService:
             embedding, timing = self.embedding(entry, image_id, array)
             start = time.perf_counter()
             key = (adapter, image_id, entry.encoder if entry else "base", prompts.signature())
-            prediction = self.batcher.run(key, _Decode(embedding, prompts), lambda items: self._decode(entry, items))
+            decode = _Decode(embedding, prompts)
+            prediction = self.batcher.run(key, decode, lambda items: self._decode(entry, items), deadline)
             timing["decode_ms"] = round((time.perf_counter() - start) * 1000, 3)
         return {
             "image_id": image_id,
