@@ -668,6 +668,75 @@ def test_half_sent_requests_are_closed(setup):
         live.stop()
 
 
+def test_metric_labels_name_only_loaded_adapters(client, setup):
+    """Unknown adapter names (no token needed to send them) all count under one label, not one series each."""
+    image_id = _upload(client, setup["paths"][0])["image_id"]
+    for index in range(5):
+        body = {"image_id": image_id, "adapter": f"random{index}", "boxes": [BOX]}
+        _assert_error(client.post("/v1/segment", json=body), 404, "unknown_adapter")
+    client.post("/v1/segment", json={"image_id": image_id, "adapter": "lora_a", "boxes": [BOX]})
+    text = client.get("/metrics").text
+    assert "random" not in text
+    assert _metric(text, "sam2peft_requests_total", 'adapter="other"') >= 5
+    assert _metric(text, "sam2peft_requests_total", 'adapter="lora_a"') >= 1
+
+
+def test_image_cache_counts_hits_and_misses(client, tmp_path):
+    path = tmp_path / "counted.png"
+    path.write_bytes(_png(np.full((40, 50, 3), 9, np.uint8)))
+
+    def counts():
+        text = client.get("/metrics").text
+        return _metric(text, "sam2peft_image_cache_hits_total"), _metric(text, "sam2peft_image_cache_misses_total")
+
+    hits, misses = counts()
+    image_id = _upload(client, path)["image_id"]  # a miss: decoded and kept
+    _upload(client, path)  # the same bytes: a hit
+    client.post("/v1/segment", json={"image_id": image_id, "boxes": [[5, 5, 30, 30]]})  # a hit
+    client.post("/v1/segment", json={"image_id": "f" * 32, "boxes": [BOX]})  # a miss (404)
+    assert counts() == (hits + 2, misses + 2)
+
+
+def test_liveness_readiness_and_cors(setup):
+    """/health/live answers at once; /health/ready 503 until one warm-up decode ran, then 200; with --cors-origin a
+    browser's preflight from that origin is allowed, from another not."""
+    app = create_app(_config(setup, adapters=[], cors_origins=["http://front.example"], token_all=True))
+    live = LiveServer(app)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            assert http.get("/health/live").json() == {"status": "ok"}
+            _wait_for(lambda: http.get("/health/ready").status_code == 200)
+            assert http.get("/health/ready").json() == {"status": "ready", "warmed": True}
+            app.state.warmed.clear()
+            not_ready = http.get("/health/ready")
+            assert not_ready.status_code == 503 and not_ready.headers["retry-after"] == "1"
+            preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+            allowed = http.options("/v1/segment", headers={"Origin": "http://front.example", **preflight})
+            assert allowed.status_code == 200
+            assert allowed.headers["access-control-allow-origin"] == "http://front.example"
+            other = http.options("/v1/segment", headers={"Origin": "http://evil.example", **preflight})
+            assert "access-control-allow-origin" not in other.headers
+    finally:
+        live.stop()
+
+
+def test_hub_outage_is_503_not_404(client, monkeypatch):
+    """The Hub unreachable (offline mode off) is the server's trouble: 503 with Retry-After, not 'not found'."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from sam2_peft.adapters import resolve
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("Connection error, and the file is not in the local cache.")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(resolve, "snapshot_download", unreachable)
+    answer = client.post("/v1/adapters", json={"name": "x", "source": "org/adapter"}, headers=ADMIN)
+    _assert_error(answer, 503, "hub_unavailable", "unreachable", "Retry later")
+    assert answer.headers["retry-after"] == "1"
+
+
 # ---- the command ------------------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -32,7 +33,9 @@ from .schemas import (
     ErrorResponse,
     Health,
     ImageResponse,
+    Liveness,
     LoadAdapterRequest,
+    Readiness,
     SegmentRequest,
     SegmentResponse,
 )
@@ -44,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 """What a 503 (overloaded, not ready, the Hub unreachable) asks clients to wait before retrying."""
+RETRY = {"Retry-After": str(RETRY_AFTER_S)}
+OTHER_ADAPTER = "other"
+"""The metric label of a request naming an adapter never loaded here (labels stay bounded by the loaded names)."""
 
 
 class _Metrics:
@@ -218,6 +224,20 @@ async def health(request: Request) -> dict:
     }
 
 
+@router.get("/health/live", response_model=Liveness)
+async def live() -> dict:
+    """The process answers (no token: for orchestrators' liveness probes)."""
+    return {"status": "ok"}
+
+
+@router.get("/health/ready", response_model=Readiness, responses={503: {"model": Readiness}})
+async def ready(request: Request) -> JSONResponse:
+    """200 once the model is loaded and warmed by one decode, 503 before (no token: for readiness probes)."""
+    warmed = request.app.state.warmed.is_set()
+    body = {"status": "ready" if warmed else "warming", "warmed": warmed}
+    return JSONResponse(body, status_code=200 if warmed else 503, headers=None if warmed else RETRY)
+
+
 @router.get("/v1/adapters", response_model=AdapterList, dependencies=[Depends(reader)])
 async def list_adapters(request: Request) -> dict:
     """The loaded adapters: kind, peft type, whether they share the base's image embeddings, prompt-free or not."""
@@ -318,7 +338,7 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 async def _serve_error(request: Request, error: ServeError) -> JSONResponse:
-    headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": str(RETRY_AFTER_S)}}.get(error.status)
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 503: RETRY}.get(error.status)
     return _error(error.status, error.code, error.message, headers)
 
 
@@ -339,6 +359,8 @@ async def _record(request: Request, call_next):
     metrics: _Metrics = request.app.state.metrics
     path = getattr(request.scope.get("route"), "path", "unmatched")
     adapter = getattr(request.state, "adapter", None) or "-"
+    if adapter != "-" and adapter not in request.app.state.registry.ever_loaded:
+        adapter = OTHER_ADAPTER
     metrics.requests.labels(path, adapter, str(response.status_code)).inc()
     metrics.latency.labels(path).observe(time.perf_counter() - start)
     return response
@@ -358,6 +380,16 @@ def build_app(config: ServeConfig, lifespan=None) -> FastAPI:
     app.state.config = config
     app.include_router(router)
     app.middleware("http")(_record)
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],
+        )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -401,13 +433,21 @@ def create_app(config: ServeConfig, registry: AdapterRegistry | None = None) -> 
     )
     pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="sam2peft")
 
+    warmed = threading.Event()
+
+    def warm_up() -> None:
+        service.warm_up()
+        warmed.set()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        pool.submit(warm_up)  # /health/ready answers 503 until it is done
         yield
         pool.shutdown(wait=True, cancel_futures=False)
 
     app = build_app(config, lifespan)
     app.state.service, app.state.registry, app.state.pool, app.state.admitted = service, registry, pool, 0
+    app.state.warmed = warmed
     app.state.metrics = metrics_holder["m"] = _Metrics(service)
     return BodyLimitApp(app, int(config.max_body_mb * 1024 * 1024), config.read_timeout_s)
 

@@ -75,6 +75,16 @@ class ServeConfig:
     )
     max_header_kb: int = field(default=64, metadata={"help": "Largest request head (line and headers, KiB)."})
     workers: int = field(default=8, metadata={"help": "Threads running model work."})
+    cors_origins: list[str] = field(
+        default_factory=list,
+        metadata={
+            "aliases": ["--cors-origin"],
+            "action": "extend",
+            "metavar": "ORIGIN",
+            "help": "Browser origins allowed to call the API (CORS), e.g. http://localhost:3000; '*' for any; none: "
+            "no CORS headers.",
+        },
+    )
     openapi: bool = field(
         default=True, metadata={"help": "Serve the OpenAPI schema at /openapi.json and its docs at /docs."}
     )

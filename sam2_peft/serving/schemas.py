@@ -99,6 +99,15 @@ class Health(BaseModel):
     device: str
 
 
+class Liveness(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "warming"]
+    warmed: bool = Field(description="The model answered one warm-up decode.")
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="A stable machine-readable code, e.g. unknown_adapter, bad_prompt, timeout.")
     message: str = Field(description="What went wrong and how to fix it.")

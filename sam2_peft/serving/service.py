@@ -93,14 +93,14 @@ class SegmentService:
 
     def add_image(self, data: bytes) -> tuple[str, np.ndarray]:
         image_id = content_id(data)
-        array = self.images.peek(image_id)
+        array = self.images.get(image_id)
         if array is None:
             array = decode_image(data, self.max_image_pixels)
             self.images.put(image_id, array)
         return image_id, array
 
     def image(self, image_id: str) -> np.ndarray:
-        array = self.images.peek(image_id)
+        array = self.images.get(image_id)
         if array is None:
             raise ServeError(
                 404,
@@ -132,6 +132,12 @@ class SegmentService:
         with self._encoding_lock:
             self._encoding.pop(key, None)
         return embedding, {"encode_ms": round(encode_ms, 3), "cache_hit": False}
+
+    def warm_up(self) -> None:
+        """One encode and decode through the base on a small grey image (first-call costs paid before /health/ready
+        says ready; nothing cached, nothing counted)."""
+        image = np.full((64, 64, 3), 128, np.uint8)
+        self.registry.base.predictor.predict(image, boxes=[[16, 16, 48, 48]])
 
     def drop_adapter(self, encoder: str) -> None:
         if encoder != "base":
