@@ -529,10 +529,8 @@ def test_openapi_schema_is_served_and_can_be_turned_off(client):
 # ---- under load ---------------------------------------------------------------------------------------------------
 
 
-def test_batches_form_while_a_decode_runs():
-    """Requests that arrive, 30 ms apart, while a decode of their key runs all join the next decode (a fixed wait
-    alone would close each after a few ms and decode them one by one)."""
-    calls, started = [], threading.Event()
+def _slow_first_decode(calls: list, started: threading.Event):
+    """A batch `process` that records its batches and takes 0.3 s over the first (the decoder is busy meanwhile)."""
 
     def process(items):
         calls.append(list(items))
@@ -540,6 +538,14 @@ def test_batches_form_while_a_decode_runs():
         time.sleep(0.3 if len(calls) == 1 else 0)
         return items
 
+    return process
+
+
+def test_batches_form_while_a_decode_runs():
+    """Requests that arrive, 30 ms apart, while a decode of their key runs all join the next decode (a fixed wait
+    alone would close each after a few ms and decode them one by one)."""
+    calls, started = [], threading.Event()
+    process = _slow_first_decode(calls, started)
     batcher, results = MicroBatcher(wait_s=0.0), {}
     threads = [threading.Thread(target=lambda i=i: results.update({i: batcher.run("k", i, process)})) for i in range(4)]
     threads[0].start()
@@ -555,13 +561,7 @@ def test_batches_form_while_a_decode_runs():
 
 def test_requests_past_their_deadline_are_dropped_not_decoded():
     calls, started = [], threading.Event()
-
-    def process(items):
-        calls.append(list(items))
-        started.set()
-        time.sleep(0.3 if len(calls) == 1 else 0)
-        return items
-
+    process = _slow_first_decode(calls, started)
     batcher, outcomes = MicroBatcher(wait_s=0.0), {}
 
     def request(i, deadline):

@@ -8,21 +8,24 @@ from dataclasses import dataclass, field
 GB = 1024**3
 
 
+def _repeatable(alias: str, metavar: str, help: str):
+    """A list field whose flag (also spelled `alias`) can be repeated or given several values."""
+    return field(
+        default_factory=list, metadata={"aliases": [alias], "action": "extend", "metavar": metavar, "help": help}
+    )
+
+
 @dataclass
 class ServeConfig:
     """Everything `sam2-peft serve` takes (each field is the flag of the same name, `--kebab-case`)."""
 
     model: str = field(metadata={"help": "Base model: Hub id, local folder, compact-synthetic, ..."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision of --model."})
-    adapters: list[str] = field(
-        default_factory=list,
-        metadata={
-            "aliases": ["--adapter"],
-            "action": "extend",
-            "metavar": "NAME=SOURCE",
-            "help": "Adapters to load at start (Hub id or folder; the operator's choice, so any folder is allowed); "
-            "repeat the flag or list several. In Python, (name, source) pairs work too.",
-        },
+    adapters: list[str] = _repeatable(
+        "--adapter",
+        "NAME=SOURCE",
+        "Adapters to load at start (Hub id or folder; the operator's choice, so any folder is allowed); repeat the "
+        "flag or list several. In Python, (name, source) pairs work too.",
     )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (loopback only by default)."})
     port: int = field(default=8000, metadata={"help": "Port to bind."})
@@ -75,15 +78,11 @@ class ServeConfig:
     )
     max_header_kb: int = field(default=64, metadata={"help": "Largest request head (line and headers, KiB)."})
     workers: int = field(default=8, metadata={"help": "Threads running model work."})
-    cors_origins: list[str] = field(
-        default_factory=list,
-        metadata={
-            "aliases": ["--cors-origin"],
-            "action": "extend",
-            "metavar": "ORIGIN",
-            "help": "Browser origins allowed to call the API (CORS), e.g. http://localhost:3000; '*' for any; none: "
-            "no CORS headers.",
-        },
+    cors_origins: list[str] = _repeatable(
+        "--cors-origin",
+        "ORIGIN",
+        "Browser origins allowed to call the API (CORS), e.g. http://localhost:3000; '*' for any; none: no CORS "
+        "headers. Repeat the flag or list several.",
     )
     openapi: bool = field(
         default=True, metadata={"help": "Serve the OpenAPI schema at /openapi.json and its docs at /docs."}
