@@ -2,7 +2,7 @@
 micro-batching buy.
 
 ```bash
-PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/serve_load.py --rounds 3 --requests 40 --max-seconds 20
+PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/serve_load.py --rounds 3 --requests 48 --max-seconds 20
 ```
 The real app runs under uvicorn in a thread of this process on 127.0.0.1; clients are httpx threads of the same
 process (so client work shares the CPU with the server: absolute numbers are a floor). Base: `compact-synthetic`
@@ -12,9 +12,10 @@ Variants, interleaved A B C ... in every round (so drift hits all alike), each b
 
 - `first image`: every request sends a new image inline (encode + decode); `repeated image`: one uploaded image
   (embedding from the cache, decode only); sequential client, one adapter.
-- `1 adapter` vs `4 adapters round-robin`: repeated image, sequential client.
-- `4 clients, no batching` (`--batch-wait-ms 0`) vs `4 clients, micro-batched` (5 ms wait): four concurrent clients
-  on one image and adapter.
+- `4 adapters round-robin` against `repeated image` (one adapter): sequential client.
+- `N clients, batching off` (`--max-batch 1`) vs `N clients, batching on` (the default: batches form while a decode
+  runs, no added wait) for N in `--clients` (1, 4, 16): concurrent clients on one image and adapter; `shared` is the
+  fraction of the variant's requests decoded together with at least one other.
 
 Writes `benchmarks/results/serve_load.json` and prints a markdown table (medians over rounds, min-max of req/s).
 """
@@ -40,7 +41,7 @@ from PIL import Image
 
 from sam2_peft.adapters import LoraMethod
 from sam2_peft.models.loading import load_base_model
-from sam2_peft.serving.app import ServeConfig, create_app
+from sam2_peft.serving.app import ServeConfig, create_app, uvicorn_config
 
 BASE = "compact-synthetic"
 BOX = [40, 30, 200, 180]
@@ -81,7 +82,7 @@ class Server:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -108,7 +109,10 @@ def run_variant(url: str, bodies, clients: int, requests: int, max_seconds: floa
                 response = http.post("/v1/segment", json=bodies(index))
                 elapsed = time.perf_counter() - start
                 with lock:
-                    (latencies if response.status_code == 200 else failures).append(elapsed)
+                    if response.status_code == 200:
+                        latencies.append(elapsed)
+                    else:
+                        failures.append(response.status_code)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=loop) for _ in range(clients)]
@@ -121,9 +125,11 @@ def run_variant(url: str, bodies, clients: int, requests: int, max_seconds: floa
     return {
         "requests": len(ms),
         "failures": len(failures),
+        "rejected_503": failures.count(503),
         "wall_s": wall,
         "req_per_s": len(ms) / wall if wall else 0.0,
         "p50_ms": float(np.percentile(ms, 50)) if ms else None,
+        "p95_ms": float(np.percentile(ms, 95)) if ms else None,
         "p99_ms": float(np.percentile(ms, 99)) if ms else None,
     }
 
@@ -133,12 +139,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=40, help="requests per variant and round")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit per variant and round")
+    parser.add_argument("--clients", default="1,4,16", help="concurrent clients of the batching variants")
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with tempfile.TemporaryDirectory() as folder:
         adapters = make_adapters(Path(folder), 4)
-        app = create_app(ServeConfig(model=BASE, adapters=adapters, device="cpu", batch_wait_ms=5.0))
+        app = create_app(ServeConfig(model=BASE, adapters=adapters, device="cpu", max_queue=0))
     service = app.state.service
     server = Server(app)
     image_id = httpx.post(f"{server.url}/v1/images", files={"file": ("a.png", png(0), "image/png")}).json()["image_id"]
@@ -148,36 +155,34 @@ def main() -> None:
     repeated = {"image_id": image_id, "adapter": "lora0", "boxes": [BOX]}
     names = [name for name, _ in adapters]
 
-    def with_wait(wait_s, clients):
-        def run():
-            service.batcher.wait_s = wait_s
-            try:
-                return run_variant(server.url, lambda i: repeated, clients, args.requests, args.max_seconds)
-            finally:
-                service.batcher.wait_s = 0.005
+    batcher = service.batcher
 
-        return run
+    def run_with(max_batch, clients, bodies):
+        batcher.max_items = max_batch
+        before = (batcher.items, batcher.shared)
+        result = run_variant(server.url, bodies, clients, args.requests, args.max_seconds)
+        items, shared = batcher.items - before[0], batcher.shared - before[1]
+        result.update(decoded=items, shared=shared / items if items else 0.0)
+        return result
 
-    def first_image():
-        service.batcher.wait_s = 0.0
-        bodies = lambda i: {"image": inline[next(inline_index)], "adapter": "lora0", "boxes": [BOX]}  # noqa: E731
-        return run_variant(server.url, bodies, 1, args.requests, args.max_seconds)
+    def concurrent(max_batch, clients):
+        return lambda: run_with(max_batch, clients, lambda i: repeated)
 
     def sequential(bodies):
-        def run():
-            service.batcher.wait_s = 0.0
-            return run_variant(server.url, bodies, 1, args.requests, args.max_seconds)
+        return lambda: run_with(1, 1, bodies)
 
-        return run
+    def first_image():
+        bodies = lambda i: {"image": inline[next(inline_index)], "adapter": "lora0", "boxes": [BOX]}  # noqa: E731
+        return run_with(1, 1, bodies)
 
     variants = {
         "first image (encode + decode)": first_image,
         "repeated image (cached embedding)": sequential(lambda i: repeated),
-        "1 adapter": sequential(lambda i: repeated),
         "4 adapters round-robin": sequential(lambda i: {**repeated, "adapter": names[i % 4]}),
-        "4 clients, no batching": with_wait(0.0, 4),
-        "4 clients, micro-batched (5 ms)": with_wait(0.005, 4),
     }
+    for clients in [int(c) for c in args.clients.split(",")]:
+        variants[f"{clients} clients, batching off"] = concurrent(1, clients)
+        variants[f"{clients} clients, batching on"] = concurrent(64, clients)
     run_variant(server.url, lambda i: repeated, 1, 5, 10)  # warm-up
     results = {name: [] for name in variants}
     for _ in range(args.rounds):
@@ -193,7 +198,9 @@ def main() -> None:
             "req_per_s_min": min(rates),
             "req_per_s_max": max(rates),
             "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
+            "p95_ms": statistics.median(r["p95_ms"] for r in rounds),
             "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
+            "shared": sum(r["shared"] * r["decoded"] for r in rounds) / max(1, sum(r["decoded"] for r in rounds)),
             "failures": sum(r["failures"] for r in rounds),
             "requests": sum(r["requests"] for r in rounds),
         }
@@ -206,20 +213,22 @@ def main() -> None:
         "load_average_1_5_15": load,
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "batches": service.batcher.batches,
-        "batched_items": service.batcher.items,
+        "batches": batcher.batches,
+        "batched_items": batcher.items,
+        "shared_items": batcher.shared,
         "summary": summary,
         "rounds_raw": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"load average (1, 5, 15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print("| variant | req/s (median, min-max) | p50 ms | p99 ms | failures |")
-    print("|---|---|---|---|---|")
+    print("| variant | req/s (median, min-max) | shared decode | p50 ms | p95 ms | p99 ms | failures |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in summary.items():
         print(
             f"| {name} | {row['req_per_s']:.1f} ({row['req_per_s_min']:.1f}-{row['req_per_s_max']:.1f}) | "
-            f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['failures']} |"
+            f"{100 * row['shared']:.0f}% | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | "
+            f"{row['failures']} |"
         )
 
 

@@ -698,44 +698,18 @@ def _importable(module: str) -> bool:
 
 def serve(argv: list[str]) -> None:
     """`sam2-peft serve`: one base model with many adapters, chosen per request, over HTTP."""
-    from dataclasses import fields
+    from .serving.config import ServeConfig
 
     parser = _parser(
         "serve",
         "Serve one SAM 2 base with several adapters chosen per request (JSON over HTTP): each image is encoded once "
         "and its embedding shared by every adapter that leaves the encoder alone. Routes: GET /health, "
-        "GET|POST /v1/adapters, DELETE /v1/adapters/NAME, POST /v1/images, POST /v1/segment, GET /metrics.",
+        "GET|POST /v1/adapters, DELETE /v1/adapters/NAME, POST /v1/images, POST /v1/segment, GET /metrics; the "
+        "OpenAPI docs at /docs.",
         epilog="example:\n  sam2-peft serve --model compact-synthetic --adapter nuclei=runs/nuclei/adapter --port 8000",
+        settings=(ServeConfig,),
     )
-    parser.add_argument("--model", required=True, help="base model: Hub id, local folder, compact-synthetic, ...")
-    parser.add_argument("--revision", default=None, help="Hub revision of --model")
-    parser.add_argument(
-        "--adapter", action="append", default=[], metavar="NAME=SOURCE", help="load at start (Hub id or folder)"
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--token", default=None, help="token for POST/DELETE /v1/adapters (Authorization: Bearer)")
-    parser.add_argument("--token-all", action="store_true", help="require --token on every route")
-    parser.add_argument("--adapter-root", default=None, help="folder POST /v1/adapters may load from (else Hub only)")
-    _add_device_argument(parser)
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="autocast dtype")
-    parser.add_argument("--cache-gb", type=float, default=2.0, help="image-embedding cache budget (GiB)")
-    parser.add_argument("--image-cache-gb", type=float, default=1.0, help="uploaded-image cache budget (GiB)")
-    parser.add_argument("--max-image-pixels", type=int, default=40_000_000, help="larger images get 413 (0: none)")
-    parser.add_argument("--max-prompts", type=int, default=64, help="most boxes/point sets per request")
-    parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (MiB)")
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="per-request limit (504 past it)")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="micro-batching wait (0: off)")
-    parser.add_argument("--workers", type=int, default=8, help="threads running model work")
-    args = parser.parse_args(argv)
-    if args.token_all and not args.token:
-        parser.error("--token-all needs --token TOKEN (the token every route will require)")
-    adapters = []
-    for item in args.adapter:
-        name, sep, source = item.partition("=")
-        if not sep or not name or not source:
-            parser.error(f"--adapter takes NAME=SOURCE (e.g. nuclei=org/sam2-nuclei-lora), got '{item}'")
-        adapters.append((name, source))
+    (config,) = parser.parse(argv)
     missing = [m for m in ("fastapi", "uvicorn", "multipart", "prometheus_client") if not _importable(m)]
     if missing:
         sys.exit(
@@ -744,13 +718,11 @@ def serve(argv: list[str]) -> None:
         )
 
     def run() -> None:
-        from .serving.app import ServeConfig
         from .serving.app import run as run_server
         from .serving.errors import ServeError
 
-        values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
         try:
-            run_server(ServeConfig(**{**values, "adapters": adapters}))
+            run_server(config)
         except ServeError as err:
             sys.exit(f"error: {err.message}")
 

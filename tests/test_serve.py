@@ -7,11 +7,13 @@ partial fine-tune); every answer is compared with `Sam2PeftPredictor` on the sam
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,8 +38,10 @@ from sam2_peft.models.loading import (  # noqa: E402
     processor_for_image_size,
     tiny_config,
 )
-from sam2_peft.serving.app import GB, ServeConfig, create_app  # noqa: E402
+from sam2_peft.serving.app import GB, ServeConfig, build_app, create_app  # noqa: E402
+from sam2_peft.serving.batching import MicroBatcher  # noqa: E402
 from sam2_peft.serving.encoding import polygon_support  # noqa: E402
+from sam2_peft.serving.errors import ServeError  # noqa: E402
 from tests.serve_helpers import LiveServer, free_port, make_adapter  # noqa: E402
 
 KINDS = ["lora_a", "lora_b", "lora_enc", "ptsam", "ptsam_enc", "partial"]
@@ -511,7 +515,246 @@ def test_token_all_and_timeout(setup):
         live.stop()
 
 
+def test_openapi_schema_is_served_and_can_be_turned_off(client):
+    """/openapi.json describes the pydantic request models (and /docs serves); --no-openapi removes both."""
+    schema = client.get("/openapi.json").json()
+    segment = schema["components"]["schemas"]["SegmentRequest"]
+    assert set(segment["properties"]) == {"image_id", "image", "adapter", "boxes", "points", "labels", "multimask",
+                                          "format"}  # fmt: skip
+    assert "/v1/segment" in schema["paths"] and client.get("/docs").status_code == 200
+    closed = build_app(ServeConfig(model="m", openapi=False))
+    assert closed.openapi_url is None and closed.docs_url is None
+
+
+# ---- under load ---------------------------------------------------------------------------------------------------
+
+
+def _slow_first_decode(calls: list, started: threading.Event):
+    """A batch `process` that records its batches and takes 0.3 s over the first (the decoder is busy meanwhile)."""
+
+    def process(items):
+        calls.append(list(items))
+        started.set()
+        time.sleep(0.3 if len(calls) == 1 else 0)
+        return items
+
+    return process
+
+
+def test_batches_form_while_a_decode_runs():
+    """Requests that arrive, 30 ms apart, while a decode of their key runs all join the next decode (a fixed wait
+    alone would close each after a few ms and decode them one by one)."""
+    calls, started = [], threading.Event()
+    process = _slow_first_decode(calls, started)
+    batcher, results = MicroBatcher(wait_s=0.0), {}
+    threads = [threading.Thread(target=lambda i=i: results.update({i: batcher.run("k", i, process)})) for i in range(4)]
+    threads[0].start()
+    started.wait(5)
+    for thread in threads[1:]:
+        thread.start()
+        time.sleep(0.03)
+    for thread in threads:
+        thread.join()
+    assert calls == [[0], [1, 2, 3]] and results == {i: i for i in range(4)}
+    assert (batcher.batches, batcher.items, batcher.shared) == (2, 4, 3)
+
+
+def test_requests_past_their_deadline_are_dropped_not_decoded():
+    calls, started = [], threading.Event()
+    process = _slow_first_decode(calls, started)
+    batcher, outcomes = MicroBatcher(wait_s=0.0), {}
+
+    def request(i, deadline):
+        try:
+            outcomes[i] = batcher.run("k", i, process, deadline)
+        except ServeError as err:
+            outcomes[i] = err.status
+
+    first = threading.Thread(target=request, args=(0, None))
+    first.start()
+    started.wait(5)
+    soon = time.monotonic() + 0.05
+    threads = [threading.Thread(target=request, args=(i, d)) for i, d in ((1, soon), (2, soon), (3, None))]
+    for thread in [*threads]:
+        thread.start()
+    for thread in [first, *threads]:
+        thread.join()
+    assert calls == [[0], [3]] and outcomes == {0: 0, 1: 504, 2: 504, 3: 3} and batcher.dropped == 2
+
+
+@contextlib.contextmanager
+def _held_server(setup, **overrides):
+    """A server whose /v1/segment waits for `gate` (set it to let them through): a decoder that is busy."""
+    app = create_app(_config(setup, adapters=[], **overrides))
+    service, gate = app.state.service, threading.Event()
+    segment = service.segment
+
+    def held(*args, **kwargs):
+        gate.wait(30)
+        return segment(*args, **kwargs)
+
+    service.segment = held
+    live = LiveServer(app)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            image_id = _upload(http, setup["paths"][0])["image_id"]
+            yield live, http, gate, {"image_id": image_id, "boxes": [BOX]}
+    finally:
+        gate.set()
+        live.stop()
+
+
+def _in_background(url: str, body: dict, answers: list) -> threading.Thread:
+    def post():
+        answers.append(httpx.post(f"{url}/v1/segment", json=body, timeout=60).status_code)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_overloaded_server_answers_503_at_once_then_serves(setup):
+    with _held_server(setup, workers=1, max_queue=2) as (live, http, gate, body):
+        answers = []
+        threads = [_in_background(live.url, body, answers) for _ in range(2)]
+        _wait_for(lambda: live.app.state.admitted == 2)
+        started = time.perf_counter()
+        refused = http.post("/v1/segment", json=body)
+        assert time.perf_counter() - started < 1
+        _assert_error(refused, 503, "overloaded", "--max-queue")
+        assert refused.headers["retry-after"] == "1"
+        gate.set()
+        for thread in threads:
+            thread.join()
+        assert answers == [200, 200] and http.post("/v1/segment", json=body).status_code == 200
+
+
+def test_timed_out_requests_are_not_computed(setup):
+    """Two requests past --timeout-s behind a busy decoder both get 504, and neither is decoded afterwards (one
+    waited for the model thread, the other for its decode)."""
+    with _held_server(setup, workers=1, timeout_s=0.5) as (live, http, gate, body):
+        answers = []
+        threads = [_in_background(live.url, body, answers) for _ in range(2)]
+        for thread in threads:
+            thread.join()
+        assert answers == [504, 504]
+        gate.set()
+        _wait_for(lambda: live.app.state.admitted == 0)
+        service = live.app.state.service
+        assert (service.batcher.items, service.batcher.dropped) == (0, 1)
+        assert http.post("/v1/segment", json=body).status_code == 200
+
+
+def test_half_sent_requests_are_closed(setup):
+    """A request head or body that stops arriving: the connection closes (head) or gets 408 (body) after
+    --read-timeout-s, instead of staying open."""
+    app = create_app(_config(setup, adapters=[], read_timeout_s=0.5))
+    live = LiveServer(app)
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as head:
+            head.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\n")
+            assert head.recv(1024) == b""  # closed by the server
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as body:
+            body.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            assert body.recv(1024).startswith(b"HTTP/1.1 408")
+    finally:
+        live.stop()
+
+
+def test_metric_labels_name_only_loaded_adapters(client, setup):
+    """Unknown adapter names (no token needed to send them) all count under one label, not one series each."""
+    image_id = _upload(client, setup["paths"][0])["image_id"]
+    for index in range(5):
+        body = {"image_id": image_id, "adapter": f"random{index}", "boxes": [BOX]}
+        _assert_error(client.post("/v1/segment", json=body), 404, "unknown_adapter")
+    client.post("/v1/segment", json={"image_id": image_id, "adapter": "lora_a", "boxes": [BOX]})
+    text = client.get("/metrics").text
+    assert "random" not in text
+    assert _metric(text, "sam2peft_requests_total", 'adapter="other"') >= 5
+    assert _metric(text, "sam2peft_requests_total", 'adapter="lora_a"') >= 1
+
+
+def test_image_cache_counts_hits_and_misses(client, tmp_path):
+    path = tmp_path / "counted.png"
+    path.write_bytes(_png(np.full((40, 50, 3), 9, np.uint8)))
+
+    def counts():
+        text = client.get("/metrics").text
+        return _metric(text, "sam2peft_image_cache_hits_total"), _metric(text, "sam2peft_image_cache_misses_total")
+
+    hits, misses = counts()
+    image_id = _upload(client, path)["image_id"]  # a miss: decoded and kept
+    _upload(client, path)  # the same bytes: a hit
+    client.post("/v1/segment", json={"image_id": image_id, "boxes": [[5, 5, 30, 30]]})  # a hit
+    client.post("/v1/segment", json={"image_id": "f" * 32, "boxes": [BOX]})  # a miss (404)
+    assert counts() == (hits + 2, misses + 2)
+
+
+def test_liveness_readiness_and_cors(setup):
+    """/health/live answers at once; /health/ready 503 until one warm-up decode ran, then 200; with --cors-origin a
+    browser's preflight from that origin is allowed, from another not."""
+    app = create_app(_config(setup, adapters=[], cors_origins=["http://front.example"], token_all=True))
+    live = LiveServer(app)
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            assert http.get("/health/live").json() == {"status": "ok"}
+            _wait_for(lambda: http.get("/health/ready").status_code == 200)
+            assert http.get("/health/ready").json() == {"status": "ready", "warmed": True}
+            app.state.warmed.clear()
+            not_ready = http.get("/health/ready")
+            assert not_ready.status_code == 503 and not_ready.headers["retry-after"] == "1"
+            preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+            allowed = http.options("/v1/segment", headers={"Origin": "http://front.example", **preflight})
+            assert allowed.status_code == 200
+            assert allowed.headers["access-control-allow-origin"] == "http://front.example"
+            other = http.options("/v1/segment", headers={"Origin": "http://evil.example", **preflight})
+            assert "access-control-allow-origin" not in other.headers
+    finally:
+        live.stop()
+
+
+def test_hub_outage_is_503_not_404(client, monkeypatch):
+    """The Hub unreachable (offline mode off) is the server's trouble: 503 with Retry-After, not 'not found'."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from sam2_peft.adapters import resolve
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("Connection error, and the file is not in the local cache.")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(resolve, "snapshot_download", unreachable)
+    answer = client.post("/v1/adapters", json={"name": "x", "source": "org/adapter"}, headers=ADMIN)
+    _assert_error(answer, 503, "hub_unavailable", "unreachable", "Retry later")
+    assert answer.headers["retry-after"] == "1"
+
+
 # ---- the command ------------------------------------------------------------------------------------------------
+
+
+def test_serve_flags_come_from_serve_config_with_their_defaults(capsys):
+    """Every ServeConfig field is a flag whose --help shows its default; NAME=SOURCE mistakes are usage errors."""
+    from dataclasses import fields
+
+    from sam2_peft import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for item in fields(ServeConfig):
+        assert f"--{item.name.replace('_', '-')}" in text
+    assert "Most requests decoded together (1: no micro-batching). (default: 64)" in text
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--model", "m", "--adapter", "nuclei"])
+    assert "--adapter takes NAME=SOURCE" in capsys.readouterr().err
 
 
 def test_serve_without_the_extra_says_how_to_install():

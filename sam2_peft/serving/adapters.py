@@ -60,6 +60,18 @@ def shared_copy(model: nn.Module, own: tuple[str, ...] = ()) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _hub_outage(error: BaseException | None) -> bool:
+    """Whether a failed Hub download is the Hub's (or the network's) failure, not a missing repo: unreachable while
+    offline mode is off, or a 5xx answer. (With HF_HUB_OFFLINE set, an uncached repo is simply not available here.)"""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if isinstance(error, LocalEntryNotFoundError):
+        return not constants.HF_HUB_OFFLINE
+    response = getattr(error, "response", None) if isinstance(error, HfHubHTTPError) else None
+    return response is not None and response.status_code >= 500
+
+
 def _clean(name: str) -> str:
     """A module path without peft's wrapper segments (`base_model.model.`, `.base_layer`)."""
     name = name.removeprefix("base_model.model.")
@@ -147,6 +159,8 @@ class AdapterRegistry:
         self._changed = threading.Condition(self._lock)
         self._loading: set[str] = set()
         self._generation = 0
+        self.ever_loaded: set[str] = set()
+        """Every name an adapter was loaded under (by the operator or an admin token): the metric label values."""
 
     def _predictor(self, model: nn.Module) -> Sam2PeftPredictor:
         return Sam2PeftPredictor(model, self.processor, dtype=self.dtype, device=self.device)
@@ -196,6 +210,8 @@ class AdapterRegistry:
         try:
             return download_adapter(source, revision=revision)
         except AdapterLoadError as err:
+            if _hub_outage(err.__cause__):
+                raise ServeError(503, "hub_unavailable", f"{err} Retry later.") from err
             raise ServeError(404, "adapter_source_not_found", str(err)) from err
 
     # ---- loading and unloading ------------------------------------------------------------------------------------
@@ -229,6 +245,7 @@ class AdapterRegistry:
                 self._loading.discard(name)
         with self._lock:
             self.entries[name] = entry
+            self.ever_loaded.add(name)
         logger.info("Loaded adapter '%s' (%s) from %s", name, entry.peft_type or entry.kind, source)
         return entry.describe()
 

@@ -17,11 +17,10 @@ from ..inference.predictor import ImageEmbedding, Prediction, PromptError, check
 from .adapters import AdapterEntry, AdapterRegistry
 from .batching import MicroBatcher
 from .cache import ByteLRU
-from .encoding import FORMATS, encode_mask
+from .encoding import encode_mask
 from .errors import ServeError
-from .images import content_id, decode_image
-
-SEGMENT_FIELDS = ("image_id", "image", "adapter", "boxes", "points", "labels", "multimask", "format")
+from .images import content_id, decode_base64, decode_image
+from .schemas import SegmentRequest
 
 
 @dataclass
@@ -64,7 +63,9 @@ class SegmentService:
         cache_bytes: budget of the embedding LRU; image_cache_bytes: of the decoded uploaded images.
         max_image_pixels: larger uploads are refused from their header (413).
         max_prompts: most objects (boxes or point sets) per request (413 above).
-        batch_wait_s: how long a decode waits for concurrent ones to join it (0: no micro-batching).
+        batch_wait_s: how long a decode that finds the decoder idle waits for others to join it (batches also form,
+            with no wait, while the previous decode of the same image and adapter runs).
+        max_batch: most requests decoded together (1: no micro-batching).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class SegmentService:
         max_image_pixels: int | None,
         max_prompts: int,
         batch_wait_s: float,
+        max_batch: int = 64,
         on_batch=None,
     ) -> None:
         self.registry = registry
@@ -83,7 +85,7 @@ class SegmentService:
         self.images = ByteLRU(image_cache_bytes, lambda a: a.nbytes)
         self.max_image_pixels = max_image_pixels
         self.max_prompts = max_prompts
-        self.batcher = MicroBatcher(batch_wait_s, on_batch=on_batch)
+        self.batcher = MicroBatcher(batch_wait_s, max_batch, on_batch=on_batch)
         self._encoding: dict[tuple, threading.Lock] = {}
         self._encoding_lock = threading.Lock()
 
@@ -91,14 +93,14 @@ class SegmentService:
 
     def add_image(self, data: bytes) -> tuple[str, np.ndarray]:
         image_id = content_id(data)
-        array = self.images.peek(image_id)
+        array = self.images.get(image_id)
         if array is None:
             array = decode_image(data, self.max_image_pixels)
             self.images.put(image_id, array)
         return image_id, array
 
     def image(self, image_id: str) -> np.ndarray:
-        array = self.images.peek(image_id) if isinstance(image_id, str) else None
+        array = self.images.get(image_id)
         if array is None:
             raise ServeError(
                 404,
@@ -131,25 +133,26 @@ class SegmentService:
             self._encoding.pop(key, None)
         return embedding, {"encode_ms": round(encode_ms, 3), "cache_hit": False}
 
+    def warm_up(self) -> None:
+        """One encode and decode through the base on a small grey image (first-call costs paid before /health/ready
+        says ready; nothing cached, nothing counted)."""
+        image = np.full((64, 64, 3), 128, np.uint8)
+        self.registry.base.predictor.predict(image, boxes=[[16, 16, 48, 48]])
+
     def drop_adapter(self, encoder: str) -> None:
         if encoder != "base":
             self.embeddings.drop(lambda key: key[1] == encoder)
 
     # ---- segmenting -------------------------------------------------------------------------------------------
 
-    def check_prompts(self, body: dict, image_size, entry: AdapterEntry | None) -> Prompts:
-        boxes, points, labels = body.get("boxes"), body.get("points"), body.get("labels")
-        multimask = body.get("multimask", False)
-        if not isinstance(multimask, bool):
-            raise ServeError(422, "bad_request", f"'multimask' must be true or false, got {multimask!r}.")
+    def check_prompts(self, body: SegmentRequest, image_size, entry: AdapterEntry | None) -> Prompts:
+        boxes, points, labels = body.boxes, body.points, body.labels
         try:
             if boxes is not None:
                 boxes = check_boxes(_numeric(boxes, "boxes"), image_size, "image")
             if points is not None:
                 points = check_points(_numeric(points, "points"), image_size, "image")
-                labels = (
-                    np.ones(points.shape[:2], np.int64) if labels is None else np.asarray(_numeric(labels, "labels"))
-                )
+                labels = np.ones(points.shape[:2], np.int64) if labels is None else _numeric(labels, "labels")
                 if labels.shape != points.shape[:2]:
                     raise PromptError(
                         f"image: labels must be (N, P) = {list(points.shape[:2])} to match points, found "
@@ -169,7 +172,7 @@ class SegmentService:
                 f"image: boxes and points describe the same objects: found {len(boxes)} boxes, {len(points)} "
                 "point sets.",
             )
-        prompts = Prompts(boxes, points, labels, multimask)
+        prompts = Prompts(boxes, points, labels, body.multimask)
         if prompts.count > self.max_prompts:
             raise ServeError(
                 413,
@@ -187,30 +190,17 @@ class SegmentService:
             )
         return prompts
 
-    def segment(self, body: dict) -> dict:
-        """The `POST /v1/segment` answer for a parsed JSON body (see the README for the fields)."""
-        if not isinstance(body, dict):
-            raise ServeError(422, "bad_request", "The body must be a JSON object.")
-        unknown = sorted(set(body) - set(SEGMENT_FIELDS))
-        if unknown:
-            raise ServeError(422, "bad_request", f"Unknown field(s) {unknown}; known: {', '.join(SEGMENT_FIELDS)}.")
-        fmt = body.get("format", "rle")
-        if fmt not in FORMATS:
-            raise ServeError(422, "bad_format", f"'format' must be one of {', '.join(FORMATS)}; got {fmt!r}.")
-        adapter = body.get("adapter")
-        if adapter is not None and not isinstance(adapter, str):
-            raise ServeError(422, "bad_request", f"'adapter' must be an adapter name or null, got {adapter!r}.")
+    def segment(self, body: SegmentRequest, deadline: float | None = None) -> dict:
+        """The `POST /v1/segment` answer for a validated request (fields in `schemas.SegmentRequest`); past
+        `deadline` (`time.monotonic()`) before its decode starts, a 504 instead, with nothing decoded."""
+        adapter = body.adapter
         with self.registry.acquire(adapter) as entry:
-            if body.get("image") is not None:
-                if body.get("image_id") is not None:
+            if body.image is not None:
+                if body.image_id is not None:
                     raise ServeError(422, "bad_request", "Give 'image_id' or 'image', not both.")
-                if not isinstance(body["image"], str):
-                    raise ServeError(422, "bad_request", "'image' must be a base64 string.")
-                from .images import decode_base64
-
-                image_id, array = self.add_image(decode_base64(body["image"]))
-            elif body.get("image_id") is not None:
-                image_id = body["image_id"]
+                image_id, array = self.add_image(decode_base64(body.image))
+            elif body.image_id is not None:
+                image_id = body.image_id
                 array = self.image(image_id)
             else:
                 raise ServeError(422, "bad_request", "Give 'image_id' (from POST /v1/images) or 'image' (base64).")
@@ -218,12 +208,13 @@ class SegmentService:
             embedding, timing = self.embedding(entry, image_id, array)
             start = time.perf_counter()
             key = (adapter, image_id, entry.encoder if entry else "base", prompts.signature())
-            prediction = self.batcher.run(key, _Decode(embedding, prompts), lambda items: self._decode(entry, items))
+            decode = _Decode(embedding, prompts)
+            prediction = self.batcher.run(key, decode, lambda items: self._decode(entry, items), deadline)
             timing["decode_ms"] = round((time.perf_counter() - start) * 1000, 3)
         return {
             "image_id": image_id,
             "adapter": adapter,
-            "masks": _masks_json(prediction, prompts.multimask, fmt),
+            "masks": _masks_json(prediction, prompts.multimask, body.format),
             "timing": timing,
         }
 
