@@ -40,7 +40,7 @@ class ServeConfig:
     adapter_root: str | None = field(
         default=None, metadata={"help": "Folder POST /v1/adapters may load from (unset: Hub ids only)."}
     )
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (unset: cuda when available)."})
+    device: str | None = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ..., or auto: cuda when available"})
     dtype: str | None = field(
         default=None,
         metadata={"help": "Autocast dtype (unset: the model's).", "choices": ("float32", "float16", "bfloat16")},
@@ -89,6 +89,8 @@ class ServeConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = None  # the predictor's choice: cuda when available
         if self.token_all and not self.token:
             raise ValueError("--token-all needs --token TOKEN (the token every route will require)")
         self.adapter_pairs()  # NAME=SOURCE mistakes are usage errors, raised before anything loads
