@@ -57,30 +57,25 @@ def loss_settings(quick: bool) -> list[tuple[str, str, list[str]]]:
     return grid[:2] if quick else grid
 
 
-TOKEN_INITS = {"normal std 1": ["--token-init", "normal", "--token-init-std", "1.0"],
-               "normal std 0.02": ["--token-init", "normal", "--token-init-std", "0.02"],
-               "box": ["--token-init", "box"], "point": ["--token-init", "point"], "padding": ["--token-init", "padding"],
-               "padding, 2 tokens": ["--token-init", "padding", "--num-tokens", "2"]}  # fmt: skip
+TOKEN_INITS = {"normal std 1": ["--token-init", "normal", "--token-init-std", "1.0"], "box": ["--token-init", "box"],
+               "point": ["--token-init", "point"], "padding": ["--token-init", "padding"]}  # fmt: skip
 
 
 def settings(quick: bool) -> list[tuple[str, str, list[str]]]:
-    """(method, setting label, recipe flags) of every grid point: each method's rates around its default, PTSAM's
-    with the padding and normal inits, then the other token inits at one rate (pick with --only)."""
-    lora = ["1e-4", "5e-4", "2e-3"]
-    partial = ["1e-5", "3e-5", "1e-4"]
-    ptsam = [("padding", lr) for lr in ("1e-3", "3e-3", "1e-2")] + [("normal std 1", lr) for lr in ("1e-3", "1e-2")]
-    encoder = ["1e-3", "3e-3", "1e-2"]
-    other_inits = [(init, "1e-2") for init in ("box", "point", "normal std 0.02", "padding, 2 tokens")]
+    """(method, setting label, recipe flags) of every grid point, most telling first (a grid stopped early keeps
+    those): decoder LoRA's rates, PTSAM decoder's with the padding init and its default now, partial fine-tuning's,
+    PTSAM encoder's; then the other rates and token inits."""
+    lora = [("lora_decoder", f"lr {lr}", ["--lr", lr]) for lr in ("1e-4", "5e-4", "2e-3")]
+    ptsam = [("ptsam_decoder", f"{init}, lr {lr}", [*TOKEN_INITS[init], "--lr", lr])
+             for init, lr in (("padding", "1e-2"), ("padding", "1e-3"), ("normal std 1", "1e-3"), ("padding", "3e-3"),
+                              ("box", "1e-2"), ("point", "1e-2"), ("normal std 1", "1e-2"))]  # fmt: skip
+    partial = [("partial_finetune", f"lr {lr}", ["--component-lr", f"mask_decoder={lr}", f"prompt_encoder={lr}"])
+               for lr in ("1e-4", "3e-5", "1e-5")]  # fmt: skip
+    encoder = [("ptsam_encoder", f"padding, lr {lr}", [*TOKEN_INITS["padding"], "--lr", lr])
+               for lr in ("1e-2", "1e-3", "3e-3")]  # fmt: skip
     if quick:
-        lora, partial, ptsam, encoder, other_inits = lora[2:], partial[2:], ptsam[2:3], encoder[:1], []
-    grid = [("lora_decoder", f"lr {lr}", ["--lr", lr]) for lr in lora]
-    grid += [("partial_finetune", f"lr {lr}", ["--component-lr", f"mask_decoder={lr}", f"prompt_encoder={lr}"])
-             for lr in partial]  # fmt: skip
-    grid += [
-        ("ptsam_decoder", f"{init}, lr {lr}", [*TOKEN_INITS[init], "--lr", lr]) for init, lr in ptsam + other_inits
-    ]
-    grid += [("ptsam_encoder", f"padding, lr {lr}", [*TOKEN_INITS["padding"], "--lr", lr]) for lr in encoder]
-    return grid
+        return [lora[2], ptsam[0], partial[0], encoder[0]]
+    return [*lora, *ptsam[:4], *partial[:2], *encoder[:2], *ptsam[4:], partial[2], encoder[2]]
 
 
 def dataset_folder(name: str, work: Path) -> Path:
@@ -112,10 +107,10 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/tmp/method_defaults")
     parser.add_argument("--reuse", action="store_true", help="Keep finished runs found in --work-dir.")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/method_defaults.json"))
-    parser.add_argument("--summarize", metavar="JSON", help="Only print the summary of a results file.")
+    parser.add_argument("--summarize", metavar="JSON", nargs="+", help="Only print the summary of results files.")
     args = parser.parse_args()
     if args.summarize:
-        print(summary(json.loads(Path(args.summarize).read_text())["runs"]))
+        print(summary([run for path in args.summarize for run in json.loads(Path(path).read_text())["runs"]]))
         return
     seeds = args.seeds[:1] if args.quick else args.seeds
     work = Path(args.work_dir)
