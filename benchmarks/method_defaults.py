@@ -110,7 +110,12 @@ def main() -> None:
     parser.add_argument("--summarize", metavar="JSON", nargs="+", help="Only print the summary of results files.")
     args = parser.parse_args()
     if args.summarize:
-        print(summary([run for path in args.summarize for run in json.loads(Path(path).read_text())["runs"]]))
+        results = [json.loads(Path(path).read_text()) for path in args.summarize]
+        for result in results:
+            print(f"`python {result['command']}`: {len(result['runs'])} runs of {result['steps']} steps in "
+                  f"{result['seconds'] / 60:.0f} min; at the end `{result['uptime']}`\n")  # fmt: skip
+        runs = [run for result in results for run in result["runs"]]
+        print(f"{summary(runs)}\n\n{table(runs)}")
         return
     seeds = args.seeds[:1] if args.quick else args.seeds
     work = Path(args.work_dir)
@@ -187,8 +192,9 @@ def table(runs: list[dict]) -> str:
 
 def summary(runs: list[dict]) -> str:
     """Markdown: per method x setting, Dice gain over the base (fine-tuned minus base) over datasets x seeds: mean,
-    worst, runs ending below the base, and each dataset's mean; * marks the setting the selection rule picks (no run
-    below the base, then the best mean gain; if every setting has one, the best worst case)."""
+    worst, runs ending below the base, and each dataset's mean; * marks the setting the selection rule picks among
+    those with all their runs (no run below the base, then the best mean gain; if every setting has one, the best
+    worst case)."""
     datasets = sorted({r["dataset"] for r in runs})
     rows = [f"| method | setting | runs | mean gain | worst gain | below base | {' | '.join(datasets)} |",
             "|---|---|---:|---:|---:|---:|" + "---:|" * len(datasets)]  # fmt: skip
@@ -200,7 +206,8 @@ def summary(runs: list[dict]) -> str:
             per_dataset = [[g for g, r in zip(gains, ok) if r["dataset"] == d] for d in datasets]
             failed = sum((r["method"], r["setting"]) == (method, setting) and "fine_tuned" not in r for r in runs)
             stats[setting] = (gains, per_dataset, failed)
-        scored = {s: v for s, v in stats.items() if v[0] and not v[2]}
+        most = max(len(gains) for gains, _, _ in stats.values())  # settings with fewer runs are unfinished: no pick
+        scored = {s: v for s, v in stats.items() if len(v[0]) == most and not v[2]}
         safe = [s for s, (gains, _, _) in scored.items() if min(gains) >= 0]
         pick = max(safe or scored, key=lambda s: (sum(scored[s][0]) / len(scored[s][0]) if safe else min(scored[s][0])),
                    default=None)  # fmt: skip
