@@ -193,8 +193,8 @@ def table(runs: list[dict]) -> str:
 def summary(runs: list[dict]) -> str:
     """Markdown: per method x setting, Dice gain over the base (fine-tuned minus base) over datasets x seeds: mean,
     worst, runs ending below the base, and each dataset's mean; * marks the setting the selection rule picks among
-    those with all their runs (no run below the base, then the best mean gain; if every setting has one, the best
-    worst case)."""
+    those with all their runs: the fewest runs below the base (none, where a setting has none), then the best mean
+    gain."""
     datasets = sorted({r["dataset"] for r in runs})
     rows = [f"| method | setting | runs | mean gain | worst gain | below base | {' | '.join(datasets)} |",
             "|---|---|---:|---:|---:|---:|" + "---:|" * len(datasets)]  # fmt: skip
@@ -208,9 +208,7 @@ def summary(runs: list[dict]) -> str:
             stats[setting] = (gains, per_dataset, failed)
         most = max(len(gains) for gains, _, _ in stats.values())  # settings with fewer runs are unfinished: no pick
         scored = {s: v for s, v in stats.items() if len(v[0]) == most and not v[2]}
-        safe = [s for s, (gains, _, _) in scored.items() if min(gains) >= 0]
-        pick = max(safe or scored, key=lambda s: (sum(scored[s][0]) / len(scored[s][0]) if safe else min(scored[s][0])),
-                   default=None)  # fmt: skip
+        pick = min(scored, key=lambda s: (sum(g < 0 for g in scored[s][0]), -sum(scored[s][0])), default=None)
         for setting, (gains, per_dataset, failed) in stats.items():
             if not gains:
                 rows.append(f"| {method} | {setting} | {failed} failed | | | |" + " |" * len(datasets))
