@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -126,7 +127,7 @@ def main() -> None:
     folders = {name: dataset_folder(name, work) for name in args.datasets}
     val_files = {name: split_file(name, folder, work) for name, folder in folders.items()}
     result = {
-        "command": " ".join(sys.argv), "grid": args.grid, "steps": args.steps, "seeds": seeds,
+        "command": shlex.join(sys.argv), "grid": args.grid, "steps": args.steps, "seeds": seeds,
         "train_images": {name: DATASETS[name][2] for name in args.datasets}, "shift_style": SHIFT_STYLE,
         "validation": f"last {VAL_IMAGES} sorted ids of each dataset", "runs": [],
     }  # fmt: skip
