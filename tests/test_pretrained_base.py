@@ -107,6 +107,8 @@ def test_16_image_ptsam_decoder_against_the_base_models_own_prompt_free_dice(nam
     these settings, at most +0.03 in a small sweep of initialisation and learning rate), so there the test asserts
     only that they do not make it worse."""
     data = real_dataset(name)
-    metrics = ptsam_recipe(_recipe_args(data, tmp_path, REAL_DATA_SPLITS[name], "--max-steps", "80", "--lr", "2e-2"))
+    # The token init these numbers were measured with (the default before issue 24's grid made it padding).
+    args = _recipe_args(data, tmp_path, REAL_DATA_SPLITS[name], "--max-steps", "80", "--lr", "2e-2")
+    metrics = ptsam_recipe(args + ["--token-init", "normal"])
     margin = 0.05 if name == "nuclei-coelho2009" else -0.01
     assert metrics["fine_tuned"]["dice"] > metrics["base"]["dice"] + margin, (metrics["base"], metrics["fine_tuned"])

@@ -106,12 +106,12 @@ class PtsamOptions:
 
     num_tokens: int = field(default=8, metadata={"help": "Learned decoder prompt tokens (each of the decoder width)."})
     token_init: str = field(
-        default="normal",
+        default="padding",
         metadata={
             "help": "How decoder tokens start: padding (SAM 2's own not-a-point embedding, what the base uses "
-            "prompt-free, plus N(0, (token_init_std * 1e-2)^2) noise), normal (N(0, token_init_std^2)), box (the "
-            "corner embeddings of random boxes from the base prompt encoder) or point (embeddings of random positive "
-            "points).",
+            "prompt-free, plus N(0, (token_init_std * 1e-2)^2) noise, so step 0 is the base), normal (N(0, "
+            "token_init_std^2)), box (the corner embeddings of random boxes from the base prompt encoder) or point "
+            "(embeddings of random positive points).",
             "choices": TOKEN_INITS,
         },
     )
