@@ -640,7 +640,7 @@ def export(argv: list[str]) -> None:
                 f"{name} {r['max_abs_logit_diff']:.1e} (mask IoU {r['mask_iou']:.3f})" for name, r in prompts.items()
             )
             print(f"{variant} vs PyTorch, max logit difference: {checks}")
-        print(f"Exported {', '.join(record['graphs'][args.dtype])} to {args.out_dir}")
+        print(f"Exported {', '.join(record['graphs'][args.dtype].values())} to {args.out_dir}")
 
     run_from_command_line(run)
 

@@ -164,7 +164,7 @@ def export_source(
     sam, processor, info = load_adapted_model(adapter, revision=revision, base_model=base_model, token=token)
     if info.kind == "peft" and info.peft_type not in EXPORTABLE_PEFT_TYPES:
         raise ExportError(
-            f"'{adapter}' is a {info.peft_type} adapter, which sam2-peft cannot fold into the graphs (it exports LoRA, "
+            f"'{adapter}' is a peft {info.peft_type} adapter, which sam2-peft cannot fold into the graphs (it exports LoRA, "
             "merged; PTSAM, tokens as constants; and partial fine-tunes): merge it into its base yourself "
             "(peft's merge_and_unload, then save_pretrained) and export that folder with --model."
         )

@@ -42,6 +42,7 @@ class OnnxSam2Model(nn.Module):
             )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only: fp16 graphs draw warnings about CPU kernels for constant folding
         self.sessions = {
             name: ort.InferenceSession(str(self.folder / file), options, providers=["CPUExecutionProvider"])
             for name, file in graphs.items()
