@@ -308,7 +308,7 @@ tags: [sam2, segment-anything, onnx, sam2-peft]
 
 # SAM 2 as ONNX: {origin}
 
-Exported by sam2-peft {record["sam2_peft_version"]} (`sam2-peft export`, opset {record["opset"]}), with the adapter
+Exported by sam2-peft {record["sam2_peft_version"]} (`sam2-peft export`, opset {record["opset"]}), with any adapter
 folded in: LoRA merged into the weights, PTSAM tokens as constants, partial fine-tunes as trained. The layout is
 the one transformers.js and Optimum use for SAM 2: `config.json`, `preprocessor_config.json`, and graphs in `onnx/`.
 
