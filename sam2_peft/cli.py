@@ -139,11 +139,13 @@ def _add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGro
     )
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model (give --adapter or --model)")
+def _add_model_arguments(parser: argparse.ArgumentParser, onnx: bool = False) -> None:
+    group = parser.add_argument_group(f"model (give --adapter{', --model or --onnx' if onnx else ' or --model'})")
     which = group.add_mutually_exclusive_group(required=True)
     which.add_argument("--adapter", help="adapter: a training output folder or a Hub repo id (org/name)")
     which.add_argument("--model", help="a base model alone: Hub id, local folder, or tiny-random (no adapter)")
+    if onnx:
+        which.add_argument("--onnx", metavar="EXPORT", help="a `sam2-peft export` folder, run with onnxruntime (CPU)")
     group.add_argument("--revision", default=None, help="Hub branch, tag or commit of the adapter (or of --model)")
     group.add_argument("--base-model", default=None, help="base to load the adapter into (default: the one it records)")
     group.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
@@ -155,6 +157,10 @@ def _load_predictor(args: argparse.Namespace):
     from .inference.predictor import Sam2PeftPredictor
     from .models.loading import load_base_model
 
+    if getattr(args, "onnx", None):
+        from .export import load_onnx_predictor
+
+        return load_onnx_predictor(args.onnx)
     if args.adapter:
         return Sam2PeftPredictor.from_pretrained(
             args.adapter,
@@ -531,11 +537,21 @@ def predict(argv: list[str]) -> None:
     )
     parser.add_argument("images", metavar="IMAGES", help="folder of images")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where masks, overlays and predictions.json go")
-    _add_model_arguments(parser)
+    _add_model_arguments(parser, onnx=True)
     parser.add_argument("--boxes", default=None, help="JSON file of boxes per image (see below)")
     _add_folder_arguments(parser)
     args = parser.parse_args(argv)
+    _refuse_with_onnx(parser, args)
     run_from_command_line(lambda: _predict_folder(args))
+
+
+def _refuse_with_onnx(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--onnx runs an export as it was written: the flags that choose or place a PyTorch model cannot apply."""
+    given = [
+        f"--{k.replace('_', '-')}" for k in ("revision", "base_model", "token", "device", "dtype") if getattr(args, k)
+    ]
+    if args.onnx and given:
+        parser.error(f"{', '.join(given)} cannot apply to --onnx (an export runs on the CPU as exported): drop them")
 
 
 def _predict_folder(args: argparse.Namespace) -> None:
@@ -688,6 +704,56 @@ def merge(argv: list[str]) -> None:
     run_from_command_line(run)
 
 
+def export(argv: list[str]) -> None:
+    """`sam2-peft export`: the model with its adapter folded in, as ONNX graphs checked against PyTorch."""
+    from .export.onnx_export import MAX_OPSET, MIN_OPSET
+
+    parser = _parser(
+        "export",
+        "Export a base model, or a base with its adapter folded in (LoRA merged, PTSAM tokens as constants, partial "
+        "fine-tunes as trained), to ONNX in the transformers.js / Optimum layout: onnx/vision_encoder.onnx and "
+        "onnx/prompt_encoder_mask_decoder.onnx (any number of prompts, points and boxes), plus "
+        "onnx/prompt_free_mask_decoder.onnx for PTSAM; config.json, preprocessor_config.json, export.json and a "
+        "README. Each graph is checked against PyTorch on a sample image (max logit difference and mask IoU, in "
+        'export.json and the README). Needs the export extra: pip install "sam2-peft[export]".',
+        "example:\n  sam2-peft export --adapter runs/nuclei-lora exported/ --quantize int8\n"
+        "  sam2-peft predict --onnx exported/ --boxes boxes.json images/ predictions/",
+    )
+    parser.add_argument("out_dir", metavar="OUT", help="folder to write (refused if it holds an export)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="adapter: a training output folder or a Hub repo id (org/name)")
+    which.add_argument("--model", help="a base model alone: Hub id, local folder, compact-synthetic, ...")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of the adapter (or of --model)")
+    parser.add_argument(
+        "--base-model", default=None, help="base to load the adapter into (default: the one it records)"
+    )
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
+    parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET}")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations")
+    parser.add_argument("--quantize", choices=("int8",), default=None, help="also write int8 dynamic-quantised graphs")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export already in OUT")
+    args = parser.parse_args(argv)
+    if args.base_model and not args.adapter:
+        parser.error("--base-model applies to --adapter only")
+
+    def run() -> None:
+        from .export.onnx_export import ExportOptions, export_source
+
+        options = ExportOptions(opset=args.opset, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite)
+        record = export_source(
+            args.out_dir, options, adapter=args.adapter, model=args.model, revision=args.revision,
+            base_model=args.base_model, token=args.token,
+        )  # fmt: skip
+        for variant, prompts in record["parity"].items():
+            checks = ", ".join(
+                f"{name} {r['max_abs_logit_diff']:.1e} (mask IoU {r['mask_iou']:.3f})" for name, r in prompts.items()
+            )
+            print(f"{variant} vs PyTorch, max logit difference: {checks}")
+        print(f"Exported {', '.join(record['graphs'][args.dtype].values())} to {args.out_dir}")
+
+    run_from_command_line(run)
+
+
 def _importable(module: str) -> bool:
     try:
         importlib.import_module(module)
@@ -736,6 +802,7 @@ COMMANDS = {
     "segment-all": (segment_all, "every object as an instance, no prompts: label images, COCO JSON, overlays"),
     "push": (push, "upload a trained adapter with a model card to the Hub"),
     "merge": (merge, "fold a LoRA adapter into its base, save a plain transformers model"),
+    "export": (export, "ONNX graphs with the adapter inside (transformers.js layout), checked against PyTorch"),
     "serve": (serve, "serve a base with many adapters over HTTP (needs the serve extra)"),
     "convert-meta": (convert_meta, "convert a Meta SAM 2 .pt checkpoint into a transformers folder"),
 }

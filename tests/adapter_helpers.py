@@ -9,9 +9,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sam2_peft.adapters import LoraMethod, PartialFinetuneMethod, TuningMethod
+from sam2_peft.adapters import LoraMethod, PartialFinetuneMethod, PtsamMethod, TuningMethod
 from sam2_peft.evaluation.panels import comparison_panel
 from sam2_peft.models.loading import load_base_model
+
+METHODS = {
+    "lora": lambda: LoraMethod("decoder", lora_r=4),
+    "partial": lambda: PartialFinetuneMethod({"mask_decoder": 1e-5}),
+    "ptsam": lambda: PtsamMethod(num_tokens=4),
+    "ptsam-encoder": lambda: PtsamMethod(num_tokens=4, encoder_prompts=2),
+}
+"""The adapters `make_adapter` can save: decoder LoRA, a partial fine-tune, PTSAM decoder tokens (and encoder prompts)."""
 
 METRICS = {
     "base": {"iou": 0.41, "dice": 0.55, "boundary_iou": 0.2, "pixel_accuracy": 0.81},
@@ -24,14 +32,12 @@ METRICS = {
 def make_adapter(
     kind: str, base_path: Path, out_dir: Path, seed: int = 1, data: str = "/data/nuclei-coelho2009"
 ) -> Path:
-    """Save a `kind` ("lora" or "partial") adapter for the base saved at `base_path`, with random non-zero weights.
+    """Save a `kind` (a key of `METHODS`) adapter for the base saved at `base_path`, with random non-zero weights.
 
     Also writes a `metrics.json` like a training run's and one final comparison panel.
     """
     model, _ = load_base_model(str(base_path))
-    method: TuningMethod = (
-        LoraMethod("decoder", lora_r=4) if kind == "lora" else PartialFinetuneMethod({"mask_decoder": 1e-5})
-    )
+    method: TuningMethod = METHODS[kind]()
     model = method.prepare(model, str(base_path))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
