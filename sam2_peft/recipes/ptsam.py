@@ -13,19 +13,22 @@ from dataclasses import asdict
 
 from ..cli import run_from_command_line
 from ..tuners.options import PtsamOptions
-from .arguments import parse_recipe_arguments
+from .arguments import image_rules, parse_recipe_arguments
 
 DEFAULT_LR = 1e-3
 """PTSAM's learning rate. Measured (benchmarks/method_defaults.py, one seed): with `--token-init padding` 1e-2 moved
 nuclei prompt-free Dice 0.113 -> 0.532 in 40 steps, but that init fell below the base on polyps at 2e-2, so the
 defaults stay until the full grid decides."""
 
+RULES = image_rules(lambda a: a.encoder_prompts == 0, "--encoder-prompts trains prompts inside the image encoder")
+"""The PTSAM recipe's flags that act only with others' values."""
+
 
 def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     """Prompt-free (`--prompt none`, the default) trains on semantic targets; with boxes or points the tokens are
     appended to the sampled prompts and train on per-object targets."""
     defaults = {"lr": DEFAULT_LR, "prompt": "none", **defaults}
-    args = parse_recipe_arguments(__doc__.splitlines()[0], PtsamOptions, argv=argv, **defaults)
+    args = parse_recipe_arguments(__doc__.splitlines()[0], PtsamOptions, argv=argv, rules=RULES, **defaults)
     from ..adapters.methods import PtsamMethod
     from .runner import image_task, run_recipe
 
