@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .flags import Applies, flags_of, refuse_unused_flags
+
 USER_ERRORS = (
     ("sam2_peft.models.loading", "Sam2LoadError"),
     ("sam2_peft.data.sources", "DataError"),
@@ -148,9 +150,57 @@ def _add_model_arguments(parser: argparse.ArgumentParser, onnx: bool = False) ->
         which.add_argument("--onnx", metavar="EXPORT", help="a `sam2-peft export` folder, run with onnxruntime (CPU)")
     group.add_argument("--revision", default=None, help="Hub branch, tag or commit of the adapter (or of --model)")
     group.add_argument("--base-model", default=None, help="base to load the adapter into (default: the one it records)")
-    group.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
+    group.add_argument(
+        "--token", default=None, help="Hub token of the adapter (default: HF_TOKEN or the `hf auth login` token)"
+    )
     _add_device_argument(group)
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="autocast dtype")
+
+
+ONNX_RULE = Applies(
+    ("--revision", "--base-model", "--token", "--device", "--dtype"),
+    lambda a: a.onnx is None,
+    "cannot apply to --onnx (an export runs on the CPU as exported): drop it",
+)
+"""The flags that choose or place a PyTorch model, which an ONNX export (`predict --onnx`) cannot use."""
+
+
+def _model_rules() -> tuple:
+    """The model flags that act with --adapter only (`_add_model_arguments`)."""
+    return (
+        Applies(
+            ("--base-model",), lambda a: a.adapter is not None, "applies with --adapter only (the base to load it into)"
+        ),
+        Applies(
+            ("--token",),
+            lambda a: a.adapter is not None,
+            "applies with --adapter only; a base model from the Hub uses HF_TOKEN or the `hf auth login` token",
+        ),
+    )
+
+
+def _automatic_rules(grid_always: bool) -> tuple:
+    """The automatic-mask flags of one mode: the specialist-guided mode runs with --foreground-adapter, the grid mode
+    without it (or always: `eval` compares both)."""
+
+    def grid(args: argparse.Namespace) -> bool:
+        return grid_always or args.foreground_adapter is None
+
+    return (
+        Applies(GRID_FLAGS, grid, "applies to the grid mode only; --foreground-adapter's foreground places the points"),
+        Applies(
+            GUIDED_FLAGS,
+            lambda a: a.foreground_adapter is not None,
+            "applies to the specialist-guided mode only: give --foreground-adapter",
+        ),
+        Applies(CROP_FLAGS, lambda a: a.crop_n_layers > 0, "applies with --crop-n-layers 1 or more only"),
+    )
+
+
+GRID_FLAGS = ("--points-per-side", "--crop-n-layers", "--crop-overlap-ratio", "--crop-n-points-downscale-factor")
+GUIDED_FLAGS = ("--cells-per-side", "--clip-to-foreground")
+CROP_FLAGS = ("--crop-overlap-ratio", "--crop-n-points-downscale-factor")
+"""Automatic-mask flags of the point-grid mode, of the specialist-guided mode, and of crops."""
 
 
 def _load_predictor(args: argparse.Namespace):
@@ -216,9 +266,8 @@ def evaluate(argv: list[str]) -> None:
     source, validation = from_namespace(DataSourceArguments, args), from_namespace(ValidationConfig, args)
     if source.data is None:
         parser.error("the following arguments are required: --data")
+    refuse_unused_flags(parser, argv, _eval_rules(), args)
     if args.protocol != "prompted":
-        if args.foreground_adapter and args.protocol != "automatic":
-            parser.error("--foreground-adapter applies to --protocol automatic only")
         if args.max_clicks < 1:
             parser.error("--max-clicks must be at least 1")
         config = from_namespace(AutomaticMaskConfig, args)
@@ -276,6 +325,25 @@ def evaluate(argv: list[str]) -> None:
         print(json.dumps(result.metrics, indent=2))
 
     run_from_command_line(run)
+
+
+def _eval_rules() -> tuple:
+    """`eval`'s flags that act under one --protocol only (or with another flag)."""
+    from .inference.automatic_config import AutomaticMaskConfig
+
+    def protocol(name: str) -> Callable[[argparse.Namespace], bool]:
+        return lambda a: a.protocol == name
+
+    only = "applies to --protocol {} only"
+    return (
+        Applies(("--batch-size", "--prompt"), protocol("prompted"), only.format("prompted")),
+        Applies(
+            ("--foreground-adapter", *flags_of(AutomaticMaskConfig)), protocol("automatic"), only.format("automatic")
+        ),
+        Applies(("--max-clicks",), protocol("interactive"), only.format("interactive")),
+        *_automatic_rules(grid_always=True),
+        *_model_rules(),
+    )
 
 
 def _base_predictor(predictor, args: argparse.Namespace):
@@ -397,6 +465,7 @@ def segment_all(argv: list[str]) -> None:
     parser.add_argument("--format", choices=("png", "tif"), default="png", help="label image format")
     _add_folder_arguments(parser)
     args = parser.parse_args(argv)
+    refuse_unused_flags(parser, argv, (*_automatic_rules(grid_always=False), *_model_rules()), args)
     config = from_namespace(AutomaticMaskConfig, args)
     run_from_command_line(lambda: _segment_folder(args, config))
 
@@ -541,17 +610,8 @@ def predict(argv: list[str]) -> None:
     parser.add_argument("--boxes", default=None, help="JSON file of boxes per image (see below)")
     _add_folder_arguments(parser)
     args = parser.parse_args(argv)
-    _refuse_with_onnx(parser, args)
+    refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE), args)
     run_from_command_line(lambda: _predict_folder(args))
-
-
-def _refuse_with_onnx(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--onnx runs an export as it was written: the flags that choose or place a PyTorch model cannot apply."""
-    given = [
-        f"--{k.replace('_', '-')}" for k in ("revision", "base_model", "token", "device", "dtype") if getattr(args, k)
-    ]
-    if args.onnx and given:
-        parser.error(f"{', '.join(given)} cannot apply to --onnx (an export runs on the CPU as exported): drop them")
 
 
 def _predict_folder(args: argparse.Namespace) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import difflib
 from argparse import Action, ArgumentDefaultsHelpFormatter, Namespace
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser
 
 from ..data.config import SAMPLE_DATA, AugmentationConfig, PromptConfig, ValidationConfig
 from ..data.sources import DATA_SOURCES, DEFAULT_MAX_IMAGE_PIXELS, MASK_TYPES
+from ..flags import Applies, flags_of, refuse_unused_flags
 from ..models.names import BASE_DTYPES, BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, QUANTIZATION_MODES
 from ..training.config import LossConfig, TrainingConfig
 
@@ -196,13 +197,16 @@ class RecipeParser(HfArgumentParser):
             return None
         return f"{word.split('=', 1)[0]}: did you mean {match}?" if match else None
 
-    def parse(self, argv: Sequence[str] | None = None) -> tuple:
-        """The dataclasses, in the order given to the parser, from `argv` (default `sys.argv[1:]`)."""
-        self.parse_args(argv)  # unknown flags end here, with suggestions
+    def parse(self, argv: Sequence[str] | None = None, rules: Sequence[Applies] = ()) -> tuple:
+        """The dataclasses, in the order given to the parser, from `argv` (default `sys.argv[1:]`); a given flag
+        that `rules` say does nothing with the others is refused."""
+        values = self.parse_args(argv)  # unknown flags end here, with suggestions
         try:
-            return self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+            parsed = self.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
         except ValueError as err:
             self.error(str(err))
+        refuse_unused_flags(self, argv, rules, values)
+        return parsed
 
 
 def from_namespace(cls: type, namespace: Namespace):
@@ -247,15 +251,66 @@ def parse_recipe_arguments(
     argv: Sequence[str] | None = None,
     shared: dict[str, type] = SHARED_ARGUMENTS,
     without: Collection[str] = (),
+    rules: Sequence[Applies] = (),
     **defaults,
 ) -> RecipeArguments:
     """Parse a recipe's command line: the `shared` flags (by `RecipeArguments` field; a recipe offers only those it
     uses; the settings named in `without` are not offered and keep their defaults), the method's dataclass and `extra`
-    dataclasses, with the recipe's own `defaults` (e.g. `lr=2e-3`; `--help` shows them)."""
+    dataclasses, with the recipe's own `defaults` (e.g. `lr=2e-3`; `--help` shows them). A given flag that `rules`
+    (e.g. `image_rules()`) say does nothing in this run is refused."""
     classes = [*shared.values(), *([method] if method else []), *extra]
     parser = RecipeParser(classes, without=without, description=description)
     parser.set_defaults(**defaults)
-    parsed = parser.parse(argv)
+    parsed = parser.parse(argv, rules)
     rest = parsed[len(shared) :]
     method_options = rest[0] if method else None
     return RecipeArguments(**dict(zip(shared, parsed)), method=method_options, extra=tuple(rest[1 if method else 0 :]))
+
+
+PROMPT_RULES = (
+    Applies(
+        ("--box-jitter", "--max-box-jitter-px"),
+        lambda a: a.prompt in ("box", "mixed"),
+        "applies to box prompts only (--prompt box or mixed)",
+    ),
+    Applies(
+        ("--num-positive-points", "--num-negative-points"),
+        lambda a: a.prompt in ("point", "mixed"),
+        "applies to point prompts only (--prompt point or mixed)",
+    ),
+)
+SHARING_RULES = (
+    Applies(("--hub-private", "--hub-revision"), lambda a: a.push_to_hub, "applies with --push-to-hub only"),
+)
+LORA_RULES = (
+    Applies(("--targets",), lambda a: a.target_regex is None, "does nothing with --target-regex, which overrides it"),
+)
+"""Flags of every recipe that act only with another flag's value."""
+
+CACHE_FLAGS = ("--cache-dir", "--cache-memory-gb", "--cache-views", "--cache-dtype", "--prompt-chunk")
+"""The flags of the embedding cache (prompt chunks decode against cached features)."""
+
+
+def _augments(values: Namespace) -> bool:
+    """Whether training images are augmented (`data.augment.build_augmentation` builds a transform)."""
+    return values.augment and any(
+        getattr(values, f.name) > 0 for f in fields(AugmentationConfig) if f.name != "augment"
+    )
+
+
+def image_rules(encoder_frozen: Callable[[Namespace], bool] = lambda a: True, encoder_trains: str = "") -> tuple:
+    """The rules of the image recipes' shared flags. `encoder_frozen(values)` says whether the recipe leaves the image
+    encoder frozen; when it trains, the embedding cache is off (`training.embedding_cache.plan_embedding_cache`)
+    and `encoder_trains` says why (e.g. 'pre-training trains the image encoder')."""
+    cache_only = "applies to the embedding cache only, which"
+    return (
+        *PROMPT_RULES,
+        *SHARING_RULES,
+        Applies(CACHE_FLAGS, lambda a: a.cache_embeddings, f"{cache_only} --no-cache-embeddings turns off"),
+        Applies(
+            CACHE_FLAGS, encoder_frozen, f"{cache_only} is off: {encoder_trains}, whose outputs then change every step"
+        ),
+        Applies(flags_of(AugmentationConfig, ("augment",)), lambda a: a.augment, "does nothing with --no-augment"),
+        Applies(("--cache-views",), _augments, "applies to augmented training only (views are augmented copies)"),
+        Applies(("--shuffle-buffer",), lambda a: a.streaming, "applies with --streaming only"),
+    )

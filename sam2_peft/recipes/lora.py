@@ -10,15 +10,27 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from ..cli import run_from_command_line
-from ..tuners.options import LoraOptions
-from .arguments import parse_recipe_arguments
+from ..tuners.options import LoraOptions, preset_regex
+from .arguments import LORA_RULES, image_rules, parse_recipe_arguments
 
 DEFAULT_LR = 2e-3
 """Decoder LoRA's learning rate: best of the rates measured on real data (benchmarks/method_defaults.py)."""
 
 
+RULES = (
+    *image_rules(
+        lambda a: "vision_encoder" not in (a.target_regex or preset_regex(a.targets)),
+        "LoRA targets the image encoder (--targets encoder or a --target-regex naming vision_encoder)",
+    ),
+    *LORA_RULES,
+)
+"""The LoRA recipe's flags that act only with others' values."""
+
+
 def main(argv: Sequence[str] | None = None, **defaults) -> dict:
-    args = parse_recipe_arguments(__doc__.splitlines()[0], LoraOptions, argv=argv, lr=DEFAULT_LR, **defaults)
+    args = parse_recipe_arguments(
+        __doc__.splitlines()[0], LoraOptions, argv=argv, rules=RULES, lr=DEFAULT_LR, **defaults
+    )
     from ..adapters.methods import LoraMethod
     from .runner import run_recipe
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ..cli import run_from_command_line
 from ..models.names import COMPONENTS
 from ..training.config import ConfigError
-from .arguments import parse_recipe_arguments
+from .arguments import image_rules, parse_recipe_arguments
 
 DEFAULT_COMPONENT_LRS = ["mask_decoder=1e-4", "prompt_encoder=1e-4"]
 """The components and rates measured best on real data (benchmarks/method_defaults.py)."""
@@ -53,7 +53,13 @@ class PartialArguments:
 
 def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     # No --lr default: each component has its own rate (--component-lr), and a given --lr is refused, not ignored.
-    args = parse_recipe_arguments(__doc__.splitlines()[0], PartialArguments, argv=argv, **{"lr": None, **defaults})
+    rules = image_rules(
+        lambda a: "vision_encoder" not in PartialArguments(a.component_lr).learning_rates(),
+        "--component-lr unfreezes vision_encoder",
+    )
+    args = parse_recipe_arguments(
+        __doc__.splitlines()[0], PartialArguments, argv=argv, rules=rules, **{"lr": None, **defaults}
+    )
     if args.training.lr is not None:
         raise ConfigError(
             f"--lr {args.training.lr:g}: partial fine-tuning gives each component its own learning rate; set them "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..cli import run_from_command_line
 from ..models.names import BASE_DTYPES
-from .arguments import parse_recipe_arguments
+from .arguments import image_rules, parse_recipe_arguments
 
 PRETRAIN_DEFAULTS = dict(
     model="compact-random",
@@ -46,7 +46,8 @@ class PretrainArguments:
 
 def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     defaults = {**PRETRAIN_DEFAULTS, **defaults}
-    args = parse_recipe_arguments(__doc__.splitlines()[0], PretrainArguments, argv=argv, **defaults)
+    rules = image_rules(lambda a: False, "pre-training trains the image encoder")
+    args = parse_recipe_arguments(__doc__.splitlines()[0], PretrainArguments, argv=argv, rules=rules, **defaults)
     from ..adapters.methods import FullMethod
     from .runner import run_recipe
 

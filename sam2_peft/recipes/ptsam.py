@@ -13,19 +13,22 @@ from dataclasses import asdict
 
 from ..cli import run_from_command_line
 from ..tuners.options import PtsamOptions
-from .arguments import parse_recipe_arguments
+from .arguments import image_rules, parse_recipe_arguments
 
 DEFAULT_LR = 1e-2
 """PTSAM's learning rate, with the padding token init: the rate of benchmarks/method_defaults.py's grid (nuclei,
 polyps, a synthetic shift set; 3 seeds; 40 steps) with no run below the base and then the best mean Dice gain (+0.197,
 worst +0.010); 3e-3 ended below it in 3 runs of 9 and 1e-3 in 6 (benchmarks/results/method_defaults.md)."""
 
+RULES = image_rules(lambda a: a.encoder_prompts == 0, "--encoder-prompts trains prompts inside the image encoder")
+"""The PTSAM recipe's flags that act only with others' values."""
+
 
 def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     """Prompt-free (`--prompt none`, the default) trains on semantic targets; with boxes or points the tokens are
     appended to the sampled prompts and train on per-object targets."""
     defaults = {"lr": DEFAULT_LR, "prompt": "none", **defaults}
-    args = parse_recipe_arguments(__doc__.splitlines()[0], PtsamOptions, argv=argv, **defaults)
+    args = parse_recipe_arguments(__doc__.splitlines()[0], PtsamOptions, argv=argv, rules=RULES, **defaults)
     from ..adapters.methods import PtsamMethod
     from .runner import image_task, run_recipe
 

@@ -13,7 +13,14 @@ from dataclasses import asdict, dataclass, field, fields
 from ..cli import run_from_command_line
 from ..training.config import LOSS_FRAMES, TrainingConfig
 from ..tuners.options import LoraOptions
-from .arguments import SHARED_ARGUMENTS, RecipeArguments, parse_recipe_arguments
+from .arguments import (
+    LORA_RULES,
+    PROMPT_RULES,
+    SHARED_ARGUMENTS,
+    SHARING_RULES,
+    RecipeArguments,
+    parse_recipe_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +119,7 @@ def main(argv: Sequence[str] | None = None, **defaults) -> dict:
         argv=argv,
         shared=VIDEO_ARGUMENTS,
         without=UNUSED_SETTINGS,
+        rules=(*PROMPT_RULES, *SHARING_RULES, *LORA_RULES),
         **defaults,
     )
     from ..adapters.methods import LoraMethod
