@@ -106,7 +106,7 @@ def check_signature(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
         title = FAMILIES[family].title if family in FAMILIES else family
         raise AdapterMismatchError(
             f"The adapter in '{adapter_dir}' was trained for {title}{trained_for}, but this base model is "
-            f"{FAMILIES[found['family']].title}: load it into a {title} model (--base-model / base_model=)."
+            f"{FAMILIES[found['family']].title}: load it into a base of its family (--base-model / base_model=)."
         )
     differences = [
         f"{key}: adapter expects {expected[key]}, base model has {found.get(key)}"
