@@ -13,8 +13,9 @@ from sam2_peft.adapters import LoraMethod, PtsamMethod
 from sam2_peft.adapters.files import SIDECAR_FILE, AdapterMismatchError, check_signature, load_adapter
 from sam2_peft.cli import main as cli_main
 from sam2_peft.cli import run_from_command_line
-from sam2_peft.models.loading import family_of, load_base_model
+from sam2_peft.models.loading import Sam2LoadError, family_of, load_base_model
 from sam2_peft.models.segmenter import Sam2Segmenter
+from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
 from sam2_peft.recipes.lora import main as lora_recipe
 from sam2_peft.tuners.ptsam import PtsamArchitectureError
 
@@ -65,8 +66,16 @@ def test_builtin_base_is_its_family_with_tied_positions(name):
     assert torch.equal(
         model.shared_image_embedding.positional_embedding, model.prompt_encoder.shared_embedding.positional_embedding
     )
+    if family == "edgetam":
+        with pytest.raises(Sam2LoadError, match="EdgeTAM model: its video memory .* not supported"):
+            load_base_model(name, video=True)
+        return
     video, _ = load_base_model(name, video=True)
     assert type(video).__name__ == model_class.replace("Model", "VideoModel")
+    size = int(video.config.prompt_encoder_config.image_size)
+    prompt = ClipPrompt(points=torch.tensor([[[size / 2, size / 2]]]), point_labels=torch.ones(1, 1, dtype=torch.long))
+    frames = Sam2VideoTracker(video)(torch.randn(3, 3, size, size), prompt)
+    assert len(frames) == 3 and frames[-1].memory_frames == 3
 
 
 @pytest.mark.parametrize("name", BASES)
@@ -153,6 +162,7 @@ def test_adapter_of_another_family_is_refused(tmp_path):
         check_signature(load_base_model("edgetam-tiny-random")[0], edgetam_adapter)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NO_TIMM, reason="EdgeTAM needs timm (the edgetam extra)")
 def test_cli_trains_each_family_and_refuses_a_cross_family_adapter(tmp_path, capsys):
     data = write_folder_dataset(tmp_path / "data", num_images=4)

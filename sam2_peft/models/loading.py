@@ -94,20 +94,25 @@ def small_sam2_config(
         ),
     )
     if video:
-        return Sam2VideoConfig(
-            **kwargs,
-            image_size=image_size,
-            memory_attention_hidden_size=hidden,
-            memory_attention_num_layers=1,
-            memory_attention_rope_feat_sizes=[image_size // 16] * 2,
-            memory_attention_feed_forward_hidden_size=4 * hidden,
-            memory_encoder_hidden_size=hidden,
-            memory_encoder_output_channels=64,
-            mask_downsampler_embed_dim=hidden,
-            memory_fuser_embed_dim=hidden,
-            memory_fuser_intermediate_dim=4 * hidden,
-        )
+        return Sam2VideoConfig(**kwargs, **_small_memory(image_size, image_size // 16, hidden))
     return Sam2Config(**kwargs)
+
+
+def _small_memory(image_size: int, grid: int, hidden: int) -> dict:
+    """Video config fields of a small model: one memory-attention layer of width `hidden`, RoPE on a `grid` x `grid`
+    feature map, 64 memory channels."""
+    return dict(
+        image_size=image_size,
+        memory_attention_hidden_size=hidden,
+        memory_attention_num_layers=1,
+        memory_attention_rope_feat_sizes=[grid, grid],
+        memory_attention_feed_forward_hidden_size=4 * hidden,
+        memory_encoder_hidden_size=hidden,
+        memory_encoder_output_channels=64,
+        mask_downsampler_embed_dim=hidden,
+        memory_fuser_embed_dim=hidden,
+        memory_fuser_intermediate_dim=4 * hidden,
+    )
 
 
 def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:
@@ -138,19 +143,7 @@ def _tiny_heads(image_size: int, patch_size: int, video: bool) -> dict:
         mask_decoder_config=dict(hidden_size=hidden, mlp_dim=4 * hidden, num_attention_heads=2, iou_head_hidden_dim=64),
     )
     if video:
-        grid = image_size // patch_size
-        kwargs.update(
-            image_size=image_size,
-            memory_attention_hidden_size=hidden,
-            memory_attention_num_layers=1,
-            memory_attention_rope_feat_sizes=[grid, grid],
-            memory_attention_feed_forward_hidden_size=4 * hidden,
-            memory_encoder_hidden_size=hidden,
-            memory_encoder_output_channels=64,
-            mask_downsampler_embed_dim=hidden,
-            memory_fuser_embed_dim=hidden,
-            memory_fuser_intermediate_dim=4 * hidden,
-        )
+        kwargs.update(_small_memory(image_size, image_size // patch_size, hidden))
     return kwargs
 
 
@@ -163,6 +156,7 @@ def edgetam_tiny_config(image_size: int = 256, video: bool = False) -> EdgeTamCo
     )
     hidden = 128 if video else 64
     vision = dict(
+        model_type="edgetam_vision_model",
         backbone_config=backbone,
         backbone_channel_list=widths[::-1],
         backbone_feature_sizes=[[image_size // s] * 2 for s in (4, 8, 16)],
@@ -341,6 +335,12 @@ def load_base_model(
         check_model_name(name_or_path)
         model, processor = _load_pretrained(name_or_path, video, revision)
     declare_no_word_embeddings(model)
+    if video and family_of(model).name == "edgetam":
+        raise Sam2LoadError(
+            f"'{name_or_path}' is an EdgeTAM model: its video memory (a spatial perceiver over the memory features) is "
+            "not supported by sam2-peft's video training and tracking yet. Use EdgeTAM for images, or a SAM 2 or "
+            "SAM 3 tracker base for video."
+        )
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
