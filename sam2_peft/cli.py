@@ -23,6 +23,7 @@ USER_ERRORS = (
     ("sam2_peft.data.sources", "DataError"),
     ("sam2_peft.adapters.files", "AdapterMismatchError"),
     ("sam2_peft.adapters.files", "AdapterLoadError"),
+    ("sam2_peft.tuners.ptsam.model", "PtsamArchitectureError"),
     ("sam2_peft.training.trainer", "NonFiniteLossError"),
     ("huggingface_hub.errors", "HfHubHTTPError"),
 )

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..io import atomic_adapter_dir, atomic_write_json
+from ..models.loading import family_of
+from ..models.names import FAMILIES
 from ..models.segmenter import unwrap_sam
 
 SIDECAR_FILE = "sam2_peft.json"
@@ -55,14 +57,25 @@ class AdapterLoadError(RuntimeError):
 
 
 def base_signature(model: nn.Module) -> dict:
-    """The architecture facts an adapter depends on: image size and the widths of each component."""
+    """The architecture facts an adapter depends on: family, image size and the widths of each component."""
     config = unwrap_sam(model).config
+    family = family_of(config)
     backbone = config.vision_config.backbone_config
+    if family.name == "sam2":
+        widths, blocks = list(backbone.embed_dim_per_stage), list(backbone.blocks_per_stage)
+    elif family.name == "edgetam":
+        widths, blocks = (
+            list(config.vision_config.backbone_channel_list[::-1]),
+            [getattr(backbone, "architecture", None)],
+        )
+    else:
+        widths, blocks = [int(backbone.hidden_size)], [int(backbone.num_hidden_layers)]
     return {
+        "family": family.name,
         "model_type": config.model_type,
         "image_size": int(config.prompt_encoder_config.image_size),
-        "encoder_widths": list(backbone.embed_dim_per_stage),
-        "encoder_blocks": list(backbone.blocks_per_stage),
+        "encoder_widths": widths,
+        "encoder_blocks": blocks,
         "decoder_width": int(config.mask_decoder_config.hidden_size),
     }
 
@@ -86,16 +99,24 @@ def check_signature(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
         return
     expected = sidecar.get("base_signature", {})
     found = base_signature(model)
+    name = sidecar.get("base_model_name_or_path")
+    trained_for = f" ({name})" if name else ""
+    family = expected.get("family", "sam2")  # sidecars written before other families existed name none
+    if family != found["family"]:
+        title = FAMILIES[family].title if family in FAMILIES else family
+        raise AdapterMismatchError(
+            f"The adapter in '{adapter_dir}' was trained for {title}{trained_for}, but this base model is "
+            f"{FAMILIES[found['family']].title}: load it into a base of its family (--base-model / base_model=)."
+        )
     differences = [
         f"{key}: adapter expects {expected[key]}, base model has {found.get(key)}"
         for key in expected
-        if key != "model_type" and expected[key] != found.get(key)
+        if key not in ("model_type", "family") and expected[key] != found.get(key)
     ]
     if differences:
-        name = sidecar.get("base_model_name_or_path")
         raise AdapterMismatchError(
-            f"The adapter in '{adapter_dir}' was trained for another base architecture"
-            f"{f' ({name})' if name else ''}: " + "; ".join(differences)
+            f"The adapter in '{adapter_dir}' was trained for another base architecture{trained_for}: "
+            + "; ".join(differences)
         )
 
 

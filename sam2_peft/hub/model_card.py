@@ -13,7 +13,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..adapters.files import PARTIAL_WEIGHTS_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, AdapterLoadError
 from ..adapters.resolve import trained_prompt
 from ..io import atomic_write_text
-from ..models.names import BUILTIN_ARCHITECTURES
+from ..models.names import BUILTIN_ARCHITECTURES, FAMILIES
 
 METRIC_NAMES = {"iou": "IoU", "dice": "Dice", "boundary_iou": "Boundary IoU", "pixel_accuracy": "Pixel accuracy"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -150,6 +150,7 @@ def build_model_card(
     metrics = _read(output_dir / "metrics.json")
     sidecar = _read(output_dir / "sam2_peft.json")
     method = sidecar.get("method") or metrics.get("method") or "adapter"
+    family = FAMILIES.get((sidecar.get("base_signature") or {}).get("family", "sam2"), FAMILIES["sam2"])
     base = base_model or metrics.get("base_model") or sidecar.get("base_model_name_or_path")
     data = dataset_name(metrics.get("data"))
     eval_data = dataset_name(metrics.get("val_data")) or data
@@ -163,7 +164,12 @@ def build_model_card(
         library_name=library,
         license=license or base_license(base),
         pipeline_tag="mask-generation",
-        tags=["sam2", "sam2-peft", *(["peft"] if library == "peft" else []), method, "image-segmentation"],
+        tags=[
+            *dict.fromkeys(["sam2", family.name.replace("_", "-"), "sam2-peft"]),
+            *(["peft"] if library == "peft" else []),
+            method,
+            "image-segmentation",
+        ],
         datasets=hub_datasets or None,
         metrics=[result.metric_type for result in eval_results] if eval_results else None,
         model_name=name if eval_results else None,
@@ -202,7 +208,7 @@ def build_model_card(
     body = [
         f"# {name}",
         "",
-        f"A **{method}** adapter for SAM 2 (`{base or 'base model'}`), trained with "
+        f"A **{method}** adapter for {family.title} (`{base or 'base model'}`), trained with "
         "sam2-peft. It is small: it holds only what was trained and loads "
         "on top of the base model.",
         "",
@@ -216,7 +222,7 @@ def build_model_card(
     ]
     if picture:
         body += ["Image | ground truth | base model | fine-tuned:", "", f"![Base vs. fine-tuned]({picture})", ""]
-    body += ["## Usage", "", _usage(where, method, prompt), ""]
+    body += ["## Usage", "", _usage(where, method, prompt, family.classes[1]), ""]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 
@@ -246,7 +252,7 @@ def write_model_card(
     return path
 
 
-def _usage(repo_id: str, method: str, prompt: str | None = None) -> str:
+def _usage(repo_id: str, method: str, prompt: str | None = None, model_class: str = "Sam2Model") -> str:
     lines = ["```python", "from PIL import Image", "from sam2_peft.inference.predictor import Sam2PeftPredictor"]
     if method == "full":
         lines += [
@@ -271,10 +277,10 @@ def _usage(repo_id: str, method: str, prompt: str | None = None) -> str:
             "```python",
             *(["import sam2_peft.tuners.ptsam  # registers the PTSAM peft type"] if method == "ptsam" else []),
             "from peft import PeftConfig, PeftModel",
-            "from transformers import Sam2Model",
+            f"from transformers import {model_class}",
             "",
             f'config = PeftConfig.from_pretrained("{repo_id}")',
-            "base = Sam2Model.from_pretrained(config.base_model_name_or_path)",
+            f"base = {model_class}.from_pretrained(config.base_model_name_or_path)",
             f'model = PeftModel.from_pretrained(base, "{repo_id}")',
             "```",
         ]

@@ -11,16 +11,32 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+import transformers
 from transformers import (
+    EdgeTamConfig,
+    EdgeTamVideoConfig,
+    PretrainedConfig,
     Sam2Config,
     Sam2ImageProcessor,
     Sam2Model,
     Sam2Processor,
     Sam2VideoConfig,
     Sam2VideoModel,
+    Sam3TrackerConfig,
+    Sam3TrackerProcessor,
+    Sam3TrackerVideoConfig,
+    TimmWrapperConfig,
 )
 
-from .names import BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, BuiltinArchitecture  # noqa: F401
+from .names import (  # noqa: F401
+    BUILTIN_ARCHITECTURES,
+    BUILTIN_PRETRAINED,
+    DEFAULT_MODEL,
+    FAMILIES,
+    BuiltinArchitecture,
+    Family,
+    family_of_model_type,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,20 +94,25 @@ def small_sam2_config(
         ),
     )
     if video:
-        return Sam2VideoConfig(
-            **kwargs,
-            image_size=image_size,
-            memory_attention_hidden_size=hidden,
-            memory_attention_num_layers=1,
-            memory_attention_rope_feat_sizes=[image_size // 16] * 2,
-            memory_attention_feed_forward_hidden_size=4 * hidden,
-            memory_encoder_hidden_size=hidden,
-            memory_encoder_output_channels=64,
-            mask_downsampler_embed_dim=hidden,
-            memory_fuser_embed_dim=hidden,
-            memory_fuser_intermediate_dim=4 * hidden,
-        )
+        return Sam2VideoConfig(**kwargs, **_small_memory(image_size, image_size // 16, hidden))
     return Sam2Config(**kwargs)
+
+
+def _small_memory(image_size: int, grid: int, hidden: int) -> dict:
+    """Video config fields of a small model: one memory-attention layer of width `hidden`, RoPE on a `grid` x `grid`
+    feature map, 64 memory channels."""
+    return dict(
+        image_size=image_size,
+        memory_attention_hidden_size=hidden,
+        memory_attention_num_layers=1,
+        memory_attention_rope_feat_sizes=[grid, grid],
+        memory_attention_feed_forward_hidden_size=4 * hidden,
+        memory_encoder_hidden_size=hidden,
+        memory_encoder_output_channels=64,
+        mask_downsampler_embed_dim=hidden,
+        memory_fuser_embed_dim=hidden,
+        memory_fuser_intermediate_dim=4 * hidden,
+    )
 
 
 def tiny_config(image_size: int = 256, video: bool = False) -> Sam2Config | Sam2VideoConfig:
@@ -114,11 +135,81 @@ def hiera_tiny_config(video: bool = False) -> Sam2Config | Sam2VideoConfig:
     return Sam2VideoConfig() if video else Sam2Config()
 
 
+def _tiny_heads(image_size: int, patch_size: int, video: bool) -> dict:
+    """The prompt encoder, mask decoder (width 64; 128 for video, as `tiny_config`) and memory of a tiny model."""
+    hidden = 128 if video else 64
+    kwargs = dict(
+        prompt_encoder_config=dict(hidden_size=hidden, image_size=image_size, patch_size=patch_size),
+        mask_decoder_config=dict(hidden_size=hidden, mlp_dim=4 * hidden, num_attention_heads=2, iou_head_hidden_dim=64),
+    )
+    if video:
+        kwargs.update(_small_memory(image_size, image_size // patch_size, hidden))
+    return kwargs
+
+
+def edgetam_tiny_config(image_size: int = 256, video: bool = False) -> EdgeTamConfig | EdgeTamVideoConfig:
+    """A tiny EdgeTAM: a RepViT image encoder (timm `repvit_m1` layout, widths 16-128, one block per stage)."""
+    widths = [16, 32, 64, 128]
+    backbone = TimmWrapperConfig(
+        architecture="repvit_m1",
+        model_args={"in_chans": 3, "features_only": True, "out_indices": (0, 1, 2, 3), "embed_dim": widths},
+    )
+    hidden = 128 if video else 64
+    vision = dict(
+        model_type="edgetam_vision_model",
+        backbone_config=backbone,
+        backbone_channel_list=widths[::-1],
+        backbone_feature_sizes=[[image_size // s] * 2 for s in (4, 8, 16)],
+        fpn_hidden_size=hidden,
+    )
+    config_cls = EdgeTamVideoConfig if video else EdgeTamConfig
+    return config_cls(vision_config=vision, **_tiny_heads(image_size, 16, video))
+
+
+def sam3_tracker_tiny_config(image_size: int = 224, video: bool = False) -> Sam3TrackerConfig | Sam3TrackerVideoConfig:
+    """A tiny SAM 3 tracker: a 2-layer ViT (width 64, patch 14, one windowed and one global layer)."""
+    grid = image_size // 14
+    hidden = 128 if video else 64
+    backbone = dict(
+        model_type="sam3_vit_model",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        pretrain_image_size=image_size,
+        patch_size=14,
+        window_size=grid // 2,
+        global_attn_indexes=[1],
+    )
+    vision = dict(
+        backbone_config=backbone,
+        fpn_hidden_size=hidden,
+        backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2],
+    )
+    config_cls = Sam3TrackerVideoConfig if video else Sam3TrackerConfig
+    return config_cls(vision_config=vision, **_tiny_heads(image_size, 14, video))
+
+
 _BUILTIN_CONFIGS = {
     "tiny-random": lambda video: tiny_config(256, video),
     "compact-random": lambda video: compact_config(256, video),
     "hiera-tiny-random": hiera_tiny_config,
+    "edgetam-tiny-random": lambda video: edgetam_tiny_config(256, video),
+    "sam3-tracker-tiny-random": lambda video: sam3_tracker_tiny_config(224, video),
 }
+
+
+def family_of(model_or_config: torch.nn.Module | PretrainedConfig) -> Family:
+    """The family of a model (peft-wrapped or not) or config; SAM 2 for anything this toolkit does not know."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return family_of_model_type(getattr(config, "model_type", "")) or FAMILIES["sam2"]
+
+
+def family_classes(family: Family, video: bool) -> tuple[type, type]:
+    """transformers' (config class, model class) of `family`, for images or video."""
+    names = family.classes[2:] if video else family.classes[:2]
+    return getattr(transformers, names[0]), getattr(transformers, names[1])
 
 
 def builtin_config(name: str, video: bool = False) -> Sam2Config | Sam2VideoConfig:
@@ -136,24 +227,48 @@ def tie_positional_encodings(model: Sam2Model | Sam2VideoModel) -> None:
     model.prompt_encoder.shared_embedding.positional_embedding.data.copy_(shared.data)
 
 
-def build_model_from_config(config: Sam2Config | Sam2VideoConfig, seed: int | None = 0) -> Sam2Model | Sam2VideoModel:
-    """Build a randomly initialised SAM 2 from a config, with tied positional encodings."""
+def build_model_from_config(config: PretrainedConfig, seed: int | None = 0) -> Sam2Model | Sam2VideoModel:
+    """Build a randomly initialised model of the SAM 2 family from its config, with tied positional encodings."""
     if seed is not None:
         torch.manual_seed(seed)
-    model_cls = Sam2VideoModel if isinstance(config, Sam2VideoConfig) else Sam2Model
-    model = model_cls(config)
+    family = family_of(config)
+    model_cls = family_classes(family, video="video" in config.model_type)[1]
+    model = _instantiate(family, lambda: model_cls(config))
+    declare_no_word_embeddings(model)
     tie_positional_encodings(model)
     setattr(model.config, RANDOM_WEIGHTS_KEY, True)
     return model.eval()
 
 
-def processor_for_image_size(image_size: int) -> Sam2Processor:
-    """A `Sam2Processor` resizing to `image_size` with low-resolution masks at a quarter of it."""
+def _instantiate(family: Family, make):
+    """Run `make()`, turning a missing optional package (EdgeTAM's timm) into a `Sam2LoadError` naming the extra."""
+    try:
+        return make()
+    except ImportError as err:
+        raise Sam2LoadError(
+            f"{family.title} models need a package that is not installed ({err}): pip install "
+            f"'sam2-peft[{family.extra}]'."
+        ) from err
+
+
+def declare_no_word_embeddings(model: torch.nn.Module) -> None:
+    """Say in the config that no weights are tied to input embeddings: EdgeTAM declares `_tied_weights_keys` but has
+    no `get_input_embeddings`, which makes peft's `get_peft_model` fail."""
+    model.config.tie_word_embeddings = False
+
+
+def processor_for_image_size(image_size: int, family: Family | None = None) -> Sam2Processor:
+    """The family's processor resizing to `image_size` with low-resolution masks at a quarter of it.
+
+    The SAM 3 tracker normalises with mean and std 0.5 (its checkpoints' processor); SAM 2 and EdgeTAM with ImageNet's.
+    """
+    sam3 = family is not None and family.name == "sam3_tracker"
     image_processor = Sam2ImageProcessor(
         size={"height": image_size, "width": image_size},
         mask_size={"height": image_size // 4, "width": image_size // 4},
+        **({"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if sam3 else {}),
     )
-    return Sam2Processor(image_processor=image_processor)
+    return (Sam3TrackerProcessor if sam3 else Sam2Processor)(image_processor=image_processor)
 
 
 def model_image_size(model: Sam2Model | Sam2VideoModel) -> int:
@@ -202,7 +317,7 @@ def load_base_model(
         )
         model = build_model_from_config(builtin_config(arch.name, video))
         model.config._name_or_path = arch.name
-        processor = processor_for_image_size(arch.image_size)
+        processor = processor_for_image_size(arch.image_size, family_of(model))
     elif name_or_path in BUILTIN_PRETRAINED:
         if video:
             raise Sam2LoadError(f"'{name_or_path}' was pre-trained on images only; it has no trained video memory.")
@@ -213,12 +328,19 @@ def load_base_model(
         model = build_model_from_config(_config_from_json(name_or_path, video))
         model.config._name_or_path = name_or_path
         logger.warning("Built '%s' from a config file: its weights are RANDOM.", name_or_path)
-        processor = processor_for_image_size(model_image_size(model))
+        processor = processor_for_image_size(model_image_size(model), family_of(model))
     elif name_or_path.endswith((".pt", ".pth")):
         model, processor = _load_meta_checkpoint(name_or_path, meta_config, video)
     else:
         check_model_name(name_or_path)
         model, processor = _load_pretrained(name_or_path, video, revision)
+    declare_no_word_embeddings(model)
+    if video and family_of(model).name == "edgetam":
+        raise Sam2LoadError(
+            f"'{name_or_path}' is an EdgeTAM model: its video memory (a spatial perceiver over the memory features) is "
+            "not supported by sam2-peft's video training and tracking yet. Use EdgeTAM for images, or a SAM 2 or "
+            "SAM 3 tracker base for video."
+        )
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
@@ -289,16 +411,35 @@ def _is_cached(repo_id: str, revision: str | None) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
 
 
-def _config_from_json(path: str, video: bool) -> Sam2Config | Sam2VideoConfig:
-    config_cls = Sam2VideoConfig if video else Sam2Config
+def _config_from_json(path: str, video: bool) -> PretrainedConfig:
+    """The config in a JSON file, as the image or video config of the family its `model_type` names (SAM 2 when it
+    names none)."""
+    try:
+        model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type", "")
+    except (OSError, ValueError) as err:
+        raise Sam2LoadError(f"Cannot read a config from '{path}': {err}") from err
+    family = family_of_model_type(model_type) or FAMILIES["sam2"]
+    config_cls = family_classes(family, video)[0]
     try:
         return config_cls.from_json_file(path)
     except (OSError, ValueError, TypeError) as err:
         raise Sam2LoadError(f"Cannot build a {config_cls.__name__} from '{path}': {err}") from err
 
 
+def _family_at(name_or_path: str, revision: str | None, local_only: bool) -> Family:
+    """The family named by the `model_type` of a Hub repo's or folder's config (SAM 2 when it names none)."""
+    config, _ = PretrainedConfig.get_config_dict(name_or_path, revision=revision, local_files_only=local_only)
+    model_type = config.get("model_type", "")
+    family = family_of_model_type(model_type)
+    if family is None and model_type:
+        known = ", ".join(t for f in FAMILIES.values() for t in f.model_types)
+        raise Sam2LoadError(
+            f"'{name_or_path}' holds a '{model_type}' model, not one of the SAM 2 family ({known}). {OTHER_BASES}"
+        )
+    return family or FAMILIES["sam2"]
+
+
 def _load_pretrained(name_or_path: str, video: bool, revision: str | None) -> tuple[torch.nn.Module, Sam2Processor]:
-    model_cls = Sam2VideoModel if video else Sam2Model
     is_local = os.path.isdir(name_or_path)
     local_only = False
     if not is_local:
@@ -317,7 +458,11 @@ def _load_pretrained(name_or_path: str, video: bool, revision: str | None) -> tu
         if local_only:
             logger.info("%s: loading '%s' from the local cache.", unreachable, name_or_path)
     try:
-        model = model_cls.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
+        family = _family_at(name_or_path, revision, local_only)
+        model_cls = family_classes(family, video)[1]
+        model = _instantiate(
+            family, lambda: model_cls.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
+        )
     except (OSError, ValueError) as err:
         if is_local:
             raise Sam2LoadError(f"Could not load a SAM 2 model from the folder '{name_or_path}': {err}") from err
@@ -325,11 +470,12 @@ def _load_pretrained(name_or_path: str, video: bool, revision: str | None) -> tu
             f"Could not load '{name_or_path}' from the Hugging Face Hub (no such repo or revision, or no access: "
             f"{str(err).splitlines()[0]}). {offline_fix()} {OTHER_BASES}"
         ) from err
+    processor_cls = Sam3TrackerProcessor if family.name == "sam3_tracker" else Sam2Processor
     try:
-        processor = Sam2Processor.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
+        processor = processor_cls.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
     except (OSError, ValueError):
         logger.warning("No processor found with '%s'; using the standard one for its image size.", name_or_path)
-        processor = processor_for_image_size(model_image_size(model))
+        processor = processor_for_image_size(model_image_size(model), family)
     return model, processor
 
 

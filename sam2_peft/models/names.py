@@ -41,6 +41,12 @@ BUILTIN_ARCHITECTURES = {
     "hiera-tiny-random": BuiltinArchitecture(
         "hiera-tiny-random", "sam2.1-hiera-tiny architecture, 1024 px, random weights", 1024
     ),
+    "edgetam-tiny-random": BuiltinArchitecture(
+        "edgetam-tiny-random", "EdgeTAM (RepViT encoder, needs timm), 256 px, random weights", 256
+    ),
+    "sam3-tracker-tiny-random": BuiltinArchitecture(
+        "sam3-tracker-tiny-random", "SAM 3 tracker (ViT encoder), 224 px, random weights", 224
+    ),
 }
 
 BUILTIN_PRETRAINED = {
@@ -49,3 +55,63 @@ BUILTIN_PRETRAINED = {
 """Models shipped with the package (half-precision files, loaded as float32). `compact-synthetic` is the
 `compact-random` architecture pre-trained by the `pretrain` recipe on synthetic scenes only: a base that segments,
 for tests and CI, not a foundation model (its README holds the command, seed and scores)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base-model family of transformers' SAM 2 line: same prompt encoder, mask decoder and video memory, its own
+    image encoder.
+
+    Attributes:
+        name: the key recorded in adapters' sidecars.
+        title: the name shown to users.
+        model_types: config `model_type`s of its image and video models (and of checkpoints they load from).
+        encoder: the image encoder's kind.
+        encoder_prompts: whether PTSAM's encoder prompts fit that encoder (Hiera's attention only, today).
+        classes: transformers' image config, image model, video config and video model classes.
+        extra: the pip extra the family needs, if any.
+    """
+
+    name: str
+    title: str
+    model_types: tuple[str, ...]
+    encoder: str
+    encoder_prompts: bool
+    classes: tuple[str, str, str, str]
+    extra: str | None = None
+
+
+FAMILIES = {
+    "sam2": Family(
+        "sam2",
+        "SAM 2",
+        ("sam2", "sam2_video"),
+        "Hiera",
+        True,
+        ("Sam2Config", "Sam2Model", "Sam2VideoConfig", "Sam2VideoModel"),
+    ),
+    "edgetam": Family(
+        "edgetam",
+        "EdgeTAM",
+        ("edgetam", "edgetam_video"),
+        "RepViT (timm)",
+        False,
+        ("EdgeTamConfig", "EdgeTamModel", "EdgeTamVideoConfig", "EdgeTamVideoModel"),
+        "edgetam",
+    ),
+    "sam3_tracker": Family(
+        "sam3_tracker",
+        "SAM 3 tracker",
+        ("sam3_tracker", "sam3_tracker_video", "sam3", "sam3_video"),
+        "ViT",
+        False,
+        ("Sam3TrackerConfig", "Sam3TrackerModel", "Sam3TrackerVideoConfig", "Sam3TrackerVideoModel"),
+    ),
+}
+"""The families this toolkit loads, keyed by the name adapters record. `sam3` / `sam3_video` checkpoints (the Hub's
+`facebook/sam3`) load as their tracker."""
+
+
+def family_of_model_type(model_type: str) -> Family | None:
+    """The family of a config's `model_type`, or None when it is not one of the SAM 2 line."""
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)

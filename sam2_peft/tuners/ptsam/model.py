@@ -7,12 +7,19 @@ import re
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from ...models.names import family_of_model_type
 from .config import PtsamConfig
 from .layer import PtsamAttentionLayer, PtsamLayer, PtsamMaskDecoderLayer, PtsamPromptEncoderLayer
 
 PROMPT_ENCODER = "prompt_encoder"
 MASK_DECODER = "mask_decoder"
 ENCODER_BLOCKS = "vision_encoder.backbone.blocks"
+
+
+ENCODER_PROMPTS_WHY = (
+    "EdgeTAM's RepViT is convolutional, with no attention tokens to prompt; SAM 3's ViT could take prompt tokens but "
+    "they are not implemented for it"
+)
 
 
 class PtsamArchitectureError(ValueError):
@@ -36,6 +43,13 @@ class PtsamModel(BaseTuner):
     def _prepare_model(self, peft_config: PtsamConfig, model: nn.Module) -> None:
         """Check the model is the SAM 2 the adapter expects, record its widths, and derive the target regex."""
         decoder_width, block_widths, block_stages = sam2_widths(model)
+        if peft_config.encoder_prompts and not block_widths:
+            family = family_of_model_type(model.config.model_type)
+            raise PtsamArchitectureError(
+                f"PTSAM encoder prompts need SAM 2's Hiera image encoder; this {family.title if family else 'model'} "
+                f"has a {family.encoder if family else 'different'} encoder ({ENCODER_PROMPTS_WHY}). Train decoder "
+                "tokens only (--encoder-prompts 0, encoder_prompts=0)."
+            )
         expected = {
             "decoder_width": peft_config.decoder_width,
             "encoder_block_widths": peft_config.encoder_block_widths,
@@ -114,7 +128,9 @@ def sam2_widths(model: nn.Module) -> tuple[int, list[int], list[int]]:
         raise PtsamArchitectureError(
             f"PTSAM needs a SAM 2 model (transformers Sam2Model); got {type(model).__name__} without {missing}."
         )
-    blocks = model.vision_encoder.backbone.blocks
+    blocks = getattr(model.vision_encoder.backbone, "blocks", None)
+    if blocks is None:  # not Hiera: EdgeTAM's RepViT, SAM 3's ViT
+        return int(config.mask_decoder_config.hidden_size), [], []
     backbone = config.vision_config.backbone_config
     stages = [s for s, count in enumerate(backbone.blocks_per_stage) for _ in range(count)]
     widths = [_base(block.attn).qkv.in_features for block in blocks]

@@ -1,0 +1,181 @@
+"""The SAM 2 family as bases: EdgeTAM and the SAM 3 tracker load, adapt, train, save and refuse each other's adapters,
+on their built-in tiny config-built architectures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from sam2_peft.adapters import LoraMethod, PtsamMethod
+from sam2_peft.adapters.files import SIDECAR_FILE, AdapterMismatchError, check_signature, load_adapter
+from sam2_peft.cli import main as cli_main
+from sam2_peft.cli import run_from_command_line
+from sam2_peft.models.loading import Sam2LoadError, family_of, load_base_model
+from sam2_peft.models.segmenter import Sam2Segmenter
+from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
+from sam2_peft.recipes.lora import main as lora_recipe
+from sam2_peft.tuners.ptsam import PtsamArchitectureError
+
+from .conftest import write_folder_dataset
+from .recipe_helpers import lora_args
+
+NO_TIMM = importlib.util.find_spec("timm") is None
+EDGETAM = pytest.param(
+    "edgetam-tiny-random", marks=pytest.mark.skipif(NO_TIMM, reason="EdgeTAM needs timm (the edgetam extra)")
+)
+BASES = [EDGETAM, "sam3-tracker-tiny-random"]
+EXPECTED = {
+    "edgetam-tiny-random": ("EdgeTamModel", "Sam2Processor", "edgetam"),
+    "sam3-tracker-tiny-random": ("Sam3TrackerModel", "Sam3TrackerProcessor", "sam3_tracker"),
+}
+
+
+def _inputs(model, seed: int = 0) -> dict:
+    size = int(model.config.prompt_encoder_config.image_size)
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "pixel_values": torch.randn(2, 3, size, size, generator=generator),
+        "points": torch.tensor([[[size * 0.3, size * 0.4]], [[size * 0.6, size * 0.5]]]),
+        "point_labels": torch.ones(2, 1, dtype=torch.long),
+    }
+
+
+def _segment(model, inputs: dict) -> torch.Tensor:
+    return Sam2Segmenter(model)(torch.arange(2), **inputs).mask_logits
+
+
+def _lora(name: str):
+    """A LoRA-adapted tiny base whose adapter is not the identity (lora_B randomised)."""
+    model, _ = load_base_model(name)
+    model = LoraMethod(lora_r=4).prepare(model, name)
+    torch.manual_seed(1)
+    for param_name, param in model.named_parameters():
+        if "lora_B" in param_name:
+            param.data.normal_(std=0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_builtin_base_is_its_family_with_tied_positions(name):
+    model, processor = load_base_model(name)
+    model_class, processor_class, family = EXPECTED[name]
+    assert (type(model).__name__, type(processor).__name__, family_of(model).name) == EXPECTED[name]
+    assert torch.equal(
+        model.shared_image_embedding.positional_embedding, model.prompt_encoder.shared_embedding.positional_embedding
+    )
+    if family == "edgetam":
+        with pytest.raises(Sam2LoadError, match="EdgeTAM model: its video memory .* not supported"):
+            load_base_model(name, video=True)
+        return
+    video, _ = load_base_model(name, video=True)
+    assert type(video).__name__ == model_class.replace("Model", "VideoModel")
+    size = int(video.config.prompt_encoder_config.image_size)
+    prompt = ClipPrompt(points=torch.tensor([[[size / 2, size / 2]]]), point_labels=torch.ones(1, 1, dtype=torch.long))
+    frames = Sam2VideoTracker(video)(torch.randn(3, 3, size, size), prompt)
+    assert len(frames) == 3 and frames[-1].memory_frames == 3
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_forward_with_adapter_disabled_equals_transformers_bit_for_bit(name):
+    model = _lora(name)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        adapted = _segment(model, inputs)
+        with model.disable_adapter():
+            ours = _segment(model, inputs)
+            theirs = model.get_base_model()(
+                pixel_values=inputs["pixel_values"],
+                input_points=inputs["points"][:, None],
+                input_labels=inputs["point_labels"][:, None],
+                multimask_output=False,
+            ).pred_masks[:, 0]
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(adapted, theirs)  # the adapter acts when enabled
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_lora_save_load_merge_round_trip(name, tmp_path):
+    model = _lora(name)
+    inputs = _inputs(model)
+    LoraMethod(lora_r=4).save(model, tmp_path, name)
+    assert json.loads((tmp_path / SIDECAR_FILE).read_text())["base_signature"]["family"] == EXPECTED[name][2]
+    reloaded = load_adapter(load_base_model(name)[0], tmp_path).eval()
+    with torch.no_grad():
+        expected = _segment(model, inputs)
+        assert torch.equal(_segment(reloaded, inputs), expected)
+        merged = reloaded.merge_and_unload()
+        assert torch.allclose(_segment(merged, inputs), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_one_training_step_moves_only_adapter_weights(name):
+    model = _lora(name).train()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    _segment(model, _inputs(model)).square().mean().backward()
+    optimizer.step()
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert moved and all("lora_" in k for k in moved), sorted(moved)[:5]
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_ptsam_decoder_tokens_train_and_encoder_prompts_are_refused(name):
+    model = PtsamMethod(num_tokens=4).prepare(load_base_model(name)[0], name)
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    size = int(model.config.prompt_encoder_config.image_size)
+    output = Sam2Segmenter(model)(torch.zeros(1, dtype=torch.long), pixel_values=torch.randn(1, 3, size, size))
+    output.mask_logits.mean().backward()
+    assert trainable and all(model.get_parameter(k).grad is not None for k in trainable)
+    with pytest.raises(PtsamArchitectureError, match="Hiera image encoder.*encoder-prompts 0"):
+        PtsamMethod(num_tokens=4, encoder_prompts=2).prepare(load_base_model(name)[0], name)
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_saved_folder_and_config_file_load_the_same_family(name, tmp_path):
+    model, processor = load_base_model(name)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    inputs = _inputs(model)
+    folder_model, folder_processor = load_base_model(str(tmp_path))
+    from_config, _ = load_base_model(str(tmp_path / "config.json"))
+    assert type(folder_processor) is type(processor)
+    assert type(folder_model) is type(model) is type(from_config)
+    with torch.no_grad():
+        assert torch.equal(_segment(folder_model, inputs), _segment(model, inputs))
+
+
+@pytest.mark.skipif(NO_TIMM, reason="EdgeTAM needs timm (the edgetam extra)")
+def test_adapter_of_another_family_is_refused(tmp_path):
+    edgetam_adapter = tmp_path / "edgetam"
+    LoraMethod(lora_r=4).save(_lora("edgetam-tiny-random"), edgetam_adapter, "edgetam-tiny-random")
+    sam3, _ = load_base_model("sam3-tracker-tiny-random")
+    with pytest.raises(AdapterMismatchError, match="trained for EdgeTAM.*this base model is SAM 3 tracker"):
+        check_signature(sam3, edgetam_adapter)
+    sidecar = edgetam_adapter / SIDECAR_FILE  # written before families were recorded: a SAM 2 adapter
+    data = json.loads(sidecar.read_text())
+    del data["base_signature"]["family"]
+    sidecar.write_text(json.dumps(data))
+    with pytest.raises(AdapterMismatchError, match="trained for SAM 2.*this base model is EdgeTAM"):
+        check_signature(load_base_model("edgetam-tiny-random")[0], edgetam_adapter)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NO_TIMM, reason="EdgeTAM needs timm (the edgetam extra)")
+def test_cli_trains_each_family_and_refuses_a_cross_family_adapter(tmp_path, capsys):
+    data = write_folder_dataset(tmp_path / "data", num_images=4)
+    for name in ("edgetam-tiny-random", "sam3-tracker-tiny-random"):
+        out = tmp_path / name
+        run_from_command_line(lambda: lora_recipe(lora_args(name, data, out, "--max-steps", "2")))  # noqa: B023
+        assert (out / "adapter_model.safetensors").exists()
+    card = (tmp_path / "edgetam-tiny-random" / "README.md").read_text()
+    assert "adapter for EdgeTAM" in card and "EdgeTamModel.from_pretrained" in card
+    capsys.readouterr()
+    argv = ["predict", str(data / "images"), str(tmp_path / "pred"), "--adapter", str(tmp_path / "edgetam-tiny-random")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*argv, "--base-model", "sam3-tracker-tiny-random"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "EdgeTAM" in message, message
+    assert "Traceback" not in capsys.readouterr().err
