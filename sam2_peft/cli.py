@@ -289,6 +289,7 @@ def evaluate(argv: list[str]) -> None:
 
         check_data_source(source.data, "--data")  # a wrong path is reported before the model loads
         predictor = _load_predictor(args)
+        classes = _adapter_classes(predictor, args.prompt, source.mask_type)
         mixed = {"float16": "fp16", "bfloat16": "bf16"}.get(args.dtype or "", "no")
         accelerator = Accelerator(cpu=predictor.device.type == "cpu", mixed_precision=mixed)
         set_max_image_pixels(source.max_image_pixels)
@@ -303,6 +304,8 @@ def evaluate(argv: list[str]) -> None:
             target_mode="semantic" if args.prompt == "none" else "instances",
             prompts=PromptConfig(prompt=args.prompt),
             validation=validation,
+            class_ids=classes.ids if classes else None,
+            ignore_index=classes.ignore_index if classes else None,
         )
         records, report = validate_records(
             records, config.validation, limit=args.max_images, description="Checking evaluation images"
@@ -310,8 +313,9 @@ def evaluate(argv: list[str]) -> None:
         dataset = SegmentationDataset(records, predictor.processor, config, train=False)
         loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_segmentation)
         segmenter = Sam2Segmenter(predictor.model).to(accelerator.device)
-        result = evaluate_segmenter(segmenter, loader, predictor.processor, accelerator)
+        result = evaluate_segmenter(segmenter, loader, predictor.processor, accelerator, classes=classes)
         summary = {
+            **result.details,
             "metrics": result.metrics,
             "per_image": result.per_image,
             "adapter": args.adapter,
@@ -347,6 +351,24 @@ def _eval_rules() -> tuple:
     )
 
 
+def _adapter_classes(predictor, prompt: str, mask_type: str):
+    """The `ClassList` of a multi-class PTSAM adapter (scored per class on semantic masks, ignore value 255), or None
+    for other models; DataError when the data or prompt cannot score one."""
+    from .data.classes import ClassList
+    from .data.sources import DataError
+    from .tuners.ptsam.layer import active_classes
+
+    classes = active_classes(predictor.model)
+    if classes is None:
+        return None
+    if prompt != "none" or mask_type != "semantic":
+        raise DataError(
+            f"The adapter segments {len(classes)} classes without prompts: evaluate it with --prompt none "
+            "--mask-type semantic on class-map masks."
+        )
+    return ClassList(tuple(classes), tuple(classes.values()), 255)
+
+
 def _base_predictor(predictor, args: argparse.Namespace):
     """The base model of an adapter's predictor (the one it records, or --base-model), as a predictor."""
     from .inference.predictor import Sam2PeftPredictor
@@ -361,6 +383,7 @@ def _load_foreground(args: argparse.Namespace):
     from .data.sources import DataError
     from .inference.predictor import Sam2PeftPredictor
     from .inference.prompt_free import has_active_ptsam
+    from .tuners.ptsam.layer import ptsam_classes
 
     foreground = Sam2PeftPredictor.from_pretrained(
         args.foreground_adapter, dtype=args.dtype, device=args.device, token=args.token
@@ -369,6 +392,11 @@ def _load_foreground(args: argparse.Namespace):
         raise DataError(
             f"--foreground-adapter '{args.foreground_adapter}' is not a PTSAM adapter: give a prompt-free PTSAM "
             "adapter (sam2-peft train ptsam) for the specialist-guided mode."
+        )
+    if ptsam_classes(foreground.model) > 1:
+        raise DataError(
+            f"--foreground-adapter '{args.foreground_adapter}' segments several classes; the specialist-guided mode "
+            "takes a one-class PTSAM adapter."
         )
     return foreground
 
@@ -598,7 +626,8 @@ def predict(argv: list[str]) -> None:
     parser = _parser(
         "predict",
         "Predict masks for every image in a folder. Writes OUT_DIR/masks/<name>.png (label maps: 0 background, k = "
-        "k-th prompt), OUT_DIR/overlays/<name>.png and OUT_DIR/predictions.json (scores). "
+        "k-th prompt; with a multi-class PTSAM adapter, class maps whose values are the trained class ids), "
+        "OUT_DIR/overlays/<name>.png (with a legend of class names) and OUT_DIR/predictions.json (scores). "
         f"{OUTPUT_NAMES} Without --boxes every image "
         "gets one prompt-free mask (meant for prompt-free adapters such as PTSAM; an adapter trained with prompts gets a warning).",
         "boxes file: JSON mapping image file names (or stems) to [[x0, y0, x1, y1], ...] in pixels;\n"
@@ -619,7 +648,7 @@ def _predict_folder(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from .data.sources import viewed_size
-    from .evaluation.panels import overlay
+    from .evaluation.panels import class_overlay, overlay
     from .inference.predictor import check_boxes
     from .io import atomic_write_dir, atomic_write_json
 
@@ -642,12 +671,21 @@ def _predict_folder(args: argparse.Namespace) -> None:
         for path, image in _read_images(files, "predict", args.skip_bad_files):
             image_boxes = boxes[path.name] if boxes is not None else None
             prediction = predictor.predict(image, boxes=image_boxes)
-            labels = np.zeros(image.shape[:2], np.uint16 if len(prediction.masks) > 255 else np.uint8)
-            for index, mask in enumerate(prediction.masks, start=1):
-                labels[mask] = index
+            if prediction.class_map is not None:  # multi-class PTSAM: the trained class ids, a legend of names
+                labels, painted = (
+                    prediction.class_map,
+                    class_overlay(image, prediction.class_map, prediction.class_names),
+                )
+            else:
+                labels = np.zeros(image.shape[:2], np.uint16 if len(prediction.masks) > 255 else np.uint8)
+                for index, mask in enumerate(prediction.masks, start=1):
+                    labels[mask] = index
+                painted = overlay(image, prediction.masks)
             Image.fromarray(labels).save(staging / "masks" / f"{names[path]}.png")
-            Image.fromarray(overlay(image, prediction.masks)).save(staging / "overlays" / f"{names[path]}.png")
+            Image.fromarray(painted).save(staging / "overlays" / f"{names[path]}.png")
             summary[path.name] = {"scores": prediction.scores.tolist(), "boxes": image_boxes}
+            if prediction.class_names is not None:
+                summary[path.name]["classes"] = {str(k): v for k, v in prediction.class_names.items()}
         atomic_write_json(staging / "predictions.json", summary)
     print(f"Wrote masks and overlays of {len(summary)} image(s) to {args.out_dir}")
 

@@ -80,11 +80,15 @@ class PtsamMethod(TuningMethod, PtsamOptions):
     `tuners.options.PtsamOptions`, and the seed of their initialisation."""
 
     init_seed: int = 0
+    id2label: dict[str, str] | None = None
+    """Multi-class: the classes trained, mask value -> name (None: one class)."""
     name: ClassVar[str] = "ptsam"
 
     def peft_config(self, base_name: str | None) -> PtsamConfig:
         options = {f.name: getattr(self, f.name) for f in fields(PtsamOptions)}
-        return PtsamConfig(**options, init_seed=self.init_seed, base_model_name_or_path=base_name)
+        return PtsamConfig(
+            **options, init_seed=self.init_seed, id2label=self.id2label, base_model_name_or_path=base_name
+        )
 
     def prepare(self, model: nn.Module, base_name: str | None) -> nn.Module:
         model.name_or_path = base_name  # peft copies it into the adapter config

@@ -13,6 +13,7 @@ from torchvision.transforms import InterpolationMode, v2
 from transformers import Sam2Processor
 
 from .augment import augment, build_augmentation
+from .classes import class_masks, ignored_pixels
 from .config import DatasetConfig, PromptConfig
 from .epoch import SharedEpoch
 from .prompts import PADDING, sample_prompts, to_model_coordinates
@@ -28,6 +29,8 @@ class SegmentationDataset(SharedEpoch, Dataset):
         `points` `(N, P, 2)` float in model-input coordinates and `point_labels` `(N, P)` long (see `prompts`);
         `target_masks` `(N, S, S)` bool, the objects at model-input resolution;
         `original_size` `(H, W)`; `sample_id`; `view` (which fixed augmentation, see `set_augmentation_views`);
+        with `config.class_ids`, `target_masks` holds one row per class (empty rows included) and `ignore_mask`
+        `(S, S)` bool the pixels of `config.ignore_index` (and, for evaluation, `original_ignore` `(H, W)`);
         `view_source` (what the view's pixels are made of, `_view_source`; None for images without a file); and, for
         evaluation, `original_masks` `(N, H, W)` bool.
     """
@@ -75,7 +78,11 @@ class SegmentationDataset(SharedEpoch, Dataset):
         its random draws); `image_index` (default `index`) numbers the image itself, and fixes its augmented views."""
         seed = self._sample_seed(index, epoch)
         generator = torch.Generator().manual_seed(seed)
-        masks = torch.from_numpy(self._chosen_masks(record.objects(), generator))
+        objects = record.objects()
+        masks = torch.from_numpy(self._chosen_masks(objects, generator))
+        by_class = self.config.class_ids is not None
+        if by_class:  # the ignored pixels ride along as a last row, augmented and resized with the classes
+            masks = torch.cat([masks, torch.from_numpy(ignored_pixels(objects, self.config.ignore_index))[None]])
         view, augment_seed = self._augmentation_view(index if image_index is None else image_index, seed)
         source = self._view_source(record, augment_seed)
         skip_image = source is not None and self._is_cached(view_key(record.sample_id, view), source)
@@ -89,10 +96,15 @@ class SegmentationDataset(SharedEpoch, Dataset):
         if self.transform is not None:
             augmented_image, augmented_masks = augment(self.transform, image, masks, augment_seed)
             visible = augmented_masks.flatten(1).any(1)
-            if visible.any():  # objects pushed out of the frame are dropped; if all were, keep the unaugmented view
+            if by_class:  # every class keeps its row, present or not
+                image, masks = augmented_image, augmented_masks
+            elif visible.any():  # objects pushed out of the frame are dropped; if all were, keep the unaugmented view
                 image, masks = augmented_image, augmented_masks[visible]
         original_size = tuple(masks.shape[1:])
-        if self.config.target_mode == "semantic":
+        ignore = None
+        if by_class:
+            masks, ignore = masks[:-1], masks[-1]
+        elif self.config.target_mode == "semantic":
             masks = masks.any(dim=0, keepdim=True)
         points, labels = sample_prompts(masks, self._prompt_config(masks), generator)
         at_size = list(original_size) == size  # then the processor's resize and the targets' would change nothing
@@ -115,6 +127,10 @@ class SegmentationDataset(SharedEpoch, Dataset):
         }
         if not self.train:
             item["original_masks"] = masks
+        if ignore is not None:
+            item["ignore_mask"] = ignore if at_size else F.interpolate(ignore[None, None].float(), size=size)[0, 0] > 0
+            if not self.train:
+                item["original_ignore"] = ignore
         return item
 
     def skip_cached_images(self, is_cached: Callable[[str, str], bool] | None) -> None:
@@ -151,7 +167,7 @@ class SegmentationDataset(SharedEpoch, Dataset):
         """The target masks `(N, H, W)` bool that evaluation scores for a sample, at its original size."""
         record = self.records[self._index[sample_id]]
         masks = self._chosen_masks(record.objects(), torch.Generator())
-        if self.config.target_mode == "semantic":
+        if self.config.target_mode == "semantic" and self.config.class_ids is None:
             masks = masks.any(axis=0, keepdims=True)
         return masks
 
@@ -167,8 +183,11 @@ class SegmentationDataset(SharedEpoch, Dataset):
         """The cleaned masks `(n, H, W)` bool of the objects this item uses, built for those objects only.
 
         Training draws `max_objects_per_image` of the objects that cleaning keeps (a seeded random subset, in their
-        order), evaluation takes the first `max_eval_objects`, semantic targets take all.
+        order), evaluation takes the first `max_eval_objects`, semantic targets take all; with `class_ids`, one mask
+        per class, uncleaned (a class's pixels are its target, however small).
         """
+        if self.config.class_ids is not None:
+            return class_masks(objects, self.config.class_ids)
         kept = kept_objects(objects, self.config.validation)
         if self.config.target_mode != "semantic":
             if not self.train:
@@ -210,6 +229,12 @@ def collate_segmentation(items: list[dict]) -> dict:
     }
     if "original_masks" in items[0]:
         batch["original_masks"] = [item["original_masks"] for item in items]
+    if "ignore_mask" in items[0]:
+        batch["ignore_mask"] = torch.repeat_interleave(
+            torch.stack([item["ignore_mask"] for item in items]), torch.tensor(counts), dim=0
+        )
+    if "original_ignore" in items[0]:
+        batch["original_ignore"] = [item["original_ignore"] for item in items]
     return batch
 
 

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 """JPEG masks are noisy (grey levels near 0 and 255); `--mask-type auto` reads them as binary."""
-MASK_TYPES = ("auto", "binary", "instance")
+MASK_TYPES = ("auto", "binary", "instance", "semantic")
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
 """Split names taken, in this order, as the validation split of a `datasets` source when none is named."""
 SKIP_HINT = "or pass --skip-bad-files to skip it"
@@ -361,7 +361,7 @@ def label_map_objects(
     kind = _mask_kind(labels, origin) if mask_type == "auto" else mask_type
     if kind == "noisy binary" and on_noisy_binary is not None:
         on_noisy_binary(origin)
-    if kind != "instance":
+    if kind not in ("instance", "semantic"):  # semantic: each value is a class id, read as instances are
         foreground = labels > labels.max() / 2 if labels.size else np.zeros(labels.shape, bool)
         return LabelMap.from_labels(foreground)
     return LabelMap.from_labels(labels)

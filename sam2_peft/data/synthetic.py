@@ -26,6 +26,7 @@ python -m sam2_peft.data.synthetic OUT_DIR --num-scenes 24 --seed 0 --size 256
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -76,6 +77,11 @@ class SyntheticSceneConfig:
         default=SHAPE_KINDS,
         metadata={"help": f"Shapes to draw from, a subset of {SHAPE_KINDS}."},
     )
+    shape_weights: tuple[float, ...] | None = field(
+        default=None,
+        metadata={"help": "Relative frequency of each of `shape_kinds` (None: equal); skewed weights make imbalanced "
+                  "classes for semantic folders, whose classes are the shapes."},
+    )  # fmt: skip
     texture_kinds: tuple[str, ...] = field(
         default=TEXTURE_KINDS,
         metadata={"help": f"Object textures to draw from, a subset of {TEXTURE_KINDS}."},
@@ -136,6 +142,9 @@ class SyntheticSceneConfig:
             kinds = getattr(self, name)
             if not kinds or not set(kinds) <= set(allowed):
                 raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {kinds}")
+        weights = self.shape_weights
+        if weights is not None and (len(weights) != len(self.shape_kinds) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"shape_weights needs one non-negative weight per shape kind, got {weights}")
         for name in (
             "touching_probability",
             "grey_probability",
@@ -172,6 +181,12 @@ class SyntheticScene:
     @property
     def num_objects(self) -> int:
         return len(self.shape_kinds)
+
+    def class_map(self, classes: tuple[str, ...]) -> np.ndarray:
+        """Semantic labels `(H, W)` uint8: each visible pixel the class id of its object's shape (`classes[k - 1]`
+        is class `k`'s shape), 0 background; an occluded object loses its pixels to the one in front."""
+        lookup = np.array([0] + [classes.index(kind) + 1 for kind in self.shape_kinds], dtype=np.uint8)
+        return lookup[self.instances]
 
 
 # ----------------------------------------------------------------------------- textures
@@ -474,6 +489,13 @@ def _degrade(
     return np.ascontiguousarray(np.broadcast_to(pixels, (size, size, 3)))
 
 
+def _draw_shape(rng: np.random.Generator, config: SyntheticSceneConfig) -> str:
+    kinds, weights = config.shape_kinds, config.shape_weights
+    if weights is None:
+        return kinds[int(rng.integers(len(kinds)))]
+    return kinds[int(rng.choice(len(kinds), p=np.asarray(weights) / sum(weights)))]
+
+
 def generate_scene(seed: int, config: SyntheticSceneConfig | None = None) -> SyntheticScene:
     """Generate one scene, a deterministic function of `seed` and `config`.
 
@@ -492,7 +514,7 @@ def generate_scene(seed: int, config: SyntheticSceneConfig | None = None) -> Syn
     shape_kinds, texture_kinds = [], []
     for _ in range(target):
         for _ in range(config.max_attempts):
-            kind = config.shape_kinds[int(rng.integers(len(config.shape_kinds)))]
+            kind = _draw_shape(rng, config)
             radius = rng.uniform(low, high) * size
             texture = _try_place(rng, canvas, kind, radius, grey, config)
             if texture is not None:
@@ -569,14 +591,18 @@ def write_scene_folder(
     num_scenes: int,
     seed: int = 0,
     config: SyntheticSceneConfig | None = None,
+    semantic: bool = False,
 ) -> Path:
     """Write the scenes of `SyntheticSceneDataset(num_scenes, seed, config)` to disk.
 
     Produces ``images/scene_XXXX.png`` (RGB) and ``masks/scene_XXXX.png`` (instance
-    labels, 8-bit when `config.max_objects` <= 255, else 16-bit). Existing files with
-    the same names are replaced; other files are left alone. Returns `out_dir`.
+    labels, 8-bit when `config.max_objects` <= 255, else 16-bit). With `semantic`, the
+    masks are class maps instead (`SyntheticScene.class_map`, one class per shape kind of
+    the config, 8-bit) and ``classes.json`` names them (for `--mask-type semantic`).
+    Existing files with the same names are replaced; other files are left alone. Returns `out_dir`.
     """
     dataset = SyntheticSceneDataset(num_scenes, seed, config)
+    classes = dataset.config.shape_kinds
     mask_dtype = np.uint8 if dataset.config.max_objects <= 255 else np.uint16
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -584,7 +610,11 @@ def write_scene_folder(
     for index, scene in enumerate(dataset):
         name = f"scene_{index:04d}.png"
         _save_png_atomic(scene.image, out_dir / "images" / name)
-        _save_png_atomic(scene.instances.astype(mask_dtype), out_dir / "masks" / name)
+        mask = scene.class_map(classes) if semantic else scene.instances.astype(mask_dtype)
+        _save_png_atomic(mask, out_dir / "masks" / name)
+    if semantic:
+        names = {str(k): kind for k, kind in enumerate(classes, 1)}
+        (out_dir / "classes.json").write_text(json.dumps(names, indent=1) + "\n", encoding="utf-8")
     return out_dir
 
 
@@ -601,6 +631,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{config_field.metadata['help']} Default: {config_field.default}."
         if kind == tuple[str, ...]:
             group.add_argument(flag, type=lambda text: tuple(text.split(",")), help=help_text + " Comma-separated.")
+        elif kind == tuple[float, ...] | None:
+            group.add_argument(
+                flag, type=lambda text: tuple(float(v) for v in text.split(",")), help=help_text + " Comma-separated."
+            )
         elif kind == tuple[float, float]:
             group.add_argument(flag, type=float, nargs=2, metavar=("LOW", "HIGH"), help=help_text)
         else:
@@ -617,9 +651,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-scenes", type=int, default=24, help="number of scenes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="image height and width in pixels (default: %(default)s)")
+    parser.add_argument(
+        "--semantic", action="store_true", help="write class maps (one class per shape kind) and classes.json"
+    )
     _add_config_flags(parser)
     args = vars(parser.parse_args(argv))
-    out_dir, num_scenes, seed, size = (args.pop(name) for name in ("out_dir", "num_scenes", "seed", "size"))
+    out_dir, num_scenes, seed, size, semantic = (
+        args.pop(name) for name in ("out_dir", "num_scenes", "seed", "size", "semantic")
+    )
     style = {
         name: tuple(value) if isinstance(value, list) else value for name, value in args.items() if value is not None
     }
@@ -627,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = SyntheticSceneConfig(image_size=size, **style)
     except ValueError as error:
         parser.error(str(error))
-    write_scene_folder(out_dir, num_scenes, seed, config)
+    write_scene_folder(out_dir, num_scenes, seed, config, semantic=semantic)
     print(f"wrote {num_scenes} scenes to {out_dir}")
 
 

@@ -116,3 +116,71 @@ class MetricAccumulator:
             return {name: float("nan") for name in METRIC_NAMES}
         values = list(self.per_image.values())
         return {name: float(np.mean([v[name] for v in values])) for name in METRIC_NAMES}
+
+
+BACKGROUND_THRESHOLD = 0.5
+"""A pixel is background unless some class's probability (sigmoid of its mask logit) reaches this."""
+
+
+def resolve_classes(logits: np.ndarray, threshold: float = BACKGROUND_THRESHOLD) -> np.ndarray:
+    """The class-index map `(H, W)` of per-class mask logits `(C, H, W)`: each pixel takes the class of highest
+    probability, or 0 (background) when no class reaches `threshold`; class `c` is written `c + 1`."""
+    best = logits.argmax(axis=0)
+    top = np.take_along_axis(logits, best[None], axis=0)[0]
+    logit_threshold = np.log(threshold / (1 - threshold))
+    return np.where(top >= logit_threshold, best + 1, 0)
+
+
+def index_map(masks: np.ndarray) -> np.ndarray:
+    """`(H, W)` class-index map of disjoint class masks `(C, H, W)` bool (first class wins any overlap; 0: none)."""
+    return np.where(masks.any(axis=0), masks.argmax(axis=0) + 1, 0)
+
+
+@dataclass
+class ClassAccumulator:
+    """Per-class pixel counts over a dataset: per-class IoU and Dice (each class's pixels pooled over images), their
+    mean over the classes the references show (`mean_iou`, `mean_dice`), the frequency-weighted IoU (classes weighed
+    by their reference pixels) and the confusion matrix (rows: reference, columns: prediction; index 0 background,
+    `c + 1` class `c`). Pixels marked ignored count nowhere."""
+
+    names: tuple[str, ...]
+    confusion: np.ndarray = field(init=False)
+    overlap: np.ndarray = field(init=False)
+    predicted: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        count = len(self.names)
+        self.confusion = np.zeros((count + 1, count + 1), dtype=np.int64)
+        self.overlap, self.predicted = np.zeros(count, np.int64), np.zeros(count, np.int64)
+
+    def update(self, preds: np.ndarray, targets: np.ndarray, ignore: np.ndarray | None = None) -> None:
+        """Add one image: predicted and reference class masks `(C, H, W)` bool (predictions may overlap; the
+        confusion matrix takes the first), ignored pixels `(H, W)` bool."""
+        valid = np.ones(targets.shape[1:], bool) if ignore is None else ~ignore
+        preds, targets = preds & valid, targets & valid
+        self.overlap += (preds & targets).sum(axis=(1, 2))
+        self.predicted += preds.sum(axis=(1, 2))
+        size = len(self.names) + 1
+        pairs = index_map(targets)[valid] * size + index_map(preds)[valid]
+        self.confusion += np.bincount(pairs, minlength=size * size).reshape(size, size)
+
+    def merge(self, other: ClassAccumulator) -> None:
+        """Add another process's counts."""
+        self.confusion += other.confusion
+        self.overlap += other.overlap
+        self.predicted += other.predicted
+
+    def compute(self) -> dict[str, float]:
+        reference = self.confusion[1:].sum(axis=1)
+        union = reference + self.predicted - self.overlap
+        iou_c = np.where(union > 0, self.overlap / np.maximum(union, 1), 1.0)
+        total = reference + self.predicted
+        dice_c = np.where(total > 0, 2 * self.overlap / np.maximum(total, 1), 1.0)
+        shown = reference > 0
+        scores = {f"iou_{name}": float(v) for name, v in zip(self.names, iou_c)}
+        scores |= {f"dice_{name}": float(v) for name, v in zip(self.names, dice_c)}
+        nan = float("nan")
+        scores["mean_iou"] = float(iou_c[shown].mean()) if shown.any() else nan
+        scores["mean_dice"] = float(dice_c[shown].mean()) if shown.any() else nan
+        scores["fw_iou"] = float((reference * iou_c).sum() / reference.sum()) if shown.any() else nan
+        return scores

@@ -35,6 +35,19 @@ def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndar
     return out.clip(0, 255).astype(np.uint8)
 
 
+def class_overlay(image: np.ndarray, class_map: np.ndarray, names: dict[int, str], alpha: float = 0.5) -> np.ndarray:
+    """Blend a class-index map `(H, W)` (values: the keys of `names`, 0 background) onto `(H, W, 3)` uint8, one
+    colour per class, with a legend of the class names in the top-left corner."""
+    masks = class_map[None] == np.array(list(names))[:, None, None]
+    picture = Image.fromarray(overlay(image, masks, alpha))
+    draw = ImageDraw.Draw(picture)
+    for row, (colour, name) in enumerate(zip(_palette(len(names)), names.values())):
+        top = 4 + 14 * row
+        draw.rectangle((4, top, 14, top + 10), fill=tuple(int(c) for c in colour), outline=(255, 255, 255))
+        draw.text((18, top - 1), name, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+    return np.asarray(picture)
+
+
 def _resize(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize(size, resample))
 

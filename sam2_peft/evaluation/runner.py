@@ -13,10 +13,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Sam2Processor
 
+from ..data.classes import ClassList
 from ..data.dataset import SegmentationDataset, model_inputs
 from ..data.prompts import mask_to_boxes
 from ..models.segmenter import Sam2Segmenter, select_best_mask, wants_multimask
-from .metrics import MetricAccumulator
+from ..tuners.ptsam.layer import ptsam_classes
+from .metrics import ClassAccumulator, MetricAccumulator, resolve_classes
 
 
 @dataclass
@@ -26,6 +28,8 @@ class EvaluationResult:
     metrics: dict[str, float]
     per_image: dict[str, dict[str, float]]
     kept_predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    """More than numbers, saved beside them in `metrics.json` (multi-class: the classes and the confusion matrix)."""
 
 
 @torch.no_grad()
@@ -38,6 +42,7 @@ def evaluate_segmenter(
     dilation_ratio: float = 0.02,
     encode: Callable[[list[str], torch.Tensor], dict[str, list[torch.Tensor]]] | None = None,
     description: str = "evaluate",
+    classes: ClassList | None = None,
 ) -> EvaluationResult:
     """Predict every validation batch (single mask, or the best of 3 for single clicks) and score each image.
 
@@ -45,10 +50,17 @@ def evaluate_segmenter(
     pixel_values)`, e.g. `EmbeddingCache.segmenter_inputs`, supplies the encoded images (keys `eval/<sample_id>`).
     A progress bar per image, labelled `description`, shows on the main process (counting every process's images)
     and disappears when done.
+
+    With `classes` (a multi-class PTSAM task: each image's rows are its classes), a model that decodes every class
+    (the adapter) has its overlaps resolved by `resolve_classes` (highest probability, background below
+    `BACKGROUND_THRESHOLD`), while one that does not (the prompt-free base) has its one mask scored against each class;
+    per-class scores, their means and the confusion matrix come from `ClassAccumulator`, without ignored pixels.
     """
     was_training = segmenter.training
     segmenter.eval()
     accumulator = MetricAccumulator(dilation_ratio=dilation_ratio)
+    by_class = None if classes is None else ClassAccumulator(classes.names)
+    resolve = classes is not None and ptsam_classes(segmenter) > 1
     kept: dict[str, np.ndarray] = {}
     dataset = getattr(dataloader, "dataset", None)
     progress = tqdm(
@@ -67,9 +79,18 @@ def evaluate_segmenter(
         logits = select_best_mask(output).float().cpu()
         index = batch["object_image_index"]
         for i, sample_id in enumerate(batch["sample_ids"]):
-            masks = processor.post_process_masks([logits[index == i]], [batch["original_sizes"][i]])[0][:, 0]
-            masks = masks.numpy()
-            accumulator.update(sample_id, masks, batch["original_masks"][i].numpy())
+            size = [batch["original_sizes"][i]]
+            if resolve:
+                full = processor.post_process_masks([logits[index == i]], size, binarize=False)[0][:, 0].numpy()
+                masks = resolve_classes(full)[None] == np.arange(1, len(full) + 1)[:, None, None]
+            else:
+                masks = processor.post_process_masks([logits[index == i]], size)[0][:, 0].numpy()
+            targets = batch["original_masks"][i].numpy()
+            if by_class is not None:
+                ignore = batch["original_ignore"][i].numpy()
+                by_class.update(masks, targets, ignore)
+                masks, targets = masks & ~ignore, targets & ~ignore
+            accumulator.update(sample_id, masks, targets)
             if sample_id in keep_ids:
                 kept[sample_id] = masks
         done = len(batch["sample_ids"]) * accelerator.num_processes  # the shards advance together
@@ -82,7 +103,15 @@ def evaluate_segmenter(
     for part in gather_object([kept]):
         kept.update(part)
     accumulator.per_image = per_image
-    return EvaluationResult(metrics=accumulator.compute(), per_image=per_image, kept_predictions=kept)
+    metrics, details = accumulator.compute(), {}
+    if by_class is not None:
+        parts = gather_object([by_class])
+        total = ClassAccumulator(classes.names)
+        for part in parts:
+            total.merge(part)
+        metrics |= total.compute()
+        details = {"classes": classes.id2label, "confusion_matrix": total.confusion.tolist()}
+    return EvaluationResult(metrics=metrics, per_image=per_image, kept_predictions=kept, details=details)
 
 
 def box_baseline_metrics(dataset: SegmentationDataset, dilation_ratio: float = 0.02) -> dict[str, float]:

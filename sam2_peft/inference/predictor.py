@@ -22,7 +22,9 @@ from transformers import Sam2Processor
 
 from ..adapters.resolve import AdapterInfo, load_adapted_model
 from ..data.sources import DataError
+from ..evaluation.metrics import resolve_classes
 from ..models.segmenter import unwrap_sam
+from ..tuners.ptsam.layer import active_classes
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +102,17 @@ class Prediction:
             prediction N = 1.
         scores: `(N,)` predicted IoU of each mask (`(N, 3)` with `multimask_output=True`).
         logits: mask logits shaped like `masks` (float32), only when asked for with `return_logits=True`.
+        class_map: with a multi-class PTSAM adapter (prompt-free), `(H, W)` the trained class id of each pixel (0:
+            background), overlaps resolved by `evaluation.metrics.resolve_classes`; `masks` are then its classes,
+            `(C, H, W)` in the order of `class_names`.
+        class_names: with `class_map`, each class's mask value and name (`{1: "scratch", 2: "dent"}`), in order.
     """
 
     masks: np.ndarray
     scores: np.ndarray
     logits: np.ndarray | None = None
+    class_map: np.ndarray | None = None
+    class_names: dict[int, str] | None = None
 
 
 @dataclass
@@ -283,6 +291,14 @@ class Sam2PeftPredictor:
         scores = outputs.iou_scores[0].float().cpu()
         if not multimask_output:
             logits, scores = logits[:, 0], scores[:, 0]
+        classes = active_classes(self.model) if not prompts else None
+        if classes is not None:
+            ids = tuple(classes)
+            resolved = resolve_classes(logits.numpy())
+            class_map = np.concatenate([[0], ids]).astype(np.uint8 if max(ids) < 256 else np.uint16)[resolved]
+            masks = resolved[None] == np.arange(1, len(ids) + 1)[:, None, None]
+            logits_out = logits.numpy() if return_logits else None
+            return Prediction(masks, scores.numpy(), logits_out, class_map=class_map, class_names=classes)
         return Prediction(
             masks=(logits > 0).numpy(), scores=scores.numpy(), logits=logits.numpy() if return_logits else None
         )

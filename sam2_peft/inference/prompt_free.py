@@ -7,7 +7,7 @@ from PIL import Image
 from torch import nn
 from transformers import Sam2Processor
 
-from ..tuners.ptsam.layer import PtsamPromptEncoderLayer
+from ..tuners.ptsam.layer import PtsamPromptEncoderLayer, ptsam_classes
 from .predictor import Sam2PeftPredictor
 
 
@@ -34,6 +34,10 @@ def predict_prompt_free(
     """
     if not has_active_ptsam(model):
         raise ValueError("predict_prompt_free needs a model with an active PTSAM adapter; load one with PeftModel.")
+    if ptsam_classes(model) > 1:
+        raise ValueError(
+            "This PTSAM adapter segments several classes: use Sam2PeftPredictor.predict, whose class_map names them."
+        )
     was_training = model.training
     device = next(model.parameters()).device
     try:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import Sam2Model
 
+from ..tuners.ptsam.layer import ptsam_classes
 from .clicks import add_correction_clicks
 
 
@@ -107,7 +108,7 @@ class Sam2Segmenter(nn.Module):
         if pixel_values is not None:
             vision_features = self.vision_features(pixel_values)
         per_image = image_embeddings if image_embeddings is not None else self.image_embeddings(vision_features)
-        per_object = [embedding[object_image_index] for embedding in per_image]
+        per_object = [embedding[self._decoded_rows(object_image_index, points)] for embedding in per_image]
         output = self._decode(per_object, points, point_labels, mask_inputs, multimask_output)
         previous = output
         for _ in range(correction_rounds):
@@ -116,6 +117,20 @@ class Sam2Segmenter(nn.Module):
             previous = self._decode(per_object, points, point_labels, best.detach(), False)
             output.corrections.append(previous)
         return output
+
+    def _decoded_rows(self, object_image_index: torch.Tensor, points: torch.Tensor | None) -> torch.Tensor:
+        """The image of each decoder row: every prompt's, or, for a prompt-free multi-class PTSAM adapter (whose rows
+        come as each image repeated once per class), each image once, its classes decoded together."""
+        classes = ptsam_classes(self.sam) if points is None else 1
+        if classes == 1:
+            return object_image_index
+        rows = object_image_index[::classes]
+        if (
+            len(object_image_index) != classes * len(rows)
+            or not (object_image_index.view(-1, classes) == rows[:, None]).all()
+        ):
+            raise ValueError(f"A {classes}-class PTSAM adapter needs each image's rows repeated once per class.")
+        return rows
 
     def _decode(
         self,
@@ -133,9 +148,9 @@ class Sam2Segmenter(nn.Module):
             multimask_output=multimask_output,
         )
         return SegmenterOutput(
-            mask_logits=outputs.pred_masks[:, 0],
-            iou_scores=outputs.iou_scores[:, 0],
-            object_score_logits=outputs.object_score_logits[:, 0],
+            mask_logits=outputs.pred_masks.flatten(0, 1),  # (rows, prompts or classes, ...): one per prompt
+            iou_scores=outputs.iou_scores.flatten(0, 1),
+            object_score_logits=outputs.object_score_logits.flatten(0, 1),
         )
 
 

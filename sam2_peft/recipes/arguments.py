@@ -84,7 +84,8 @@ class DataSourceArguments:
         metadata={
             "help": "binary: threshold at half the mask's maximum (one object); instance: each non-zero value is an "
             "object; auto: two levels or values near 0 and the maximum (JPEG, anti-aliasing) are binary, labels 1, 2, "
-            "3... are instances, anything else stops with an error.",
+            "3... are instances, anything else stops with an error; semantic: each value is a class id (0 background), "
+            "classes named by classes.json beside masks/ or --class-names (PTSAM trains one token set per class).",
             "choices": MASK_TYPES,
         },
     )
@@ -99,6 +100,15 @@ class DataArguments(DataSourceArguments):
     """The training data, its validation split and the objects drawn per image."""
 
     data: str | None = field(default=str(SAMPLE_DATA), metadata={"help": f"The data: {DATA_SOURCES}."})
+    class_names: str | None = field(
+        default=None,
+        metadata={"help": "With --mask-type semantic: class names for ids 1, 2, ... (comma-separated), instead of "
+                  "classes.json beside masks/ (default: the ids found in the masks)."},
+    )  # fmt: skip
+    ignore_index: int = field(
+        default=255,
+        metadata={"help": "With --mask-type semantic: the mask value excluded from loss and metrics (-1: none)."},
+    )
     val_data: str | None = field(
         default=None, metadata={"help": "Separate validation source (else a split of --data)."}
     )

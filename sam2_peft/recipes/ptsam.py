@@ -3,6 +3,7 @@ default (targets: the union of all objects).
 
     sam2-peft train ptsam --model facebook/sam2.1-hiera-small --data path/to/data --train-images 16
     sam2-peft train ptsam --encoder-prompts 8 ...       # deep encoder prompts too
+    sam2-peft train ptsam --data DIR --mask-type semantic   # one adapter, a token set per class of DIR/classes.json
     accelerate launch -m sam2_peft.recipes.ptsam ...
 """
 
@@ -30,11 +31,21 @@ def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     defaults = {"lr": DEFAULT_LR, "prompt": "none", **defaults}
     args = parse_recipe_arguments(__doc__.splitlines()[0], PtsamOptions, argv=argv, rules=RULES, **defaults)
     from ..adapters.methods import PtsamMethod
-    from .runner import image_task, run_recipe
+    from .runner import image_task, run_recipe, semantic_classes
 
     target_mode = "semantic" if args.prompts.prompt == "none" else "instances"
-    method = PtsamMethod(**asdict(args.method), init_seed=args.training.seed)
-    return run_recipe(args, method, build_task=lambda a, processor: image_task(a, processor, target_mode))
+    classes = None
+    if target_mode == "semantic" and args.data.mask_type == "semantic":
+        classes = semantic_classes(args.data)  # one token set per class, all in one adapter
+    method = PtsamMethod(
+        **asdict(args.method), init_seed=args.training.seed, id2label=classes.id2label if classes else None
+    )
+    return run_recipe(
+        args,
+        method,
+        build_task=lambda a, processor: image_task(a, processor, target_mode, classes),
+        run_info={"classes": classes.id2label} if classes else None,
+    )
 
 
 def encoder_main(argv: Sequence[str] | None = None) -> dict:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..adapters.methods import TuningMethod
+from ..data.classes import ClassList, check_classes, named_classes
 from ..data.config import DatasetConfig
 from ..data.dataset import SegmentationDataset
 from ..data.sources import (
@@ -40,6 +41,8 @@ def check_data_arguments(data: DataArguments) -> None:
     check_data_source(data.data, "--data")
     if data.val_data:
         check_data_source(data.val_data, "--val-data")
+    if data.class_names is not None and data.mask_type != "semantic":
+        raise DataError("--class-names names the classes of semantic masks: add --mask-type semantic, or leave it out.")
     if data.train_images is not None and data.train_images < 1:
         raise DataError(f"--train-images must be at least 1, got {data.train_images}; leave it out to use every image.")
     if data.streaming and data.train_images is not None:
@@ -67,8 +70,30 @@ def load_model(args: ModelArguments, video: bool = False):
     return model, processor
 
 
-def dataset_config(args: RecipeArguments, target_mode: str = "instances") -> DatasetConfig:
-    """The dataset settings of a recipe's arguments (`semantic` targets are prompt-free)."""
+def configure_logging() -> None:
+    """Log the run's INFO lines with their time and source (once; later calls change nothing)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+
+def semantic_classes(data: DataArguments) -> ClassList:
+    """The classes of `--mask-type semantic` data, checked against every mask of `--data` (before the model loads),
+    with pixel and image counts per class logged."""
+    configure_logging()
+    check_data_arguments(data)
+    if data.streaming:
+        raise DataError("--mask-type semantic checks every mask's classes up front, which --streaming does not do.")
+    set_max_image_pixels(data.max_image_pixels)
+    source = dict(image_column=data.image_column, mask_column=data.mask_column, mask_type=data.mask_type)
+    records = open_records(data.data, split=data.split, **source)
+    ignore = None if data.ignore_index < 0 else data.ignore_index
+    return check_classes(records, named_classes(data.data, data.class_names), ignore, printable(data.data))
+
+
+def dataset_config(
+    args: RecipeArguments, target_mode: str = "instances", classes: ClassList | None = None
+) -> DatasetConfig:
+    """The dataset settings of a recipe's arguments (`semantic` targets are prompt-free; with `classes`, one target
+    per class)."""
     prompts = args.prompts
     if target_mode == "semantic" and prompts.prompt != "none":
         prompts = replace(prompts, prompt="none")
@@ -78,6 +103,8 @@ def dataset_config(args: RecipeArguments, target_mode: str = "instances") -> Dat
         prompts=prompts,
         augmentation=args.augmentation,
         validation=args.validation,
+        class_ids=None if classes is None else classes.ids,
+        ignore_index=None if classes is None else classes.ignore_index,
     )
 
 
@@ -171,13 +198,18 @@ def run_recipe(
 ) -> dict:
     """Check, load, build the task (default: image segmentation with per-object prompts), train, save, and push
     when asked. Returns the final metrics."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging()
     # Mistakes in paths and settings are reported before the (slow) model load, not after it.
     check_report_to(args.training.report_to)
     check_half_base(args.model.base_dtype, args.training.mixed_precision)
     if not video:
         check_data_arguments(args.data)
         check_streaming(args.data, training=args.training)
+    if args.data.class_names is not None and "classes" not in (run_info or {}):
+        raise DataError(
+            "--class-names names the classes of a multi-class PTSAM adapter (sam2-peft train ptsam --mask-type "
+            "semantic, no --prompt): leave it out for this method."
+        )
     training = args.training
     check_output_dir_before_run(Path(training.output_dir), training.resume is not None, training.overwrite)
     model, processor = load_model(args.model, video=video)
@@ -196,7 +228,11 @@ def run_recipe(
     return metrics
 
 
-def image_task(args: RecipeArguments, processor, target_mode: str = "instances") -> ImageSegmentationTask:
-    """Image segmentation on the recipe's data: per-object prompts (`instances`) or prompt-free unions (`semantic`)."""
-    train, val = build_datasets(args.data, processor, dataset_config(args, target_mode), args.training.seed)
-    return ImageSegmentationTask(train, val, args.loss)
+def image_task(
+    args: RecipeArguments, processor, target_mode: str = "instances", classes: ClassList | None = None
+) -> ImageSegmentationTask:
+    """Image segmentation on the recipe's data: per-object prompts (`instances`), prompt-free unions (`semantic`),
+    or prompt-free class maps (`semantic` with `classes`)."""
+    config = dataset_config(args, target_mode, classes)
+    train, val = build_datasets(args.data, processor, config, args.training.seed)
+    return ImageSegmentationTask(train, val, args.loss, classes=classes)

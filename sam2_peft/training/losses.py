@@ -297,6 +297,7 @@ def sam2_loss(
     target_masks: torch.Tensor,
     config: LossConfig | None = None,
     batch_counts: tuple[int, int] | None = None,
+    train_absent: bool = False,
 ) -> LossOutput:
     """Loss for N prompts.
 
@@ -307,6 +308,8 @@ def sam2_loss(
         target_masks: `(N, H, W)` bool or float targets (all-zero = object absent).
         batch_counts: when these N prompts are a chunk of a batch, the batch's (objects present, prompts), by
             which the terms are normalised instead of the chunk's own, so that the chunks' losses sum to the batch's.
+        train_absent: train the masks of absent objects too, towards empty (a multi-class adapter's class that an
+            image does not show must predict no pixel); the object-score head still learns presence.
     """
     config = config or LossConfig()
     per_mask, per_dice, true_iou = mask_loss_terms(mask_logits, target_masks, config)
@@ -314,13 +317,16 @@ def sam2_loss(
     best = combined.argmin(dim=1, keepdim=True)
     present = target_masks.flatten(1).any(dim=1)
     num_present, num_prompts = batch_counts or (int(present.sum()), len(present))
+    trained = torch.ones_like(present) if train_absent else present
+    if train_absent:
+        num_present = num_prompts
     num_present = max(num_present, 1)
     object_loss = F.binary_cross_entropy_with_logits(
         object_score_logits.float()[:, 0], present.float(), reduction="sum"
     ) / max(num_prompts, 1)
-    mask_term = (per_mask.gather(1, best)[:, 0] * present).sum() / num_present
-    dice_term = (per_dice.gather(1, best)[:, 0] * present).sum() / num_present
-    iou_term = (F.mse_loss(iou_scores.float(), true_iou, reduction="none").mean(1) * present).sum() / num_present
+    mask_term = (per_mask.gather(1, best)[:, 0] * trained).sum() / num_present
+    dice_term = (per_dice.gather(1, best)[:, 0] * trained).sum() / num_present
+    iou_term = (F.mse_loss(iou_scores.float(), true_iou, reduction="none").mean(1) * trained).sum() / num_present
     total = (
         config.mask_weight * mask_term
         + config.dice_weight * dice_term

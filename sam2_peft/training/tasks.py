@@ -15,12 +15,14 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, Subset
 from transformers import Sam2Processor
 
+from ..data.classes import ClassList
 from ..data.dataset import SegmentationDataset, collate_segmentation, model_inputs, view_key
 from ..data.prompts import mask_prompts, mask_to_boxes
 from ..evaluation.panels import comparison_panel
@@ -29,7 +31,7 @@ from ..models.segmenter import Sam2Segmenter, wants_multimask
 from .config import LossConfig
 from .losses import LossOutput, combine_rounds, sam2_loss
 
-PER_PROMPT_INPUTS = frozenset({"object_image_index", "points", "point_labels", "mask_inputs"})
+PER_PROMPT_INPUTS = frozenset({"object_image_index", "points", "point_labels", "mask_inputs", "ignore_mask"})
 """Segmenter inputs with one row per prompt (the others are per image)."""
 
 Encode = Callable[..., dict[str, list[torch.Tensor]]]
@@ -43,6 +45,20 @@ context made by a `contextlib.contextmanager` can be entered only once."""
 
 LossPart = Callable[[Autocast], LossOutput]
 """A part of a batch's loss, computed (forward) when called with an autocast factory."""
+
+
+IGNORED_LOGIT = -20.0
+"""The logit given to ignored pixels: a confident "not this class", which their all-zero targets agree with, so
+they add (almost) nothing to the mask losses and no gradient."""
+
+
+def without_ignored(logits: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:
+    """`(N, M, h, w)` logits with every decoder cell that holds an ignored pixel of `ignore` `(N, S, S)` set to
+    `IGNORED_LOGIT` (detached): the ignore value is left out of the loss at the decoder's resolution."""
+    if ignore is None or not ignore.any():
+        return logits
+    cells = F.adaptive_max_pool2d(ignore[:, None].float(), logits.shape[-2:]) > 0
+    return torch.where(cells, torch.full_like(logits, IGNORED_LOGIT), logits)
 
 
 class Task(ABC):
@@ -128,6 +144,7 @@ class ImageSegmentationTask(Task):
     Args:
         train_dataset / val_dataset: `SegmentationDataset`s (validation built with `train=False`).
         loss: the loss terms' forms and weights.
+        classes: a multi-class PTSAM task's classes (datasets built with their `class_ids`): scored per class.
 
     The prompts come from the datasets (`data.prompts`); a training step may add the objects' ground-truth masks as
     dense prompts (`prompts.mask_prompt_probability`) and run interactive correction rounds
@@ -141,8 +158,10 @@ class ImageSegmentationTask(Task):
         train_dataset: SegmentationDataset,
         val_dataset: SegmentationDataset | None = None,
         loss: LossConfig | None = None,
+        classes: ClassList | None = None,
     ) -> None:
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.classes = classes
         self.processor = train_dataset.processor
         self.loss_config = loss or LossConfig()
         self.prompts = train_dataset.config.prompts
@@ -185,9 +204,15 @@ class ImageSegmentationTask(Task):
         if self.prompts.mask_prompt_probability and random.random() < self.prompts.mask_prompt_probability:
             inputs["mask_inputs"] = mask_prompts(targets, targets.shape[-1] // 4)
         multimask = wants_multimask(inputs["point_labels"])
+        if "ignore_mask" in batch:  # multi-class targets: one row per class, absent classes trained to be empty
+            inputs["ignore_mask"] = batch["ignore_mask"].to(device)
         count = len(targets)
         size = prompt_chunk if encode is not None and 0 < prompt_chunk < count else count
-        counts = (int(targets.flatten(1).any(dim=1).sum()), count) if size < count else None
+        if self.classes is not None:  # an image's classes decode together: chunks hold whole images
+            per_image = len(self.classes.ids)
+            size = max(per_image, size // per_image * per_image)
+        present = count if "ignore_mask" in batch else int(targets.flatten(1).any(dim=1).sum())
+        counts = (present, count) if size < count else None
 
         def part(chunk: slice, autocast: Autocast) -> LossOutput:
             chunk_inputs = {
@@ -208,6 +233,7 @@ class ImageSegmentationTask(Task):
         batch_counts: tuple[int, int] | None,
     ) -> LossOutput:
         rounds = self.prompts.correction_rounds
+        ignore = inputs.pop("ignore_mask", None)
         with autocast():
             output = segmenter(
                 **inputs,
@@ -216,7 +242,15 @@ class ImageSegmentationTask(Task):
                 target_masks=targets if rounds else None,
             )
         losses = [
-            sam2_loss(o.mask_logits, o.iou_scores, o.object_score_logits, targets, self.loss_config, batch_counts)
+            sam2_loss(
+                without_ignored(o.mask_logits, ignore),
+                o.iou_scores,
+                o.object_score_logits,
+                targets,
+                self.loss_config,
+                batch_counts,
+                train_absent=ignore is not None,
+            )
             for o in (output, *output.corrections)
         ]
         return combine_rounds(losses)
@@ -229,7 +263,9 @@ class ImageSegmentationTask(Task):
         keep_ids: frozenset[str],
         encode: Encode | None,
     ) -> EvaluationResult:
-        return evaluate_segmenter(segmenter, loader, self.processor, accelerator, keep_ids=keep_ids, encode=encode)
+        return evaluate_segmenter(
+            segmenter, loader, self.processor, accelerator, keep_ids=keep_ids, encode=encode, classes=self.classes
+        )
 
     def panel_ids(self, count: int, seed: int) -> list[str]:
         if self.val_dataset is None:

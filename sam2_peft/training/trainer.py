@@ -633,6 +633,7 @@ class Trainer:
                     "adapter_bytes": _adapter_bytes(self.output_dir),
                     "history": state.history,
                     **self.run_info,
+                    **(final.details if final else {}),
                 }
                 atomic_write_json(self.output_dir / "metrics.json", summary)
                 method = {"name": self.method.name, **self.method.settings()}

@@ -57,6 +57,9 @@ class PtsamPromptEncoderLayer(_Wrapper, PtsamLayer):
     prompt (no boxes, and only not-a-point/padding labels, which is what `Sam2Model.forward` passes when called without
     points or boxes) sparse is the `n` tokens alone, `(B, P, n, C)`; otherwise the user's `k` embeddings followed by
     the tokens, `(B, P, k + n, C)`. The dense embedding is untouched (the no-mask embedding unless a mask is given).
+
+    A multi-class adapter holds `(classes, n, C)` tokens and is prompt-free only: each prompt row becomes one row per
+    class, sparse `(B, classes, n, C)`, so the decoder decodes every class against one image encoding in one batch.
     """
 
     adapter_layer_names = ("ptsam_tokens",)
@@ -69,7 +72,12 @@ class PtsamPromptEncoderLayer(_Wrapper, PtsamLayer):
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: PtsamConfig) -> None:
-        self.ptsam_tokens[adapter_name] = nn.Parameter(initial_tokens(self.base_layer, config))
+        if config.num_classes is None:
+            tokens = initial_tokens(self.base_layer, config)
+        else:  # class c starts as a single-class adapter of seed init_seed + c would
+            seeds = range(config.init_seed, config.init_seed + config.num_classes)
+            tokens = torch.stack([initial_tokens(self.base_layer, config, seed) for seed in seeds])
+        self.ptsam_tokens[adapter_name] = nn.Parameter(tokens)
         self.set_adapter(self.active_adapters)
 
     def forward(
@@ -83,11 +91,35 @@ class PtsamPromptEncoderLayer(_Wrapper, PtsamLayer):
         tokens = self._active_entry(self.ptsam_tokens)
         if tokens is None:
             return sparse, dense
-        if sparse is None or is_prompt_free(input_labels, input_boxes):
+        prompt_free = sparse is None or is_prompt_free(input_labels, input_boxes)
+        if tokens.dim() == 3:
+            if not prompt_free or (sparse is not None and sparse.shape[1] != 1):
+                raise ValueError("A multi-class PTSAM adapter segments without prompts: give no points or boxes.")
+            return tokens.to(dense.dtype).expand(dense.shape[0], -1, -1, -1), dense
+        if prompt_free:
             batch, point_batch = (dense.shape[0], 1) if sparse is None else sparse.shape[:2]
             return tokens.to(dense.dtype).expand(batch, point_batch, -1, -1), dense
         tokens = tokens.to(sparse.dtype).expand(*sparse.shape[:2], -1, -1)
         return torch.cat([sparse, tokens], dim=2), dense
+
+
+def ptsam_classes(model: nn.Module) -> int:
+    """How many classes the model's active PTSAM adapter decodes per prompt-free row (1: single-class, or none)."""
+    for module in model.modules():
+        if isinstance(module, PtsamPromptEncoderLayer):
+            tokens = module._active_entry(module.ptsam_tokens)
+            return 1 if tokens is None or tokens.dim() == 2 else len(tokens)
+    return 1
+
+
+def active_classes(model: nn.Module) -> dict[int, str] | None:
+    """The classes of the active multi-class PTSAM adapter of `model` (a `PeftModel`), mask value -> name, in class
+    order; None when no multi-class adapter is active."""
+    if ptsam_classes(model) == 1:
+        return None
+    adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+    id2label = model.peft_config[adapter].id2label
+    return {int(key): id2label[key] for key in sorted(id2label, key=int)}
 
 
 def is_prompt_free(input_labels: torch.Tensor | None, input_boxes: torch.Tensor | None) -> bool:
@@ -100,7 +132,7 @@ def is_prompt_free(input_labels: torch.Tensor | None, input_boxes: torch.Tensor 
 
 
 @torch.no_grad()
-def initial_tokens(prompt_encoder: nn.Module, config: PtsamConfig) -> torch.Tensor:
+def initial_tokens(prompt_encoder: nn.Module, config: PtsamConfig, seed: int | None = None) -> torch.Tensor:
     """The `(num_tokens, C)` starting tokens: normal noise, embeddings of random boxes or points, or padding.
 
     Box init takes the two corner embeddings of `ceil(n / 2)` random boxes (corners uniform in the input image, sorted);
@@ -110,7 +142,7 @@ def initial_tokens(prompt_encoder: nn.Module, config: PtsamConfig) -> torch.Tens
     """
     weight = prompt_encoder.not_a_point_embed.weight
     width, size = weight.shape[1], prompt_encoder.input_image_size
-    generator = torch.Generator().manual_seed(config.init_seed)
+    generator = torch.Generator().manual_seed(config.init_seed if seed is None else seed)
     n = config.num_tokens
     if config.token_init == "normal":
         tokens = torch.randn(n, width, generator=generator) * config.token_init_std

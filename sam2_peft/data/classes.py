@@ -1,0 +1,124 @@
+"""Classes of semantic label maps (`--mask-type semantic`): their names, and a check of every mask against them.
+
+A semantic mask's pixel value is a class id: 0 is background, `ignore_index` (255 by default) is left out of loss and
+metrics, every other value must be a named class. Names come from `classes.json` beside `masks/` (`{"1": "scratch",
+"2": "dent"}`), or `--class-names scratch,dent` (ids 1, 2, ...), or else the ids found in the masks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .sources import DataError, LabelMap, SampleRecord, printable
+
+logger = logging.getLogger(__name__)
+
+CLASSES_FILE = "classes.json"
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """The trained classes: `ids[c]` is the mask value of class index `c`, `names[c]` its name."""
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+    ignore_index: int | None = None
+
+    @property
+    def id2label(self) -> dict[str, str]:
+        """`{"1": "scratch", ...}`, as transformers names classes (keys are the mask values)."""
+        return {str(i): name for i, name in zip(self.ids, self.names)}
+
+    @classmethod
+    def from_id2label(cls, id2label: dict[str, str], ignore_index: int | None = None) -> ClassList:
+        ids = sorted(int(key) for key in id2label)
+        return cls(tuple(ids), tuple(id2label[str(i)] for i in ids), ignore_index)
+
+
+def named_classes(data: str, class_names: str | None) -> dict[int, str] | None:
+    """The names `--class-names` or `DATA/classes.json` give, by id (None: neither; names come from the masks)."""
+    if class_names is not None:
+        names = [name.strip() for name in class_names.split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise DataError(f"--class-names '{class_names}' needs distinct, non-empty names separated by commas.")
+        return {i + 1: name for i, name in enumerate(names)}
+    path = Path(data) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        named = {int(key): str(value) for key, value in raw.items()}
+    except (ValueError, AttributeError, UnicodeDecodeError) as err:
+        raise DataError(
+            f'\'{printable(path)}\' must be a JSON object of class ids to names, e.g. {{"1": "scratch", "2": '
+            f'"dent"}} ({err}).'
+        ) from None
+    bad = [key for key in named if key <= 0]
+    if bad or not named:
+        raise DataError(
+            f"'{printable(path)}' must name classes with ids 1 and up (0 is background); got {bad or '{}'}."
+        )
+    return named
+
+
+def check_classes(
+    records: list[SampleRecord], named: dict[int, str] | None, ignore_index: int | None, source: str
+) -> ClassList:
+    """Read every mask once: refuse a value with no name and a name with no pixels, log pixel and image counts per
+    class, and return the class list (named classes, or every id found)."""
+    pixels: dict[int, int] = {}
+    images: dict[int, int] = {}
+    for record in records:
+        objects = record.objects()
+        if not isinstance(objects, LabelMap):
+            raise DataError(f"--mask-type semantic needs label-map masks; '{source}' gives built instance masks.")
+        for value, area in zip(objects.values.tolist(), objects.areas().tolist()):
+            value = int(value)
+            if value == ignore_index:
+                continue
+            if named is not None and value not in named:
+                raise DataError(
+                    f"Mask '{record.origin}' has pixels of class id {value}, which has no name: add it to "
+                    f"{CLASSES_FILE} or --class-names, or pass --ignore-index {value} to leave it out."
+                )
+            pixels[value] = pixels.get(value, 0) + int(area)
+            images[value] = images.get(value, 0) + 1
+    names = named if named is not None else {value: str(value) for value in pixels}
+    empty = [f"{i} ({name})" for i, name in sorted(names.items()) if i not in pixels]
+    if empty:
+        raise DataError(
+            f"Class {', '.join(empty)} has no pixels in any mask of '{source}': remove it from {CLASSES_FILE} or "
+            "--class-names, or add images that show it."
+        )
+    if not names:
+        raise DataError(f"No mask of '{source}' has a class (every pixel is background or --ignore-index).")
+    total = sum(pixels.values())
+    for i, name in sorted(names.items()):
+        logger.info(
+            "Class %d '%s': %d pixels (%.1f %% of labelled), in %d of %d images",
+            i,
+            name,
+            pixels[i],
+            100 * pixels[i] / total,
+            images[i],
+            len(records),
+        )
+    ids = tuple(sorted(names))
+    return ClassList(ids, tuple(names[i] for i in ids), ignore_index)
+
+
+def class_masks(objects: LabelMap, ids: tuple[int, ...]) -> np.ndarray:
+    """`(C, H, W)` bool: the pixels of each class id (empty where the image does not show it)."""
+    return objects.labels[None] == np.asarray(ids, dtype=objects.labels.dtype)[:, None, None]
+
+
+def ignored_pixels(objects: LabelMap, ignore_index: int | None) -> np.ndarray:
+    """`(H, W)` bool: the pixels whose value is `ignore_index` (none when it is None)."""
+    if ignore_index is None:
+        return np.zeros(objects.shape, dtype=bool)
+    return objects.labels == ignore_index

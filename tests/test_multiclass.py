@@ -1,0 +1,184 @@
+"""Multi-class PTSAM from semantic label maps: class lists checked against the masks, one token set per class decoded
+in one batch, per-class metrics, and the synthetic class maps the tests train on."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from PIL import Image
+from transformers import Sam2Model
+
+import sam2_peft  # noqa: F401  (registers PTSAM with peft)
+from sam2_peft.adapters import PtsamMethod
+from sam2_peft.data.classes import check_classes, named_classes
+from sam2_peft.data.sources import DataError, folder_records
+from sam2_peft.data.synthetic import SyntheticSceneConfig, write_scene_folder
+from sam2_peft.evaluation.metrics import ClassAccumulator, resolve_classes
+from sam2_peft.models.loading import build_model_from_config, tiny_config
+from sam2_peft.models.segmenter import Sam2Segmenter
+from sam2_peft.recipes.ptsam import main as ptsam
+from sam2_peft.training.config import LossConfig
+from sam2_peft.training.losses import sam2_loss
+from sam2_peft.training.tasks import IGNORED_LOGIT, without_ignored
+
+from .conftest import TINY_SIZE
+
+CLASSES = ("ellipse", "polygon", "ring")
+
+
+def write_class_folder(root, scenes: int = 8, seed: int = 0):
+    """Synthetic class maps: ellipses common, rings rare, objects overlapping (the front one keeps its pixels)."""
+    config = SyntheticSceneConfig(
+        image_size=128, shape_kinds=CLASSES, shape_weights=(4.0, 2.0, 1.0), min_objects=3, max_objects=6
+    )
+    return write_scene_folder(root, scenes, seed, config, semantic=True)
+
+
+def write_label_folder(root, labels: list[np.ndarray], classes: dict | None = None):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, label in enumerate(labels):
+        Image.fromarray(np.zeros((*label.shape, 3), np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(label.astype(np.uint8)).save(root / "masks" / f"{i}.png")
+    if classes is not None:
+        (root / "classes.json").write_text(json.dumps(classes))
+    return root
+
+
+def test_synthetic_class_maps_are_the_shapes_in_front(tmp_path):
+    data = write_class_folder(tmp_path / "d", scenes=6)
+    assert json.loads((data / "classes.json").read_text()) == {"1": "ellipse", "2": "polygon", "3": "ring"}
+    records = folder_records(data, "semantic")
+    pixels = np.zeros(4, np.int64)
+    for record in records:
+        pixels += np.bincount(record.objects().labels.ravel(), minlength=4)
+    assert pixels[1] > pixels[3] > 0  # imbalanced, every class present
+
+
+def test_class_list_is_checked_against_every_mask(tmp_path, caplog):
+    labels = [np.zeros((20, 20), np.uint8) for _ in range(3)]
+    labels[0][:5] = 1
+    labels[1][5:8] = 2
+    labels[2][:2] = 255  # the ignore value is no class
+    data = write_label_folder(tmp_path / "d", labels, {"1": "scratch", "2": "dent"})
+    records = folder_records(data, "semantic")
+    with caplog.at_level(logging.INFO):
+        classes = check_classes(records, named_classes(str(data), None), 255, "d")
+    assert classes.id2label == {"1": "scratch", "2": "dent"} and classes.ids == (1, 2)
+    assert "Class 1 'scratch': 100 pixels" in caplog.text and "in 1 of 3 images" in caplog.text
+    with pytest.raises(DataError, match=r"'.*2\.png' has pixels of class id 255, which has no name"):
+        check_classes(records, named_classes(str(data), None), None, "d")
+    with pytest.raises(DataError, match="Class 3 \\(rust\\) has no pixels"):
+        check_classes(records, named_classes(str(data), "scratch,dent,rust"), 255, "d")
+    assert check_classes(records, None, 255, "d").names == ("1", "2")  # no names: the ids
+    (data / "classes.json").write_text('{"0": "background"}')
+    with pytest.raises(DataError, match="ids 1 and up"):
+        named_classes(str(data), None)
+
+
+def test_class_names_without_semantic_masks_are_refused(tmp_path):
+    from sam2_peft.cli import main as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(["train", "ptsam", "--class-names", "a,b", "--output-dir", str(tmp_path / "o"), "--report-to", "none"])
+    assert str(exit_.value.code).startswith("error: --class-names names the classes of semantic masks")
+
+
+def _adapted(classes: dict | None, tokens: int = 4):
+    model = build_model_from_config(tiny_config(TINY_SIZE), seed=0)
+    return PtsamMethod(num_tokens=tokens, token_init="normal", id2label=classes).prepare(model, None)
+
+
+def test_three_class_adapter_has_three_token_sets_and_at_most_3x_the_parameters():
+    one = sum(p.numel() for p in _adapted(None).parameters() if p.requires_grad)
+    three = _adapted(dict(zip("123", CLASSES)))
+    trained = [p for p in three.parameters() if p.requires_grad]
+    assert [tuple(p.shape) for p in trained] == [(3, 4, 64)]
+    assert sum(p.numel() for p in trained) <= 3 * one
+
+
+def test_classes_decode_in_one_batch_exactly_as_one_adapter_per_class():
+    model = _adapted(dict(zip("123", CLASSES)))
+    tokens = model.base_model.model.prompt_encoder.ptsam_tokens["default"]
+    pixels = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        together = Sam2Segmenter(model).eval()(torch.tensor([0, 0, 0, 1, 1, 1]), pixel_values=pixels)
+        assert together.mask_logits.shape[:2] == (6, 1)
+        for c in range(3):
+            single = _adapted(None)
+            single.base_model.model.prompt_encoder.ptsam_tokens["default"].copy_(tokens[c])
+            alone = Sam2Segmenter(single).eval()(torch.tensor([0, 1]), pixel_values=pixels)
+            torch.testing.assert_close(together.mask_logits[c::3], alone.mask_logits, atol=1e-5, rtol=1e-4)
+        with pytest.raises(ValueError, match="repeated once per class"):
+            Sam2Segmenter(model)(torch.tensor([0, 0, 1, 1]), pixel_values=pixels)
+
+
+def test_absent_classes_train_towards_empty_and_ignored_pixels_count_nowhere():
+    logits = torch.full((2, 1, 8, 8), 3.0, requires_grad=True)
+    targets = torch.zeros(2, 32, 32, dtype=torch.bool)
+    targets[0, :16] = True
+    config = LossConfig()
+    present_only = sam2_loss(logits, torch.zeros(2, 1), torch.zeros(2, 1), targets, config)
+    with_absent = sam2_loss(logits, torch.zeros(2, 1), torch.zeros(2, 1), targets, config, train_absent=True)
+    assert with_absent.dice > present_only.dice  # the absent row's all-positive mask is now penalised
+    ignore = torch.zeros(2, 32, 32, dtype=torch.bool)
+    ignore[:, 16:, :4] = True
+    masked = without_ignored(logits, ignore)
+    assert (masked[:, :, 4:, :1] == IGNORED_LOGIT).all() and (masked[:, :, :4] == 3.0).all()
+    masked.sum().backward()
+    assert (logits.grad[:, :, 4:, :1] == 0).all()
+
+
+def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
+    logits = np.full((2, 1, 4), -5.0)
+    logits[0, 0, :2] = 2.0  # class 1 certain on pixels 0, 1
+    logits[1, 0, 1:3] = 3.0  # class 2 surer on pixel 1, alone on pixel 2
+    logits[1, 0, 3] = -0.1  # below the background threshold (0.5)
+    assert resolve_classes(logits).tolist() == [[1, 2, 2, 0]]
+    scores = ClassAccumulator(("a", "b"))
+    preds = resolve_classes(logits)[None] == np.arange(1, 3)[:, None, None]
+    targets = np.array([[[1, 1, 0, 0]], [[0, 0, 1, 0]]], bool)
+    scores.update(preds, targets, ignore=np.array([[False, False, False, True]]))
+    result = scores.compute()
+    assert result["iou_a"] == 0.5 and result["iou_b"] == 0.5 and result["dice_a"] == pytest.approx(2 / 3)
+    assert result["mean_iou"] == 0.5 and result["fw_iou"] == pytest.approx((2 * 0.5 + 0.5) / 3)
+    assert scores.confusion.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tmp_path):
+    data, out = write_class_folder(tmp_path / "d", scenes=6), tmp_path / "run"
+    ptsam([
+        "--model", str(saved_tiny_model), "--data", str(data), "--mask-type", "semantic", "--output-dir", str(out),
+        "--val-fraction", "0.34", "--report-to", "none", "--batch-size", "2", "--max-steps", "2", "--num-tokens", "2",
+        "--num-panels", "1",
+    ])  # fmt: skip
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["id2label"] == {"1": "ellipse", "2": "polygon", "3": "ring"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    for scores in (metrics["base"], metrics["fine_tuned"]):
+        assert {f"dice_{name}" for name in CLASSES} | {"mean_iou", "fw_iou"} <= set(scores)
+    assert np.array(metrics["confusion_matrix"]).shape == (4, 4)
+    loaded = PeftModel.from_pretrained(Sam2Model.from_pretrained(saved_tiny_model), out)  # plain peft
+    assert loaded.base_model.model.prompt_encoder.ptsam_tokens["default"].shape == (3, 2, 64)
+    from sam2_peft.cli import main as cli
+
+    cli(["predict", "--adapter", str(out), str(data / "images"), str(tmp_path / "pred")])
+    written = np.array(Image.open(tmp_path / "pred" / "masks" / "scene_0000.png"))
+    assert written.dtype == np.uint8 and set(np.unique(written)) <= {0, 1, 2, 3}
+    assert (tmp_path / "pred" / "overlays" / "scene_0000.png").is_file()
+
+
+def test_predictor_writes_the_trained_ids_resolved_by_probability(tiny_processor):
+    from sam2_peft.inference.predictor import Sam2PeftPredictor
+
+    model = _adapted({"3": "scratch", "7": "dent"})
+    image = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    prediction = Sam2PeftPredictor(model, tiny_processor, device="cpu").predict(image, return_logits=True)
+    assert prediction.class_names == {3: "scratch", 7: "dent"} and prediction.class_map.shape == (70, 90)
+    expected = np.array([0, 3, 7])[resolve_classes(prediction.logits)]
+    np.testing.assert_array_equal(prediction.class_map, expected)
+    assert set(np.unique(prediction.class_map)) - {0} and prediction.masks.shape == (2, 70, 90)
+    np.testing.assert_array_equal(prediction.masks[1], prediction.class_map == 7)
