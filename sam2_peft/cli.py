@@ -425,16 +425,16 @@ def _boxed_file(files: list[Path], name: str, boxes_file: str) -> Path:
 def _skipping_bad_files(paths, read: Callable[[Path], object], skip: bool):
     """(path, read(path)) for each path; a DataError stops the run (naming --skip-bad-files) or, with `skip`, is
     one warning line and the file is left out."""
-    from .data.sources import SKIP_HINT, DataError, printable
+    from .data.sources import SKIP_HINT, BadFileError, DataError, printable
 
     for path in paths:
         try:
             value = read(path)
         except DataError as err:
             if not skip:
-                if "--skip-bad-files" in str(err):
+                if isinstance(err, BadFileError):  # its message names --skip-bad-files already
                     raise
-                raise DataError(f"{str(err).rstrip('.')}, {SKIP_HINT}.") from err
+                raise BadFileError(f"{str(err).rstrip('.')}, {SKIP_HINT}.") from err
             print(f"warning: skipping '{printable(path.name)}' (--skip-bad-files): {err}", file=sys.stderr)
             continue
         yield path, value
