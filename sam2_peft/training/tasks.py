@@ -63,7 +63,8 @@ class CacheSetup:
 
 
 class Task(ABC):
-    """The interface the trainer uses. Attributes: `train_dataset`, `val_dataset` (or None), `processor`,
+    """The interface the trainer uses. Attributes: `train_dataset` (with `set_epoch(epoch)`, called before each pass),
+    `val_dataset` (or None), `processor`,
     and `metric_for_best` (validation metric, higher is better, that ranks checkpoints)."""
 
     train_dataset: Dataset
