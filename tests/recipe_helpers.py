@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sam2_peft.cli import run_from_command_line
+from sam2_peft.commandline import run_from_command_line
 from sam2_peft.recipes.arguments import RecipeArguments, parse_recipe_arguments
 from sam2_peft.recipes.lora import main as lora_recipe
 from sam2_peft.recipes.runner import build_datasets, dataset_config

@@ -9,8 +9,9 @@ from importlib.abc import MetaPathFinder
 import pytest
 import torch
 
-from sam2_peft import cli
-from sam2_peft.cli import main, run_from_command_line
+from sam2_peft import cli, commandline
+from sam2_peft.cli import main
+from sam2_peft.commandline import run_from_command_line
 
 
 class BrokenTorchvision(MetaPathFinder):
@@ -55,11 +56,11 @@ def test_only_the_main_process_of_a_machine_prints_a_user_error(local_rank, rank
         else:
             monkeypatch.setenv(name, value)
     waits = []
-    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setattr(commandline.time, "sleep", waits.append)
     with pytest.raises(SystemExit) as exit_info:
         run_from_command_line(fail)
     if expected is None:  # waits for the launcher to stop it; only an error of its own is printed, with its rank
-        assert waits == [cli.OTHER_RANKS_EXIT_AFTER_S]
+        assert waits == [commandline.OTHER_RANKS_EXIT_AFTER_S]
         assert exit_info.value.code == "error (process 1): no such file 'x'"
     else:
         assert waits == [] and exit_info.value.code == expected

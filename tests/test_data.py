@@ -135,6 +135,8 @@ def test_mask_of_wrong_size_is_named(folder_dataset):
     Image.fromarray(np.ones((50, 50), dtype=np.uint8)).save(folder_dataset / "masks" / "img_001.png")
     with pytest.raises(DataError, match=r"img_001.png.*50x50"):
         validate_records(folder_records(folder_dataset))
+    kept, report = validate_records(folder_records(folder_dataset), ValidationConfig(skip_bad_files=True))
+    assert len(kept) == 5 and report.skipped == {"mask size differs from image": 1}
 
 
 def test_empty_masks_and_small_objects_are_counted(folder_dataset):

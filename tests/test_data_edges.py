@@ -360,7 +360,7 @@ def test_file_names_that_are_not_utf8_work_with_a_readable_id(folder_dataset, ti
 
 
 def test_edge_errors_end_in_one_error_line_from_the_command_line(tmp_path, folder_dataset, tiny_processor, monkeypatch):
-    from sam2_peft.cli import run_from_command_line
+    from sam2_peft.commandline import run_from_command_line
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     monkeypatch.setattr(sources, "_max_image_pixels", sources._max_image_pixels)

@@ -12,7 +12,7 @@ import torch
 from sam2_peft.adapters import LoraMethod, PtsamMethod
 from sam2_peft.adapters.files import SIDECAR_FILE, AdapterMismatchError, check_signature, load_adapter
 from sam2_peft.cli import main as cli_main
-from sam2_peft.cli import run_from_command_line
+from sam2_peft.commandline import run_from_command_line
 from sam2_peft.models.loading import Sam2LoadError, family_of, load_base_model
 from sam2_peft.models.segmenter import Sam2Segmenter
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker

@@ -12,7 +12,7 @@ from transformers import Sam2Model
 import sam2_peft  # noqa: F401  (registers PTSAM with peft)
 from sam2_peft.inference.prompt_free import predict_prompt_free
 from sam2_peft.models.loading import build_model_from_config, tiny_config
-from sam2_peft.tuners.ptsam import PtsamArchitectureError, PtsamAttentionLayer, PtsamConfig
+from sam2_peft.tuners.ptsam import PtsamArchitectureError, PtsamAttentionLayer, PtsamConfig, PtsamMergeError
 from sam2_peft.tuners.ptsam.layer import initial_tokens
 
 SIZE = 128
@@ -248,3 +248,12 @@ def test_padding_initialisation_starts_at_the_base_prompt_free_output():
         adapted = model(pixel_values=image, multimask_output=False).pred_masks
     assert (adapted - original).abs().max() < 0.02 * original.abs().max()
     assert ((adapted > 0) == (original > 0)).float().mean() > 0.995
+
+
+def test_merging_is_one_error_whichever_way_it_is_asked():
+    model = get_peft_model(_tiny(), PtsamConfig(encoder_prompts=1))
+    layer = next(m for m in model.modules() if isinstance(m, PtsamAttentionLayer))
+    for merge in (model.merge_and_unload, layer.merge):
+        with pytest.raises(PtsamMergeError, match="cannot be merged into weights. Use unload") as raised:
+            merge()
+        assert isinstance(raised.value, NotImplementedError) and isinstance(raised.value, ValueError)

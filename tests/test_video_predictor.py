@@ -46,3 +46,16 @@ def test_predictor_rejects_bad_prompts_and_frame_sizes():
         next(predictor.track([frame]))
     with pytest.raises(ValueError, match="one size"):
         list(predictor.track([frame, np.zeros((32, 32, 3), np.uint8)], boxes=np.array([[1, 1, 20, 20]])))
+
+
+def test_point_labels_share_the_image_predictors_name_and_the_old_one_warns():
+    predictor = VideoPredictor(tiny_video_model(), processor_for_image_size(VIDEO_SIZE))
+    frames = [np.random.default_rng(i).integers(0, 255, (64, 96, 3), dtype=np.uint8) for i in range(2)]
+    points, labels = np.array([[[20.0, 30.0]]]), np.array([[1]])
+    new = list(predictor.track(frames, points=points, labels=labels))
+    with pytest.warns(DeprecationWarning, match="point_labels= is deprecated: use labels="):
+        old = list(predictor.track(frames, points=points, point_labels=labels))
+    for a, b in zip(new, old, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="labels= only"):
+        list(predictor.track(frames, points=points, labels=labels, point_labels=labels))

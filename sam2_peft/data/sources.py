@@ -49,6 +49,11 @@ class DataError(ValueError):
     """Bad input data; the message names the file or field and the fix."""
 
 
+class BadFileError(DataError):
+    """A file (image, mask, annotation) that cannot be used; the message says how to fix it or skip it with
+    --skip-bad-files (`SKIP_HINT`)."""
+
+
 @dataclass
 class SampleRecord:
     """One annotated image, not yet decoded.
@@ -217,7 +222,7 @@ def _load(path: str | os.PathLike, kind: str) -> Image.Image:
         with Image.open(path) as image:
             pixels = image.width * image.height
             if _max_image_pixels and pixels > _max_image_pixels:
-                raise DataError(
+                raise BadFileError(
                     f"{kind.capitalize()} '{shown}' is {image.width}x{image.height} = {pixels} pixels, over the limit "
                     f"of {_max_image_pixels} (a guard against decompression bombs): if the file is trusted, raise "
                     f"--max-image-pixels (0 = no limit), {SKIP_HINT}."
@@ -228,12 +233,12 @@ def _load(path: str | os.PathLike, kind: str) -> Image.Image:
     except DataError:
         raise
     except Image.DecompressionBombError as err:
-        raise DataError(
+        raise BadFileError(
             f"{kind.capitalize()} '{shown}' is over PIL's decompression-bomb limit ({err}): if the file is trusted, "
             f"raise --max-image-pixels (0 = no limit), {SKIP_HINT}."
         ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"Cannot read {kind} '{shown}': {err}. Replace or re-export the file, {SKIP_HINT}.") from err
+        raise BadFileError(f"Cannot read {kind} '{shown}': {err}. Replace or re-export the file, {SKIP_HINT}.") from err
 
 
 def image_to_rgb(image: Image.Image) -> np.ndarray:
@@ -519,39 +524,39 @@ def _check_segmentation(annotation: dict, height: int, width: int, where: str) -
     segmentation = annotation.get("segmentation")
     if isinstance(segmentation, list):
         if not segmentation:
-            raise DataError(f"{where} has an empty polygon list: {fix}.")
+            raise BadFileError(f"{where} has an empty polygon list: {fix}.")
         for k, polygon in enumerate(segmentation):
             if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
-                raise DataError(f"{where}: polygon {k} is not a list of numbers [x0, y0, x1, y1, ...]: {fix}.")
+                raise BadFileError(f"{where}: polygon {k} is not a list of numbers [x0, y0, x1, y1, ...]: {fix}.")
             if not all(math.isfinite(v) for v in polygon):
-                raise DataError(f"{where}: polygon {k} holds values that are not finite numbers (NaN, inf): {fix}.")
+                raise BadFileError(f"{where}: polygon {k} holds values that are not finite numbers (NaN, inf): {fix}.")
             if len(polygon) % 2:
-                raise DataError(f"{where}: polygon {k} has {len(polygon)} values, not an even count of x, y: {fix}.")
+                raise BadFileError(f"{where}: polygon {k} has {len(polygon)} values, not an even count of x, y: {fix}.")
             if len(polygon) < 6:
-                raise DataError(
+                raise BadFileError(
                     f"{where}: polygon {k} has {len(polygon) // 2} point(s); a polygon needs at least 3 points (6 "
                     f"numbers): {fix}."
                 )
             xs, ys = polygon[0::2], polygon[1::2]
             if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
-                raise DataError(f"{where}: polygon {k} reaches far outside the {width}x{height} image: {fix}.")
+                raise BadFileError(f"{where}: polygon {k} reaches far outside the {width}x{height} image: {fix}.")
     elif isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 0 for v in size)):
-            raise DataError(f"{where}: RLE 'size' must be [height, width], got {size!r}: {fix}.")
+            raise BadFileError(f"{where}: RLE 'size' must be [height, width], got {size!r}: {fix}.")
         if size != [height, width]:
-            raise DataError(
+            raise BadFileError(
                 f"{where}: RLE 'size' {size} differs from the image's [height, width] {[height, width]}: {fix}."
             )
         if isinstance(counts, str):
             try:
                 counts = _compressed_rle_counts(counts)
             except ValueError as err:
-                raise DataError(f"{where}: RLE 'counts' is not COCO-compressed RLE ({err}): {fix}.") from err
+                raise BadFileError(f"{where}: RLE 'counts' is not COCO-compressed RLE ({err}): {fix}.") from err
         if not isinstance(counts, list) or not all(isinstance(v, int) and v >= 0 for v in counts):
-            raise DataError(f"{where}: RLE 'counts' must be run lengths (whole numbers >= 0) or a string: {fix}.")
+            raise BadFileError(f"{where}: RLE 'counts' must be run lengths (whole numbers >= 0) or a string: {fix}.")
         if sum(counts) != height * width:
-            raise DataError(
+            raise BadFileError(
                 f"{where}: RLE 'counts' add up to {sum(counts)} pixels, not {height}x{width} = {height * width}: {fix}."
             )
     else:
@@ -593,7 +598,7 @@ def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLi
         info = coco.imgs[image_id]
         height, width = info.get("height"), info.get("width")
         if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
-            raise DataError(
+            raise BadFileError(
                 f"COCO file '{shown}', image id {image_id}: 'height' and 'width' must be positive whole numbers, "
                 f"got {height!r} x {width!r}; fix them, {SKIP_HINT.replace('it', 'the image')}."
             )
@@ -607,7 +612,7 @@ def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLi
         try:
             masks = [coco.annToMask(a) for a in anns]
         except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise DataError(
+            raise BadFileError(
                 f"Bad segmentation in '{shown}' for image id {image_id}: {err}. Fix its annotations, "
                 f"{SKIP_HINT.replace('it', 'the image')}."
             ) from err

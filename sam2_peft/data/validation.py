@@ -12,9 +12,13 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .config import ValidationConfig
-from .sources import DataError, Objects, SampleRecord
+from .sources import BadFileError, DataError, Objects, SampleRecord
 
 logger = logging.getLogger(__name__)
+
+
+class MaskSizeError(BadFileError):
+    """A mask whose size is not its image's."""
 
 
 @dataclass
@@ -106,7 +110,7 @@ def check_sample(
         image = record.load_image()
         objects = record.objects()  # masks not built: the check holds one label map at a time per thread
         if objects.shape != image.shape[:2]:
-            raise DataError(
+            raise MaskSizeError(
                 f"Mask for '{record.origin}' is {objects.shape[1]}x{objects.shape[0]} (width x height) "
                 f"but the image is {image.shape[1]}x{image.shape[0]} (as a viewer shows it, EXIF orientation "
                 "applied): save the mask at the image's size, or pass --skip-bad-files to skip it."
@@ -115,7 +119,7 @@ def check_sample(
         if not config.skip_bad_files:
             raise
         logger.warning("Skipping %s", err)
-        reason = "mask size differs from image" if "but the image is" in str(err) else "unreadable file"
+        reason = "mask size differs from image" if isinstance(err, MaskSizeError) else "unreadable file"
         return reason, 0, None, None
     if len(objects) == 0:
         return "mask has no object", 0, image, objects

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..cli import run_from_command_line
+from ..commandline import run_from_command_line
 from ..models.names import COMPONENTS
 from ..training.config import ConfigError
 from .arguments import image_rules, parse_recipe_arguments

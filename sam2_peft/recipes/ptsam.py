@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from ..cli import run_from_command_line
+from ..commandline import run_from_command_line
 from ..tuners.options import PtsamOptions
 from .arguments import image_rules, parse_recipe_arguments
 

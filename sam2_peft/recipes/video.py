@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
-from ..cli import run_from_command_line
+from ..commandline import run_from_command_line
 from ..training.config import LOSS_FRAMES, TrainingConfig
 from ..tuners.options import LoraOptions
 from .arguments import (

@@ -7,29 +7,36 @@ is scored and how its predictions are drawn; the trainer owns the loop, optimisa
 from __future__ import annotations
 
 import functools
+import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from PIL import Image
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 from transformers import Sam2Processor
 
+from ..adapters.methods import TuningMethod
 from ..data.classes import ClassList
 from ..data.dataset import SegmentationDataset, collate_segmentation, model_inputs, view_key
 from ..data.prompts import mask_prompts, mask_to_boxes
+from ..data.streaming import StreamingSegmentationDataset
 from ..evaluation.panels import comparison_panel
 from ..evaluation.runner import EvaluationResult, evaluate_segmenter
 from ..models.segmenter import Sam2Segmenter, wants_multimask
-from .config import LossConfig
+from .config import LossConfig, TrainingConfig
+from .embedding_cache import EmbeddingCache, encoder_fingerprint, plan_embedding_cache
 from .losses import LossOutput, combine_rounds, sam2_loss
+
+logger = get_logger(__name__)
 
 PER_PROMPT_INPUTS = frozenset({"object_image_index", "points", "point_labels", "mask_inputs", "ignore_mask"})
 """Segmenter inputs with one row per prompt (the others are per image)."""
@@ -61,16 +68,25 @@ def without_ignored(logits: torch.Tensor, ignore: torch.Tensor | None) -> torch.
     return torch.where(cells, torch.full_like(logits, IGNORED_LOGIT), logits)
 
 
+@dataclass(frozen=True)
+class CacheSetup:
+    """A run's embedding cache (None: off), what the run records of it (`run_info["embedding_cache"]`), and how
+    many entries it holds when full (what the training bar counts; None: unknown)."""
+
+    cache: EmbeddingCache | None
+    record: dict = field(default_factory=lambda: {"enabled": False, "views": 0})
+    capacity: int | None = None
+
+
 class Task(ABC):
-    """The interface the trainer uses. Attributes: `train_dataset`, `val_dataset` (or None), `processor`,
-    `metric_for_best` (validation metric, higher is better, that ranks checkpoints), and `supports_embedding_cache`
-    (whether its batches can take cached encoder features, keyed as `cache_key` says)."""
+    """The interface the trainer uses. Attributes: `train_dataset` (with `set_epoch(epoch)`, called before each pass),
+    `val_dataset` (or None), `processor`,
+    and `metric_for_best` (validation metric, higher is better, that ranks checkpoints)."""
 
     train_dataset: Dataset
     val_dataset: Dataset | None
     processor: Sam2Processor
     metric_for_best: str = "dice"
-    supports_embedding_cache: bool = False
 
     @abstractmethod
     def segmenter(self, model: nn.Module) -> nn.Module:
@@ -120,6 +136,20 @@ class Task(ABC):
         """Pictures by file name of the validation ids in `names` (file name -> id) that `tuned` holds, beside the
         base's predictions; `scores` maps "base" / "fine-tuned" to per-id metrics."""
 
+    def embedding_cache(
+        self,
+        segmenter: nn.Module,
+        method: TuningMethod,
+        config: TrainingConfig,
+        accelerator: Accelerator,
+        base_name: str | None,
+        workers: int,
+    ) -> CacheSetup:
+        """The run's cache of encoder features, whose `segmenter_inputs` the trainer passes to `loss_parts` and
+        `evaluate` as `encode` (decided and logged here). This default: none, the inputs are encoded every step."""
+        logger.info("Embedding cache off: this task encodes its inputs on every step.")
+        return CacheSetup(None)
+
     def validation_subset(self, ids: set[str]) -> Dataset | None:
         """The validation samples `ids`, to predict a few images again (None: the task cannot)."""
         return None
@@ -151,8 +181,6 @@ class ImageSegmentationTask(Task):
     (`prompts.correction_rounds`). Evaluation never gets mask prompts.
     """
 
-    supports_embedding_cache = True
-
     def __init__(
         self,
         train_dataset: SegmentationDataset,
@@ -178,6 +206,63 @@ class ImageSegmentationTask(Task):
         if split == "eval":
             return [f"eval/{sample_id}" for sample_id in batch["sample_ids"]]
         return [view_key(sample_id, view) for sample_id, view in zip(batch["sample_ids"], batch["views"])]
+
+    def embedding_cache(
+        self,
+        segmenter: Sam2Segmenter,
+        method: TuningMethod,
+        config: TrainingConfig,
+        accelerator: Accelerator,
+        base_name: str | None,
+        workers: int,
+    ) -> CacheSetup:
+        """Cache the images' encoder features while the method leaves the encoder frozen (`plan_embedding_cache`):
+        each training image in `plan.views` fixed augmented views, and each validation image, keyed by
+        `cache_keys`; the decoder's inputs when its projections are frozen too, else the encoder's maps."""
+        train, val = self.train_dataset, self.val_dataset
+        plan = plan_embedding_cache(
+            config.cache_embeddings, method.trains_image_encoder(segmenter.sam), train.transform is not None,
+            config.cache_views,
+        )  # fmt: skip
+        logger.info("Embedding cache %s.", plan.reason)
+        if not plan.enabled:
+            return CacheSetup(None, {"enabled": False, "views": plan.views})
+        if isinstance(train, StreamingSegmentationDataset) and not train.stable_ids:
+            logger.info("Embedding cache off: the streamed samples have no stable id to find cached features by.")
+            return CacheSetup(None)
+        train.set_augmentation_views(plan.views)
+        processes = accelerator.num_processes
+        capacity = (
+            None
+            if isinstance(train, IterableDataset)
+            else math.ceil(len(train) / processes) * plan.views + math.ceil(len(val or ()) / processes)
+        )  # this process's share of the training images, each in every view, and of the validation images
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+        stage = "image_embeddings" if segmenter.decoder_inputs_frozen() else "vision_features"
+        storage_dtype = torch.bfloat16 if config.cache_dtype == "bfloat16" else None
+
+        def encode(pixel_values: torch.Tensor) -> list[torch.Tensor]:
+            with accelerator.autocast():
+                features = segmenter.vision_features(pixel_values)
+                return segmenter.image_embeddings(features) if stage == "image_embeddings" else features
+
+        cache = EmbeddingCache(
+            encode,
+            encoder_fingerprint(
+                segmenter.sam, self.processor, base_name, dtype=autocast_dtype, stage=stage, storage_dtype=storage_dtype
+            ),
+            memory_budget_bytes=int(config.cache_memory_gb * 1e9),
+            directory=config.cache_dir,
+            stage=stage,
+            storage_dtype=storage_dtype,
+            output_dtype=segmenter.base.mask_decoder.conv_s0.weight.dtype,
+            expected_entries=capacity,
+        )
+        if workers == 0 and isinstance(train, SegmentationDataset):
+            # In this process the dataset can ask the cache: views it holds are not decoded again. (Workers would
+            # ask a copy of it, frozen when they started.)
+            train.skip_cached_images(cache.holds)
+        return CacheSetup(cache, {"enabled": True, "views": plan.views, "stage": stage}, capacity)
 
     def loss(
         self,

@@ -42,7 +42,6 @@ from .checkpoints import (
 )
 from .config import ConfigError, TrainingConfig, check_report_to, default_num_workers, default_prompt_chunk
 from .disk import reporting_full_disk
-from .embedding_cache import EmbeddingCache, encoder_fingerprint, plan_embedding_cache
 from .losses import LossOutput, sum_parts
 from .tasks import Task, spread_indices  # noqa: F401  (spread_indices: re-exported for callers of the trainer)
 
@@ -140,11 +139,11 @@ class Trainer:
         self.train_dataset, self.val_dataset = task.train_dataset, task.val_dataset
         self.streamed = isinstance(self.train_dataset, IterableDataset)
         """Training from a stream (`--streaming`): endless batches, so the run is measured in `--max-steps`."""
-        self.cache = self._embedding_cache()
-        if self.cache is not None and self.num_workers == 0 and hasattr(self.train_dataset, "skip_cached_images"):
-            # In this process the dataset can ask the cache: views it holds are not decoded again. (Workers would
-            # ask a copy of it, frozen when they started.)
-            self.train_dataset.skip_cached_images(self.cache.holds)
+        cache = task.embedding_cache(self.segmenter, method, config, self.accelerator, base_name, self.num_workers)
+        self.cache, self.cache_capacity = cache.cache, cache.capacity
+        """The cache of encoder features (None: off), and the entries it holds when full (what the training bar
+        counts; None: unknown)."""
+        self.run_info["embedding_cache"] = cache.record
         self.train_loader = self._loader(self.train_dataset, shuffle=True)
         self.val_loader = self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else None
         optimizer = torch.optim.AdamW(method.parameter_groups(self.model, config.lr, config.weight_decay))
@@ -192,63 +191,6 @@ class Trainer:
         if refusal:
             raise RunFolderError(refusal)
         return lock
-
-    def _embedding_cache(self) -> EmbeddingCache | None:
-        """Cache encoder features when the method leaves the encoder frozen (decided and logged here)."""
-        config = self.config
-        if not self.task.supports_embedding_cache:
-            logger.info("Embedding cache off: this task encodes its inputs on every step.")
-            self.run_info["embedding_cache"] = {"enabled": False, "views": 0}
-            return None
-        plan = plan_embedding_cache(
-            config.cache_embeddings,
-            self.method.trains_image_encoder(self.model),
-            self.train_dataset.transform is not None,
-            config.cache_views,
-        )
-        logger.info("Embedding cache %s.", plan.reason)
-        self.run_info["embedding_cache"] = {"enabled": plan.enabled, "views": plan.views}
-        if not plan.enabled:
-            return None
-        if not getattr(self.train_dataset, "stable_ids", True):
-            logger.info("Embedding cache off: the streamed samples have no stable id to find cached features by.")
-            self.run_info["embedding_cache"] = {"enabled": False, "views": 0}
-            return None
-        self.train_dataset.set_augmentation_views(plan.views)
-        processes = self.accelerator.num_processes
-        val_images = len(self.val_dataset) if self.val_dataset is not None else 0
-        self.cache_capacity = (
-            None
-            if self.streamed
-            else math.ceil(len(self.train_dataset) / processes) * plan.views + math.ceil(val_images / processes)
-        )
-        """Entries a full cache of this process holds (its share of the training images, each in every view, and of
-        the validation images): what the training bar counts."""
-        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
-        stage = "image_embeddings" if self.segmenter.decoder_inputs_frozen() else "vision_features"
-        storage_dtype = torch.bfloat16 if config.cache_dtype == "bfloat16" else None
-        self.run_info["embedding_cache"]["stage"] = stage
-        fingerprint = encoder_fingerprint(
-            self.model, self.processor, self.base_name, dtype=autocast_dtype, stage=stage, storage_dtype=storage_dtype
-        )
-        return EmbeddingCache(
-            self._encode_after_projections if stage == "image_embeddings" else self._encode,
-            fingerprint,
-            memory_budget_bytes=int(config.cache_memory_gb * 1e9),
-            directory=config.cache_dir,
-            stage=stage,
-            storage_dtype=storage_dtype,
-            output_dtype=self.segmenter.base.mask_decoder.conv_s0.weight.dtype,
-            expected_entries=self.cache_capacity,
-        )
-
-    def _encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        with self.accelerator.autocast():
-            return self.segmenter.vision_features(pixel_values)
-
-    def _encode_after_projections(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        with self.accelerator.autocast():
-            return self.segmenter.image_embeddings(self.segmenter.vision_features(pixel_values))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         """Batches of `dataset`. Workers stay alive between epochs (each item's random draws come from its index and

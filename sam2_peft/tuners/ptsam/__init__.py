@@ -5,7 +5,7 @@ Importing this package registers `PeftType.PTSAM` with peft (see `registration.p
 """
 
 from .config import PtsamConfig
-from .layer import PtsamAttentionLayer, PtsamMaskDecoderLayer, PtsamPromptEncoderLayer
+from .layer import PtsamAttentionLayer, PtsamMaskDecoderLayer, PtsamMergeError, PtsamPromptEncoderLayer
 from .model import PtsamArchitectureError, PtsamModel
 from .registration import PtsamRegistrationError, register_ptsam
 
@@ -16,6 +16,7 @@ __all__ = [
     "PtsamAttentionLayer",
     "PtsamConfig",
     "PtsamMaskDecoderLayer",
+    "PtsamMergeError",
     "PtsamModel",
     "PtsamPromptEncoderLayer",
     "PtsamRegistrationError",

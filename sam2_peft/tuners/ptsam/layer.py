@@ -23,6 +23,14 @@ PADDING_NOISE = 1e-2
 """Std of `padding` token init's noise, relative to `token_init_std`: small beside the unit-scale embeddings."""
 
 
+class PtsamMergeError(NotImplementedError, ValueError):
+    """A PTSAM adapter cannot be merged: it adds prompt tokens, not weight deltas (`unload()` takes it out). A
+    `NotImplementedError` and a `ValueError`, which the layer and the model raised before."""
+
+    def __init__(self) -> None:
+        super().__init__("PTSAM adapters add prompt tokens; they cannot be merged into weights. Use unload().")
+
+
 class PtsamLayer(BaseTunerLayer):
     """Common behaviour of PTSAM layers: the active adapter's entry, or None when adapters are off."""
 
@@ -34,7 +42,7 @@ class PtsamLayer(BaseTunerLayer):
         return container.get(self.active_adapters[0]) if hasattr(container, "get") else None
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError("PTSAM adds tokens; there are no weights to merge. Use unload() instead.")
+        raise PtsamMergeError()
 
 
 class _Wrapper(nn.Module):

@@ -9,7 +9,13 @@ from torch import nn
 
 from ...models.names import family_of_model_type
 from .config import PtsamConfig
-from .layer import PtsamAttentionLayer, PtsamLayer, PtsamMaskDecoderLayer, PtsamPromptEncoderLayer
+from .layer import (
+    PtsamAttentionLayer,
+    PtsamLayer,
+    PtsamMaskDecoderLayer,
+    PtsamMergeError,
+    PtsamPromptEncoderLayer,
+)
 
 PROMPT_ENCODER = "prompt_encoder"
 MASK_DECODER = "mask_decoder"
@@ -106,7 +112,7 @@ class PtsamModel(BaseTuner):
     ) -> nn.Module:
         """Put the wrapped SAM 2 modules back. PTSAM adds tokens rather than weight deltas, so nothing can be merged."""
         if merge:
-            raise ValueError("PTSAM adapters add prompt tokens; they cannot be merged into weights. Use unload().")
+            raise PtsamMergeError()
         for name, module in list(self.model.named_modules()):
             if isinstance(module, PtsamLayer):
                 parent_name, _, child_name = name.rpartition(".")
