@@ -81,3 +81,20 @@ def test_device_auto_is_none_and_others_pass_through():
     assert parser.parse_args([]).device is None
     assert parser.parse_args(["--device", "auto"]).device is None
     assert parser.parse_args(["--device", "cuda:1"]).device == "cuda:1"
+
+
+@pytest.mark.slow  # starts accelerate, then the recipe, in two fresh processes
+def test_the_readme_command_ends_with_the_error_line_under_accelerate_launch(tmp_path):
+    """The README's first command (`accelerate launch --quiet recipes/lora_decoder.py ...`), given data that does
+    not exist: the last line on screen is sam2-peft's `error:` line, not accelerate's traceback."""
+    import subprocess
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "lora_decoder.py"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1", str(recipe)]
+    command += ["--model", "tiny-random", "--data", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode != 0
+    last = (done.stdout + done.stderr).strip().splitlines()[-1]
+    assert last.startswith("error:") and "missing" in last, last
+    assert "Traceback" not in done.stderr
