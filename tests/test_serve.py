@@ -731,6 +731,9 @@ def test_hub_outage_is_503_not_404(client, monkeypatch):
         raise LocalEntryNotFoundError("Connection error, and the file is not in the local cache.")
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # as a real outage looks: the connection probe fails (so no size check is asked of the Hub) and the download finds
+    # nothing in the cache
+    monkeypatch.setattr(resolve, "hub_unreachable_reason", lambda *args: "the Hugging Face Hub is unreachable")
     monkeypatch.setattr(resolve, "snapshot_download", unreachable)
     answer = client.post("/v1/adapters", json={"name": "x", "source": "org/adapter"}, headers=ADMIN)
     _assert_error(answer, 503, "hub_unavailable", "unreachable", "Retry later")
