@@ -202,14 +202,14 @@ def run_recipe(
     # Mistakes in paths and settings are reported before the (slow) model load, not after it.
     check_report_to(args.training.report_to)
     check_half_base(args.model.base_dtype, args.training.mixed_precision)
-    if not video:
+    if not video:  # the video recipe's data options are its own (no class names, image checks or streaming)
         check_data_arguments(args.data)
         check_streaming(args.data, training=args.training)
-    if args.data.class_names is not None and "classes" not in (run_info or {}):
-        raise DataError(
-            "--class-names names the classes of a multi-class PTSAM adapter (sam2-peft train ptsam --mask-type "
-            "semantic, no --prompt): leave it out for this method."
-        )
+        if args.data.class_names is not None and "classes" not in (run_info or {}):
+            raise DataError(
+                "--class-names names the classes of a multi-class PTSAM adapter (sam2-peft train ptsam --mask-type "
+                "semantic, no --prompt): leave it out for this method."
+            )
     training = args.training
     check_output_dir_before_run(Path(training.output_dir), training.resume is not None, training.overwrite)
     model, processor = load_model(args.model, video=video)
