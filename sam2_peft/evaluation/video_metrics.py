@@ -9,7 +9,7 @@ left out (the first carries the prompt), each object is averaged over its frames
 the benchmark's J, F and J&F.
 
 The dilation (`dilate_disk`) is exact and fast: F of a 480 x 854 frame takes 3.7 ms against 5.9 ms for the reference's
-`f_measure` (cv2) and 141 ms with scipy's `binary_dilation` (`benchmarks/davis_f_speed.py`, equal F on every frame).
+`f_measure` (cv2) and 141 ms with scipy's `binary_dilation` (`benchmarks/boundary_f_speed.py`, equal F on every frame).
 """
 
 from __future__ import annotations

@@ -3,14 +3,14 @@ dilates with `cv2.dilate`) against sam2-peft's `boundary_f_measure` (`dilate_dis
 `ndimage.binary_dilation` version it replaces, in one process, interleaved (A B C A B C ...), several rounds, on real
 480 x 854 DAVIS masks (truth: frame i, prediction: frame i + 1's mask, a realistic near miss). Every variant's F must
 equal the reference's exactly on every pair. Prints a table with the load average, writes
-benchmarks/results/davis_f_speed.json.
+benchmarks/results/boundary_f_speed.json.
 
 The reference is imported from a davis2017-evaluation checkout (`--reference DIR`, the folder holding `davis2017/`;
 it needs opencv and scikit-image). Where it cannot be imported but cv2 can, a re-implementation of its `f_measure`
 written here (the same steps: `_seg2bmap`, `cv2.dilate` by the disk, the same counts) is timed instead, and the
 table says so; without cv2 the reference row is left out.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/davis_f_speed.py --reference ../davis2017-evaluation
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/boundary_f_speed.py --reference ../davis2017-evaluation
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from scipy import ndimage
 
 from sam2_peft.evaluation.video_metrics import BOUNDARY_THRESHOLD, boundary_f_measure, disk, seg2bmap
 
-RESULTS = Path(__file__).resolve().parent / "results" / "davis_f_speed.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "boundary_f_speed.json"
 DATA = Path(os.environ.get("SAM2_PEFT_DATA", "/work/shared/data")) / "video-davis2016-mini"
 
 
@@ -125,7 +125,7 @@ def main() -> None:
     load_after = os.getloadavg()
     summary = {name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in times.items()}
     result = {
-        "command": "OMP_NUM_THREADS=1 python benchmarks/davis_f_speed.py " + " ".join(sys.argv[1:]),
+        "command": "OMP_NUM_THREADS=1 python benchmarks/boundary_f_speed.py " + " ".join(sys.argv[1:]),
         "reference": reference_name,
         "frame_size": list(pairs[0][0].shape),
         "pairs": args.pairs,
