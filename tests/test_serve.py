@@ -201,6 +201,50 @@ def test_prompt_free_ptsam(client, setup, adapter):
     np.testing.assert_array_equal(masks, expected.masks)
 
 
+MIXED = {  # adapter -> (image index, boxes): objects on different images, several adapters, 1 or 2 objects each
+    "lora_a": [(0, [BOX]), (1, [[5, 5, 60, 40], BOX])],
+    "lora_b": [(2, [[10, 8, 70, 44]]), (0, [[5, 5, 60, 40]])],
+    "lora_enc": [(1, [BOX])],  # its own encoder: its rows carry their own embeddings
+    "ptsam": [(2, [BOX]), (0, [[12, 10, 50, 45], BOX])],
+    "ptsam_enc": [(1, [[5, 5, 60, 40]])],
+}
+
+
+@pytest.mark.parametrize(
+    ("group", "prompt_free"),
+    [(["lora_a", "lora_b", "lora_enc"], False), (["ptsam", "ptsam_enc"], False), (["ptsam", "ptsam_enc"], True)],
+    ids=["lora", "ptsam", "ptsam-prompt-free"],
+)
+def test_mixed_batches_across_images_and_adapters_equal_the_predictor(server, setup, group, prompt_free):
+    """Requests on three images with two or three adapters of one peft tree go through ONE decoder forward (peft's
+    mixed-adapter LoRA batch; stacked PTSAM token sets), and each answer equals `predict` for its own request."""
+    from sam2_peft.serving.service import Prompts, _Decode
+
+    service = server.app.state.service
+    registry, images = service.registry, [read_image(p) for p in setup["paths"]]
+    items, expected, groups = [], [], set()
+    for adapter in group:
+        for index, boxes in MIXED[adapter]:
+            entry = registry.entries[adapter]
+            embedding, _ = service.embedding(entry, f"mixed-{index}", images[index])
+            boxes = None if prompt_free else np.asarray(boxes, float)
+            items.append(_Decode(entry, embedding, Prompts(boxes, None, None, False)))
+            expected.append(setup["predictors"][adapter].predict(images[index], boxes=boxes))
+            groups.add(registry.batch_group(entry))
+    assert len(groups) == 1
+    tree, forwards = registry.entries[group[0]].tree, []
+    forward = tree.model.forward
+    tree.model.forward = lambda *args, **kwargs: forwards.append(1) or forward(*args, **kwargs)
+    try:
+        results = service._decode(items)
+    finally:
+        del tree.model.forward
+    assert len(forwards) == 1
+    for result, want in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(result.masks, want.masks)
+        np.testing.assert_allclose(result.scores, want.scores, atol=1e-6)
+
+
 def test_png_and_polygon_formats(client, setup):
     path = setup["paths"][0]
     image_id = _upload(client, path)["image_id"]

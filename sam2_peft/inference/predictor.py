@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +24,7 @@ from ..adapters.resolve import AdapterInfo, load_adapted_model
 from ..data.sources import DataError
 from ..evaluation.metrics import resolve_classes
 from ..models.segmenter import unwrap_sam
-from ..tuners.ptsam.layer import active_classes
+from ..tuners.ptsam.layer import PtsamPromptEncoderLayer, active_classes, row_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,17 @@ class ImageEmbedding:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+@dataclass
+class DecodeRequest:
+    """One `decode` call's inputs, for `Sam2PeftPredictor.decode_batch`: an encoded image and its prompts (original
+    pixels, as `decode` takes them)."""
+
+    embedding: ImageEmbedding
+    boxes: np.ndarray | Sequence | None = None
+    points: np.ndarray | Sequence | None = None
+    labels: np.ndarray | Sequence | None = None
 
 
 class Sam2PeftPredictor:
@@ -285,13 +296,77 @@ class Sam2PeftPredictor:
         prompts = self._prompt_tensors(original_size, boxes, points, labels)
         with self._autocast():
             outputs = self.model(image_embeddings=embeddings, multimask_output=multimask_output, **prompts)
-        logits = self.processor.post_process_masks(
-            [outputs.pred_masks[0].float().cpu()], [original_size], binarize=False
-        )[0]
-        scores = outputs.iou_scores[0].float().cpu()
+        return self._prediction(
+            outputs.pred_masks[0], outputs.iou_scores[0], original_size, multimask_output, not prompts, return_logits
+        )
+
+    @torch.no_grad()
+    def decode_batch(
+        self,
+        requests: Sequence[DecodeRequest],
+        *,
+        multimask_output: bool = False,
+        adapters: Sequence[str] | None = None,
+    ) -> list[Prediction]:
+        """Several `decode` calls in one decoder forward, each request's result the same as its own `decode` call.
+
+        Every object of every request is one batch row, decoded against its own image's embedding, so the requests
+        may be on different images. The requests must all have the same kind of prompt (boxes or not, points per
+        object or none). `adapters` (one per request) mixes the adapters of a multi-adapter `PeftModel` in the
+        batch: LoRA through peft's mixed-adapter forward (`adapter_names=`, `"__base__"` for none), PTSAM by giving
+        each row its adapter's decoder tokens (single-class adapters with equal token counts).
+        """
+        rows, counts = [], []
+        for index, request in enumerate(requests):
+            size, where = request.embedding.original_size, f"request {index}"
+            boxes = None if request.boxes is None else check_boxes(request.boxes, size, where)
+            points = None if request.points is None else check_points(request.points, size, where)
+            prompts = self._prompt_tensors(size, boxes, points, request.labels)
+            counts.append(next(iter(prompts.values())).shape[1] if prompts else 1)
+            rows.append({name: tensor.transpose(0, 1) for name, tensor in prompts.items()})  # (N, 1, ...)
+        if any(row.keys() != rows[0].keys() for row in rows):
+            raise ValueError("decode_batch takes requests with the same kind of prompt (boxes, points, or none).")
+        inputs = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
+        if "input_points" in inputs and len({t.shape[2] for t in (row["input_points"] for row in rows)}) > 1:
+            raise ValueError("decode_batch takes requests with the same number of points per object.")
+        levels = range(len(requests[0].embedding.tensors))
+        embeddings = [
+            torch.cat([r.embedding.tensors[level].expand(n, -1, -1, -1) for r, n in zip(requests, counts)])
+            for level in levels
+        ]
+        row_names = None if adapters is None else [name for name, n in zip(adapters, counts) for _ in range(n)]
+        with self._autocast(), self._row_adapters(row_names) as extra:
+            outputs = self.model(image_embeddings=embeddings, multimask_output=multimask_output, **inputs, **extra)
+        results, start = [], 0
+        for request, count in zip(requests, counts):
+            stop = start + count
+            masks, scores = (t[start:stop].flatten(0, 1) for t in (outputs.pred_masks, outputs.iou_scores))
+            results.append(
+                self._prediction(masks, scores, request.embedding.original_size, multimask_output, not inputs, False)
+            )
+            start = stop
+        return results
+
+    @contextmanager
+    def _row_adapters(self, names: list[str] | None):
+        """The extra forward arguments that give batch row b adapter `names[b]` (none when `names` is None)."""
+        if names is None:
+            yield {}
+        elif any(isinstance(m, PtsamPromptEncoderLayer) for m in self.model.modules()):
+            with row_adapters(self.model, names):
+                yield {}
+        else:
+            yield {"adapter_names": names}
+
+    def _prediction(
+        self, masks, scores, original_size: list[int], multimask_output: bool, prompt_free: bool, return_logits: bool
+    ) -> Prediction:
+        """A `Prediction` from the decoder's `(N, M, h, w)` mask logits and `(N, M)` scores of one image."""
+        logits = self.processor.post_process_masks([masks.float().cpu()], [original_size], binarize=False)[0]
+        scores = scores.float().cpu()
         if not multimask_output:
             logits, scores = logits[:, 0], scores[:, 0]
-        classes = active_classes(self.model) if not prompts else None
+        classes = active_classes(self.model) if prompt_free else None
         if classes is not None:
             ids = tuple(classes)
             resolved = resolve_classes(logits.numpy())

@@ -1,19 +1,27 @@
 """What the routes do, without HTTP: images kept by content hash, embeddings cached per encoder, decodes batched.
 
 Every result equals `Sam2PeftPredictor.predict` for the same adapter, image and prompts: the service calls the
-predictor's own `encode` (once per image and encoder) and `decode` (the prompts of concurrent requests on one image
-and adapter go through one decoder call).
+predictor's own `encode` (once per image and encoder) and `decode`, or `decode_batch` for concurrent requests with
+the same kind of prompt on one model tree: one decoder forward over every request's objects, whatever their images,
+with per-row adapters (peft's mixed LoRA batches, stacked PTSAM token sets).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..inference.predictor import ImageEmbedding, Prediction, PromptError, check_boxes, check_points
+from ..inference.predictor import (
+    DecodeRequest,
+    ImageEmbedding,
+    Prediction,
+    PromptError,
+    check_boxes,
+    check_points,
+)
 from .adapters import AdapterEntry, AdapterRegistry
 from .batching import MicroBatcher
 from .cache import ByteLRU
@@ -50,9 +58,9 @@ class Prompts:
 
 @dataclass
 class _Decode:
+    entry: AdapterEntry | None
     embedding: ImageEmbedding
     prompts: Prompts
-    timing: dict = field(default_factory=dict)
 
 
 class SegmentService:
@@ -207,9 +215,8 @@ class SegmentService:
             prompts = self.check_prompts(body, array.shape[:2], entry)
             embedding, timing = self.embedding(entry, image_id, array)
             start = time.perf_counter()
-            key = (adapter, image_id, entry.encoder if entry else "base", prompts.signature())
-            decode = _Decode(embedding, prompts)
-            prediction = self.batcher.run(key, decode, lambda items: self._decode(entry, items), deadline)
+            key = (self.registry.batch_group(entry), prompts.signature())
+            prediction = self.batcher.run(key, _Decode(entry, embedding, prompts), self._decode, deadline)
             timing["decode_ms"] = round((time.perf_counter() - start) * 1000, 3)
         return {
             "image_id": image_id,
@@ -218,29 +225,24 @@ class SegmentService:
             "timing": timing,
         }
 
-    def _decode(self, entry: AdapterEntry | None, items: list[_Decode]) -> list[Prediction]:
-        """Decode a group of requests on one image and adapter with one decoder call (prompts concatenated)."""
+    def _decode(self, items: list[_Decode]) -> list[Prediction]:
+        """Decode requests of one batch group (`AdapterRegistry.batch_group`, same kind of prompt) in one decoder
+        forward; prompt-free requests on one image and adapter are one request."""
         first = items[0]
-        with self.registry.decoder_for(entry) as predictor:
-            if first.prompts.count == 0:  # prompt-free requests of one image and adapter are the same request
-                prediction = predictor.decode(first.embedding, multimask_output=first.prompts.multimask)
-                return [prediction] * len(items)
+        if first.prompts.count == 0:
+            keys = [(id(item.embedding), item.entry and item.entry.name) for item in items]
+            unique = list(dict.fromkeys(keys))
+            if len(unique) < len(keys):
+                decoded = self._decode([items[keys.index(key)] for key in unique])
+                return [decoded[unique.index(key)] for key in keys]
+        with self.registry.decoder_for(first.entry) as predictor:
+            p = first.prompts
             if len(items) == 1:
-                p = first.prompts
                 return [predictor.decode(first.embedding, p.boxes, p.points, p.labels, multimask_output=p.multimask)]
-            joined = {
-                name: None
-                if getattr(first.prompts, name) is None
-                else np.concatenate([getattr(i.prompts, name) for i in items])
-                for name in ("boxes", "points", "labels")
-            }
-            prediction = predictor.decode(first.embedding, **joined, multimask_output=first.prompts.multimask)
-        results, start = [], 0
-        for item in items:
-            stop = start + item.prompts.count
-            results.append(Prediction(prediction.masks[start:stop], prediction.scores[start:stop]))
-            start = stop
-        return results
+            names = [item.entry.adapter_name if item.entry else None for item in items]
+            requests = [DecodeRequest(i.embedding, i.prompts.boxes, i.prompts.points, i.prompts.labels) for i in items]
+            adapters = None if len(set(names)) == 1 else names
+            return predictor.decode_batch(requests, multimask_output=p.multimask, adapters=adapters)
 
 
 def _numeric(value, name: str) -> np.ndarray:

@@ -72,6 +72,9 @@ class PtsamPromptEncoderLayer(_Wrapper, PtsamLayer):
 
     adapter_layer_names = ("ptsam_tokens",)
 
+    row_adapters: list[str] | None = None
+    """Set by `row_adapters(...)`: each batch row's adapter, whose tokens that row gets (a mixed-adapter batch)."""
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PtsamConfig) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -100,6 +103,13 @@ class PtsamPromptEncoderLayer(_Wrapper, PtsamLayer):
         if tokens is None:
             return sparse, dense
         prompt_free = sparse is None or is_prompt_free(input_labels, input_boxes)
+        if self.row_adapters is not None:  # (B, 1, n, C): row b gets its own adapter's tokens
+            tokens = torch.stack([self.ptsam_tokens[name] for name in self.row_adapters])[:, None]
+            if tokens.dim() != 4 or len(tokens) != len(dense):
+                raise ValueError("Mixed PTSAM batches take single-class adapters and one adapter name per batch row.")
+            if prompt_free:
+                return tokens.to(dense.dtype).expand(-1, 1 if sparse is None else sparse.shape[1], -1, -1), dense
+            return torch.cat([sparse, tokens.to(sparse.dtype).expand(-1, sparse.shape[1], -1, -1)], dim=2), dense
         if tokens.dim() == 3:
             if not prompt_free or (sparse is not None and sparse.shape[1] != 1):
                 raise ValueError("A multi-class PTSAM adapter segments without prompts: give no points or boxes.")
@@ -109,6 +119,20 @@ class PtsamPromptEncoderLayer(_Wrapper, PtsamLayer):
             return tokens.to(dense.dtype).expand(batch, point_batch, -1, -1), dense
         tokens = tokens.to(sparse.dtype).expand(*sparse.shape[:2], -1, -1)
         return torch.cat([sparse, tokens], dim=2), dense
+
+
+@contextlib.contextmanager
+def row_adapters(model: nn.Module, names: list[str]):
+    """Within the block, batch row b of a PTSAM model's forward gets the decoder tokens of adapter `names[b]` (the
+    adapters single-class, with equal token counts and output-mask choices; the active adapter's choice applies)."""
+    layers = [m for m in model.modules() if isinstance(m, PtsamPromptEncoderLayer)]
+    for layer in layers:
+        layer.row_adapters = list(names)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
 
 
 def ptsam_classes(model: nn.Module) -> int:
