@@ -725,6 +725,54 @@ def test_metric_labels_name_only_loaded_adapters(client, setup):
     assert _metric(text, "sam2peft_requests_total", 'adapter="lora_a"') >= 1
 
 
+def test_adapters_load_on_first_use_with_an_lru_cap(setup):
+    """--load-on-use: a folder under the root or an allowed Hub repo loads on its first request (answers equal the
+    predictor's); --max-adapters 2 evicts the least recently used (its own embeddings dropped); anything else is
+    refused with its code; per-adapter metrics name only loaded adapters."""
+    config = _config(setup, adapters=[], load_on_use=True, allowed_hub_repos=["allowed/*"], max_adapters=2)
+    live = LiveServer(create_app(config))
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            path = setup["paths"][0]
+            image_id = _upload(http, path)["image_id"]
+            service = live.app.state.service
+
+            def segment(adapter):
+                return http.post("/v1/segment", json={"image_id": image_id, "adapter": adapter, "boxes": [BOX]})
+
+            expected = {k: setup["predictors"][k].predict(read_image(path), boxes=[BOX]).masks for k in KINDS}
+            for adapter in ("lora_enc", "lora_a", "lora_a", "ptsam", "lora_enc"):
+                answer = segment(adapter)
+                assert answer.status_code == 200, answer.text
+                np.testing.assert_array_equal(_rle_masks(answer.json()), expected[adapter])
+                if adapter == "ptsam":  # lora_enc, unused longest, went with its cached embedding
+                    assert http.get("/health").json()["adapters"] == ["lora_a", "ptsam"]
+                    assert [e for _, e in service.embeddings.keys()] == ["base"]
+            assert http.get("/health").json()["adapters"] == ["lora_enc", "ptsam"]
+            _assert_error(segment("other/repo"), 403, "adapter_not_allowed", "--allow-hub-repo")
+            _assert_error(segment("allowed/repo"), 404, "adapter_source_not_found")  # allowed; the Hub is offline
+            _assert_error(segment("no_such"), 404, "unknown_adapter", "first use")
+            _assert_error(segment("../lora_a"), 404, "unknown_adapter")
+            text = http.get("/metrics").text
+        assert (
+            _metric(text, "sam2peft_adapter_loads_on_use_total"),
+            _metric(text, "sam2peft_adapter_evictions_total"),
+        ) == (4, 2)
+        assert _metric(text, "sam2peft_request_latency_seconds_count", 'adapter="lora_a"') == 2
+        assert "no_such" not in text and "repo" not in text
+    finally:
+        live.stop()
+
+
+def test_load_on_use_flags_are_checked(setup):
+    with pytest.raises(ValueError, match="add --load-on-use"):
+        _config(setup, allowed_hub_repos=["org/*"])
+    with pytest.raises(ValueError, match="--adapter-root FOLDER or --allow-hub-repo"):
+        _config(setup, adapter_root=None, load_on_use=True)
+    with pytest.raises(ValueError, match="below the 6 --adapter"):
+        _config(setup, max_adapters=2)
+
+
 def test_image_cache_counts_hits_and_misses(client, tmp_path):
     path = tmp_path / "counted.png"
     path.write_bytes(_png(np.full((40, 50, 3), 9, np.uint8)))

@@ -14,12 +14,13 @@ two adapters of one type never see each other's adapter. Unloading waits for the
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import os
 import re
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,8 @@ class AdapterEntry:
     loaded_at: float
     inflight: int = 0
     removed: bool = False
+    used_at: float = 0.0
+    """`time.monotonic()` of its last request (the LRU cap evicts the adapter unused longest)."""
 
     @property
     def adapter_name(self) -> str | None:
@@ -145,12 +148,33 @@ class AdapterRegistry:
         base_name: the base's name (reported by /health).
         adapter_root: folder under which POST /v1/adapters may load local adapters (None: Hub ids only).
         dtype, device: passed to every tree's `Sam2PeftPredictor`.
+        load_on_use: a request naming an adapter not loaded loads it first: a folder of that name under
+            `adapter_root`, or a Hub repo id matching a pattern of `allowed_hub_repos` (`fnmatch`, e.g. `org/*`).
+        max_adapters: most adapters resident at once (0: no cap); loading one more unloads the least recently used
+            (after its requests in flight finish). `on_unload(entry)` runs after every unload (e.g. drop its cache).
     """
 
-    def __init__(self, model, processor, base_name: str, *, adapter_root=None, dtype=None, device=None) -> None:
+    def __init__(
+        self,
+        model,
+        processor,
+        base_name: str,
+        *,
+        adapter_root=None,
+        dtype=None,
+        device=None,
+        load_on_use: bool = False,
+        allowed_hub_repos: tuple[str, ...] = (),
+        max_adapters: int = 0,
+    ) -> None:
         self.processor = processor
         self.base_name = base_name
         self.adapter_root = Path(adapter_root).resolve() if adapter_root else None
+        self.load_on_use, self.allowed_hub_repos = load_on_use, tuple(allowed_hub_repos)
+        self.max_adapters = max(0, int(max_adapters))
+        self.on_unload = None
+        self.evictions = self.loads_on_use = 0
+        self._first_use_locks: dict[str, threading.Lock] = {}
         self.dtype, self.device = dtype, device
         self.base = ModelTree("base", model, self._predictor(model))
         self.trees: dict[str, ModelTree] = {}
@@ -219,10 +243,11 @@ class AdapterRegistry:
     def load(self, name: str, directory: str | os.PathLike, *, source: str, revision: str | None = None) -> dict:
         """Load the adapter in `directory` as `name`, with every check the predictor applies: its files and peft
         type (`inspect_adapter`), the base architecture (`check_signature`), finite weights (`read_adapter_weights`).
+        With `max_adapters`, unloads the least recently used adapters over the cap.
 
         Raises `ServeError` (409 name taken, 422 invalid adapter / another architecture).
         """
-        if not NAME_PATTERN.match(name or ""):
+        if not (NAME_PATTERN.match(name or "") or (name == source and HUB_ID_PATTERN.match(name))):
             raise ServeError(
                 422, "bad_adapter_name", f"Adapter name '{name}' must be 1-64 letters, digits, '_' or '-'."
             )
@@ -244,10 +269,52 @@ class AdapterRegistry:
             with self._lock:
                 self._loading.discard(name)
         with self._lock:
+            entry.used_at = time.monotonic()
             self.entries[name] = entry
             self.ever_loaded.add(name)
         logger.info("Loaded adapter '%s' (%s) from %s", name, entry.peft_type or entry.kind, source)
+        self._evict(keep=name)
         return entry.describe()
+
+    def _evict(self, keep: str) -> None:
+        """Unload least recently used adapters (not `keep`) while more than `max_adapters` are resident."""
+        while self.max_adapters:
+            with self._lock:
+                others = [e for e in self.entries.values() if e.name != keep]
+                if len(self.entries) <= self.max_adapters or not others:
+                    return
+                victim = min(others, key=lambda e: (e.inflight > 0, e.used_at)).name
+            with suppress(ServeError):  # unloaded meanwhile by someone else
+                self.unload(victim)
+                self.evictions += 1
+                logger.info("Evicted adapter '%s' (--max-adapters %d)", victim, self.max_adapters)
+
+    def _load_on_first_use(self, name: str) -> None:
+        """Load adapter `name` on its first request: the folder `name` under the adapter root, or the Hub repo
+        `name` when an `allowed_hub_repos` pattern matches it (concurrent first requests wait for one load)."""
+        hub = bool(HUB_ID_PATTERN.match(name))
+        if hub and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allowed_hub_repos):
+            raise ServeError(
+                403,
+                "adapter_not_allowed",
+                f"Hub repo '{name}' is not on this server's allow-list (--allow-hub-repo); ask the operator to add "
+                "it, or name a loaded adapter.",
+            )
+        if not hub and not (NAME_PATTERN.match(name) and self.adapter_root and (self.adapter_root / name).is_dir()):
+            raise ServeError(404, "unknown_adapter", self._unknown(name) + self._on_use_hint())
+        with self._lock:
+            lock = self._first_use_locks.setdefault(name, threading.Lock())
+        with lock:
+            if name not in self.entries:
+                directory = self.resolve_request_source(name, None)
+                self.load(name, directory, source=name)
+                self.loads_on_use += 1
+        with self._lock:
+            self._first_use_locks.pop(name, None)
+
+    def _on_use_hint(self) -> str:
+        where = ["a folder under the adapter root" if self.adapter_root else "", "an allowed Hub repo (org/name)"]
+        return " Adapters load on first use from " + " or ".join(w for w in where if w) + "."
 
     def _hide_root(self, message: str) -> str:
         """A message for a client: the adapter root's place on the server's disk replaced by `<adapter-root>`."""
@@ -343,6 +410,8 @@ class AdapterRegistry:
                     tree.model.set_adapter(other)
                     tree.active = other
                 tree.model.delete_adapter(name)
+        if self.on_unload is not None:
+            self.on_unload(entry)
         logger.info("Unloaded adapter '%s'", name)
         return entry.describe()
 
@@ -358,11 +427,17 @@ class AdapterRegistry:
         if name is None:
             yield None
             return
-        with self._lock:
-            entry = self.entries.get(name)
-            if entry is None:
-                raise ServeError(404, "unknown_adapter", self._unknown(name))
-            entry.inflight += 1
+        for _ in range(3):  # an adapter loaded on use may be evicted again before this request holds it
+            if self.load_on_use and name not in self.entries:
+                self._load_on_first_use(name)
+            with self._lock:
+                entry = self.entries.get(name)
+                if entry is not None:
+                    entry.inflight += 1
+                    entry.used_at = time.monotonic()
+                    break
+        if entry is None:
+            raise ServeError(404, "unknown_adapter", self._unknown(name))
         try:
             yield entry
         finally:

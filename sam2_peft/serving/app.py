@@ -63,8 +63,8 @@ class _Metrics:
         )
         self.latency = Histogram(
             "sam2peft_request_latency_seconds",
-            "Request latency by route",
-            ["route"],
+            "Request latency by route and adapter (label values: loaded adapters, '-' for none, 'other')",
+            ["route", "adapter"],
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
@@ -92,9 +92,17 @@ class _CacheCollector:
                 family = GaugeMetricFamily(f"sam2peft_{name}_cache_{key}", f"{name} cache {key}")
                 family.add_metric([], stats[key])
                 yield family
+        registry = self.service.registry
         family = GaugeMetricFamily("sam2peft_adapters_loaded", "adapters resident on the base")
-        family.add_metric([], len(self.service.registry.entries))
+        family.add_metric([], len(registry.entries))
         yield family
+        for key, text in (
+            ("loads_on_use", "adapters loaded by a request's first use"),
+            ("evictions", "adapters unloaded by --max-adapters"),
+        ):
+            family = CounterMetricFamily(f"sam2peft_adapter_{key}", text)
+            family.add_metric([], getattr(registry, key))
+            yield family
 
 
 class BodyLimit:
@@ -263,15 +271,7 @@ async def unload_adapter(name: str, request: Request) -> dict:
     """Unload an adapter (token); its requests in flight finish first, new ones get 404."""
     registry: AdapterRegistry = request.app.state.registry
     request.state.adapter = name
-    entry = registry.entries.get(name)
-    encoder = entry.encoder if entry is not None else "base"
-
-    def work(deadline):
-        described = registry.unload(name)
-        request.app.state.service.drop_adapter(encoder)  # its own embeddings can never be hit again
-        return described
-
-    return await in_pool(request, work)
+    return await in_pool(request, lambda deadline: registry.unload(name))  # its cached embeddings go with it
 
 
 @router.post("/v1/images", response_model=ImageResponse, dependencies=[Depends(reader)])
@@ -362,7 +362,7 @@ async def _record(request: Request, call_next):
     if adapter != "-" and adapter not in request.app.state.registry.ever_loaded:
         adapter = OTHER_ADAPTER
     metrics.requests.labels(path, adapter, str(response.status_code)).inc()
-    metrics.latency.labels(path).observe(time.perf_counter() - start)
+    metrics.latency.labels(path, adapter).observe(time.perf_counter() - start)
     return response
 
 
@@ -416,7 +416,15 @@ def create_app(config: ServeConfig, registry: AdapterRegistry | None = None) -> 
     if registry is None:
         model, processor = load_base_model(config.model, revision=config.revision, device=config.device)
         registry = AdapterRegistry(
-            model, processor, config.model, adapter_root=config.adapter_root, dtype=config.dtype, device=config.device
+            model,
+            processor,
+            config.model,
+            adapter_root=config.adapter_root,
+            dtype=config.dtype,
+            device=config.device,
+            load_on_use=config.load_on_use,
+            allowed_hub_repos=tuple(config.allowed_hub_repos),
+            max_adapters=config.max_adapters,
         )
         for name, source in config.adapter_pairs():
             registry.load(name, download_adapter(source), source=source)

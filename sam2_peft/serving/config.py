@@ -40,6 +40,27 @@ class ServeConfig:
     adapter_root: str | None = field(
         default=None, metadata={"help": "Folder POST /v1/adapters may load from (unset: Hub ids only)."}
     )
+    load_on_use: bool = field(
+        default=False,
+        metadata={
+            "help": "A request naming an adapter that is not loaded loads it first (no token): the folder of that "
+            "name under --adapter-root, or a Hub repo (org/name) matching --allow-hub-repo. Other names: 404 "
+            "unknown_adapter, or 403 adapter_not_allowed for a Hub repo off the list."
+        },
+    )
+    allowed_hub_repos: list[str] = _repeatable(
+        "--allow-hub-repo",
+        "PATTERN",
+        "Hub repos --load-on-use may load: org/name, or a pattern such as org/* (fnmatch). Repeat the flag or list "
+        "several.",
+    )
+    max_adapters: int = field(
+        default=0,
+        metadata={
+            "help": "Most adapters resident at once; loading one more unloads the least recently used after its "
+            "requests finish (0: no cap)."
+        },
+    )
     device: str | None = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 ..., or auto: cuda when available"})
     dtype: str | None = field(
         default=None,
@@ -93,7 +114,13 @@ class ServeConfig:
             self.device = None  # the predictor's choice: cuda when available
         if self.token_all and not self.token:
             raise ValueError("--token-all needs --token TOKEN (the token every route will require)")
-        self.adapter_pairs()  # NAME=SOURCE mistakes are usage errors, raised before anything loads
+        pairs = self.adapter_pairs()  # NAME=SOURCE mistakes are usage errors, raised before anything loads
+        if self.allowed_hub_repos and not self.load_on_use:
+            raise ValueError("--allow-hub-repo lists what --load-on-use may load: add --load-on-use")
+        if self.load_on_use and not (self.adapter_root or self.allowed_hub_repos):
+            raise ValueError("--load-on-use needs --adapter-root FOLDER or --allow-hub-repo PATTERN to load from")
+        if self.max_adapters and len(pairs) > self.max_adapters:
+            raise ValueError(f"--max-adapters {self.max_adapters} is below the {len(pairs)} --adapter given at start")
 
     def adapter_pairs(self) -> list[tuple[str, str]]:
         """The start-up adapters as (name, source) pairs."""

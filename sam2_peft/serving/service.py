@@ -94,6 +94,7 @@ class SegmentService:
         self.max_image_pixels = max_image_pixels
         self.max_prompts = max_prompts
         self.batcher = MicroBatcher(batch_wait_s, max_batch, on_batch=on_batch)
+        registry.on_unload = lambda entry: self.drop_adapter(entry.encoder)  # its embeddings can never be hit again
         self._encoding: dict[tuple, threading.Lock] = {}
         self._encoding_lock = threading.Lock()
 
