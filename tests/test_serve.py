@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -243,6 +244,34 @@ def test_mixed_batches_across_images_and_adapters_equal_the_predictor(server, se
     for result, want in zip(results, expected, strict=True):
         np.testing.assert_array_equal(result.masks, want.masks)
         np.testing.assert_allclose(result.scores, want.scores, atol=1e-6)
+
+
+@pytest.mark.parametrize("adapter", [None, "lora_enc"])
+def test_embedding_endpoint_decodes_on_the_client(client, setup, adapter):
+    """GET /v1/images/{id}/embedding gives the .npz of the embedding through the adapter's encoder; decoding it
+    off the server gives `predict`'s masks."""
+    from sam2_peft.inference.predictor import ImageEmbedding
+
+    path = setup["paths"][1]
+    image, predictor = read_image(path), setup["predictors"][adapter]
+    image_id = _upload(client, path)["image_id"]
+    response = client.get(f"/v1/images/{image_id}/embedding", params={} if adapter is None else {"adapter": adapter})
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-npz"
+    arrays = np.load(io.BytesIO(response.content))
+    names = [f"image_embeddings.{i}" for i in range(3)]
+    assert sorted(arrays.files) == sorted([*names, "original_size", "input_size"])
+    assert arrays["original_size"].tolist() == list(image.shape[:2]) and arrays["input_size"].tolist() == [128, 128]
+    assert [arrays[n].shape[2] for n in names] == [32, 16, 8]
+    service = client_service(client)
+    encoder = "base" if adapter is None else service.registry.entries[adapter].encoder
+    served = service.embeddings.peek((image_id, encoder))
+    for name, tensor, offline in zip(names, served.tensors, predictor.encode(image).tensors):
+        np.testing.assert_array_equal(arrays[name], tensor.numpy())  # what the server decodes with
+        np.testing.assert_allclose(arrays[name], offline.numpy(), rtol=1e-4, atol=1e-4)  # merged LoRA: rounding
+    embedding = ImageEmbedding([torch.from_numpy(arrays[n]) for n in names], arrays["original_size"].tolist())
+    decoded = predictor.decode(embedding, boxes=[BOX])
+    np.testing.assert_array_equal(decoded.masks, predictor.predict(image, boxes=[BOX]).masks)
+    _assert_error(client.get("/v1/images/nope/embedding"), 404, "unknown_image")
 
 
 def test_png_and_polygon_formats(client, setup):

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Security, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 """What a 503 (overloaded, not ready, the Hub unreachable) asks clients to wait before retrying."""
 RETRY = {"Retry-After": str(RETRY_AFTER_S)}
+NPZ = "application/x-npz"
+"""The media type of an embedding (numpy's `.npz`: a zip of `.npy` arrays)."""
 OTHER_ADAPTER = "other"
 """The metric label of a request naming an adapter never loaded here (labels stay bounded by the loaded names)."""
 
@@ -292,6 +294,26 @@ async def upload_image(
         return {"image_id": image_id, "width": int(array.shape[1]), "height": int(array.shape[0]), **timing}
 
     return await in_pool(request, work)
+
+
+@router.get(
+    "/v1/images/{image_id}/embedding",
+    response_class=Response,
+    responses={200: {"content": {NPZ: {}}, "description": "An .npz file; its arrays are listed above."}},
+    dependencies=[Depends(reader)],
+)
+async def image_embedding(
+    image_id: str,
+    request: Request,
+    adapter: str | None = Query(None, description="Through this adapter's encoder (default: the base's)."),
+) -> Response:
+    """An uploaded image's embedding, for decoding on the client (e.g. with the exported ONNX decoder): an `.npz`
+    with `image_embeddings.0` `(1, C0, S/4, S/4)`, `image_embeddings.1` `(1, C1, S/8, S/8)` (high-resolution
+    features), `image_embeddings.2` `(1, C, S/16, S/16)`, `original_size` `[H, W]` and `input_size` `[S, S]`."""
+    request.state.adapter = adapter
+    data = await in_pool(request, lambda deadline: request.app.state.service.embedding_file(image_id, adapter))
+    disposition = {"Content-Disposition": f'attachment; filename="{image_id}.npz"'}
+    return Response(data, media_type=NPZ, headers=disposition)
 
 
 @router.post(
