@@ -246,6 +246,18 @@ def test_mixed_batches_across_images_and_adapters_equal_the_predictor(server, se
         np.testing.assert_allclose(result.scores, want.scores, atol=1e-6)
 
 
+def test_decode_batch_refuses_requests_with_different_kinds_of_prompt(setup):
+    from sam2_peft.inference.predictor import DecodeRequest
+
+    predictor = setup["predictors"][None]
+    embedding = predictor.encode(read_image(setup["paths"][0]))
+    with pytest.raises(ValueError, match="same kind of prompt"):
+        predictor.decode_batch([DecodeRequest(embedding, boxes=[BOX]), DecodeRequest(embedding, points=[[[9, 9]]])])
+    two_points = DecodeRequest(embedding, points=[[[9, 9], [20, 20]]])
+    with pytest.raises(ValueError, match="same number of points"):
+        predictor.decode_batch([DecodeRequest(embedding, points=[[[9, 9]]]), two_points])
+
+
 @pytest.mark.parametrize("adapter", [None, "lora_enc"])
 def test_embedding_endpoint_decodes_on_the_client(client, setup, adapter):
     """GET /v1/images/{id}/embedding gives the .npz of the embedding through the adapter's encoder; decoding it

@@ -326,9 +326,9 @@ class Sam2PeftPredictor:
             rows.append({name: tensor.transpose(0, 1) for name, tensor in prompts.items()})  # (N, 1, ...)
         if any(row.keys() != rows[0].keys() for row in rows):
             raise ValueError("decode_batch takes requests with the same kind of prompt (boxes, points, or none).")
-        inputs = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
-        if "input_points" in inputs and len({t.shape[2] for t in (row["input_points"] for row in rows)}) > 1:
+        if "input_points" in rows[0] and len({row["input_points"].shape[2] for row in rows}) > 1:
             raise ValueError("decode_batch takes requests with the same number of points per object.")
+        inputs = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
         levels = range(len(requests[0].embedding.tensors))
         embeddings = [
             torch.cat([r.embedding.tensors[level].expand(n, -1, -1, -1) for r, n in zip(requests, counts)])
