@@ -229,9 +229,8 @@ def main() -> None:
     for scenario, bodies in scenarios.items():
         for clients in [int(c) for c in args.clients.split(",")]:
             for mode, max_batch in (("off", 1), ("on", 64)):
-                variants[f"{scenario}, {clients} clients, batching {mode}"] = lambda mb=max_batch, c=clients, b=bodies: (
-                    run_with(mb, c, b)
-                )
+                name = f"{scenario}, {clients} clients, batching {mode}"
+                variants[name] = lambda mb=max_batch, c=clients, b=bodies: run_with(mb, c, b)
     run_variant(server.url, scenarios["one image"], 1, 5, 10)  # warm-up
     results = {name: [] for name in variants}
     started = time.monotonic()

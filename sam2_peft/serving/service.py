@@ -145,9 +145,9 @@ class SegmentService:
 
     def embedding_file(self, image_id: str, adapter: str | None = None) -> bytes:
         """The image's embedding through `adapter`'s encoder as an `.npz` file (numpy's zip of `.npy` arrays), for
-        decoding on the client (e.g. with the exported ONNX decoder): `image_embeddings.0` `(1, C0, S/4, S/4)` and
-        `image_embeddings.1` `(1, C1, S/8, S/8)` (the decoder's high-resolution features), `image_embeddings.2`
-        `(1, C, S/16, S/16)` (the image embedding), all float32, `original_size` `[H, W]` and `input_size` `[S, S]` (int64: prompts
+        decoding on the client (e.g. with the exported ONNX decoder): float32 `image_embeddings.0` `(1, C0, S/4, S/4)`
+        and `image_embeddings.1` `(1, C1, S/8, S/8)` (the decoder's high-resolution features), `image_embeddings.2`
+        `(1, C, S/16, S/16)` (the image embedding); int64 `original_size` `[H, W]` and `input_size` `[S, S]` (prompts
         go from original pixels to the model input's, as the processor moves them)."""
         with self.registry.acquire(adapter) as entry:
             embedding, _ = self.embedding(entry, image_id, self.image(image_id))
