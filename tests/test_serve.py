@@ -794,11 +794,18 @@ def test_adapters_load_on_first_use_with_an_lru_cap(setup):
             _assert_error(segment("allowed/repo"), 404, "adapter_source_not_found")  # allowed; the Hub is offline
             _assert_error(segment("no_such"), 404, "unknown_adapter", "first use")
             _assert_error(segment("../lora_a"), 404, "unknown_adapter")
+            statuses = []  # four concurrent first requests for one adapter: one load, four answers
+            threads = [threading.Thread(target=lambda: statuses.append(segment("lora_b").status_code)) for _ in "1234"]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert statuses == [200] * 4
             text = http.get("/metrics").text
         assert (
             _metric(text, "sam2peft_adapter_loads_on_use_total"),
             _metric(text, "sam2peft_adapter_evictions_total"),
-        ) == (4, 2)
+        ) == (5, 3)  # lora_b loaded once for its four concurrent first requests, evicting lora_enc
         assert _metric(text, "sam2peft_request_latency_seconds_count", 'adapter="lora_a"') == 2
         assert "no_such" not in text and "repo" not in text
     finally:
