@@ -342,6 +342,7 @@ def _evaluate_instances(args: argparse.Namespace, source, validation, config) ->
     from .data.sources import check_data_source, open_records, set_max_image_pixels
     from .data.validation import validate_records
     from .evaluation import instance_runner
+    from .inference.distributed import is_main_process
     from .io import atomic_write_json
 
     check_data_source(source.data, "--data")
@@ -371,6 +372,8 @@ def _evaluate_instances(args: argparse.Namespace, source, validation, config) ->
             segmenters[name] = lambda image: specialist_guided_instances(foreground, separator, image, config)
         result = instance_runner.automatic_report(segmenters, records)
         result["settings"] = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    if not is_main_process():
+        return
     result.update(
         adapter=args.adapter, foreground_adapter=getattr(args, "foreground_adapter", None), data=args.data,
         model=args.model or (predictor.adapter.base_model if predictor.adapter else None),

@@ -110,7 +110,8 @@ def test_resume_and_overwrite_exclude_each_other(saved_tiny_model, data, tmp_pat
 def test_two_processes_predict_as_one_and_resume(saved_tiny_model, data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     main(["predict", str(data / "images"), str(one), "--model", str(saved_tiny_model)])
-    launch_two("predict", str(data / "images"), str(two), "--model", str(saved_tiny_model))
+    result = launch_two("predict", str(data / "images"), str(two), "--model", str(saved_tiny_model))
+    assert "/3 [" in result.stderr and "/2 [" in result.stderr and "/5 [" not in result.stderr  # each its share
     assert visible_files(two) == visible_files(one) and len(list((two / "masks").iterdir())) == 5
     for name in ("img_000", "img_004"):  # one in each process's share
         (two / "masks" / f"{name}.png").unlink()
@@ -133,14 +134,33 @@ def test_two_processes_segment_all_as_one(saved_tiny_model, data, tmp_path):
     assert visible_files(two) == visible_files(one)
 
 
+def without_timings(report):
+    """`report` without the seconds it took (which differ from run to run)."""
+    if isinstance(report, dict):
+        return {k: without_timings(v) for k, v in report.items() if k != "seconds_per_image"}
+    return report
+
+
 @pytest.mark.slow
 def test_two_processes_eval_as_one(saved_tiny_model, data, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     main(["eval", "--data", str(data), "--model", str(saved_tiny_model), "--output", str(one)])
-    launch_two("eval", "--data", str(data), "--model", str(saved_tiny_model), "--output", str(two))
+    result = launch_two("eval", "--data", str(data), "--model", str(saved_tiny_model), "--output", str(two))
+    assert "/3 [" in result.stderr and "/5 [" not in result.stderr  # the main process scored its share
     single, double = json.loads(one.read_text()), json.loads(two.read_text())
     assert list(double["per_image"]) == list(single["per_image"]) and len(single["per_image"]) == 5
     assert double["metrics"] == pytest.approx(single["metrics"], abs=1e-6)
     for name, scores in single["per_image"].items():
         assert double["per_image"][name] == pytest.approx(scores, abs=1e-6)
     assert double["num_images"] == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["automatic", "interactive"])
+def test_two_processes_eval_instances_as_one(protocol, saved_tiny_model, data, tmp_path):
+    flags = ["--protocol", protocol, "--data", str(data), "--model", str(saved_tiny_model)]
+    flags += SEGMENT_FLAGS if protocol == "automatic" else ["--max-clicks", "3"]
+    main(["eval", *flags, "--output", str(tmp_path / "one.json")])
+    launch_two("eval", *flags, "--output", str(tmp_path / "two.json"))
+    single, double = (without_timings(json.loads((tmp_path / f"{n}.json").read_text())) for n in ("one", "two"))
+    assert single["num_images"] == 5 and double == single

@@ -61,14 +61,19 @@ def my_share(items: Sequence[T]) -> list[T]:
         return list(share)
 
 
-def gather_dicts(part: dict) -> dict:
-    """The union of every process's `part`, in process order, on every process."""
+def gather_list(part: list) -> list:
+    """Every process's `part`, concatenated in process order, on every process."""
     if not several_processes():
         return part
     from accelerate.utils import gather_object
 
+    return gather_object(part)
+
+
+def gather_dicts(part: dict) -> dict:
+    """The union of every process's `part`, in process order, on every process."""
     merged = {}
-    for piece in gather_object([part]):
+    for piece in gather_list([part]):
         merged.update(piece)
     return merged
 
