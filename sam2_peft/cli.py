@@ -477,7 +477,8 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
         }
         scores = {name: {int(k): v for k, v in record["scores"].items()} for name, record in records.items()}
         atomic_write_json(folder / "instances.json", coco_results(labels, scores))
-        atomic_write_json(folder / "summary.json", {name: _summary_of(record) for name, record in records.items()})
+        summary = {name: {key: record[key] for key in ("instances", "prompts")} for name, record in records.items()}
+        atomic_write_json(folder / "summary.json", summary)
 
     records = run_over_images(
         files, names, args.out_dir, SEGMENT_OUTPUTS,
@@ -494,10 +495,6 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
         print(
             f"warning: no instances: {funnel.describe(config)}. Lower the setting that dropped most.", file=sys.stderr
         )
-
-
-def _summary_of(record: dict) -> dict:
-    return {"instances": record["instances"], "prompts": record["prompts"]}
 
 
 def _add_folder_arguments(parser: argparse.ArgumentParser) -> None:
