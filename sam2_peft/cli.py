@@ -135,9 +135,11 @@ CROP_FLAGS = ("--crop-overlap-ratio", "--crop-n-points-downscale-factor")
 
 
 def _load_predictor(args: argparse.Namespace):
+    from .inference.distributed import process_device
     from .inference.predictor import Sam2PeftPredictor
     from .models.loading import load_base_model
 
+    args.device = process_device(args.device)  # under accelerate launch, --device auto is each process's own
     if getattr(args, "onnx", None):
         from .export import load_onnx_predictor
 
@@ -214,6 +216,7 @@ def evaluate(argv: list[str]) -> None:
         from .data.sources import check_data_source, open_records, set_max_image_pixels
         from .data.validation import validate_records
         from .evaluation.runner import evaluate_segmenter
+        from .inference.distributed import is_main_process, my_share
         from .io import atomic_write_json
         from .models.segmenter import Sam2Segmenter
 
@@ -240,7 +243,8 @@ def evaluate(argv: list[str]) -> None:
         records, report = validate_records(
             records, config.validation, limit=args.max_images, description="Checking evaluation images"
         )
-        dataset = SegmentationDataset(records, predictor.processor, config, train=False)
+        shard = my_share(records)  # under accelerate launch, each process scores its share; per-image results gathered
+        dataset = SegmentationDataset(shard, predictor.processor, config, train=False)
         loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_segmentation)
         segmenter = Sam2Segmenter(predictor.model).to(accelerator.device)
         result = evaluate_segmenter(segmenter, loader, predictor.processor, accelerator, classes=classes)
@@ -255,6 +259,8 @@ def evaluate(argv: list[str]) -> None:
             "num_images": len(records),
             "data_report": report.summary(),
         }
+        if not is_main_process():
+            return
         if args.output:
             atomic_write_json(args.output, summary)
         print(json.dumps(result.metrics, indent=2))
@@ -336,6 +342,7 @@ def _evaluate_instances(args: argparse.Namespace, source, validation, config) ->
     from .data.sources import check_data_source, open_records, set_max_image_pixels
     from .data.validation import validate_records
     from .evaluation import instance_runner
+    from .inference.distributed import is_main_process
     from .io import atomic_write_json
 
     check_data_source(source.data, "--data")
@@ -365,6 +372,8 @@ def _evaluate_instances(args: argparse.Namespace, source, validation, config) ->
             segmenters[name] = lambda image: specialist_guided_instances(foreground, separator, image, config)
         result = instance_runner.automatic_report(segmenters, records)
         result["settings"] = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    if not is_main_process():
+        return
     result.update(
         adapter=args.adapter, foreground_adapter=getattr(args, "foreground_adapter", None), data=args.data,
         model=args.model or (predictor.adapter.base_model if predictor.adapter else None),
@@ -430,36 +439,59 @@ def segment_all(argv: list[str]) -> None:
 
 
 def _segment_folder(args: argparse.Namespace, config) -> None:
+    import math
+    from dataclasses import asdict
+
     from PIL import Image
 
+    from .data.sources import read_label_image
     from .inference.automatic import MaskFunnel, generate_instances, specialist_guided_instances
+    from .inference.distributed import run_over_images
     from .inference.instance_outputs import coco_results, instance_overlay, save_label_image
-    from .io import atomic_write_dir, atomic_write_json
+    from .io import atomic_write_json
 
     files, names = _image_files(args, SEGMENT_OUTPUTS)
     predictor = _load_predictor(args)
     foreground = _load_foreground(args) if args.foreground_adapter else None
-    labels_by_name, scores_by_name, summary, funnel = {}, {}, {}, MaskFunnel()
-    with atomic_write_dir(args.out_dir, replaces=SEGMENT_OUTPUTS) as staging:
-        (staging / "labels").mkdir()
-        (staging / "overlays").mkdir()
-        for path, image in _read_images(files, "segment-all", args.skip_bad_files):
-            if foreground is not None:
-                instances = specialist_guided_instances(foreground, predictor, image, config)
-            else:
-                instances = generate_instances(predictor, image, config)
-            funnel += instances.funnel
-            save_label_image(instances.labels, staging / "labels" / f"{names[path]}.{args.format}")
-            Image.fromarray(instance_overlay(image, instances.labels, instances.points)).save(
-                staging / "overlays" / f"{names[path]}.png"
-            )
-            labels_by_name[path.name], scores_by_name[path.name] = instances.labels, instances.score_by_label
-            summary[path.name] = {"instances": int(len(instances.scores)), "prompts": int(len(instances.points))}
-        atomic_write_json(staging / "instances.json", coco_results(labels_by_name, scores_by_name))
-        atomic_write_json(staging / "summary.json", summary)
-    total = sum(s["instances"] for s in summary.values())
-    print(f"Wrote {total} instance(s) of {len(summary)} image(s) to {args.out_dir}")
+
+    def segment_image(path: Path, image: np.ndarray, staging: Path) -> dict:
+        if foreground is not None:
+            instances = specialist_guided_instances(foreground, predictor, image, config)
+        else:
+            instances = generate_instances(predictor, image, config)
+        (staging / "labels").mkdir(exist_ok=True)
+        (staging / "overlays").mkdir(exist_ok=True)
+        save_label_image(instances.labels, staging / "labels" / f"{names[path]}.{args.format}")
+        Image.fromarray(instance_overlay(image, instances.labels, instances.points)).save(
+            staging / "overlays" / f"{names[path]}.png"
+        )
+        summary = {"instances": int(len(instances.scores)), "prompts": int(len(instances.points))}
+        return {**summary, "scores": instances.score_by_label, "funnel": asdict(instances.funnel)}
+
+    def write_summary(records: dict, folder: Path) -> None:
+        """instances.json (COCO, of the label images as written) and summary.json."""
+        labels = {
+            path.name: read_label_image(folder / "labels" / f"{names[path]}.{args.format}")
+            for path in files
+            if path.name in records
+        }
+        scores = {name: {int(k): v for k, v in record["scores"].items()} for name, record in records.items()}
+        atomic_write_json(folder / "instances.json", coco_results(labels, scores))
+        summary = {name: {key: record[key] for key in ("instances", "prompts")} for name, record in records.items()}
+        atomic_write_json(folder / "summary.json", summary)
+
+    records = run_over_images(
+        files, names, args.out_dir, SEGMENT_OUTPUTS,
+        lambda todo: _read_images(todo, "segment-all", args.skip_bad_files), segment_image, write_summary, args.resume,
+    )  # fmt: skip
+    if records is None:
+        return
+    total = sum(r["instances"] for r in records.values())
+    print(f"Wrote {total} instance(s) of {len(records)} image(s) to {args.out_dir}")
     if total == 0:
+        funnel = MaskFunnel()
+        for record in records.values():
+            funnel += MaskFunnel(**{k: -math.inf if v is None else v for k, v in record["funnel"].items()})
         print(
             f"warning: no instances: {funnel.describe(config)}. Lower the setting that dropped most.", file=sys.stderr
         )
@@ -473,8 +505,15 @@ def _add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-bad-files", action="store_true", help="skip unreadable images with a warning (default: stop)"
     )
-    parser.add_argument(
+    earlier = parser.add_mutually_exclusive_group()
+    earlier.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run's outputs in OUT_DIR (default: refuse)"
+    )
+    earlier.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an earlier (killed) run in OUT_DIR with the same flags: keep the images it finished, compute "
+        "the others (under accelerate launch too)",
     )
 
 
@@ -508,7 +547,7 @@ def _image_files(args: argparse.Namespace, outputs: tuple[str, ...], boxes: dict
         files = [_boxed_file(files, name, args.boxes) for name in boxes]
     if not files:
         raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'.")
-    check_output_dir(args.out_dir, outputs=outputs, overwrite=args.overwrite)
+    check_output_dir(args.out_dir, outputs=outputs, overwrite=args.overwrite or args.resume)
     return [path for path, _ in _skipping_bad_files(files, viewed_size, args.skip_bad_files)], names
 
 
@@ -579,8 +618,9 @@ def _predict_folder(args: argparse.Namespace) -> None:
 
     from .data.sources import viewed_size
     from .evaluation.panels import class_overlay, overlay
+    from .inference.distributed import is_main_process, run_over_images
     from .inference.predictor import check_boxes
-    from .io import atomic_write_dir, atomic_write_json
+    from .io import atomic_write_json
 
     boxes = _read_boxes(Path(args.boxes)) if args.boxes else None
     files, names = _image_files(args, PREDICT_OUTPUTS, boxes)
@@ -592,32 +632,37 @@ def _predict_folder(args: argparse.Namespace) -> None:
             checked[path.name] = check_boxes(boxes[key], (height, width), f"'{args.boxes}', image '{key}'").tolist()
         boxes = checked
     predictor = _load_predictor(args)
-    if boxes is None:
+    if boxes is None and is_main_process():
         _warn_if_trained_with_prompts(predictor)
-    summary = {}
-    with atomic_write_dir(args.out_dir, replaces=PREDICT_OUTPUTS) as staging:
-        (staging / "masks").mkdir()
-        (staging / "overlays").mkdir()
-        for path, image in _read_images(files, "predict", args.skip_bad_files):
-            image_boxes = boxes[path.name] if boxes is not None else None
-            prediction = predictor.predict(image, boxes=image_boxes)
-            if prediction.class_map is not None:  # multi-class PTSAM: the trained class ids, a legend of names
-                labels, painted = (
-                    prediction.class_map,
-                    class_overlay(image, prediction.class_map, prediction.class_names),
-                )
-            else:
-                labels = np.zeros(image.shape[:2], np.uint16 if len(prediction.masks) > 255 else np.uint8)
-                for index, mask in enumerate(prediction.masks, start=1):
-                    labels[mask] = index
-                painted = overlay(image, prediction.masks)
-            Image.fromarray(labels).save(staging / "masks" / f"{names[path]}.png")
-            Image.fromarray(painted).save(staging / "overlays" / f"{names[path]}.png")
-            summary[path.name] = {"scores": prediction.scores.tolist(), "boxes": image_boxes}
-            if prediction.class_names is not None:
-                summary[path.name]["classes"] = {str(k): v for k, v in prediction.class_names.items()}
-        atomic_write_json(staging / "predictions.json", summary)
-    print(f"Wrote masks and overlays of {len(summary)} image(s) to {args.out_dir}")
+
+    def predict_image(path: Path, image: np.ndarray, staging: Path) -> dict:
+        image_boxes = boxes[path.name] if boxes is not None else None
+        prediction = predictor.predict(image, boxes=image_boxes)
+        if prediction.class_map is not None:  # multi-class PTSAM: the trained class ids, a legend of names
+            labels, painted = (
+                prediction.class_map,
+                class_overlay(image, prediction.class_map, prediction.class_names),
+            )
+        else:
+            labels = np.zeros(image.shape[:2], np.uint16 if len(prediction.masks) > 255 else np.uint8)
+            for index, mask in enumerate(prediction.masks, start=1):
+                labels[mask] = index
+            painted = overlay(image, prediction.masks)
+        (staging / "masks").mkdir(exist_ok=True)
+        (staging / "overlays").mkdir(exist_ok=True)
+        Image.fromarray(labels).save(staging / "masks" / f"{names[path]}.png")
+        Image.fromarray(painted).save(staging / "overlays" / f"{names[path]}.png")
+        summary = {"scores": prediction.scores.tolist(), "boxes": image_boxes}
+        if prediction.class_names is not None:
+            summary["classes"] = {str(k): v for k, v in prediction.class_names.items()}
+        return summary
+
+    summary = run_over_images(
+        files, names, args.out_dir, PREDICT_OUTPUTS, lambda todo: _read_images(todo, "predict", args.skip_bad_files),
+        predict_image, lambda records, folder: atomic_write_json(folder / "predictions.json", records), args.resume,
+    )  # fmt: skip
+    if summary is not None:
+        print(f"Wrote masks and overlays of {len(summary)} image(s) to {args.out_dir}")
 
 
 def _warn_if_trained_with_prompts(predictor) -> None:

@@ -26,12 +26,7 @@ def atomic_write_dir(directory: str | os.PathLike, replaces: Iterable[str] = ())
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
     try:
         yield staging
-        for name in replaces:
-            path = directory / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        remove_outputs(directory, replaces)
         for path in sorted(staging.rglob("*")):
             if path.is_file():
                 target = directory / path.relative_to(staging)
@@ -39,6 +34,16 @@ def atomic_write_dir(directory: str | os.PathLike, replaces: Iterable[str] = ())
                 os.replace(path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_outputs(directory: Path, names: Iterable[str]) -> None:
+    """Delete the files and folders `names` (an earlier run's outputs) in `directory`, where present."""
+    for name in names:
+        path = directory / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
