@@ -246,7 +246,7 @@ def application(config: ServeConfig, ray_config: RayServeConfig):
     return Router.bind(model.bind(config, ray_config.max_adapters_per_replica, store), store, config)
 
 
-RAY_OWN = ("host", "port", "ray_address", "engine")
+RAY_OWN = ("host", "port", "keep_alive_s", "ray_address", "engine")
 """`sam2-peft serve` settings that Ray's own CLI sets instead (`serve run` / the config file's http_options)."""
 
 
