@@ -156,3 +156,9 @@ def test_recipe_flags_that_act_and_defaults_pass(argv):
 )
 def test_serve_refuses_the_other_engines_flags(capsys, flags, message):
     assert refusal(capsys, ["serve", "--model", "tiny-random", *flags]).startswith(f"sam2-peft serve: error: {message}")
+
+
+def test_a_repeatable_flag_counts_as_given(capsys):
+    """`--adapter` extends a list: given with a flag the rules refuse, the refusal still names the right flag."""
+    argv = ["serve", "--model", "tiny-random", "--adapter", "a=dir", "--replicas", "2"]
+    assert refusal(capsys, argv).endswith("error: --replicas applies to --engine ray only")
