@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from dataclasses import replace
 
 from ray import serve
@@ -121,7 +122,8 @@ class AdapterServer:
         return response
 
     async def __del__(self) -> None:
-        await self.lifespan.aclose()
+        if hasattr(self, "lifespan"):  # not when the start-up failed
+            await self.lifespan.aclose()
 
 
 async def _call_asgi(app, request: dict) -> dict:
@@ -267,9 +269,17 @@ def app_builder(args: dict):
     return application(config, ray_config)
 
 
+def _start_up_error() -> str:
+    """What a failed replica start-up raised (its last exception's message), from Ray Serve's deployment status."""
+    messages = [d.message for app in serve.status().applications.values() for d in app.deployments.values()]
+    causes = re.findall(r"^\s*[\w.]+(?:Error|Exception): (.+)$", "\n".join(messages), re.MULTILINE)
+    return causes[-1] if causes else "see the replicas' messages above"
+
+
 def run(config: ServeConfig, ray_config: RayServeConfig) -> None:
     """Start (or join) Ray, deploy the application on `config.host:config.port`, serve until SIGINT/SIGTERM."""
     import signal
+    import sys
     import threading
 
     import ray
@@ -282,7 +292,12 @@ def run(config: ServeConfig, ray_config: RayServeConfig) -> None:
         serve.start(
             http_options={"host": config.host, "port": config.port, "keep_alive_timeout_s": config.keep_alive_s}
         )
-        serve.run(application(config, ray_config), name="sam2-peft", route_prefix="/")
+        try:
+            serve.run(application(config, ray_config), name="sam2-peft", route_prefix="/")
+        except RuntimeError as err:  # a replica's start-up failed: the base or the catalogue does not load
+            if not str(err).startswith("Deploying application"):
+                raise
+            sys.exit(f"error: the Ray Serve application did not start: {_start_up_error()}")
         logger.warning("Serving '%s' on Ray Serve at http://%s:%d", config.model, config.host, config.port)
         stop.wait()
     finally:
