@@ -836,30 +836,49 @@ def _importable(module: str) -> bool:
     return True
 
 
-def serve(argv: list[str]) -> None:
-    """`sam2-peft serve`: one base model with many adapters, chosen per request, over HTTP."""
+def serve_parser():
+    """The parser of `sam2-peft serve` (`ServeConfig` and `RayServeConfig` flags)."""
     from .serving.config import ServeConfig
+    from .serving.ray_config import RayServeConfig
 
-    parser = _parser(
+    return _parser(
         "serve",
         "Serve one SAM 2 base with several adapters chosen per request (JSON over HTTP): each image is encoded once "
         "and its embedding shared by every adapter that leaves the encoder alone. Routes: GET /health, "
         "GET|POST /v1/adapters, DELETE /v1/adapters/NAME, POST /v1/images, POST /v1/segment, GET /metrics; the "
-        "OpenAPI docs at /docs.",
-        epilog="example:\n  sam2-peft serve --model compact-synthetic --adapter nuclei=runs/nuclei/adapter --port 8000",
-        settings=(ServeConfig,),
+        "OpenAPI docs at /docs. With --engine ray: the same API from Ray Serve replicas, each request routed to a "
+        "replica holding its adapter.",
+        epilog="examples:\n  sam2-peft serve --model compact-synthetic --adapter nuclei=runs/nuclei/adapter --port 8000"
+        "\n  sam2-peft serve --engine ray --model compact-synthetic --adapter nuclei=runs/nuclei/adapter "
+        "--max-replicas 4",
+        settings=(ServeConfig, RayServeConfig),
     )
-    (config,) = parser.parse(argv)
-    missing = [m for m in ("fastapi", "uvicorn", "multipart", "prometheus_client") if not _importable(m)]
+
+
+def serve(argv: list[str]) -> None:
+    """`sam2-peft serve`: one base model with many adapters, chosen per request, over HTTP."""
+    from .serving.ray_config import RULES
+
+    config, ray_config = serve_parser().parse(argv, RULES)
+    extra = ("serve", ["fastapi", "uvicorn", "multipart", "prometheus_client"])
+    if ray_config.engine == "ray":
+        extra = ("serve,ray", [*extra[1], "ray.serve"])
+    missing = [m for m in extra[1] if not _importable(m)]
     if missing:
         sys.exit(
-            f"error: sam2-peft serve needs the serve extra (missing {', '.join(missing)}): "
-            'pip install "sam2-peft[serve]"'
+            f"error: sam2-peft serve{' --engine ray' * (ray_config.engine == 'ray')} needs the {extra[0]} extra "
+            f'(missing {", ".join(missing)}): pip install "sam2-peft[{extra[0]}]"'
         )
 
     def run() -> None:
-        from .serving.app import run as run_server
         from .serving.errors import ServeError
+
+        if ray_config.engine == "ray":
+            from .serving.ray_app import run as run_ray
+
+            run_ray(config, ray_config)
+            return
+        from .serving.app import run as run_server
 
         try:
             run_server(config)

@@ -30,10 +30,15 @@ def flags_of(settings: type, leave_out: Iterable[str] = ()) -> tuple[str, ...]:
 def given_flags(parser: ArgumentParser, argv: Sequence[str] | None) -> set[str]:
     """The destinations of the flags `argv` gives, as opposed to those left at their defaults (argparse sets a
     default only where the namespace has no value yet, so a marker that survives parsing means 'not given')."""
-    unset = object()
+    unset = _Unset()
     namespace = Namespace(**{action.dest: unset for action in parser._actions if action.dest != SUPPRESS})
     parsed, _ = parser.parse_known_args(argv, namespace)
     return {dest for dest, value in vars(parsed).items() if value is not unset}
+
+
+class _Unset(list):
+    """The 'not given' marker: a list, so that append and extend actions can add to it (they add to a copy, which is
+    then not the marker)."""
 
 
 def unused_flag(parser: ArgumentParser, argv: Sequence[str] | None, rules: Iterable[Applies], values) -> str | None:

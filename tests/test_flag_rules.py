@@ -140,3 +140,25 @@ def test_recipe_flags_that_act_and_defaults_pass(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *argv, "--data", "no-such-data"])
     assert str(exit_info.value.code).startswith("error: ") and "no-such-data" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--replicas", "2"], "--replicas applies to --engine ray only"),
+        (["--max-adapters-per-replica", "2"], "--max-adapters-per-replica applies to --engine ray only"),
+        (["--engine", "ray", "--max-replicas", "4", "--replicas", "2"], "--replicas is a fixed count"),
+        (["--engine", "ray", "--min-replicas", "0"], "--min-replicas applies with --max-replicas (autoscaling) only"),
+        (["--engine", "ray", "--adapter-root", "adapters"], "--adapter-root does not apply to --engine ray"),
+        (["--engine", "ray", "--max-header-kb", "8"], "--max-header-kb does not apply to --engine ray"),
+        (["--engine", "ray", "--token", "t"], "--token with --engine ray applies with --token-all only"),
+    ],
+)
+def test_serve_refuses_the_other_engines_flags(capsys, flags, message):
+    assert refusal(capsys, ["serve", "--model", "tiny-random", *flags]).startswith(f"sam2-peft serve: error: {message}")
+
+
+def test_a_repeatable_flag_counts_as_given(capsys):
+    """`--adapter` extends a list: given with a flag the rules refuse, the refusal still names the right flag."""
+    argv = ["serve", "--model", "tiny-random", "--adapter", "a=dir", "--replicas", "2"]
+    assert refusal(capsys, argv).endswith("error: --replicas applies to --engine ray only")
