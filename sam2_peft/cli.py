@@ -547,14 +547,21 @@ def _image_files(args: argparse.Namespace, outputs: tuple[str, ...], boxes: dict
     )
     names = output_names(files)
     if boxes is not None:
-        unknown = [name for name in boxes if not any(name in (path.name, path.stem) for path in files)]
-        if unknown:
-            raise DataError(f"'{args.boxes}' names images not in '{folder}': {unknown[:5]}")
-        files = [_boxed_file(files, name, args.boxes) for name in boxes]
+        files = _boxed_files(files, boxes, args.boxes, folder, "images")
     if not files:
         raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'.")
     check_output_dir(args.out_dir, outputs=outputs, overwrite=args.overwrite)
     return [path for path, _ in _skipping_bad_files(files, viewed_size, args.skip_bad_files)], names
+
+
+def _boxed_files(files: list[Path], boxes: dict, boxes_file: str, folder, what: str) -> list[Path]:
+    """The files a boxes file names, in its order; DataError for a name that is no file of `folder`."""
+    from .data.sources import DataError
+
+    unknown = [name for name in boxes if not any(name in (path.name, path.stem) for path in files)]
+    if unknown:
+        raise DataError(f"'{boxes_file}' names {what} not in '{folder}': {unknown[:5]}")
+    return [_boxed_file(files, name, boxes_file) for name in boxes]
 
 
 def _boxed_file(files: list[Path], name: str, boxes_file: str) -> Path:
@@ -695,7 +702,7 @@ def _predict_videos(args: argparse.Namespace, videos: list[Path]) -> None:
     outputs = parse_video_outputs(args.video_outputs)
     boxes = _read_boxes(Path(args.boxes)) if args.boxes else {}
     if args.boxes:
-        videos = [_boxed_file(videos, name, args.boxes) for name in boxes]
+        videos = _boxed_files(videos, boxes, args.boxes, args.images, "videos")
     names = output_names(videos)
     written = (*names.values(), "predictions.json")
     check_output_dir(args.out_dir, outputs=written, overwrite=args.overwrite)

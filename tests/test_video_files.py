@@ -158,6 +158,10 @@ def test_predict_refuses_image_flags_on_videos(tmp_path, capsys):
     root = write_video_file(tmp_path / "videos")
     message = _refusal(capsys, ["predict", *MODEL, "--dtype", "bfloat16", str(root), str(tmp_path / "out")])
     assert "--dtype applies to images only" in message
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"other.mp4": [[4, 12, 20, 28]]}))
+    message = _error(capsys, ["predict", *MODEL, "--boxes", str(boxes), str(root), str(tmp_path / "out")])
+    assert "names videos not in" in message and "other.mp4" in message
 
 
 def _frame_folder(root, frames: int, annotated) -> None:
