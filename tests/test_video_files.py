@@ -211,8 +211,8 @@ def test_train_video_recipe_on_an_mp4(tmp_path):
 def test_davis_sequence_as_mp4_matches_its_frames(tmp_path):
     """A DAVIS sequence encoded to H.264 (crf 18, yuv420p): the same number of frames, each within a mean absolute
     error of 4 grey levels and a PSNR over 33 dB of its JPEG (measured: at most 3.06, at least 35.7 dB); video eval
-    on the mp4 and on the frame folder within 0.02 J&F (the tiny random model: no SAM 2 video weights exist offline, so
-    this checks that both reach the tracker alike, not a score)."""
+    on the mp4 and on the frame folder within 0.02 J&F (the tests' tiny video model: no SAM 2 video weights exist
+    offline, so this checks that both reach the tracker alike, not a score; measured 0.1046 vs 0.1047)."""
     davis = real_dataset("video-davis2016-mini")
     name = "blackswan"
     jpegs = sorted((davis / "JPEGImages" / name).glob("*.jpg"))
@@ -230,9 +230,14 @@ def test_davis_sequence_as_mp4_matches_its_frames(tmp_path):
     for part in ("JPEGImages", "Annotations"):
         (frames / part).mkdir(parents=True)
         (frames / part / name).symlink_to(davis / part / name)
+    from .video_helpers import tiny_video_model, video_processor
+
+    model = tmp_path / "tiny-video"  # random, but its memory and masks carry signal (J&F about 0.1, not 0)
+    tiny_video_model().save_pretrained(model)
+    video_processor().save_pretrained(model)
     scores = []
     for data in (root, frames):
         output = tmp_path / f"{data.name}.json"
-        main(["eval", "--protocol", "video", *MODEL, "--data", str(data), "--output", str(output)])
+        main(["eval", "--protocol", "video", "--model", str(model), "--data", str(data), "--output", str(output)])
         scores.append(json.loads(output.read_text())["metrics"])
-    assert abs(scores[0]["J&F"] - scores[1]["J&F"]) < 0.02, scores
+    assert scores[1]["J&F"] > 0.05 and abs(scores[0]["J&F"] - scores[1]["J&F"]) < 0.02, scores
