@@ -19,7 +19,6 @@ from ..evaluation.panels import overlay
 from .video import VideoPredictor
 
 VIDEO_OUTPUTS = ("mask-video", "pngs", "overlay")
-DEFAULT_VIDEO_OUTPUTS = "mask-video,overlay"
 MASK_VIDEO = "masks.mkv"
 """The label video: FFV1 (lossless) in Matroska, grey levels = object numbers (0 background, k = k-th object)."""
 OVERLAY_VIDEO = "overlay.mp4"
