@@ -170,17 +170,22 @@ def evaluate(argv: list[str]) -> None:
         "automatic: automatic instance masks of the base and the adapter (SAM's point grid; with --foreground-adapter "
         "also the specialist-guided mode) scored by mSA, SA50, SA75 and COCO mAP / AP50. interactive: simulated "
         "clicks (RITM protocol, up to --max-clicks per object, clicks only and box then clicks) for the base and the "
-        "adapter: NoC@85/90 and mIoU per click, with a PNG plot next to --output. The data flags are the training "
-        "recipes'.",
+        "adapter: NoC@85/90 and mIoU per click, with a PNG plot next to --output. video: track each sequence of a "
+        "video folder (DAVIS-style frame folders, or video files NAME.mp4 with PNG annotations in NAME/) from a --prompt "
+        "on its first annotated frame; DAVIS J, F and J&F. The data flags are the training recipes'.",
         "examples:\n  sam2-peft eval --adapter org/sam2-nuclei-lora --data data/val --output val_metrics.json\n"
         "  sam2-peft eval --protocol interactive --adapter outputs/lora --data data/val --output noc.json\n"
         "  sam2-peft eval --protocol automatic --adapter outputs/lora --foreground-adapter outputs/ptsam \\\n"
-        "      --data data/val --output instances.json",
+        "      --data data/val --output instances.json\n"
+        "  sam2-peft eval --protocol video --adapter outputs/video --data videos/ --output jf.json",
         settings=(DataSourceArguments, ValidationConfig, AutomaticMaskConfig),
     )
     _add_model_arguments(parser)
     parser.add_argument(
-        "--protocol", choices=("prompted", "automatic", "interactive"), default="prompted", help="what to score"
+        "--protocol",
+        choices=("prompted", "automatic", "interactive", "video"),
+        default="prompted",
+        help="what to score",
     )
     parser.add_argument("--prompt", choices=("box", "point", "none"), default="box", help="prompt per object, or none")
     parser.add_argument(
@@ -200,6 +205,11 @@ def evaluate(argv: list[str]) -> None:
     if source.data is None:
         parser.error("the following arguments are required: --data")
     refuse_unused_flags(parser, argv, _eval_rules(), args)
+    if args.protocol == "video":
+        if args.prompt == "none":
+            parser.error("--protocol video needs a prompt on the first annotated frame: --prompt box or point")
+        run_from_command_line(lambda: _evaluate_video(args))
+        return
     if args.protocol != "prompted":
         if args.max_clicks < 1:
             parser.error("--max-clicks must be at least 1")
@@ -270,21 +280,56 @@ def evaluate(argv: list[str]) -> None:
 
 def _eval_rules() -> tuple:
     """`eval`'s flags that act under one --protocol only (or with another flag)."""
+    from .data.config import ValidationConfig
     from .inference.automatic_config import AutomaticMaskConfig
+    from .recipes.arguments import DataSourceArguments
 
     def protocol(name: str) -> Callable[[argparse.Namespace], bool]:
         return lambda a: a.protocol == name
 
     only = "applies to --protocol {} only"
     return (
-        Applies(("--batch-size", "--prompt"), protocol("prompted"), only.format("prompted")),
+        Applies(("--batch-size",), protocol("prompted"), only.format("prompted")),
+        Applies(("--prompt",), lambda a: a.protocol in ("prompted", "video"), only.format("prompted or video")),
+        Applies(
+            (*flags_of(DataSourceArguments, leave_out=("data",)), *flags_of(ValidationConfig), "--max-images"),
+            lambda a: a.protocol != "video",
+            "applies to image data only, not to --protocol video",
+        ),
         Applies(
             ("--foreground-adapter", *flags_of(AutomaticMaskConfig)), protocol("automatic"), only.format("automatic")
         ),
         Applies(("--max-clicks",), protocol("interactive"), only.format("interactive")),
+        Applies(
+            ("--dtype",), lambda a: a.protocol != "video", "applies to image protocols only (video runs in float32)"
+        ),
         *_automatic_rules(grid_always=True),
         *_model_rules(),
     )
+
+
+def _evaluate_video(args: argparse.Namespace) -> None:
+    """`eval --protocol video`: J, F and J&F of the adapter (or base) on every sequence of --data."""
+    from .data.video import open_video_folder
+    from .evaluation.video_runner import evaluate_video
+    from .inference.video_files import load_video_predictor
+    from .io import atomic_write_json
+
+    sequences = open_video_folder(args.data)  # bad data is reported before the model loads
+    predictor = load_video_predictor(args)
+    result = evaluate_video(predictor.tracker, sequences, predictor.processor, predictor.device, prompt=args.prompt)
+    summary = {
+        "metrics": result.metrics,
+        "per_sequence": result.per_image,
+        "adapter": args.adapter,
+        "model": args.model or args.base_model,
+        "data": args.data,
+        "prompt": args.prompt,
+        "num_sequences": len(sequences),
+    }
+    if args.output:
+        atomic_write_json(args.output, summary)
+    print(json.dumps(result.metrics, indent=2))
 
 
 def _adapter_classes(predictor, prompt: str, mask_type: str):
@@ -541,14 +586,21 @@ def _image_files(args: argparse.Namespace, outputs: tuple[str, ...], boxes: dict
     )
     names = output_names(files)
     if boxes is not None:
-        unknown = [name for name in boxes if not any(name in (path.name, path.stem) for path in files)]
-        if unknown:
-            raise DataError(f"'{args.boxes}' names images not in '{folder}': {unknown[:5]}")
-        files = [_boxed_file(files, name, args.boxes) for name in boxes]
+        files = _boxed_files(files, boxes, args.boxes, folder, "images")
     if not files:
         raise DataError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'.")
     check_output_dir(args.out_dir, outputs=outputs, overwrite=args.overwrite or args.resume)
     return [path for path, _ in _skipping_bad_files(files, viewed_size, args.skip_bad_files)], names
+
+
+def _boxed_files(files: list[Path], boxes: dict, boxes_file: str, folder, what: str) -> list[Path]:
+    """The files a boxes file names, in its order; DataError for a name that is no file of `folder`."""
+    from .data.sources import DataError
+
+    unknown = [name for name in boxes if not any(name in (path.name, path.stem) for path in files)]
+    if unknown:
+        raise DataError(f"'{boxes_file}' names {what} not in '{folder}': {unknown[:5]}")
+    return [_boxed_file(files, name, boxes_file) for name in boxes]
 
 
 def _boxed_file(files: list[Path], name: str, boxes_file: str) -> Path:
@@ -601,16 +653,35 @@ def predict(argv: list[str]) -> None:
         "gets one prompt-free mask (meant for prompt-free adapters such as PTSAM; an adapter trained with prompts gets a warning).",
         "boxes file: JSON mapping image file names (or stems) to [[x0, y0, x1, y1], ...] in pixels;\n"
         "only the images it lists are predicted.\n\n"
-        "example:\n  sam2-peft predict --adapter org/sam2-nuclei-lora --boxes boxes.json images/ predictions/",
+        "videos: IMAGES may be a video file or a folder of them (mp4, mov, avi, webm, mkv): the objects boxed on frame\n"
+        "0 in --boxes (keys: video names), or else masked in the first annotated PNG of NAME/ beside NAME.mp4, are\n"
+        "tracked; OUT_DIR/<name>/ gets --video-outputs: masks.mkv (lossless FFV1 label video, grey level k = k-th\n"
+        "object), masks/00000.png ... and overlay.mp4 (H.264, to watch); OUT_DIR/predictions.json the summary.\n\n"
+        "examples:\n  sam2-peft predict --adapter org/sam2-nuclei-lora --boxes boxes.json images/ predictions/\n"
+        "  sam2-peft predict --adapter outputs/video --boxes boxes.json clip.mp4 tracked/",
     )
-    parser.add_argument("images", metavar="IMAGES", help="folder of images")
+    parser.add_argument("images", metavar="IMAGES", help="folder of images; or a video file or folder of them")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where masks, overlays and predictions.json go")
     _add_model_arguments(parser, onnx=True)
     parser.add_argument("--boxes", default=None, help="JSON file of boxes per image (see below)")
     _add_folder_arguments(parser)
+    parser.add_argument(
+        "--video-outputs",
+        default="mask-video,overlay",
+        help="videos: what to write, comma-separated: mask-video, pngs, overlay (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE), args)
-    run_from_command_line(lambda: _predict_folder(args))
+    from .data.video_files import videos_in
+
+    videos = videos_in(args.images)
+    video_rule = Applies(
+        ("--onnx", "--dtype", "--max-image-pixels"),
+        lambda a: not videos,
+        "applies to images only (videos run in PyTorch, in float32)",
+    )
+    image_rule = Applies(("--video-outputs",), lambda a: bool(videos), "applies to video files only")
+    refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE, video_rule, image_rule), args)
+    run_from_command_line(lambda: _predict_videos(args, videos) if videos else _predict_folder(args))
 
 
 def _predict_folder(args: argparse.Namespace) -> None:
@@ -663,6 +734,36 @@ def _predict_folder(args: argparse.Namespace) -> None:
     )  # fmt: skip
     if summary is not None:
         print(f"Wrote masks and overlays of {len(summary)} image(s) to {args.out_dir}")
+
+
+def _predict_videos(args: argparse.Namespace, videos: list[Path]) -> None:
+    """`predict` on video files: each checked (and its boxes) before the model loads, then tracked and written."""
+    from .data.video_files import VideoFrames
+    from .inference.instance_outputs import output_names
+    from .inference.predictor import check_boxes
+    from .inference.video_files import load_video_predictor, parse_video_outputs, predict_video_file
+    from .io import atomic_write_dir, atomic_write_json, check_output_dir
+
+    outputs = parse_video_outputs(args.video_outputs)
+    boxes = _read_boxes(Path(args.boxes)) if args.boxes else {}
+    if args.boxes:
+        videos = _boxed_files(videos, boxes, args.boxes, args.images, "videos")
+    names = output_names(videos)
+    written = (*names.values(), "predictions.json")
+    check_output_dir(args.out_dir, outputs=written, overwrite=args.overwrite)
+    opened = list(_skipping_bad_files(videos, VideoFrames, args.skip_bad_files))
+    prompts = {}
+    for path, frames in opened:
+        key = next((k for k in (path.name, path.stem) if k in boxes), None)
+        where = f"'{args.boxes}', video '{key}' (frame 0)"
+        prompts[path] = None if key is None else check_boxes(boxes[key], (frames.height, frames.width), where).tolist()
+    predictor = load_video_predictor(args)
+    summary = {}
+    with atomic_write_dir(args.out_dir, replaces=written) as staging:
+        for path, frames in opened:
+            summary[path.name] = predict_video_file(predictor, frames, staging / names[path], outputs, prompts[path])
+        atomic_write_json(staging / "predictions.json", summary)
+    print(f"Wrote {', '.join(outputs)} of {len(summary)} video(s) to {args.out_dir}")
 
 
 def _warn_if_trained_with_prompts(predictor) -> None:

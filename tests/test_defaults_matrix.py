@@ -98,6 +98,26 @@ def test_train_video(tmp_path):
 
 
 @pytest.mark.slow
+def test_video_file_train_predict_eval(tmp_path):
+    """A folder of one mp4 (3 frames, all annotated, as `test_train_video`): `train video`, then `predict` (prompted by
+    the annotation beside it; a mask video and an overlay at the defaults) and `eval --protocol video` with its
+    adapter."""
+    pytest.importorskip("av", reason='video files need PyAV: pip install -e ".[video]"')
+    from .video_file_helpers import write_video_file
+
+    data = write_video_file(tmp_path / "videos", frames=3, annotated=(0, 1, 2))
+    run = tmp_path / "video-run"
+    main(["train", "video", *MODEL, "--data", str(data), "--output-dir", str(run)])
+    assert _metrics(run)["steps"] == 10
+    out = tmp_path / "tracked"
+    main(["predict", "--adapter", str(run), str(data), str(out)])
+    assert {p.name for p in (out / "clip").iterdir()} == {"masks.mkv", "overlay.mp4"}
+    output = tmp_path / "jf.json"
+    main(["eval", "--protocol", "video", "--adapter", str(run), "--data", str(data), "--output", str(output)])
+    assert set(json.loads(output.read_text())["metrics"]) == {"J", "F", "J&F"}
+
+
+@pytest.mark.slow
 def test_train_pretrain(data, tmp_path):
     """`--max-steps 2`: the default is 20000 steps (validation on 64 synthetic scenes, its default, at the end)."""
     out = tmp_path / "pretrain"

@@ -26,7 +26,11 @@ def refusal(capsys, argv: list[str]) -> str:
     "flags, message",
     [
         (["--protocol", "automatic", "--batch-size", "8"], "--batch-size applies to --protocol prompted only"),
-        (["--protocol", "interactive", "--prompt", "point"], "--prompt applies to --protocol prompted only"),
+        (["--protocol", "interactive", "--prompt", "point"], "--prompt applies to --protocol prompted or video only"),
+        (["--protocol", "video", "--batch-size", "8"], "--batch-size applies to --protocol prompted only"),
+        (["--protocol", "video", "--mask-type", "binary"], "--mask-type applies to image data only"),
+        (["--protocol", "video", "--max-images", "3"], "--max-images applies to image data only"),
+        (["--protocol", "video", "--dtype", "bfloat16"], "--dtype applies to image protocols only"),
         (["--points-per-side", "4"], "--points-per-side applies to --protocol automatic only"),
         (["--protocol", "interactive", "--min-area", "5"], "--min-area applies to --protocol automatic only"),
         (["--protocol", "automatic", "--max-clicks", "3"], "--max-clicks applies to --protocol interactive only"),

@@ -170,8 +170,10 @@ def load_adapted_model(
     base_revision: str | None = None,
     token: str | bool | None = None,
     device: torch.device | str | None = None,
+    video: bool = False,
 ) -> tuple[nn.Module, Sam2Processor, AdapterInfo]:
-    """Download (if needed) an adapter, load the base it names (or `base_model`), and apply the adapter.
+    """Download (if needed) an adapter, load the base it names (or `base_model`; its video model with `video`), and
+    apply the adapter.
 
     Returns the adapted model in eval mode (a `PeftModel` for peft adapters, a `Sam2Model` for partial fine-tunes),
     the base model's processor, and the resolved `AdapterInfo`. The adapter's recorded base architecture is checked
@@ -184,6 +186,6 @@ def load_adapted_model(
             f"The adapter '{adapter_id_or_path}' does not record its base model (base_model_name_or_path is empty): "
             "pass base_model='facebook/sam2.1-hiera-...' or a local folder."
         )
-    model, processor = load_base_model(base_name, revision=base_revision, device=device)
+    model, processor = load_base_model(base_name, video=video, revision=base_revision, device=device)
     model = load_adapter(model, info.directory)
     return model.eval(), processor, info

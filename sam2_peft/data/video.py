@@ -1,6 +1,7 @@
 """Video data: DAVIS-style frame folders, sparse annotations, clip sampling with lazy frame decoding.
 
-Layout: `ROOT/JPEGImages/SEQ/*.jpg` and `ROOT/Annotations/SEQ/*.png`, an annotation named like its frame (stem).
+Layout: `ROOT/JPEGImages/SEQ/*.jpg` and `ROOT/Annotations/SEQ/*.png`, an annotation named like its frame (stem);
+or video files `ROOT/SEQ.mp4` with annotations `ROOT/SEQ/00000.png` named by frame index (`video_files`).
 Annotations are binary (0/255 or 0/1) or palette/instance PNGs, one label value per object, the same value for the
 same object in every frame. Frames without an annotation file are unannotated; `annotated_every=K` keeps only every
 K-th annotation of fully annotated data, to simulate sparse labelling.
@@ -72,10 +73,16 @@ def open_video_folder(
         raise ValueError(f"annotated_every must be at least 1, got {annotated_every}.")
     root = Path(root)
     frames_root, annotations_root = root / FRAMES_DIR, root / ANNOTATIONS_DIR
+    if not frames_root.is_dir():
+        from .video_files import open_video_files, video_files_in
+
+        if video_files_in(root):
+            return open_video_files(root, annotated_every, sequences)
     for folder in (frames_root, annotations_root):
         if not folder.is_dir():
             raise DataError(
-                f"Video folder '{root}' needs '{FRAMES_DIR}/SEQ/' and '{ANNOTATIONS_DIR}/SEQ/'; '{folder}' is missing."
+                f"Video folder '{root}' needs '{FRAMES_DIR}/SEQ/' and '{ANNOTATIONS_DIR}/SEQ/', or video files SEQ.mp4 "
+                f"with annotations SEQ/00000.png; '{folder}' is missing."
             )
     names = (
         sequences

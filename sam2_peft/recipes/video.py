@@ -32,7 +32,11 @@ class VideoDataArguments:
     _argument_group_name = "data"
 
     data: str | None = field(
-        default=None, metadata={"help": "A DAVIS-style folder: JPEGImages/SEQ/*.jpg and Annotations/SEQ/*.png."}
+        default=None,
+        metadata={
+            "help": "A DAVIS-style folder (JPEGImages/SEQ/*.jpg, Annotations/SEQ/*.png) or a folder of video files "
+            "SEQ.mp4 (.mov, .avi, .webm, .mkv) with PNG annotations SEQ/00000.png named by frame index."
+        },
     )
     val_data: str | None = field(
         default=None,
@@ -53,7 +57,8 @@ UNUSED_SETTINGS = ("correction_rounds", "prompt_chunk", *(f.name for f in fields
 
 @dataclass
 class VideoArguments:
-    """Clips and sequences (`--data` is a DAVIS-style folder: JPEGImages/SEQ/*.jpg, Annotations/SEQ/*.png)."""
+    """Clips and sequences (`--data`: a DAVIS-style folder, JPEGImages/SEQ/*.jpg + Annotations/SEQ/*.png, or video
+    files SEQ.mp4 + SEQ/00000.png)."""
 
     _argument_group_name = "video"
 
@@ -83,7 +88,10 @@ def video_task(args: RecipeArguments, video: VideoArguments, processor):
 
     data = args.data
     if not data.data:
-        raise DataError("--data is required: a folder with JPEGImages/SEQ/*.jpg and Annotations/SEQ/*.png.")
+        raise DataError(
+            "--data is required: a folder with JPEGImages/SEQ/*.jpg and Annotations/SEQ/*.png, or with video files "
+            "SEQ.mp4 and annotations SEQ/00000.png."
+        )
     val_names = _names(video.val_sequences)
     train_names = _names(video.train_sequences)
     if train_names is None:
