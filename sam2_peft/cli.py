@@ -15,6 +15,7 @@ import numpy as np
 
 from .commandline import run_from_command_line
 from .flags import Applies, flags_of, refuse_unused_flags
+from .volume_commands import add_volume_arguments, evaluate_volumes, is_volume_input, predict_volumes, volume_rules
 
 
 def train(argv: list[str]) -> None:
@@ -193,11 +194,15 @@ def evaluate(argv: list[str]) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch")
     parser.add_argument("--output", default=None, help="write metrics here (JSON); default: print only")
+    add_volume_arguments(parser, "eval")
     args = parser.parse_args(argv)
     source, validation = from_namespace(DataSourceArguments, args), from_namespace(ValidationConfig, args)
     if source.data is None:
         parser.error("the following arguments are required: --data")
     refuse_unused_flags(parser, argv, _eval_rules(), args)
+    if is_volume_input(source.data):
+        run_from_command_line(lambda: evaluate_volumes(args))
+        return
     if args.protocol != "prompted":
         if args.max_clicks < 1:
             parser.error("--max-clicks must be at least 1")
@@ -264,10 +269,19 @@ def evaluate(argv: list[str]) -> None:
 
 def _eval_rules() -> tuple:
     """`eval`'s flags that act under one --protocol only (or with another flag)."""
+    from .data.config import ValidationConfig
     from .inference.automatic_config import AutomaticMaskConfig
+    from .recipes.arguments import DataSourceArguments
 
     def protocol(name: str) -> Callable[[argparse.Namespace], bool]:
         return lambda a: a.protocol == name
+
+    image_only = (  # volumes are scored by the prompted protocol, prompted by --volume-prompt
+        *("--protocol", "--prompt", "--max-images", "--batch-size", "--dtype", "--foreground-adapter", "--max-clicks"),
+        *flags_of(DataSourceArguments, leave_out=("data",)),
+        *flags_of(ValidationConfig),
+        *flags_of(AutomaticMaskConfig),
+    )
 
     only = "applies to --protocol {} only"
     return (
@@ -278,6 +292,7 @@ def _eval_rules() -> tuple:
         Applies(("--max-clicks",), protocol("interactive"), only.format("interactive")),
         *_automatic_rules(grid_always=True),
         *_model_rules(),
+        *volume_rules("eval", lambda a: a.data, image_only),
     )
 
 
@@ -564,14 +579,17 @@ def predict(argv: list[str]) -> None:
         "only the images it lists are predicted.\n\n"
         "example:\n  sam2-peft predict --adapter org/sam2-nuclei-lora --boxes boxes.json images/ predictions/",
     )
-    parser.add_argument("images", metavar="IMAGES", help="folder of images")
+    parser.add_argument("images", metavar="IMAGES", help="folder of images, or a volume file or volume folder")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where masks, overlays and predictions.json go")
     _add_model_arguments(parser, onnx=True)
     parser.add_argument("--boxes", default=None, help="JSON file of boxes per image (see below)")
     _add_folder_arguments(parser)
+    add_volume_arguments(parser, "predict")
     args = parser.parse_args(argv)
-    refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE), args)
-    run_from_command_line(lambda: _predict_folder(args))
+    image_only = ("--boxes", "--onnx", "--dtype", "--max-image-pixels", "--skip-bad-files", "--overwrite")
+    volume = volume_rules("predict", lambda a: a.images, image_only)
+    refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE, *volume), args)
+    run_from_command_line(lambda: (predict_volumes if is_volume_input(args.images) else _predict_folder)(args))
 
 
 def _predict_folder(args: argparse.Namespace) -> None:
