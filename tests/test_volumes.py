@@ -181,11 +181,9 @@ def test_objects_are_combined_by_the_highest_logit():
 
     class TwoLevels:
         def track(self, frames, boxes=None, logits=False, **_):
-            for _ in frames:  # object 1 (box from x 0) weak everywhere, object 2 (box from x 2) strong on the right
-                strong = boxes[0][0] == 2
+            for _ in frames:  # each object strong (2) on its own half, weak but positive (0.5) on the other
                 values = np.full((4, 4), 0.5, np.float32)
-                values[:, 2:] = 2.0 if strong else 0.5
-                values[:, :2] = -1.0 if strong else 0.5
+                (values[:, 2:] if boxes[0][0] == 2 else values[:, :2])[:] = 2.0
                 yield values[None]
 
     from sam2_peft.inference.volumes import SlicePrompt
