@@ -297,3 +297,33 @@ def test_volume_flags_act_or_are_refused(tmp_path, capsys, argv, message):
         run_cli(*[paths.get(a, a) for a in argv])
     last = str(exit_.value.code) if exit_.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: " in last and message in last
+
+
+def test_video_recipe_trains_on_sparsely_labelled_volumes(tmp_path):
+    """Clips of adjacent slices from every 4th labelled slice of one volume; the other volume validates."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sam2_peft.recipes.video import main as video_recipe
+
+    root = write_nifti_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["--model", "tiny-random", "--data", str(root), "--output-dir", str(out), "--window", "soft-tissue"]
+    argv += ["--annotated-every", "4", "--clip-len", "5", "--val-sequences", "case_b", "--max-steps", "2"]
+    video_recipe(argv)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["fine_tuned"]["J&F"] <= 1
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("memory_attention" in name for name in saved) and all(torch.isfinite(w).all() for w in saved.values())
+
+
+def test_volume_clips_start_on_annotated_slices_and_run_over_adjacent_ones(tmp_path):
+    from sam2_peft.data.video import VideoClipDataset, VideoDatasetConfig
+    from sam2_peft.models.loading import processor_for_image_size
+
+    volumes = open_volume_folder(write_nifti_folder(tmp_path, names=("case",)), annotated_every=4)
+    dataset = VideoClipDataset(volumes, processor_for_image_size(64), VideoDatasetConfig(clip_len=5))
+    assert [start for _, start in dataset.starts] == [0, 4]  # from slice 8 the volume ends before a 2nd annotation
+    item = dataset[1]
+    assert item["sample_id"] == "case@4" and item["annotated"].tolist() == [True, False, False, False, True]
+    assert item["target_masks"][1:4].sum() == 0 and item["target_masks"][4].sum() > 0
