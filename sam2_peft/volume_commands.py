@@ -23,7 +23,7 @@ def is_volume_input(path: str | None) -> bool:
     """Whether `path` is a volume file or a volume folder."""
     from .data.volumes import volume_suffix
 
-    return path is not None and (volume_suffix(path) is not None and Path(path).is_file() or _is_volume_folder(path))
+    return path is not None and (volume_suffix(path) is not None and not Path(path).is_dir() or _is_volume_folder(path))
 
 
 def _is_volume_folder(path: str) -> bool:
@@ -87,8 +87,14 @@ def add_volume_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def volume_rules(command: str, path_of, image_only: tuple[str, ...]) -> tuple[Applies, ...]:
     """Volume flags act on volume input only; `image_only` flags on other input only (`path_of(args)`: the input)."""
     flags = PREDICT_VOLUME_FLAGS if command == "predict" else EVAL_VOLUME_FLAGS
+    prompts = Applies(
+        ("--volume-prompt",),
+        lambda a: command == "eval" or a.prompt_labels is not None,
+        "applies with --prompt-labels only (--slice-prompts give their own prompts)",
+    )
     return (
         Applies(flags, lambda a: is_volume_input(path_of(a)), "applies to volumes (NIfTI, TIFF) only"),
+        prompts,
         Applies(
             image_only,
             lambda a: not is_volume_input(path_of(a)),

@@ -270,6 +270,11 @@ def test_eval_reports_dice_and_nsd_per_volume(tmp_path, capsys):
     "argv, message",
     [
         (["predict", "--model", "tiny-random", "IMG", "OUT"], "Volumes need prompts"),
+        (["predict", "--model", "tiny-random", "MISSING", "OUT", "--prompt-labels", "L"], "does not exist"),
+        (
+            ["predict", "--model", "tiny-random", "IMG", "OUT", "--slice-prompts", "p.json", "--volume-prompt", "mask"],
+            "--volume-prompt applies with --prompt-labels only",
+        ),
         (
             ["predict", "--model", "tiny-random", "IMG", "OUT", "--boxes", "b.json", "--prompt-labels", "L"],
             "--boxes does not apply to volumes",
@@ -292,6 +297,7 @@ def test_volume_flags_act_or_are_refused(tmp_path, capsys, argv, message):
         "ROOT": str(root),
         "IMAGES": str(tmp_path / "images"),
         "OUT": str(tmp_path / "out"),
+        "MISSING": str(tmp_path / "missing.nii.gz"),
     }
     with pytest.raises(SystemExit) as exit_:
         run_cli(*[paths.get(a, a) for a in argv])
@@ -299,6 +305,7 @@ def test_volume_flags_act_or_are_refused(tmp_path, capsys, argv, message):
     assert "error: " in last and message in last
 
 
+@pytest.mark.slow
 def test_video_recipe_trains_on_sparsely_labelled_volumes(tmp_path):
     """Clips of adjacent slices from every 4th labelled slice of one volume; the other volume validates."""
     import torch
@@ -327,3 +334,45 @@ def test_volume_clips_start_on_annotated_slices_and_run_over_adjacent_ones(tmp_p
     item = dataset[1]
     assert item["sample_id"] == "case@4" and item["annotated"].tolist() == [True, False, False, False, True]
     assert item["target_masks"][1:4].sum() == 0 and item["target_masks"][4].sum() > 0
+
+
+def test_predict_writes_a_tiff_for_a_tiff_from_slice_prompts(tmp_path):
+    import tifffile
+
+    root = write_tiff_pair(tmp_path / "data")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"stack": [{"id": 3, "slice": 4, "points": [[30, 24]], "labels": [1]}]}))
+    run_cli(
+        "predict",
+        "--model",
+        "tiny-random",
+        str(root / "images" / "stack.tif"),
+        str(tmp_path / "out"),
+        "--slice-prompts",
+        str(prompts),
+        "--device",
+        "cpu",
+        "--directions",
+        "forward",
+    )
+    written = read_volume(tmp_path / "out" / "stack.tif")
+    assert written.data.shape == (12, 56, 64) and written.spacing == pytest.approx((2.0, 0.5, 0.5))
+    assert set(np.unique(written.data).tolist()) <= {0, 3} and not written.data[:4].any()  # forward only
+    assert tifffile.TiffFile(tmp_path / "out" / "stack.tif").is_imagej
+
+
+def test_track_gives_logits_whose_sign_is_the_mask():
+    from sam2_peft.inference.video import VideoPredictor
+    from sam2_peft.models.loading import processor_for_image_size
+
+    from .video_helpers import VIDEO_SIZE, tiny_video_model
+
+    predictor = VideoPredictor(tiny_video_model(), processor_for_image_size(VIDEO_SIZE))
+    frames = [np.full((40, 50, 3), 40 * i, np.uint8) for i in range(3)]
+    box = np.array([[5, 5, 30, 25]])
+    masks = list(predictor.track(frames, boxes=box))
+    logits = list(predictor.track(frames, boxes=box, logits=True))
+    for mask, logit in zip(masks, logits):
+        assert logit.dtype == np.float32 and logit.shape == (1, 40, 50)
+        np.testing.assert_array_equal(logit > 0, mask)
+    assert any((x < 0).any() and (x > 0).any() for x in logits)
