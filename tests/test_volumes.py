@@ -376,3 +376,24 @@ def test_track_gives_logits_whose_sign_is_the_mask():
         assert logit.dtype == np.float32 and logit.shape == (1, 40, 50)
         np.testing.assert_array_equal(logit > 0, mask)
     assert any((x < 0).any() and (x > 0).any() for x in logits)
+
+
+def test_image_recipes_read_labelled_slices_of_volumes(tmp_path):
+    from sam2_peft.data.sources import open_records
+
+    root = write_nifti_folder(tmp_path / "data")
+    records = open_records(str(root))
+    assert len(records) == 24 and records[0].sample_id == "case_a@0"  # the organ is on every slice of both
+    lesion_slice = next(r for r in records if r.sample_id == "case_a@6")
+    assert lesion_slice.load_image().shape == (64, 56, 3) and lesion_slice.load_instances().shape == (2, 64, 56)
+    np.testing.assert_array_equal(lesion_slice.load_instances()[1], synthetic_ct()[1][..., 6] == 2)
+
+
+@pytest.mark.slow
+def test_lora_recipe_trains_on_volume_slices(tmp_path):
+    from sam2_peft.cli import main
+
+    root = write_nifti_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    main(["train", "lora", "--model", "tiny-random", "--data", str(root), "--output-dir", str(out), "--max-steps", "2"])
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2

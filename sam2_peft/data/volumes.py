@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError, natural_key, printable
+from .sources import DataError, LabelMap, SampleRecord, natural_key, printable
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff")
 VOLUME_FOLDERS = (("images", "labels"), ("imagesTr", "labelsTr"))
@@ -361,3 +361,23 @@ def _volumes_by_stem(folder: Path) -> dict[str, Path]:
         for p in sorted(folder.iterdir())
         if volume_suffix(p) and not p.name.startswith(".") and p.is_file()
     }
+
+
+def volume_slice_records(root: str | os.PathLike, **options) -> list[SampleRecord]:
+    """The slices of a volume folder's volumes that hold an object, as 2D samples for the image recipes (`options`:
+    those of `open_volume_folder`; each label id of a slice is one instance). Ids: `NAME@SLICE`."""
+    records = []
+    for volume in open_volume_folder(root, **options):
+        labels = volume.arrays()[1]
+        for t in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1)).tolist():
+            records.append(
+                SampleRecord(
+                    sample_id=f"{volume.name}@{t}",
+                    origin=f"{volume.image_file}, slice {t}",
+                    load_image=lambda v=volume, t=t: v.load_frame(t),
+                    load_instances=lambda v=volume, t=t: LabelMap.from_labels(v.load_labels(t)).masks(),
+                    load_objects=lambda v=volume, t=t: LabelMap.from_labels(v.load_labels(t)),
+                    known_valid=True,
+                )
+            )
+    return records
