@@ -389,6 +389,19 @@ def test_image_recipes_read_labelled_slices_of_volumes(tmp_path):
     np.testing.assert_array_equal(lesion_slice.load_instances()[1], synthetic_ct()[1][..., 6] == 2)
 
 
+def test_a_folder_of_2d_tiff_images_with_masks_is_not_a_volume_folder(tmp_path):
+    from PIL import Image
+
+    from sam2_peft.data.sources import check_data_source
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / folder / "a.tif")
+    assert check_data_source(str(tmp_path)) == "folder"
+    (tmp_path / "labels").mkdir()
+    assert check_data_source(str(tmp_path)) == "volumes"
+
+
 @pytest.mark.slow
 def test_lora_recipe_trains_on_volume_slices(tmp_path):
     from sam2_peft.cli import main

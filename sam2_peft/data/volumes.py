@@ -303,10 +303,14 @@ def open_volume(
 
 def volume_folders(root: str | os.PathLike) -> tuple[Path, Path] | None:
     """The image and label subfolders of a volume folder (`images/` + `labels/` or `imagesTr/` + `labelsTr/`), or
-    None when `root` is not one."""
+    None when `root` is not one. Without a label folder only NIfTI images make one: `images/*.tif` beside `masks/`
+    is a folder of 2D images."""
     root = Path(root)
     for images, labels in VOLUME_FOLDERS:
-        if (root / images).is_dir() and any(volume_suffix(p) for p in (root / images).iterdir()):
+        if not (root / images).is_dir():
+            continue
+        suffixes = {volume_suffix(p) for p in (root / images).iterdir()} - {None}
+        if suffixes and ((root / labels).is_dir() or suffixes <= {".nii", ".nii.gz"}):
             return root / images, root / labels
     return None
 
