@@ -410,3 +410,11 @@ def test_lora_recipe_trains_on_volume_slices(tmp_path):
     out = tmp_path / "run"
     main(["train", "lora", "--model", "tiny-random", "--data", str(root), "--output-dir", str(out), "--max-steps", "2"])
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_video_recipe_refuses_volume_flags_for_frame_folders(tmp_path, capsys):
+    from sam2_peft.recipes.video import main as video_recipe
+
+    with pytest.raises(SystemExit):
+        video_recipe(["--data", str(tmp_path), "--window", "lung"])
+    assert "--window applies to a volume folder --data only" in capsys.readouterr().err.strip().splitlines()[-1]
