@@ -207,7 +207,7 @@ def _record(sequence, args: argparse.Namespace) -> dict:
         "spacing": list(sequence.spacing),
         "window": list(sequence.window) if sequence.window else "percentiles 0.5-99.5",
         "directions": args.directions,
-        "prompt": args.volume_prompt,
+        "prompt": "--slice-prompts" if getattr(args, "slice_prompts", None) else args.volume_prompt,
     }
 
 
