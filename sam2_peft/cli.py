@@ -15,6 +15,7 @@ import numpy as np
 
 from .commandline import run_from_command_line
 from .flags import Applies, flags_of, refuse_unused_flags
+from .volume_commands import add_volume_arguments, evaluate_volumes, is_volume_input, predict_volumes, volume_rules
 
 
 def train(argv: list[str]) -> None:
@@ -200,11 +201,15 @@ def evaluate(argv: list[str]) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch")
     parser.add_argument("--output", default=None, help="write metrics here (JSON); default: print only")
+    add_volume_arguments(parser, "eval")
     args = parser.parse_args(argv)
     source, validation = from_namespace(DataSourceArguments, args), from_namespace(ValidationConfig, args)
     if source.data is None:
         parser.error("the following arguments are required: --data")
     refuse_unused_flags(parser, argv, _eval_rules(), args)
+    if is_volume_input(source.data):
+        run_from_command_line(lambda: evaluate_volumes(args))
+        return
     if args.protocol == "video":
         if args.prompt == "none":
             parser.error("--protocol video needs a prompt on the first annotated frame: --prompt box or point")
@@ -287,6 +292,13 @@ def _eval_rules() -> tuple:
     def protocol(name: str) -> Callable[[argparse.Namespace], bool]:
         return lambda a: a.protocol == name
 
+    image_only = (  # volumes are scored by the prompted protocol, prompted by --volume-prompt
+        *("--protocol", "--prompt", "--max-images", "--batch-size", "--dtype", "--foreground-adapter", "--max-clicks"),
+        *flags_of(DataSourceArguments, leave_out=("data",)),
+        *flags_of(ValidationConfig),
+        *flags_of(AutomaticMaskConfig),
+    )
+
     only = "applies to --protocol {} only"
     return (
         Applies(("--batch-size",), protocol("prompted"), only.format("prompted")),
@@ -305,6 +317,7 @@ def _eval_rules() -> tuple:
         ),
         *_automatic_rules(grid_always=True),
         *_model_rules(),
+        *volume_rules("eval", lambda a: a.data, image_only),
     )
 
 
@@ -660,7 +673,9 @@ def predict(argv: list[str]) -> None:
         "examples:\n  sam2-peft predict --adapter org/sam2-nuclei-lora --boxes boxes.json images/ predictions/\n"
         "  sam2-peft predict --adapter outputs/video --boxes boxes.json clip.mp4 tracked/",
     )
-    parser.add_argument("images", metavar="IMAGES", help="folder of images; or a video file or folder of them")
+    parser.add_argument(
+        "images", metavar="IMAGES", help="folder of images; a video file or folder of them; or a volume file or folder"
+    )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where masks, overlays and predictions.json go")
     _add_model_arguments(parser, onnx=True)
     parser.add_argument("--boxes", default=None, help="JSON file of boxes per image (see below)")
@@ -670,9 +685,16 @@ def predict(argv: list[str]) -> None:
         default="mask-video,overlay",
         help="videos: what to write, comma-separated: mask-video, pngs, overlay (default: %(default)s)",
     )
+    add_volume_arguments(parser, "predict")
     args = parser.parse_args(argv)
     from .data.video_files import videos_in
 
+    if is_volume_input(args.images):
+        image_only = ("--boxes", "--onnx", "--dtype", "--max-image-pixels", "--skip-bad-files", "--overwrite")
+        rules = volume_rules("predict", lambda a: a.images, (*image_only, "--video-outputs"))
+        refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE, *rules), args)
+        run_from_command_line(lambda: predict_volumes(args))
+        return
     videos = videos_in(args.images)
     video_rule = Applies(
         ("--onnx", "--dtype", "--max-image-pixels"),
@@ -680,7 +702,8 @@ def predict(argv: list[str]) -> None:
         "applies to images only (videos run in PyTorch, in float32)",
     )
     image_rule = Applies(("--video-outputs",), lambda a: bool(videos), "applies to video files only")
-    refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE, video_rule, image_rule), args)
+    volume = volume_rules("predict", lambda a: a.images, ())
+    refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE, video_rule, image_rule, *volume), args)
     run_from_command_line(lambda: _predict_videos(args, videos) if videos else _predict_folder(args))
 
 

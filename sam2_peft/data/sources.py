@@ -34,8 +34,8 @@ SKIP_HINT = "or pass --skip-bad-files to skip it"
 SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json")
 """Files that `datasets`' `save_to_disk` writes into a folder (a `Dataset` and a `DatasetDict` respectively)."""
 DATA_SOURCES = (
-    "an images/ + masks/ folder, a COCO .json file, a saved `datasets` folder, a Hub dataset name (org/name), or "
-    "synthetic:N[:SEED[:SIZE]]"
+    "an images/ + masks/ folder, a COCO .json file, a saved `datasets` folder, a Hub dataset name (org/name), "
+    "a folder of volumes (images/ + labels/ NIfTI or TIFF), or synthetic:N[:SEED[:SIZE]]"
 )
 """What `--data` and `--val-data` take, for help texts and errors."""
 
@@ -810,6 +810,10 @@ def check_data_source(data: str, flag: str = "--data") -> str:
     if path.suffix.lower() == ".json" and path.is_file():
         return "coco"
     if path.is_dir():
+        from .volumes import volume_folders
+
+        if volume_folders(path) is not None:
+            return "volumes"
         if (path / "images").is_dir() or (path / "masks").is_dir():
             return "folder"
         if any((path / name).exists() for name in SAVED_DATASET_FILES):
@@ -839,7 +843,8 @@ def open_records(
     mask_type: str = "auto",
     flag: str = "--data",
 ) -> list[SampleRecord]:
-    """Records from any supported source: a folder, a COCO `.json`, a `datasets` name or folder, or
+    """Records from any supported source: a folder, a COCO `.json`, a `datasets` name or folder, a volume folder (its
+    labelled slices as 2D images), or
     `synthetic:N[:SEED[:SIZE]]` (N generated scenes). `split` (None: the validation split) and the columns apply to
     `datasets` sources, `mask_type` to folder and `datasets` masks (COCO and synthetic data are instances). `flag`
     names the option that gave `data` in errors (see `check_data_source`)."""
@@ -850,6 +855,10 @@ def open_records(
         return coco_records(data)
     if kind == "folder":
         return folder_records(data, mask_type)
+    if kind == "volumes":
+        from .volumes import volume_slice_records
+
+        return volume_slice_records(data)
     return hf_dataset_records(
         data, split=split, image_column=image_column, mask_column=mask_column, mask_type=mask_type
     )

@@ -60,9 +60,11 @@ class VideoPredictor:
         points: np.ndarray | None = None,
         labels: np.ndarray | None = None,
         masks: np.ndarray | None = None,
+        logits: bool = False,
         **deprecated,
     ) -> Iterator[np.ndarray]:
-        """Yield `(N, H, W)` bool masks for each `(H, W, 3)` uint8 frame, the N objects prompted on the first frame.
+        """Yield `(N, H, W)` bool masks for each `(H, W, 3)` uint8 frame, the N objects prompted on the first frame
+        (with `logits`, the float mask logits at the frame's size instead: positive inside).
 
         Give one prompt kind, in the first frame's pixels: `boxes` `(N, 4)` x0 y0 x1 y1; `points` `(N, P, 2)` with
         `labels` `(N, P)` (1 positive, 0 negative; `Sam2PeftPredictor.predict`'s name, `point_labels=` still works
@@ -89,7 +91,7 @@ class VideoPredictor:
         stream = (pixel_values(f) for f in _chain(first, frames))
         for output in self.tracker.track(stream, prompt, keep_memory_of_last=True):
             low_res = output.pred_masks.float().cpu()
-            yield self.processor.post_process_masks([low_res], [size])[0][:, 0].numpy()
+            yield self.processor.post_process_masks([low_res], [size], binarize=not logits)[0][:, 0].numpy()
 
     def _prompt(self, size, boxes, points, point_labels, masks) -> ClipPrompt:
         given = [p is not None for p in (boxes, points, masks)]

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 from ..commandline import run_from_command_line
+from ..flags import Applies
 from ..training.config import LOSS_FRAMES, TrainingConfig
 from ..tuners.options import LoraOptions
+from ..volume_commands import is_volume_input
 from .arguments import (
     LORA_RULES,
     PROMPT_RULES,
@@ -34,8 +36,9 @@ class VideoDataArguments:
     data: str | None = field(
         default=None,
         metadata={
-            "help": "A DAVIS-style folder (JPEGImages/SEQ/*.jpg, Annotations/SEQ/*.png) or a folder of video files "
-            "SEQ.mp4 (.mov, .avi, .webm, .mkv) with PNG annotations SEQ/00000.png named by frame index."
+            "help": "A DAVIS-style folder (JPEGImages/SEQ/*.jpg, Annotations/SEQ/*.png), a folder of video files "
+            "SEQ.mp4 (.mov, .avi, .webm, .mkv) with PNG annotations SEQ/00000.png named by frame index, or a volume "
+            "folder (images/ + labels/, or imagesTr/ + labelsTr/: NIfTI or TIFF volumes, slices as frames)."
         },
     )
     val_data: str | None = field(
@@ -76,14 +79,40 @@ class VideoArguments:
     )
 
 
+@dataclass
+class VolumeArguments:
+    """How volumes become slices (with --data a volume folder)."""
+
+    _argument_group_name = "volumes"
+
+    window: str | None = field(
+        default=None,
+        metadata={
+            "help": "CT window: a preset name (soft-tissue, lung, bone, brain, ...) or LEVEL,WIDTH in HU "
+            "(default: each volume's 0.5-99.5 percentiles span black to white)."
+        },
+    )
+    slice_axis: int | None = field(
+        default=None,
+        metadata={"help": "Array axis to slice along (default: the coarsest voxel spacing).", "choices": (0, 1, 2)},
+    )
+
+
+VOLUME_RULES = (
+    Applies(("--window", "--slice-axis"), lambda a: is_volume_input(a.data), "applies to a volume folder --data only"),
+)
+
+
 def _names(value: str | None) -> list[str] | None:
     return [n.strip() for n in value.split(",") if n.strip()] if value else None
 
 
-def video_task(args: RecipeArguments, video: VideoArguments, processor):
-    """Training clips (sparse annotation applied) and whole validation sequences (every annotation kept)."""
+def video_task(args: RecipeArguments, video: VideoArguments, processor, volume: VolumeArguments | None = None):
+    """Training clips (sparse annotation applied) and whole validation sequences (every annotation kept); the
+    sequences are videos, or the slices of volumes (clips: runs of adjacent slices from an annotated one)."""
     from ..data.sources import DataError
     from ..data.video import VideoClipDataset, VideoDatasetConfig, VideoSequenceDataset, open_video_folder
+    from ..data.volumes import open_volume_folder, parse_window
     from ..training.video import VideoClipTask
 
     data = args.data
@@ -92,12 +121,22 @@ def video_task(args: RecipeArguments, video: VideoArguments, processor):
             "--data is required: a folder with JPEGImages/SEQ/*.jpg and Annotations/SEQ/*.png, or with video files "
             "SEQ.mp4 and annotations SEQ/00000.png."
         )
+    open_sequences = open_video_folder
+    if is_volume_input(data.data):
+        volume = volume or VolumeArguments()
+        window = parse_window(volume.window)
+
+        def open_sequences(root, annotated_every=1, names=None):
+            return open_volume_folder(
+                root, slice_axis=volume.slice_axis, window=window, annotated_every=annotated_every, names=names
+            )
+
     val_names = _names(video.val_sequences)
     train_names = _names(video.train_sequences)
     if train_names is None:
-        train_names = [s.name for s in open_video_folder(data.data) if s.name not in (val_names or [])]
-    train = open_video_folder(data.data, video.annotated_every, train_names)
-    val = open_video_folder(data.val_data or data.data, 1, val_names) if data.val_data or val_names else None
+        train_names = [s.name for s in open_sequences(data.data) if s.name not in (val_names or [])]
+    train = open_sequences(data.data, video.annotated_every, train_names)
+    val = open_sequences(data.val_data or data.data, 1, val_names) if data.val_data or val_names else None
     config = VideoDatasetConfig(
         clip_len=video.clip_len, stride=video.clip_stride, max_objects=data.max_objects, prompts=args.prompts
     )
@@ -123,21 +162,21 @@ def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     args = parse_recipe_arguments(
         __doc__.splitlines()[0],
         LoraOptions,
-        extra=[VideoArguments],
+        extra=[VideoArguments, VolumeArguments],
         argv=argv,
         shared=VIDEO_ARGUMENTS,
         without=UNUSED_SETTINGS,
-        rules=(*PROMPT_RULES, *SHARING_RULES, *LORA_RULES),
+        rules=(*PROMPT_RULES, *SHARING_RULES, *LORA_RULES, *VOLUME_RULES),
         **defaults,
     )
     from ..adapters.methods import LoraMethod
     from .runner import run_recipe
 
-    (video,) = args.extra
+    video, volume = args.extra
     return run_recipe(
         args,
         LoraMethod(**asdict(args.method)),
-        build_task=lambda a, processor: video_task(a, video, processor),
+        build_task=lambda a, processor: video_task(a, video, processor, volume),
         video=True,
         run_info={"loss_frames": video.loss_frames},
     )
