@@ -13,7 +13,7 @@ from sam2_peft.adapters import LoraMethod, PtsamMethod
 from sam2_peft.adapters.files import SIDECAR_FILE, AdapterMismatchError, check_signature, load_adapter
 from sam2_peft.cli import main as cli_main
 from sam2_peft.commandline import run_from_command_line
-from sam2_peft.models.loading import Sam2LoadError, family_of, load_base_model
+from sam2_peft.models.loading import family_of, load_base_model
 from sam2_peft.models.segmenter import Sam2Segmenter
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
 from sam2_peft.recipes.lora import main as lora_recipe
@@ -21,6 +21,7 @@ from sam2_peft.tuners.ptsam import PtsamArchitectureError
 
 from .conftest import write_folder_dataset
 from .recipe_helpers import lora_args
+from .video_helpers import enliven, video_processor
 
 NO_TIMM = importlib.util.find_spec("timm") is None
 EDGETAM = pytest.param(
@@ -41,6 +42,31 @@ def _inputs(model, seed: int = 0) -> dict:
         "points": torch.tensor([[[size * 0.3, size * 0.4]], [[size * 0.6, size * 0.5]]]),
         "point_labels": torch.ones(2, 1, dtype=torch.long),
     }
+
+
+def _video_model(name: str):
+    """The family's tiny video model, made to depend on its memory (`enliven`)."""
+    return enliven(load_base_model(name, video=True)[0])
+
+
+def _clip_prompts(size: int) -> dict[str, tuple[dict, ClipPrompt]]:
+    """Two objects prompted by boxes, points or masks: transformers' processor inputs and the same `ClipPrompt`."""
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.45, 0.1, 0.9, 0.45]]) * size
+    points = torch.tensor([[[size * 0.3, size * 0.4]], [[size * 0.7, size * 0.2]]])
+    masks = torch.zeros(2, size, size)
+    masks[0, size // 5 : size // 2, size // 8 : size // 2] = 1
+    masks[1, size // 2 :, size // 3 :] = 1
+    return {
+        "box": ({"input_boxes": [boxes.tolist()]}, ClipPrompt(points=boxes.view(2, 2, 2), point_labels=BOX_LABELS)),
+        "point": (
+            {"input_points": [points.tolist()], "input_labels": [[[1], [1]]]},
+            ClipPrompt(points=points, point_labels=torch.ones(2, 1, dtype=torch.long)),
+        ),
+        "mask": ({"input_masks": list(masks)}, ClipPrompt(masks=masks)),
+    }
+
+
+BOX_LABELS = torch.tensor([[2, 3], [2, 3]])
 
 
 def _segment(model, inputs: dict) -> torch.Tensor:
@@ -66,10 +92,6 @@ def test_builtin_base_is_its_family_with_tied_positions(name):
     assert torch.equal(
         model.shared_image_embedding.positional_embedding, model.prompt_encoder.shared_embedding.positional_embedding
     )
-    if family == "edgetam":
-        with pytest.raises(Sam2LoadError, match="EdgeTAM model: its video memory .* not supported"):
-            load_base_model(name, video=True)
-        return
     video, _ = load_base_model(name, video=True)
     assert type(video).__name__ == model_class.replace("Model", "VideoModel")
     size = int(video.config.prompt_encoder_config.image_size)
@@ -179,3 +201,35 @@ def test_cli_trains_each_family_and_refuses_a_cross_family_adapter(tmp_path, cap
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message and "EdgeTAM" in message, message
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", BASES)
+@pytest.mark.parametrize(("kind", "live"), [("box", True), ("point", True), ("mask", True), ("point", False)])
+def test_video_forward_equals_transformers_propagation_bit_for_bit(name, kind, live):
+    """Our differentiable video forward (adapter disabled) against transformers' inference session, frame by frame:
+    EdgeTAM through its spatial perceiver (memories kept in float32, as transformers keeps them), the SAM 3 tracker
+    with memories rounded to bfloat16 as transformers stores them. `live`: the model made to depend on its memory
+    (`enliven`), else as built (whose small logits show any reordering of float operations)."""
+    video = _video_model(name) if live else load_base_model(name, video=True)[0]
+    model = LoraMethod(targets="decoder+memory", lora_r=4).prepare(video, name)
+    base = model.get_base_model()
+    size = base.image_size
+    frames = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    inputs, prompt = _clip_prompts(size)[kind]
+    session_class = getattr(
+        importlib.import_module(type(base).__module__), type(base).__name__[:-5] + "InferenceSession"
+    )
+    session = session_class(video=frames, video_height=size, video_width=size, dtype=torch.float32)
+    video_processor(size).add_inputs_to_inference_session(session, frame_idx=0, obj_ids=[1, 2], **inputs)
+    theirs = list(base.propagate_in_video_iterator(session, start_frame_idx=0))
+    memory_dtype = None if family_of(base).name == "edgetam" else torch.bfloat16
+    with model.disable_adapter():  # with gradients, as in training
+        ours = Sam2VideoTracker(model, memory_dtype=memory_dtype)(frames, prompt)
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert torch.equal(mine.pred_masks, reference.pred_masks)
+        assert torch.equal(mine.object_score_logits, reference.object_score_logits.view(-1, 1))
+    other_kind = "point" if kind != "point" else "box"
+    with torch.no_grad(), model.disable_adapter():
+        other = Sam2VideoTracker(model, memory_dtype=memory_dtype)(frames, _clip_prompts(size)[other_kind][1])
+    if live:  # the prompt reaches the last frame
+        assert (other[-1].pred_masks - ours[-1].pred_masks).abs().max() > 1e-2
