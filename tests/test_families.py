@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from sam2_peft.adapters import LoraMethod, PtsamMethod
 from sam2_peft.adapters.files import SIDECAR_FILE, AdapterMismatchError, check_signature, load_adapter
 from sam2_peft.cli import main as cli_main
 from sam2_peft.commandline import run_from_command_line
+from sam2_peft.inference.video import VideoPredictor
 from sam2_peft.models.loading import family_of, load_base_model
 from sam2_peft.models.segmenter import Sam2Segmenter
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
@@ -233,3 +235,27 @@ def test_video_forward_equals_transformers_propagation_bit_for_bit(name, kind, l
         other = Sam2VideoTracker(model, memory_dtype=memory_dtype)(frames, _clip_prompts(size)[other_kind][1])
     if live:  # the prompt reaches the last frame
         assert (other[-1].pred_masks - ours[-1].pred_masks).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_video_training_step_reaches_memory_lora_and_the_predictor_tracks_with_it(name, tmp_path):
+    """A clip's last-frame loss trains LoRA on memory attention (EdgeTAM's attends to its perceiver's latents) and
+    moves only adapter weights; the saved adapter then tracks through `VideoPredictor.from_pretrained`."""
+    method = LoraMethod(targets="decoder+memory", lora_r=4, lora_dropout=0.0)
+    model = method.prepare(_video_model(name), name).train()
+    size = model.get_base_model().image_size
+    frames = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+    _, prompt = _clip_prompts(size)["box"]
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    Sam2VideoTracker(model)(frames, prompt)[-1].mask_logits.sigmoid().mean().backward()
+    memory_b = [p.grad for k, p in model.named_parameters() if "memory_attention" in k and "lora_B" in k]
+    assert memory_b and all(g is not None and g.abs().sum() > 0 for g in memory_b)
+    optimizer.step()
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert moved and all("lora_" in k for k in moved), sorted(moved)[:5]
+    method.save(model, tmp_path, name)
+    predictor = VideoPredictor.from_pretrained(base_model=name, adapter_id_or_path=tmp_path)
+    video = [np.random.default_rng(t).integers(0, 255, (48, 64, 3), dtype=np.uint8) for t in range(3)]
+    masks = list(predictor.track(video, boxes=np.array([[8, 6, 40, 30]])))
+    assert len(masks) == 3 and all(m.shape == (1, 48, 64) and m.dtype == bool for m in masks)
