@@ -3,6 +3,7 @@ on their built-in tiny config-built architectures."""
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 
@@ -16,13 +17,14 @@ from sam2_peft.cli import main as cli_main
 from sam2_peft.commandline import run_from_command_line
 from sam2_peft.inference.video import VideoPredictor
 from sam2_peft.models.loading import family_of, load_base_model
+from sam2_peft.models.quantization import quantize_image_encoder
 from sam2_peft.models.segmenter import Sam2Segmenter
 from sam2_peft.models.video_forward import ClipPrompt, Sam2VideoTracker
 from sam2_peft.recipes.lora import main as lora_recipe
 from sam2_peft.tuners.ptsam import PtsamArchitectureError
 
 from .conftest import write_folder_dataset
-from .recipe_helpers import lora_args
+from .recipe_helpers import error_line, lora_args
 from .video_helpers import enliven, video_processor
 
 NO_TIMM = importlib.util.find_spec("timm") is None
@@ -259,3 +261,62 @@ def test_video_training_step_reaches_memory_lora_and_the_predictor_tracks_with_i
     video = [np.random.default_rng(t).integers(0, 255, (48, 64, 3), dtype=np.uint8) for t in range(3)]
     masks = list(predictor.track(video, boxes=np.array([[8, 6, 40, 30]])))
     assert len(masks) == 3 and all(m.shape == (1, 48, 64) and m.dtype == bool for m in masks)
+
+
+def _saved_lora(name: str, folder) -> str:
+    LoraMethod(lora_r=4).save(_lora(name), folder, name)
+    return str(folder)
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_segment_all_with_an_adapter_of_each_family(name, tmp_path):
+    data = write_folder_dataset(tmp_path / "data", num_images=2)
+    adapter = _saved_lora(name, tmp_path / "adapter")
+    out = tmp_path / "instances"
+    cli_main(["segment-all", "--adapter", adapter, "--points-per-side", "4", str(data / "images"), str(out)])
+    coco = json.loads((out / "instances.json").read_text())
+    assert len(coco["images"]) == 2 and len(list((out / "labels").iterdir())) == 2
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_serve_segments_with_an_adapter_of_each_family_as_the_predictor_does(name, tmp_path):
+    for module in ("fastapi", "uvicorn", "multipart", "httpx"):  # the serve extra
+        pytest.importorskip(module)
+    import httpx
+
+    from sam2_peft.inference.predictor import Sam2PeftPredictor
+    from sam2_peft.serving.app import create_app
+    from sam2_peft.serving.config import ServeConfig
+
+    from .serve_helpers import LiveServer
+    from .test_serve import _png
+
+    adapter = _saved_lora(name, tmp_path / "adapter")
+    image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    expected = Sam2PeftPredictor.from_pretrained(adapter, base_model=name, device="cpu").predict(
+        image, boxes=[[10, 10, 50, 40]]
+    )
+    server = LiveServer(create_app(ServeConfig(model=name, adapters=[("lora", adapter)], device="cpu")))
+    try:
+        body = {"image": base64.b64encode(_png(image)).decode(), "adapter": "lora", "boxes": [[10, 10, 50, 40]]}
+        answer = httpx.post(f"{server.url}/v1/segment", json=body, timeout=60).json()
+    finally:
+        server.stop()
+    assert [m["area"] for m in answer["masks"]] == expected.masks.sum((1, 2)).tolist()
+    np.testing.assert_allclose([m["score"] for m in answer["masks"]], expected.scores, atol=1e-6)
+
+
+def test_qlora_quantizes_the_sam3_tracker_vit_and_refuses_edgetam_repvit(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    model, _ = load_base_model("sam3-tracker-tiny-random")
+    report = quantize_image_encoder(model, "4bit")
+    assert report.quantized and not report.skipped and report.bytes_after < report.bytes_before
+    model = LoraMethod(lora_r=4).prepare(model, "sam3-tracker-tiny-random")
+    _segment(model, _inputs(model)).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    if NO_TIMM:
+        return
+    data = write_folder_dataset(tmp_path / "data", num_images=2)
+    argv = lora_args("edgetam-tiny-random", data, tmp_path / "out", "--quantize-encoder", "4bit")
+    message = error_line(capsys, argv)
+    assert "EdgeTAM base's RepViT (timm) image encoder is convolutional, with no Linear layers" in message, message
