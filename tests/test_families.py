@@ -320,3 +320,18 @@ def test_qlora_quantizes_the_sam3_tracker_vit_and_refuses_edgetam_repvit(tmp_pat
     argv = lora_args("edgetam-tiny-random", data, tmp_path / "out", "--quantize-encoder", "4bit")
     message = error_line(capsys, argv)
     assert "EdgeTAM base's RepViT (timm) image encoder is convolutional, with no Linear layers" in message, message
+
+
+@pytest.mark.slow  # two ONNX graphs and their parity check per base
+@pytest.mark.parametrize("name", BASES)
+def test_export_with_an_adapter_of_each_family_agrees_with_pytorch(name, tmp_path):
+    for module in ("onnx", "onnxruntime"):  # the export extra
+        pytest.importorskip(module)
+    from sam2_peft.export import ExportOptions
+    from sam2_peft.export.onnx_export import export_source
+
+    record = export_source(tmp_path / "onnx", ExportOptions(), adapter=_saved_lora(name, tmp_path / "adapter"))
+    assert record["image_size"] == load_base_model(name)[0].config.prompt_encoder_config.image_size
+    for prompt in ("box", "click"):
+        parity = record["parity"]["fp32"][prompt]
+        assert parity["max_abs_logit_diff"] < 1e-4 and parity["mask_iou"] > 0.99, parity
