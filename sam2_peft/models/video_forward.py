@@ -295,10 +295,25 @@ class Sam2VideoTracker(nn.Module):
         from_prompt: bool,
     ) -> None:
         """Memory encoder on every object's kept mask at once, as `Sam2VideoModel._encode_new_memory`, storing the
-        `(HW, 1, C_mem)` memory of each object in its bank (rounded to `memory_dtype` if set)."""
+        `(HW, 1, C_mem)` memory of each object in its bank (rounded to `memory_dtype` if set).
+
+        EdgeTAM's memory goes object by object through `EdgeTamVideoModel._encode_new_memory` itself, as its forward
+        calls it: the memory encoder, then the spatial perceiver that resamples the map to `(1, L, C_mem)` latent
+        tokens."""
         base, config = self.base, self.base.config
+        storage = "cond_frame_outputs" if from_prompt else "non_cond_frame_outputs"
         if getattr(base, "spatial_perceiver", None) is not None:
-            self._encode_perceived_memories(banks, frame_idx, top_feats, outputs, from_prompt)
+            for bank, out in zip(banks, outputs):
+                features, positions = base._encode_new_memory(
+                    current_vision_feats=top_feats,
+                    pred_masks_high_res=out["high_res_masks"],
+                    object_score_logits=out["object_score_logits"],
+                    is_mask_from_pts=from_prompt,
+                )
+                if self.memory_dtype is not None:
+                    features = features.to(self.memory_dtype)
+                entry = bank.outputs[storage][frame_idx]
+                entry["maskmem_features"], entry["maskmem_pos_enc"] = features, positions
             return
         masks = torch.cat([o["high_res_masks"] for o in outputs])
         scores = torch.cat([o["object_score_logits"] for o in outputs]).view(-1, 1, 1, 1)
@@ -318,32 +333,7 @@ class Sam2VideoTracker(nn.Module):
             features = features.to(self.memory_dtype)
         features = features.flatten(2).permute(2, 0, 1)
         positions = positions.to(masks.dtype).flatten(2).permute(2, 0, 1)
-        storage = "cond_frame_outputs" if from_prompt else "non_cond_frame_outputs"
         for i, bank in enumerate(banks):
             entry = bank.outputs[storage][frame_idx]
             entry["maskmem_features"] = features[:, i : i + 1]
             entry["maskmem_pos_enc"] = positions[:, i : i + 1]
-
-    def _encode_perceived_memories(
-        self,
-        banks: list[_MemoryBank],
-        frame_idx: int,
-        top_feats: torch.Tensor,
-        outputs: list[dict[str, torch.Tensor]],
-        from_prompt: bool,
-    ) -> None:
-        """EdgeTAM's memory: object by object, the memory encoder then the spatial perceiver that resamples its map to
-        a few latent tokens (`EdgeTamVideoModel._encode_new_memory`, called as its own forward calls it), stored as
-        `(1, L, C_mem)` tokens (rounded to `memory_dtype` if set)."""
-        storage = "cond_frame_outputs" if from_prompt else "non_cond_frame_outputs"
-        for bank, out in zip(banks, outputs):
-            features, positions = self.base._encode_new_memory(
-                current_vision_feats=top_feats,
-                pred_masks_high_res=out["high_res_masks"],
-                object_score_logits=out["object_score_logits"],
-                is_mask_from_pts=from_prompt,
-            )
-            if self.memory_dtype is not None:
-                features = features.to(self.memory_dtype)
-            entry = bank.outputs[storage][frame_idx]
-            entry["maskmem_features"], entry["maskmem_pos_enc"] = features, positions
