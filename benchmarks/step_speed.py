@@ -153,7 +153,7 @@ class Variant:
                 features = self.segmenter.vision_features(batch["pixel_values"])
                 # contiguous, as the cache returns them (the convs give channels-last maps, slower to decode)
                 self.embeddings = [e.detach().contiguous() for e in self.segmenter.image_embeddings(features)]
-            size = batch["target_masks"].shape[-1] // 4
+            size = 4 * self.embeddings[-1].shape[-1]  # the decoder's masks (not image / 4 on the SAM 3 tracker)
             self.native = F.interpolate(batch["target_masks"].float()[:, None], size=(size, size), mode="area")
             return
 

@@ -6,6 +6,7 @@ case)."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,6 +29,10 @@ from .serve_helpers import free_port
 from .video_helpers import write_video_folder
 
 MODEL = ["--model", "tiny-random"]
+EDGETAM = pytest.param(
+    "edgetam-tiny-random",
+    marks=pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="EdgeTAM needs timm (the edgetam extra)"),
+)
 METRICS = {"iou", "dice", "boundary_iou", "pixel_accuracy"}
 """The prompted evaluation's metrics (validation during training, `eval --protocol prompted`)."""
 
@@ -85,12 +90,13 @@ def test_train_image_recipes(recipe, weights_file, weights, encoder_prompts, dat
 
 
 @pytest.mark.slow
-def test_train_video(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-random", EDGETAM, "sam3-tracker-tiny-random"])
+def test_train_video(model, tmp_path):
     """A 3-frame sequence: 2 clips (a clip starts on an annotated frame and holds another), one batch of 2 per epoch;
-    no validation set at the defaults."""
+    no validation set at the defaults. On each family's tiny base (EdgeTAM's memory through its spatial perceiver)."""
     data = write_video_folder(tmp_path / "video", "seq", frames=3)
     out = tmp_path / "video-run"
-    main(["train", "video", *MODEL, "--data", str(data), "--output-dir", str(out)])
+    main(["train", "video", "--model", model, "--data", str(data), "--output-dir", str(out)])
     metrics = _metrics(out)
     assert metrics["steps"] == 10 and metrics["method"] == "lora"
     saved = load_file(out / "adapter_model.safetensors")

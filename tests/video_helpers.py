@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from transformers import Sam2ImageProcessor, Sam2VideoModel, Sam2VideoProcessor
 from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
 
@@ -16,14 +17,18 @@ VIDEO_SIZE = 128
 
 
 def tiny_video_model(seed: int = 0) -> Sam2VideoModel:
-    """A 128 px `Sam2VideoModel` where memory actually matters.
+    """A 128 px `Sam2VideoModel` where memory actually matters (see `enliven`)."""
+    return enliven(build_model_from_config(tiny_config(VIDEO_SIZE, video=True), seed=seed), seed)
+
+
+def enliven(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A config-built video model of the SAM 2 family made to depend on its memory, in eval mode.
 
     Random init zeroes the memory fuser's layer scale (memory features then ignore the mask, and nothing behind it
     gets a gradient), the temporal encodings, the no-object pointer and the occlusion embedding; they get small
     random values here. The object-score head is biased positive so that objects are predicted present, and the mask
     hypernetworks are scaled up so that mask logits are of order 1, not 1e-3.
     """
-    model = build_model_from_config(tiny_config(VIDEO_SIZE, video=True), seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

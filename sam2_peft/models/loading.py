@@ -335,12 +335,6 @@ def load_base_model(
         check_model_name(name_or_path)
         model, processor = _load_pretrained(name_or_path, video, revision)
     declare_no_word_embeddings(model)
-    if video and family_of(model).name == "edgetam":
-        raise Sam2LoadError(
-            f"'{name_or_path}' is an EdgeTAM model: its video memory (a spatial perceiver over the memory features) is "
-            "not supported by sam2-peft's video training and tracking yet. Use EdgeTAM for images, or a SAM 2 or "
-            "SAM 3 tracker base for video."
-        )
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:

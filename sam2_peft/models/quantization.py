@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .loading import Sam2LoadError, family_of
 from .names import QUANTIZATION_MODES
 from .segmenter import unwrap_sam
 
@@ -89,7 +90,8 @@ def quantize_image_encoder(model: nn.Module, mode: str, probe_pixels: torch.Tens
     """Replace the image encoder's Linear layers by bitsandbytes ones in place; return what was done.
 
     Args:
-        model: a `Sam2Model` / `Sam2VideoModel` (before adapters are added).
+        model: a `Sam2Model` / `Sam2VideoModel` or another family's (before adapters are added); a base whose
+            encoder has no Linear layers (EdgeTAM's RepViT) raises `Sam2LoadError`.
         mode: `4bit` (NF4) or `8bit` (LLM.int8).
         probe_pixels: `(1, 3, S, S)` image used to record each layer's real input; random by default.
     """
@@ -103,6 +105,12 @@ def quantize_image_encoder(model: nn.Module, mode: str, probe_pixels: torch.Tens
     encoder = sam.vision_encoder
     report = QuantizationReport(mode=mode, bytes_before=_module_bytes(encoder))
     linears = {name: m for name, m in encoder.named_modules() if isinstance(m, nn.Linear)}
+    if not linears:
+        family = family_of(sam)
+        raise Sam2LoadError(
+            f"--quantize-encoder: this {family.title} base's {family.encoder} image encoder is convolutional, with no "
+            "Linear layers to quantize (QLoRA quantizes those); train without --quantize-encoder."
+        )
     inputs: dict[str, torch.Tensor] = {}
 
     def record(name: str):

@@ -6,6 +6,10 @@ same per-frame steps itself, in the same order, with gradients: image encoder ->
 (`_prepare_memory_conditioned_features`, reused as is) -> prompt encoder and mask decoder -> object pointer -> memory
 encoder. Objects are tracked one by one on shared image features, exactly as the inference session does, so the
 training forward and the model users run agree (tested to 1e-4 against `propagate_in_video_iterator`).
+
+The same steps drive the family's other video models: `Sam3TrackerVideoModel` (SAM 2's memory as is) and
+`EdgeTamVideoModel`, whose memory encoder output passes through a spatial perceiver that resamples it to a few latent
+tokens; each agrees bit for bit with its own `propagate_in_video_iterator` (tests/test_families.py).
 """
 
 from __future__ import annotations
@@ -265,9 +269,10 @@ class Sam2VideoTracker(nn.Module):
         iou_scores = iou_scores[:, 0]
         best = iou_scores.argmax(dim=-1) if multimask_output else torch.zeros(1, dtype=torch.long, device=masks.device)
         pred_masks = masks[torch.arange(1), best][:, None]
+        # every candidate is upsampled before the choice, as transformers does
         high_res_masks = F.interpolate(
-            pred_masks.float(), size=(base.image_size, base.image_size), mode="bilinear", align_corners=False
-        ).to(pred_masks.dtype)
+            masks.float(), size=(base.image_size, base.image_size), mode="bilinear", align_corners=False
+        ).to(masks.dtype)[torch.arange(1), best][:, None]
         token = tokens[:, :, best[0] if tokens.size(2) > 1 else 0]  # (1, 1, C)
         pointer = base.object_pointer_proj(token)
         weight = appearing.to(pointer.dtype)
@@ -290,8 +295,26 @@ class Sam2VideoTracker(nn.Module):
         from_prompt: bool,
     ) -> None:
         """Memory encoder on every object's kept mask at once, as `Sam2VideoModel._encode_new_memory`, storing the
-        `(HW, 1, C_mem)` memory of each object in its bank (rounded to `memory_dtype` if set)."""
+        `(HW, 1, C_mem)` memory of each object in its bank (rounded to `memory_dtype` if set).
+
+        EdgeTAM's memory goes object by object through `EdgeTamVideoModel._encode_new_memory` itself, as its forward
+        calls it: the memory encoder, then the spatial perceiver that resamples the map to `(1, L, C_mem)` latent
+        tokens."""
         base, config = self.base, self.base.config
+        storage = "cond_frame_outputs" if from_prompt else "non_cond_frame_outputs"
+        if getattr(base, "spatial_perceiver", None) is not None:
+            for bank, out in zip(banks, outputs):
+                features, positions = base._encode_new_memory(
+                    current_vision_feats=top_feats,
+                    pred_masks_high_res=out["high_res_masks"],
+                    object_score_logits=out["object_score_logits"],
+                    is_mask_from_pts=from_prompt,
+                )
+                if self.memory_dtype is not None:
+                    features = features.to(self.memory_dtype)
+                entry = bank.outputs[storage][frame_idx]
+                entry["maskmem_features"], entry["maskmem_pos_enc"] = features, positions
+            return
         masks = torch.cat([o["high_res_masks"] for o in outputs])
         scores = torch.cat([o["object_score_logits"] for o in outputs]).view(-1, 1, 1, 1)
         size = tuple(4 * s for s in base.prompt_encoder.mask_input_size)
@@ -310,7 +333,6 @@ class Sam2VideoTracker(nn.Module):
             features = features.to(self.memory_dtype)
         features = features.flatten(2).permute(2, 0, 1)
         positions = positions.to(masks.dtype).flatten(2).permute(2, 0, 1)
-        storage = "cond_frame_outputs" if from_prompt else "non_cond_frame_outputs"
         for i, bank in enumerate(banks):
             entry = bank.outputs[storage][frame_idx]
             entry["maskmem_features"] = features[:, i : i + 1]
