@@ -19,10 +19,13 @@ from sam2_peft.data.synthetic import SyntheticSceneConfig, write_scene_folder
 from sam2_peft.evaluation.metrics import ClassAccumulator, resolve_classes
 from sam2_peft.models.loading import build_model_from_config, tiny_config
 from sam2_peft.models.segmenter import Sam2Segmenter
+from sam2_peft.recipes.arguments import parse_recipe_arguments
 from sam2_peft.recipes.ptsam import main as ptsam
+from sam2_peft.recipes.ptsam import multiclass_loss
 from sam2_peft.training.config import LossConfig
 from sam2_peft.training.losses import sam2_loss
 from sam2_peft.training.tasks import IGNORED_LOGIT, without_ignored
+from sam2_peft.tuners.options import PtsamOptions
 
 from .conftest import TINY_SIZE
 
@@ -132,6 +135,26 @@ def test_absent_classes_train_towards_empty_and_ignored_pixels_count_nowhere():
     assert (logits.grad[:, :, 4:, :1] == 0).all()
 
 
+def test_multiclass_loss_keeps_a_rare_class_that_looks_like_a_common_one():
+    """Class A (6 % of the pixels) looks exactly like class B (25 %): one logit for all object pixels, one for the
+    background. The loss the recipe trains a multi-class adapter with must leave A's object pixels predicted (the
+    base's "any object" mask); the focal loss weighs negatives 3:1 and trained A to an empty mask."""
+    kind = torch.zeros(32, 32, dtype=torch.long)
+    kind[:8, :8], kind[16:, :16] = 1, 2
+    loss = multiclass_loss(parse_recipe_arguments("", PtsamOptions, argv=[]).loss, frozenset())
+    values = torch.zeros(2, requires_grad=True)  # background logit, object logit
+    optimizer = torch.optim.Adam([values], lr=0.05)
+    for _ in range(300):
+        logits = values[(kind > 0).long()][None, None]
+        step = sam2_loss(logits, torch.zeros(1, 1), torch.zeros(1, 1), (kind == 1)[None], loss, train_absent=True)
+        optimizer.zero_grad()
+        step.loss.backward()
+        optimizer.step()
+    assert values[1] > 0 > values[0]
+    given = parse_recipe_arguments("", PtsamOptions, argv=["--mask-loss", "focal"])
+    assert "mask_loss" in given.given and multiclass_loss(given.loss, given.given).mask_loss == "focal"
+
+
 def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
     logits = np.full((2, 1, 4), -5.0)
     logits[0, 0, :2] = 2.0  # class 1 certain on pixels 0, 1
@@ -155,6 +178,7 @@ def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tm
         "--val-fraction", "0.34", "--report-to", "none", "--batch-size", "2", "--max-steps", "2", "--num-tokens", "2",
         "--num-panels", "1",
     ])  # fmt: skip
+    assert json.loads((out / "training_config.json").read_text())["loss"]["mask_loss"] == "bce"
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["id2label"] == {"1": "ellipse", "2": "polygon", "3": "ring"}
     metrics = json.loads((out / "metrics.json").read_text())

@@ -18,7 +18,7 @@ from transformers import HfArgumentParser
 
 from ..data.config import SAMPLE_DATA, AugmentationConfig, PromptConfig, ValidationConfig
 from ..data.sources import DATA_SOURCES, DEFAULT_MAX_IMAGE_PIXELS, MASK_TYPES
-from ..flags import Applies, flags_of, refuse_unused_flags
+from ..flags import Applies, flags_of, given_flags, refuse_unused_flags
 from ..models.names import BASE_DTYPES, BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, QUANTIZATION_MODES
 from ..training.config import LossConfig, TrainingConfig
 
@@ -239,6 +239,8 @@ class RecipeArguments:
     augmentation: AugmentationConfig | None = None
     method: object | None = None
     extra: tuple = ()
+    given: frozenset[str] = frozenset()
+    """The settings the command line gave (by field name), as opposed to those left at their defaults."""
 
 
 SHARED_ARGUMENTS = {
@@ -274,7 +276,12 @@ def parse_recipe_arguments(
     parsed = parser.parse(argv, rules)
     rest = parsed[len(shared) :]
     method_options = rest[0] if method else None
-    return RecipeArguments(**dict(zip(shared, parsed)), method=method_options, extra=tuple(rest[1 if method else 0 :]))
+    return RecipeArguments(
+        **dict(zip(shared, parsed)),
+        method=method_options,
+        extra=tuple(rest[1 if method else 0 :]),
+        given=frozenset(given_flags(parser, argv)),
+    )
 
 
 PROMPT_RULES = (
