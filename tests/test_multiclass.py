@@ -24,7 +24,7 @@ from sam2_peft.recipes.ptsam import main as ptsam
 from sam2_peft.recipes.ptsam import multiclass_loss
 from sam2_peft.training.config import LossConfig
 from sam2_peft.training.losses import sam2_loss
-from sam2_peft.training.tasks import IGNORED_LOGIT, without_ignored
+from sam2_peft.training.tasks import IGNORED_LOGIT, class_map_loss, without_ignored
 from sam2_peft.tuners.options import PtsamOptions
 
 from .conftest import TINY_SIZE
@@ -155,6 +155,23 @@ def test_multiclass_loss_keeps_a_rare_class_that_looks_like_a_common_one():
     assert "mask_loss" in given.given and multiclass_loss(given.loss, given.given).mask_loss == "focal"
 
 
+def test_class_map_loss_trains_which_class_wins_a_pixel_two_claim():
+    """Both classes claim class 1's pixels (logits > 0); class 2 claims them more, so the resolved map gives them to
+    class 2. The per-class losses see no conflict; the class-map loss must push class 2 down there and class 1 up."""
+    logits = torch.full((2, 1, 4, 4), -4.0)
+    logits[:, 0, :2] = torch.tensor([1.0, 2.0])[:, None, None]  # rows: class 1, class 2 of one image
+    logits.requires_grad_(True)
+    targets = torch.zeros(2, 16, 16, dtype=torch.bool)
+    targets[0, :8] = True  # class 1's pixels
+    loss = class_map_loss(logits, targets, None, classes=2)
+    loss.backward()
+    assert (logits.grad[1, 0, :2] > 0).all() and (logits.grad[0, 0, :2] < 0).all()
+    assert (logits.grad[:, 0, 2:] > 0).all()  # and both down on background
+    ignore = torch.zeros(2, 16, 16, dtype=torch.bool)
+    ignore[:, :8] = True  # the contested cells ignored: only background cells count
+    assert class_map_loss(logits.detach(), targets, ignore, classes=2) < loss.detach()
+
+
 def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
     logits = np.full((2, 1, 4), -5.0)
     logits[0, 0, :2] = 2.0  # class 1 certain on pixels 0, 1
@@ -185,6 +202,9 @@ def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tm
     for scores in (metrics["base"], metrics["fine_tuned"]):
         assert {f"dice_{name}" for name in CLASSES} | {"mean_iou", "fw_iou"} <= set(scores)
     assert np.array(metrics["confusion_matrix"]).shape == (4, 4)
+    assert Image.open(out / "confusion_matrix.png").format == "PNG"
+    card = (out / "README.md").read_text()
+    assert "name: Dice (ring)" in card and "| Dice (ring) |" in card  # model-index and table, per class
     loaded = PeftModel.from_pretrained(Sam2Model.from_pretrained(saved_tiny_model), out)  # plain peft
     assert loaded.base_model.model.prompt_encoder.ptsam_tokens["default"].shape == (3, 2, 64)
     from sam2_peft.cli import main as cli
