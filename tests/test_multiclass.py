@@ -82,6 +82,30 @@ def test_class_list_is_checked_against_every_mask(tmp_path, caplog):
         named_classes(str(data), None)
 
 
+def test_coco_categories_are_the_classes_of_semantic_coco_data(tmp_path):
+    from sam2_peft.data.sources import open_records
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    square = [[2, 2, 8, 2, 8, 8, 2, 8]]  # x, y corners
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 7, "segmentation": square, "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 3, "segmentation": [[12, 12, 18, 12, 18, 18, 12, 18]], "iscrowd": 0},
+    ]
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 20}],
+        "annotations": annotations,
+        "categories": [{"id": 3, "name": "dent"}, {"id": 7, "name": "scratch"}],
+    }
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(coco))
+    records = open_records(str(path), mask_type="semantic")
+    classes = check_classes(records, named_classes(str(path), None), 255, "coco.json")
+    assert classes.id2label == {"3": "dent", "7": "scratch"}
+    labels = records[0].objects().labels
+    assert labels[5, 5] == 7 and labels[15, 15] == 3 and labels[0, 0] == 0
+
+
 def test_class_names_without_semantic_masks_are_refused(tmp_path):
     from sam2_peft.cli import main as cli
 

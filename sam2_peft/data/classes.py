@@ -41,12 +41,15 @@ class ClassList:
 
 
 def named_classes(data: str, class_names: str | None) -> dict[int, str] | None:
-    """The names `--class-names` or `DATA/classes.json` give, by id (None: neither; names come from the masks)."""
+    """The names `--class-names`, `DATA/classes.json` or a COCO file's categories give, by id (None: none of them;
+    names come from the masks)."""
     if class_names is not None:
         names = [name.strip() for name in class_names.split(",")]
         if not all(names) or len(set(names)) != len(names):
             raise DataError(f"--class-names '{class_names}' needs distinct, non-empty names separated by commas.")
         return {i + 1: name for i, name in enumerate(names)}
+    if Path(data).suffix.lower() == ".json" and Path(data).is_file():
+        return coco_categories(Path(data))
     path = Path(data) / CLASSES_FILE
     if not path.is_file():
         return None
@@ -64,6 +67,18 @@ def named_classes(data: str, class_names: str | None) -> dict[int, str] | None:
             f"'{printable(path)}' must name classes with ids 1 and up (0 is background); got {bad or '{}'}."
         )
     return named
+
+
+def coco_categories(path: Path) -> dict[int, str] | None:
+    """A COCO file's `categories`, by id (None when it lists none)."""
+    categories = json.loads(path.read_text(encoding="utf-8")).get("categories") or []
+    try:
+        named = {int(category["id"]): str(category["name"]) for category in categories}
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"'{printable(path)}': each of its categories needs an 'id' and a 'name'.") from None
+    if any(key <= 0 for key in named):
+        raise DataError(f"'{printable(path)}': category ids must be 1 and up (0 is background); got {sorted(named)}.")
+    return named or None
 
 
 def check_classes(

@@ -85,7 +85,8 @@ class DataSourceArguments:
             "help": "binary: threshold at half the mask's maximum (one object); instance: each non-zero value is an "
             "object; auto: two levels or values near 0 and the maximum (JPEG, anti-aliasing) are binary, labels 1, 2, "
             "3... are instances, anything else stops with an error; semantic: each value is a class id (0 background), "
-            "classes named by classes.json beside masks/ or --class-names (PTSAM trains one token set per class).",
+            "classes named by classes.json beside masks/, a COCO file's categories or --class-names (PTSAM trains one "
+            "token set per class).",
             "choices": MASK_TYPES,
         },
     )
