@@ -13,7 +13,7 @@ from transformers import Sam2Model
 
 import sam2_peft  # noqa: F401  (registers PTSAM with peft)
 from sam2_peft.adapters import PtsamMethod
-from sam2_peft.data.classes import check_classes, named_classes
+from sam2_peft.data.classes import ClassList, check_classes, named_classes, with_class_weights
 from sam2_peft.data.sources import DataError, folder_records
 from sam2_peft.data.synthetic import SyntheticSceneConfig, write_scene_folder
 from sam2_peft.evaluation.metrics import ClassAccumulator, resolve_classes
@@ -106,12 +106,30 @@ def test_coco_categories_are_the_classes_of_semantic_coco_data(tmp_path):
     assert labels[5, 5] == 7 and labels[15, 15] == 3 and labels[0, 0] == 0
 
 
+def test_class_weights_auto_inverse_frequency_or_a_list_weigh_each_class_loss():
+    classes = ClassList((1, 2), ("common", "rare"), pixels=(300, 100))
+    assert with_class_weights(classes, None).weights is None
+    assert with_class_weights(classes, "auto").weights == pytest.approx((0.5, 1.5))  # inverse frequency, mean 1
+    assert with_class_weights(classes, "1,4").weights == (1.0, 4.0)
+    for bad in ("1", "1,-2", "a,b"):
+        with pytest.raises(DataError, match=f"--class-weights '{bad}' needs 'auto' or 2 positive numbers"):
+            with_class_weights(classes, bad)
+    logits = torch.zeros(2, 1, 8, 8)  # the same wrong mask for both rows
+    targets = torch.zeros(2, 32, 32, dtype=torch.bool)
+    targets[:, :16] = True
+    plain = sam2_loss(logits, torch.zeros(2, 1), torch.zeros(2, 1), targets)
+    weighted = sam2_loss(logits, torch.zeros(2, 1), torch.zeros(2, 1), targets, weights=torch.tensor([0.5, 1.5]))
+    assert weighted.mask == pytest.approx(plain.mask.item()) and weighted.dice == pytest.approx(plain.dice.item())
+    weighted = sam2_loss(logits, torch.zeros(2, 1), torch.zeros(2, 1), targets, weights=torch.tensor([1.0, 3.0]))
+    assert weighted.mask == pytest.approx(2 * plain.mask.item())
+
+
 def test_class_names_without_semantic_masks_are_refused(tmp_path):
     from sam2_peft.cli import main as cli
 
     with pytest.raises(SystemExit) as exit_:
         cli(["train", "ptsam", "--class-names", "a,b", "--output-dir", str(tmp_path / "o"), "--report-to", "none"])
-    assert str(exit_.value.code).startswith("error: --class-names names the classes of semantic masks")
+    assert str(exit_.value.code).startswith("error: --class-names applies to the classes of semantic masks")
 
 
 def _adapted(classes: dict | None, tokens: int = 4):
@@ -212,14 +230,16 @@ def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
     assert scores.confusion.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 1]]
 
 
+@pytest.mark.slow  # about 13 s on the shared CPU
 def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tmp_path):
     data, out = write_class_folder(tmp_path / "d", scenes=6), tmp_path / "run"
     ptsam([
         "--model", str(saved_tiny_model), "--data", str(data), "--mask-type", "semantic", "--output-dir", str(out),
         "--val-fraction", "0.34", "--report-to", "none", "--batch-size", "2", "--max-steps", "2", "--num-tokens", "2",
-        "--num-panels", "1",
+        "--num-panels", "1", "--class-weights", "auto",
     ])  # fmt: skip
-    assert json.loads((out / "training_config.json").read_text())["loss"]["mask_loss"] == "bce"
+    settings = json.loads((out / "training_config.json").read_text())
+    assert settings["loss"]["mask_loss"] == "bce" and len(settings["class_weights"]) == 3
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["id2label"] == {"1": "ellipse", "2": "polygon", "3": "ring"}
     metrics = json.loads((out / "metrics.json").read_text())

@@ -106,6 +106,11 @@ class DataArguments(DataSourceArguments):
         metadata={"help": "With --mask-type semantic: class names for ids 1, 2, ... (comma-separated), instead of "
                   "classes.json beside masks/ (default: the ids found in the masks)."},
     )  # fmt: skip
+    class_weights: str | None = field(
+        default=None,
+        metadata={"help": "With --mask-type semantic: each class's weight in the per-class mask losses, 'auto' (inverse "
+                  "pixel frequency, mean 1) or one number per class, comma-separated (default: all 1)."},
+    )  # fmt: skip
     ignore_index: int = field(
         default=255,
         metadata={"help": "With --mask-type semantic: the mask value excluded from loss and metrics (-1: none)."},

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None, **defaults) -> dict:
         args,
         method,
         build_task=lambda a, processor: image_task(a, processor, target_mode, classes),
-        run_info={"classes": classes.id2label} if classes else None,
+        run_info={"classes": classes.id2label, "class_weights": classes.weights} if classes else None,
     )
 
 

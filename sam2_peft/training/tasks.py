@@ -360,6 +360,7 @@ class ImageSegmentationTask(Task):
                 self.loss_config,
                 batch_counts,
                 train_absent=ignore is not None,
+                weights=self._class_weights(len(targets)),
             )
             for o in (output, *output.corrections)
         ]
@@ -369,6 +370,12 @@ class ImageSegmentationTask(Task):
                 term = class_map_loss(o.mask_logits, targets, ignore, len(self.classes.ids))
                 loss.loss = loss.loss + CLASS_MAP_WEIGHT * share * term
         return combine_rounds(losses)
+
+    def _class_weights(self, rows: int) -> torch.Tensor | None:
+        """The `(rows,)` loss weights of a chunk of whole images' class rows (None without class weights)."""
+        if self.classes is None or self.classes.weights is None:
+            return None
+        return torch.tensor(self.classes.weights).repeat(rows // len(self.classes.ids))
 
     def evaluate(
         self,
