@@ -200,7 +200,12 @@ def evaluate(argv: list[str]) -> None:
         "--max-images", type=int, default=None, help="score only the first N usable images (checked in order)"
     )
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch")
-    parser.add_argument("--output", default=None, help="write metrics here (JSON); default: print only")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="write metrics here (JSON; a multi-class adapter's confusion matrix beside it, NAME.confusion_matrix.png); "
+        "default: print only",
+    )
     add_volume_arguments(parser, "eval")
     args = parser.parse_args(argv)
     source, validation = from_namespace(DataSourceArguments, args), from_namespace(ValidationConfig, args)
@@ -223,6 +228,8 @@ def evaluate(argv: list[str]) -> None:
         return
 
     def run() -> None:
+        from pathlib import Path
+
         from accelerate import Accelerator
         from torch.utils.data import DataLoader
 
@@ -230,6 +237,7 @@ def evaluate(argv: list[str]) -> None:
         from .data.prompts import PromptConfig
         from .data.sources import check_data_source, open_records, set_max_image_pixels
         from .data.validation import validate_records
+        from .evaluation.panels import plot_confusion
         from .evaluation.runner import evaluate_segmenter
         from .inference.distributed import is_main_process, my_share
         from .io import atomic_write_json
@@ -278,6 +286,7 @@ def evaluate(argv: list[str]) -> None:
             return
         if args.output:
             atomic_write_json(args.output, summary)
+            plot_confusion(result.details, Path(args.output).with_suffix(".confusion_matrix.png"))
         print(json.dumps(result.metrics, indent=2))
 
     run_from_command_line(run)

@@ -13,16 +13,19 @@ from transformers import Sam2Model
 
 import sam2_peft  # noqa: F401  (registers PTSAM with peft)
 from sam2_peft.adapters import PtsamMethod
-from sam2_peft.data.classes import check_classes, named_classes
+from sam2_peft.data.classes import ClassList, check_classes, named_classes, with_class_weights
 from sam2_peft.data.sources import DataError, folder_records
 from sam2_peft.data.synthetic import SyntheticSceneConfig, write_scene_folder
 from sam2_peft.evaluation.metrics import ClassAccumulator, resolve_classes
 from sam2_peft.models.loading import build_model_from_config, tiny_config
 from sam2_peft.models.segmenter import Sam2Segmenter
+from sam2_peft.recipes.arguments import parse_recipe_arguments
 from sam2_peft.recipes.ptsam import main as ptsam
+from sam2_peft.recipes.ptsam import multiclass_loss
 from sam2_peft.training.config import LossConfig
 from sam2_peft.training.losses import sam2_loss
-from sam2_peft.training.tasks import IGNORED_LOGIT, without_ignored
+from sam2_peft.training.tasks import IGNORED_LOGIT, class_map_loss, without_ignored
+from sam2_peft.tuners.options import PtsamOptions
 
 from .conftest import TINY_SIZE
 
@@ -79,12 +82,54 @@ def test_class_list_is_checked_against_every_mask(tmp_path, caplog):
         named_classes(str(data), None)
 
 
+def test_coco_categories_are_the_classes_of_semantic_coco_data(tmp_path):
+    from sam2_peft.data.sources import open_records
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    square = [[2, 2, 8, 2, 8, 8, 2, 8]]  # x, y corners
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 7, "segmentation": square, "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 3, "segmentation": [[12, 12, 18, 12, 18, 18, 12, 18]], "iscrowd": 0},
+    ]
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 20}],
+        "annotations": annotations,
+        "categories": [{"id": 3, "name": "dent"}, {"id": 7, "name": "scratch"}],
+    }
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(coco))
+    records = open_records(str(path), mask_type="semantic")
+    classes = check_classes(records, named_classes(str(path), None), 255, "coco.json")
+    assert classes.id2label == {"3": "dent", "7": "scratch"}
+    labels = records[0].objects().labels
+    assert labels[5, 5] == 7 and labels[15, 15] == 3 and labels[0, 0] == 0
+
+
+def test_class_weights_auto_inverse_frequency_or_a_list_weigh_each_class_loss():
+    classes = ClassList((1, 2), ("common", "rare"), pixels=(300, 100))
+    assert with_class_weights(classes, None).weights is None
+    assert with_class_weights(classes, "auto").weights == pytest.approx((0.5, 1.5))  # inverse frequency, mean 1
+    assert with_class_weights(classes, "1,4").weights == (1.0, 4.0)
+    for bad in ("1", "1,-2", "a,b"):
+        with pytest.raises(DataError, match=f"--class-weights '{bad}' needs 'auto' or 2 positive numbers"):
+            with_class_weights(classes, bad)
+    logits = torch.zeros(2, 1, 8, 8)  # the same wrong mask for both rows
+    targets = torch.zeros(2, 32, 32, dtype=torch.bool)
+    targets[:, :16] = True
+    plain = sam2_loss(logits, torch.zeros(2, 1), torch.zeros(2, 1), targets)
+    weighted = sam2_loss(logits, torch.zeros(2, 1), torch.zeros(2, 1), targets, weights=torch.tensor([0.5, 1.5]))
+    assert weighted.mask == pytest.approx(plain.mask.item()) and weighted.dice == pytest.approx(plain.dice.item())
+    weighted = sam2_loss(logits, torch.zeros(2, 1), torch.zeros(2, 1), targets, weights=torch.tensor([1.0, 3.0]))
+    assert weighted.mask == pytest.approx(2 * plain.mask.item())
+
+
 def test_class_names_without_semantic_masks_are_refused(tmp_path):
     from sam2_peft.cli import main as cli
 
     with pytest.raises(SystemExit) as exit_:
         cli(["train", "ptsam", "--class-names", "a,b", "--output-dir", str(tmp_path / "o"), "--report-to", "none"])
-    assert str(exit_.value.code).startswith("error: --class-names names the classes of semantic masks")
+    assert str(exit_.value.code).startswith("error: --class-names applies to the classes of semantic masks")
 
 
 def _adapted(classes: dict | None, tokens: int = 4):
@@ -132,6 +177,43 @@ def test_absent_classes_train_towards_empty_and_ignored_pixels_count_nowhere():
     assert (logits.grad[:, :, 4:, :1] == 0).all()
 
 
+def test_multiclass_loss_keeps_a_rare_class_that_looks_like_a_common_one():
+    """Class A (6 % of the pixels) looks exactly like class B (25 %): one logit for all object pixels, one for the
+    background. The loss the recipe trains a multi-class adapter with must leave A's object pixels predicted (the
+    base's "any object" mask); the focal loss weighs negatives 3:1 and trained A to an empty mask."""
+    kind = torch.zeros(32, 32, dtype=torch.long)
+    kind[:8, :8], kind[16:, :16] = 1, 2
+    loss = multiclass_loss(parse_recipe_arguments("", PtsamOptions, argv=[]).loss, frozenset())
+    values = torch.zeros(2, requires_grad=True)  # background logit, object logit
+    optimizer = torch.optim.Adam([values], lr=0.05)
+    for _ in range(300):
+        logits = values[(kind > 0).long()][None, None]
+        step = sam2_loss(logits, torch.zeros(1, 1), torch.zeros(1, 1), (kind == 1)[None], loss, train_absent=True)
+        optimizer.zero_grad()
+        step.loss.backward()
+        optimizer.step()
+    assert values[1] > 0 > values[0]
+    given = parse_recipe_arguments("", PtsamOptions, argv=["--mask-loss", "focal"])
+    assert "mask_loss" in given.given and multiclass_loss(given.loss, given.given).mask_loss == "focal"
+
+
+def test_class_map_loss_trains_which_class_wins_a_pixel_two_claim():
+    """Both classes claim class 1's pixels (logits > 0); class 2 claims them more, so the resolved map gives them to
+    class 2. The per-class losses see no conflict; the class-map loss must push class 2 down there and class 1 up."""
+    logits = torch.full((2, 1, 4, 4), -4.0)
+    logits[:, 0, :2] = torch.tensor([1.0, 2.0])[:, None, None]  # rows: class 1, class 2 of one image
+    logits.requires_grad_(True)
+    targets = torch.zeros(2, 16, 16, dtype=torch.bool)
+    targets[0, :8] = True  # class 1's pixels
+    loss = class_map_loss(logits, targets, None, classes=2)
+    loss.backward()
+    assert (logits.grad[1, 0, :2] > 0).all() and (logits.grad[0, 0, :2] < 0).all()
+    assert (logits.grad[:, 0, 2:] > 0).all()  # and both down on background
+    ignore = torch.zeros(2, 16, 16, dtype=torch.bool)
+    ignore[:, :8] = True  # the contested cells ignored: only background cells count
+    assert class_map_loss(logits.detach(), targets, ignore, classes=2) < loss.detach()
+
+
 def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
     logits = np.full((2, 1, 4), -5.0)
     logits[0, 0, :2] = 2.0  # class 1 certain on pixels 0, 1
@@ -148,19 +230,25 @@ def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
     assert scores.confusion.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 1]]
 
 
+@pytest.mark.slow  # about 13 s on the shared CPU
 def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tmp_path):
     data, out = write_class_folder(tmp_path / "d", scenes=6), tmp_path / "run"
     ptsam([
         "--model", str(saved_tiny_model), "--data", str(data), "--mask-type", "semantic", "--output-dir", str(out),
         "--val-fraction", "0.34", "--report-to", "none", "--batch-size", "2", "--max-steps", "2", "--num-tokens", "2",
-        "--num-panels", "1",
+        "--num-panels", "1", "--class-weights", "auto",
     ])  # fmt: skip
+    settings = json.loads((out / "training_config.json").read_text())
+    assert settings["loss"]["mask_loss"] == "bce" and len(settings["class_weights"]) == 3
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["id2label"] == {"1": "ellipse", "2": "polygon", "3": "ring"}
     metrics = json.loads((out / "metrics.json").read_text())
     for scores in (metrics["base"], metrics["fine_tuned"]):
         assert {f"dice_{name}" for name in CLASSES} | {"mean_iou", "fw_iou"} <= set(scores)
     assert np.array(metrics["confusion_matrix"]).shape == (4, 4)
+    assert Image.open(out / "confusion_matrix.png").format == "PNG"
+    card = (out / "README.md").read_text()
+    assert "name: Dice (ring)" in card and "| Dice (ring) |" in card  # model-index and table, per class
     loaded = PeftModel.from_pretrained(Sam2Model.from_pretrained(saved_tiny_model), out)  # plain peft
     assert loaded.base_model.model.prompt_encoder.ptsam_tokens["default"].shape == (3, 2, 64)
     from sam2_peft.cli import main as cli

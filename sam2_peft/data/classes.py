@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,10 @@ class ClassList:
     ids: tuple[int, ...]
     names: tuple[str, ...]
     ignore_index: int | None = None
+    pixels: tuple[int, ...] | None = None
+    """Each class's pixel count over the checked masks (None: not counted)."""
+    weights: tuple[float, ...] | None = None
+    """Each class's weight in the per-class mask losses (None: all 1), see `with_class_weights`."""
 
     @property
     def id2label(self) -> dict[str, str]:
@@ -41,12 +45,15 @@ class ClassList:
 
 
 def named_classes(data: str, class_names: str | None) -> dict[int, str] | None:
-    """The names `--class-names` or `DATA/classes.json` give, by id (None: neither; names come from the masks)."""
+    """The names `--class-names`, `DATA/classes.json` or a COCO file's categories give, by id (None: none of them;
+    names come from the masks)."""
     if class_names is not None:
         names = [name.strip() for name in class_names.split(",")]
         if not all(names) or len(set(names)) != len(names):
             raise DataError(f"--class-names '{class_names}' needs distinct, non-empty names separated by commas.")
         return {i + 1: name for i, name in enumerate(names)}
+    if Path(data).suffix.lower() == ".json" and Path(data).is_file():
+        return coco_categories(Path(data))
     path = Path(data) / CLASSES_FILE
     if not path.is_file():
         return None
@@ -64,6 +71,18 @@ def named_classes(data: str, class_names: str | None) -> dict[int, str] | None:
             f"'{printable(path)}' must name classes with ids 1 and up (0 is background); got {bad or '{}'}."
         )
     return named
+
+
+def coco_categories(path: Path) -> dict[int, str] | None:
+    """A COCO file's `categories`, by id (None when it lists none)."""
+    categories = json.loads(path.read_text(encoding="utf-8")).get("categories") or []
+    try:
+        named = {int(category["id"]): str(category["name"]) for category in categories}
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"'{printable(path)}': each of its categories needs an 'id' and a 'name'.") from None
+    if any(key <= 0 for key in named):
+        raise DataError(f"'{printable(path)}': category ids must be 1 and up (0 is background); got {sorted(named)}.")
+    return named or None
 
 
 def check_classes(
@@ -109,7 +128,29 @@ def check_classes(
             len(records),
         )
     ids = tuple(sorted(names))
-    return ClassList(ids, tuple(names[i] for i in ids), ignore_index)
+    return ClassList(ids, tuple(names[i] for i in ids), ignore_index, pixels=tuple(pixels[i] for i in ids))
+
+
+def with_class_weights(classes: ClassList, spec: str | None) -> ClassList:
+    """`classes` with the loss weights `--class-weights` gives: 'auto', each class's inverse pixel frequency scaled to
+    a mean of 1; or one positive number per class, comma-separated, in class order; None leaves every weight 1."""
+    if spec is None:
+        return classes
+    if spec.strip() == "auto":
+        inverse = [1 / count for count in classes.pixels]
+        weights = [len(inverse) * value / sum(inverse) for value in inverse]
+    else:
+        try:
+            weights = [float(value) for value in spec.split(",")]
+        except ValueError:
+            weights = []
+        if len(weights) != len(classes.ids) or not all(0 < w < float("inf") for w in weights):
+            raise DataError(
+                f"--class-weights '{spec}' needs 'auto' or {len(classes.ids)} positive numbers, one per class in the "
+                f"order {', '.join(classes.names)}."
+            )
+    logger.info("Class weights: %s", ", ".join(f"{n} {w:.3g}" for n, w in zip(classes.names, weights)))
+    return replace(classes, weights=tuple(weights))
 
 
 def class_masks(objects: LabelMap, ids: tuple[int, ...]) -> np.ndarray:

@@ -563,10 +563,14 @@ def _check_segmentation(annotation: dict, height: int, width: int, where: str) -
         raise DataError(f"{where}: 'segmentation' must be polygons (a list) or RLE (a dict), got {segmentation!r}.")
 
 
-def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[SampleRecord]:
+def coco_records(
+    annotation_file: str | os.PathLike, image_root: str | os.PathLike | None = None, semantic: bool = False
+) -> list[SampleRecord]:
     """Records from a COCO instances JSON (polygons and RLE); crowd annotations are left out.
 
-    Images are looked up under `image_root` (default: the JSON's folder, then its `images/` subfolder).
+    Images are looked up under `image_root` (default: the JSON's folder, then its `images/` subfolder). With
+    `semantic`, each record's objects are a class map: an annotation's pixels hold its `category_id` (a later
+    annotation over an earlier one), as `--mask-type semantic` reads a folder's masks.
     """
     from pycocotools.coco import COCO
 
@@ -618,6 +622,14 @@ def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLi
             ) from err
         return np.stack(masks).astype(bool)
 
+    def class_map(image_id: int) -> LabelMap:
+        masks = instances(image_id)
+        labels = np.zeros(masks.shape[1:], dtype=np.int64)
+        anns = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        for mask, annotation in zip(masks, anns):
+            labels[mask] = annotation["category_id"]
+        return LabelMap.from_labels(labels)
+
     records = []
     for image_id, info in sorted(coco.imgs.items()):
         path = resolve(info["file_name"])
@@ -629,6 +641,7 @@ def coco_records(annotation_file: str | os.PathLike, image_root: str | os.PathLi
                 load_instances=lambda i=image_id: instances(i),
                 identity=os.fspath(path.resolve()),
                 image_file=os.fspath(path.resolve()),
+                load_objects=(lambda i=image_id: class_map(i)) if semantic else None,
             )
         )
     return records
@@ -846,13 +859,14 @@ def open_records(
     """Records from any supported source: a folder, a COCO `.json`, a `datasets` name or folder, a volume folder (its
     labelled slices as 2D images), or
     `synthetic:N[:SEED[:SIZE]]` (N generated scenes). `split` (None: the validation split) and the columns apply to
-    `datasets` sources, `mask_type` to folder and `datasets` masks (COCO and synthetic data are instances). `flag`
+    `datasets` sources, `mask_type` to folder and `datasets` masks and, as `semantic` only, to COCO files (whose
+    categories are then the classes; otherwise COCO and synthetic data are instances). `flag`
     names the option that gave `data` in errors (see `check_data_source`)."""
     kind = check_data_source(data, flag)
     if kind == "synthetic":
         return synthetic_records(*parse_synthetic_spec(data))
     if kind == "coco":
-        return coco_records(data)
+        return coco_records(data, semantic=mask_type == "semantic")
     if kind == "folder":
         return folder_records(data, mask_type)
     if kind == "volumes":

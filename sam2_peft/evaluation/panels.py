@@ -127,3 +127,37 @@ def save_panels(panels: dict[str, Image.Image], directory: str | os.PathLike) ->
     with atomic_write_dir(directory) as staging:
         for name, panel in panels.items():
             panel.save(staging / f"{name}.png")
+
+
+CONFUSION_PICTURE = "confusion_matrix.png"
+"""The multi-class confusion matrix's picture, beside a training run's `metrics.json`."""
+
+
+def plot_confusion(details: dict, path: str | os.PathLike) -> bool:
+    """Save a multi-class evaluation's confusion matrix (`EvaluationResult.details`: pixel counts, rows the
+    reference, columns the prediction, index 0 background, then `classes`) as a PNG at `path`, each cell coloured and
+    labelled by its share of its row (of that reference class). Returns False, writing nothing, without one."""
+    if "confusion_matrix" not in details:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    confusion = np.asarray(details["confusion_matrix"], dtype=np.float64)
+    shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    labels = ["background", *details["classes"].values()]
+    size = 1.5 + 0.6 * len(labels)
+    figure, axis = plt.subplots(figsize=(size + 1, size), dpi=120)
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, column), share in np.ndenumerate(shares):
+        axis.text(column, row, f"{share:.0%}", ha="center", va="center", color="white" if share > 0.5 else "black")
+    axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axis.set_yticks(range(len(labels)), labels)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("reference")
+    figure.colorbar(image, ax=axis, label="share of the reference class's pixels")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -15,7 +16,15 @@ from ..adapters.resolve import trained_prompt
 from ..io import atomic_write_text
 from ..models.names import BUILTIN_ARCHITECTURES, FAMILIES
 
-METRIC_NAMES = {"iou": "IoU", "dice": "Dice", "boundary_iou": "Boundary IoU", "pixel_accuracy": "Pixel accuracy"}
+METRIC_NAMES = {
+    "iou": "IoU",
+    "dice": "Dice",
+    "boundary_iou": "Boundary IoU",
+    "pixel_accuracy": "Pixel accuracy",
+    "mean_iou": "Mean IoU (classes)",
+    "mean_dice": "Mean Dice (classes)",
+    "fw_iou": "Frequency-weighted IoU",
+}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 PICTURE_NAME = "comparison.png"
 """Name under which the comparison picture is uploaded beside the card."""
@@ -51,7 +60,15 @@ def dataset_name(data: str | None) -> str | None:
     return path.stem if path.suffix == ".json" and path.parent.name else path.name or None
 
 
-def _metrics_table(base: dict, tuned: dict) -> str:
+def metric_label(name: str, classes: Iterable[str] = ()) -> str:
+    """A metric's readable name: `METRIC_NAMES`', or for a multi-class run's `dice_<class>` "Dice (<class>)"."""
+    kind, _, label = name.partition("_")
+    if name not in METRIC_NAMES and kind in METRIC_NAMES and label in classes:
+        return f"{METRIC_NAMES[kind]} ({label})"
+    return METRIC_NAMES.get(name, name)
+
+
+def _metrics_table(base: dict, tuned: dict, classes: Iterable[str] = ()) -> str:
     names = [n for n in METRIC_NAMES if n in base or n in tuned] + sorted(
         n for n in {*base, *tuned} if n not in METRIC_NAMES
     )
@@ -60,7 +77,7 @@ def _metrics_table(base: dict, tuned: dict) -> str:
     rows = ["| Metric | Base model | Fine-tuned |", "|---|---|---|"]
     for name in names:
         cells = [f"{m[name]:.4f}" if isinstance(m.get(name), (int, float)) else "-" for m in (base, tuned)]
-        rows.append(f"| {METRIC_NAMES.get(name, name)} | {cells[0]} | {cells[1]} |")
+        rows.append(f"| {metric_label(name, classes)} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows)
 
 
@@ -98,8 +115,9 @@ def _library_name(output_dir: Path, method: str) -> str | None:
     return None
 
 
-def _eval_results(tuned: dict, dataset: str | None) -> list[EvalResult] | None:
-    """The fine-tuned validation numbers in the Hub's `model-index` form, which the Hub renders as a results table."""
+def _eval_results(tuned: dict, dataset: str | None, classes: Iterable[str] = ()) -> list[EvalResult] | None:
+    """The fine-tuned validation numbers in the Hub's `model-index` form, which the Hub renders as a results table
+    (a multi-class adapter's per class, named by class)."""
     results = [
         EvalResult(
             task_type="image-segmentation",
@@ -108,7 +126,7 @@ def _eval_results(tuned: dict, dataset: str | None) -> list[EvalResult] | None:
             dataset_name=dataset or "validation set",
             dataset_split="validation",
             metric_type=name,
-            metric_name=METRIC_NAMES.get(name, name),
+            metric_name=metric_label(name, classes),
             metric_value=float(value),
         )
         for name, value in tuned.items()
@@ -158,7 +176,8 @@ def build_model_card(
     library = _library_name(output_dir, method)
     tuned = metrics.get("fine_tuned") or {}
     hub_datasets = [d for d in dict.fromkeys((data, eval_data)) if d and is_hub_id(d)]
-    eval_results = _eval_results(tuned, eval_data)
+    classes = list((metrics.get("classes") or {}).values())
+    eval_results = _eval_results(tuned, eval_data, classes)
     card_data = ModelCardData(
         base_model=base if is_hub_id(base) else None,
         library_name=library,
@@ -217,7 +236,7 @@ def build_model_card(
         "## Validation metrics",
         "",
         *_below_base_warning(metrics),
-        _metrics_table(metrics.get("base") or {}, tuned),
+        _metrics_table(metrics.get("base") or {}, tuned, classes),
         "",
     ]
     if picture:

@@ -18,7 +18,7 @@ from transformers import HfArgumentParser
 
 from ..data.config import SAMPLE_DATA, AugmentationConfig, PromptConfig, ValidationConfig
 from ..data.sources import DATA_SOURCES, DEFAULT_MAX_IMAGE_PIXELS, MASK_TYPES
-from ..flags import Applies, flags_of, refuse_unused_flags
+from ..flags import Applies, flags_of, given_flags, refuse_unused_flags
 from ..models.names import BASE_DTYPES, BUILTIN_ARCHITECTURES, BUILTIN_PRETRAINED, DEFAULT_MODEL, QUANTIZATION_MODES
 from ..training.config import LossConfig, TrainingConfig
 
@@ -85,7 +85,8 @@ class DataSourceArguments:
             "help": "binary: threshold at half the mask's maximum (one object); instance: each non-zero value is an "
             "object; auto: two levels or values near 0 and the maximum (JPEG, anti-aliasing) are binary, labels 1, 2, "
             "3... are instances, anything else stops with an error; semantic: each value is a class id (0 background), "
-            "classes named by classes.json beside masks/ or --class-names (PTSAM trains one token set per class).",
+            "classes named by classes.json beside masks/, a COCO file's categories or --class-names (PTSAM trains one "
+            "token set per class).",
             "choices": MASK_TYPES,
         },
     )
@@ -104,6 +105,11 @@ class DataArguments(DataSourceArguments):
         default=None,
         metadata={"help": "With --mask-type semantic: class names for ids 1, 2, ... (comma-separated), instead of "
                   "classes.json beside masks/ (default: the ids found in the masks)."},
+    )  # fmt: skip
+    class_weights: str | None = field(
+        default=None,
+        metadata={"help": "With --mask-type semantic: each class's weight in the per-class mask losses, 'auto' (inverse "
+                  "pixel frequency, mean 1) or one number per class, comma-separated (default: all 1)."},
     )  # fmt: skip
     ignore_index: int = field(
         default=255,
@@ -239,6 +245,8 @@ class RecipeArguments:
     augmentation: AugmentationConfig | None = None
     method: object | None = None
     extra: tuple = ()
+    given: frozenset[str] = frozenset()
+    """The settings the command line gave (by field name), as opposed to those left at their defaults."""
 
 
 SHARED_ARGUMENTS = {
@@ -274,7 +282,12 @@ def parse_recipe_arguments(
     parsed = parser.parse(argv, rules)
     rest = parsed[len(shared) :]
     method_options = rest[0] if method else None
-    return RecipeArguments(**dict(zip(shared, parsed)), method=method_options, extra=tuple(rest[1 if method else 0 :]))
+    return RecipeArguments(
+        **dict(zip(shared, parsed)),
+        method=method_options,
+        extra=tuple(rest[1 if method else 0 :]),
+        given=frozenset(given_flags(parser, argv)),
+    )
 
 
 PROMPT_RULES = (

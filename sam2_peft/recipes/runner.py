@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..adapters.methods import TuningMethod
-from ..data.classes import ClassList, check_classes, named_classes
+from ..data.classes import ClassList, check_classes, named_classes, with_class_weights
 from ..data.config import DatasetConfig
 from ..data.dataset import SegmentationDataset
 from ..data.sources import (
@@ -41,8 +41,11 @@ def check_data_arguments(data: DataArguments) -> None:
     check_data_source(data.data, "--data")
     if data.val_data:
         check_data_source(data.val_data, "--val-data")
-    if data.class_names is not None and data.mask_type != "semantic":
-        raise DataError("--class-names names the classes of semantic masks: add --mask-type semantic, or leave it out.")
+    for flag, value in (("--class-names", data.class_names), ("--class-weights", data.class_weights)):
+        if value is not None and data.mask_type != "semantic":
+            raise DataError(
+                f"{flag} applies to the classes of semantic masks: add --mask-type semantic, or leave it out."
+            )
     if data.train_images is not None and data.train_images < 1:
         raise DataError(f"--train-images must be at least 1, got {data.train_images}; leave it out to use every image.")
     if data.streaming and data.train_images is not None:
@@ -86,7 +89,8 @@ def semantic_classes(data: DataArguments) -> ClassList:
     source = dict(image_column=data.image_column, mask_column=data.mask_column, mask_type=data.mask_type)
     records = open_records(data.data, split=data.split, **source)
     ignore = None if data.ignore_index < 0 else data.ignore_index
-    return check_classes(records, named_classes(data.data, data.class_names), ignore, printable(data.data))
+    classes = check_classes(records, named_classes(data.data, data.class_names), ignore, printable(data.data))
+    return with_class_weights(classes, data.class_weights)
 
 
 def dataset_config(
@@ -205,11 +209,12 @@ def run_recipe(
     if not video:  # the video recipe's data options are its own (no class names, image checks or streaming)
         check_data_arguments(args.data)
         check_streaming(args.data, training=args.training)
-        if args.data.class_names is not None and "classes" not in (run_info or {}):
-            raise DataError(
-                "--class-names names the classes of a multi-class PTSAM adapter (sam2-peft train ptsam --mask-type "
-                "semantic, no --prompt): leave it out for this method."
-            )
+        for flag, value in (("--class-names", args.data.class_names), ("--class-weights", args.data.class_weights)):
+            if value is not None and "classes" not in (run_info or {}):
+                raise DataError(
+                    f"{flag} applies to the classes of a multi-class PTSAM adapter (sam2-peft train ptsam "
+                    "--mask-type semantic, no --prompt): leave it out for this method."
+                )
     training = args.training
     check_output_dir_before_run(Path(training.output_dir), training.resume is not None, training.overwrite)
     model, processor = load_model(args.model, video=video)

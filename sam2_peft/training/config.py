@@ -208,7 +208,8 @@ class LossConfig:
     mask_loss: str = field(
         default="focal",
         metadata=_help(
-            "focal, or bce (class-balanced binary cross-entropy: helps from-scratch training avoid all-background).",
+            "focal, or bce (class-balanced binary cross-entropy: helps from-scratch training avoid all-background; "
+            "the default of multi-class PTSAM, --mask-type semantic).",
             choices=MASK_LOSSES,
         ),
     )

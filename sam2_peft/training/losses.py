@@ -298,6 +298,7 @@ def sam2_loss(
     config: LossConfig | None = None,
     batch_counts: tuple[int, int] | None = None,
     train_absent: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Loss for N prompts.
 
@@ -310,6 +311,7 @@ def sam2_loss(
             which the terms are normalised instead of the chunk's own, so that the chunks' losses sum to the batch's.
         train_absent: train the masks of absent objects too, towards empty (a multi-class adapter's class that an
             image does not show must predict no pixel); the object-score head still learns presence.
+        weights: `(N,)` weight of each prompt's mask, Dice and IoU terms (a multi-class adapter's class weights).
     """
     config = config or LossConfig()
     per_mask, per_dice, true_iou = mask_loss_terms(mask_logits, target_masks, config)
@@ -317,7 +319,9 @@ def sam2_loss(
     best = combined.argmin(dim=1, keepdim=True)
     present = target_masks.flatten(1).any(dim=1)
     num_present, num_prompts = batch_counts or (int(present.sum()), len(present))
-    trained = torch.ones_like(present) if train_absent else present
+    trained = (torch.ones_like(present) if train_absent else present).float()
+    if weights is not None:
+        trained = trained * weights.to(trained.device)
     if train_absent:
         num_present = num_prompts
     num_present = max(num_present, 1)

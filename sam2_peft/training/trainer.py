@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..adapters.methods import TuningMethod
-from ..evaluation.panels import save_panels
+from ..evaluation.panels import CONFUSION_PICTURE, plot_confusion, save_panels
 from ..evaluation.runner import EvaluationResult
 from ..hub.model_card import EXTREME_PANEL_PREFIXES, write_model_card
 from ..io import atomic_write_json
@@ -578,6 +578,8 @@ class Trainer:
                     **(final.details if final else {}),
                 }
                 atomic_write_json(self.output_dir / "metrics.json", summary)
+                if final:
+                    plot_confusion(final.details, self.output_dir / CONFUSION_PICTURE)
                 method = {"name": self.method.name, **self.method.settings()}
                 atomic_write_json(
                     self.output_dir / "training_config.json",
