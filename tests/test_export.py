@@ -185,3 +185,40 @@ def test_fp16_export_runs_on_onnxruntime_and_agrees(saved_tiny_model, tmp_path):
     assert record["parity"]["fp16"]["box"]["mask_iou"] > 0.95
     prediction = load_onnx_predictor(tmp_path / "fp16").predict(non_square_images(1)[0], boxes=BOXES)
     assert prediction.masks.shape == (2, 72, 150)
+
+
+def test_decoder_takes_boxes_alone_as_transformers_js_sends_them(exports):
+    """transformers.js sends boxes alone as `input_points` (B, 1, 0, 2) and `input_labels` (B, boxes, 0)."""
+    _, folder, _ = exports("lora")
+    model = OnnxSam2Model(folder)
+    size = model.record["image_size"]
+    pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    feed = dict(
+        zip(
+            ["image_embeddings.0", "image_embeddings.1", "image_embeddings.2"],
+            model.sessions["vision_encoder"].run(None, {"pixel_values": pixels}),
+        )
+    )
+    boxes = np.array([BOXES], np.float32)
+    decoder = model.sessions["prompt_encoder_mask_decoder"]
+    ours = decoder.run(
+        None,
+        {
+            **feed,
+            "input_points": np.zeros((1, 2, 0, 2), np.float32),
+            "input_labels": np.zeros((1, 2, 0), np.int64),
+            "input_boxes": boxes,
+        },
+    )
+    theirs = decoder.run(
+        None,
+        {
+            **feed,
+            "input_points": np.zeros((1, 1, 0, 2), np.float32),
+            "input_labels": np.full((1, 2, 0), -1, np.int64),
+            "input_boxes": boxes,
+        },
+    )
+    assert theirs[1].shape == ours[1].shape == (1, 2, 1, size // 4, size // 4)
+    np.testing.assert_allclose(theirs[1], ours[1], atol=1e-5)
+    assert np.abs(ours[1][0, 0] - ours[1][0, 1]).max() > 1e-2  # two different boxes, two different masks

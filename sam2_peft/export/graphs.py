@@ -39,7 +39,8 @@ class PromptDecoderGraph(nn.Module):
     Boxes become their two corner points (labels 2 and 3) after the points, and the prompt encoder pads one
     not-a-point, which is the token sequence `Sam2Model.forward` builds for points, a box, or both: one graph serves
     every prompt kind without branching on whether boxes were given. `input_boxes` holds one box per prompt, or none
-    (`(B, 0, 4)`); for boxes alone give `input_points` `(B, P, 0, 2)`.
+    (`(B, 0, 4)`); for boxes alone give `input_points` `(B, P, 0, 2)` or, as transformers.js does, `(B, 1, 0, 2)`:
+    `input_labels` `(B, P, N)` gives the number of prompts.
     """
 
     def __init__(self, model: nn.Module, multimask_output: bool = False) -> None:
@@ -49,10 +50,10 @@ class PromptDecoderGraph(nn.Module):
         self.eval()  # eval: SAM 2's single-mask output falls back to the best multimask one when unstable
 
     def forward(self, e0, e1, e2, input_points, input_labels, input_boxes) -> tuple[torch.Tensor, ...]:
-        batch, prompts = input_points.shape[:2]
+        batch, prompts = input_labels.shape[:2]  # not input_points: transformers.js sends boxes alone as (B, 1, 0, 2)
         corners = input_boxes.reshape(batch, prompts, -1, 2)
         corner_labels = torch.tensor(BOX_CORNER_LABELS, dtype=input_labels.dtype).repeat(input_boxes.shape[1])
-        points = torch.cat([input_points, corners], dim=2)
+        points = torch.cat([input_points.reshape(batch, prompts, -1, 2), corners], dim=2)
         labels = torch.cat([input_labels, corner_labels.reshape(1, prompts, -1).expand(batch, -1, -1)], dim=2)
         outputs = self.model(
             image_embeddings=[e0, e1, e2],

@@ -4,6 +4,7 @@ and Optimum use for SAM 2, with the processor config, a model card, and a parity
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -127,7 +128,7 @@ def export_model(
             record["graphs"]["int8"] = _quantize(staging, record["graphs"][variant])
         sam.config.save_pretrained(staging)
         processor.save_pretrained(staging)
-        processor.image_processor.save_pretrained(staging)  # preprocessor_config.json, which transformers.js reads
+        write_preprocessor_config(processor, staging)
         atomic_write_json(staging / EXPORT_FILE, record)  # the runtime reads it for the parity check
         record["parity"] = parity(model, processor, staging, record)
         atomic_write_json(staging / EXPORT_FILE, record)
@@ -173,6 +174,15 @@ def export_source(
     method = "partial" if info.kind == "partial" else info.peft_type.lower()
     source = {"adapter": str(adapter), "method": method, "base_model": base_model or info.base_model}
     return export_model(sam, processor, out_dir, options, source)
+
+
+def write_preprocessor_config(processor, folder: Path) -> None:
+    """`preprocessor_config.json` as transformers.js reads it: the image processor's settings and `processor_class`
+    (which makes its `AutoProcessor` a `Sam2Processor`, with the prompt and mask post-processing methods)."""
+    processor.image_processor.save_pretrained(folder)
+    path = folder / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    atomic_write_json(path, {**config, "processor_class": type(processor).__name__})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
