@@ -222,3 +222,34 @@ def test_decoder_takes_boxes_alone_as_transformers_js_sends_them(exports):
     assert theirs[1].shape == ours[1].shape == (1, 2, 1, size // 4, size // 4)
     np.testing.assert_allclose(theirs[1], ours[1], atol=1e-5)
     assert np.abs(ours[1][0, 0] - ours[1][0, 1]).max() > 1e-2  # two different boxes, two different masks
+
+
+@pytest.mark.slow  # an export with an extra decoder graph, and its parity check: about 15 s on one CPU thread
+def test_multimask_and_mask_input_graphs_match_pytorch(tmp_path):
+    import torch
+
+    from sam2_peft.models.loading import load_base_model
+
+    options = ExportOptions(multimask=True, mask_input=True)
+    record = export_source(tmp_path / "onnx", options, model="compact-synthetic")
+    assert record["multimask_output"] and "prompt_encoder_mask_decoder_with_mask" in record["graphs"]["fp32"]
+    model, processor = load_base_model("compact-synthetic")
+    exported = OnnxSam2Model(tmp_path / "onnx")
+    pixels = processor(images=non_square_images(1)[0], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embeddings = model.get_image_embeddings(pixels)
+    size = record["image_size"] // 4
+    previous = 8 * torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(0))  # a mask's logits
+    boxes = torch.tensor([[[30.0, 20.0, 200.0, 150.0], [5.0, 10.0, 60.0, 70.0]]])
+    results = {}
+    for name, prompt in {"box": {"input_boxes": boxes}, "box+mask": {"input_boxes": boxes, "input_masks": previous},
+                         "mask": {"input_masks": previous}}.items():  # fmt: skip
+        with torch.no_grad():
+            want = model(image_embeddings=embeddings, multimask_output=True, **prompt)
+        got = exported(image_embeddings=embeddings, multimask_output=True, **prompt)
+        assert got.pred_masks.shape == want.pred_masks.shape and got.pred_masks.shape[2] == 3
+        assert (got.pred_masks - want.pred_masks).abs().max() < 1e-3, name
+        torch.testing.assert_close(got.iou_scores, want.iou_scores, atol=1e-3, rtol=0)
+        results[name] = got.pred_masks
+    assert (results["box"] - results["box+mask"]).abs().max() > 1e-2  # the mask input acts
+    assert record["parity"]["fp32"]["box"]["max_abs_logit_diff"] < 1e-3  # its parity check ran on three masks
