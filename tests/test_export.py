@@ -253,3 +253,30 @@ def test_multimask_and_mask_input_graphs_match_pytorch(tmp_path):
         results[name] = got.pred_masks
     assert (results["box"] - results["box+mask"]).abs().max() > 1e-2  # the mask input acts
     assert record["parity"]["fp32"]["box"]["max_abs_logit_diff"] < 1e-3  # its parity check ran on three masks
+
+
+def test_serve_an_export_answers_as_predict_onnx(exports, tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+    from pycocotools import mask as mask_utils
+
+    from sam2_peft.serving.app import ServeConfig, create_app
+
+    _, folder, _ = exports("lora")
+    image = non_square_images(1)[0]
+    path = save_images([image], tmp_path / "images") / "img_0.png"
+    expected = load_onnx_predictor(folder).predict(np.asarray(Image.open(path).convert("RGB")), boxes=BOXES)
+    with TestClient(create_app(ServeConfig(model=str(folder), device="cpu", token="t"))) as client:
+        image_id = client.post("/v1/images", files={"file": ("a.png", path.read_bytes(), "image/png")}).json()
+        answer = client.post("/v1/segment", json={"image_id": image_id["image_id"], "boxes": BOXES}).json()
+        masks = np.stack(
+            [mask_utils.decode({**m["rle"], "counts": m["rle"]["counts"].encode()}) for m in answer["masks"]]
+        )
+        np.testing.assert_array_equal(masks, expected.masks)
+        np.testing.assert_allclose([m["score"] for m in answer["masks"]], expected.scores, atol=1e-6)
+        refused = client.post(
+            "/v1/adapters", json={"name": "x", "source": "org/x"}, headers={"Authorization": "Bearer t"}
+        )
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "adapters_unsupported"
+    with pytest.raises(Exception, match="ONNX export with its adapter inside"):
+        create_app(ServeConfig(model=str(folder), device="cpu", adapters=["x=org/x"]))

@@ -98,6 +98,11 @@ class OnnxSam2Model(nn.Module):
         return SimpleNamespace(**dict(zip(OUTPUT_NAMES, outputs)))
 
 
+def is_export(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a `sam2-peft export` folder (it holds `export.json`)."""
+    return (Path(folder) / EXPORT_FILE).is_file()
+
+
 def read_export_record(folder: str | os.PathLike) -> dict:
     """The `export.json` of an export folder; `ExportError` when the folder holds no export."""
     path = Path(folder) / EXPORT_FILE
