@@ -15,7 +15,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -57,7 +56,8 @@ def peak_rss(variant: str, folder: Path, torch_dir: Path, threads: int, boxes: t
         with torch.no_grad():
             embeddings = model.get_image_embeddings(torch.zeros(1, 3, size, size))
             model(image_embeddings=embeddings, input_boxes=boxes, multimask_output=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's peak across the fork + exec of a spawn
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
     queue.put({"peak": peak, "after_imports": before, "added": peak - before})
 
 
