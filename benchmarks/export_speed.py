@@ -1,5 +1,6 @@
 """onnxruntime (fp32 and int8) against PyTorch on the CPU for an exported SAM 2 with a merged decoder LoRA: the image
-encoder per image and the prompt encoder + mask decoder per call at 1 and 16 box prompts, interleaved rounds, medians.
+encoder per image and the prompt encoder + mask decoder per call at 1 and 16 box prompts, interleaved rounds, medians;
+and the peak resident memory of a fresh process that loads each variant and runs it once (encoder, 16 boxes).
 
 Random weights (the speed does not depend on them); the hiera-tiny architecture (transformers' `Sam2Config()`
 defaults, 1024 px). Each timed call is the model alone (no image resizing or mask post-processing); torch and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -37,6 +39,41 @@ def timed(calls: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def peak_rss(variant: str, folder: Path, torch_dir: Path, threads: int, boxes: torch.Tensor, queue) -> None:
+    """In a fresh process: load `variant` ("torch", "fp32", "int8", or "none": imports alone), run the encoder once
+    and the decoder once on `boxes`, and put the process's peak resident memory (MiB), its resident memory after
+    the imports, and the difference on `queue`."""
+    from transformers import Sam2Model
+
+    from sam2_peft.export import OnnxSam2Model
+
+    torch.set_num_threads(threads)
+    before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    if variant != "none":
+        model = Sam2Model.from_pretrained(torch_dir).eval() if variant == "torch" else None
+        model = model or OnnxSam2Model(folder, variant, threads=threads)
+        size = int(json.loads((folder / "export.json").read_text())["image_size"])
+        with torch.no_grad():
+            embeddings = model.get_image_embeddings(torch.zeros(1, 3, size, size))
+            model(image_embeddings=embeddings, input_boxes=boxes, multimask_output=False)
+    # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's peak across the fork + exec of a spawn
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+    queue.put({"peak": peak, "after_imports": before, "added": peak - before})
+
+
+def measure_memory(folder: Path, torch_dir: Path, threads: int, boxes: torch.Tensor) -> dict[str, dict]:
+    """Peak RSS (MiB) of each variant, each in its own spawned process (so one's memory is not another's)."""
+    context = multiprocessing.get_context("spawn")
+    peaks = {}
+    for variant in ("none", "torch", "fp32", "int8"):
+        queue = context.Queue()
+        process = context.Process(target=peak_rss, args=(variant, folder, torch_dir, threads, boxes, queue))
+        process.start()
+        peaks[variant] = queue.get()
+        process.join()
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="hiera-tiny")
@@ -58,6 +95,8 @@ def main() -> None:
                 param.normal_(0, 0.02)
     model = model.merge_and_unload().eval()
     folder = Path(tempfile.mkdtemp(prefix="export-speed-"))
+    torch_dir = Path(tempfile.mkdtemp(prefix="export-speed-torch-"))
+    model.save_pretrained(torch_dir)  # for the memory of the PyTorch variant, loaded in its own process
     start = time.perf_counter()
     record = export_model(
         model, processor, folder, ExportOptions(quantize="int8", overwrite=True), {"model": args.arch}
@@ -98,6 +137,8 @@ def main() -> None:
     for row in report["rows"]:
         row["medians_ms"] = {name: 1e3 * statistics.median(t) for name, t in row["times_s"].items()}
         print(row["part"], row["prompts"], {k: round(v, 1) for k, v in row["medians_ms"].items()}, flush=True)
+    report["peak_rss_mib"] = measure_memory(folder, torch_dir, args.threads, boxes)
+    print("peak RSS MiB", {k: {n: round(x) for n, x in v.items()} for k, v in report["peak_rss_mib"].items()})
     report["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
 

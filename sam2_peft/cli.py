@@ -938,6 +938,14 @@ def export(argv: list[str]) -> None:
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET}")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and activations")
     parser.add_argument("--quantize", choices=("int8",), default=None, help="also write int8 dynamic-quantised graphs")
+    parser.add_argument(
+        "--multimask", action="store_true", help="decoders give SAM 2's three masks per prompt (default: one)"
+    )
+    parser.add_argument(
+        "--mask-input",
+        action="store_true",
+        help="also write onnx/prompt_encoder_mask_decoder_with_mask.onnx, which takes a previous mask's logits",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an export already in OUT")
     args = parser.parse_args(argv)
     if args.base_model and not args.adapter:
@@ -946,7 +954,10 @@ def export(argv: list[str]) -> None:
     def run() -> None:
         from .export.onnx_export import ExportOptions, export_source
 
-        options = ExportOptions(opset=args.opset, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite)
+        options = ExportOptions(
+            opset=args.opset, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite,
+            multimask=args.multimask, mask_input=args.mask_input,
+        )  # fmt: skip
         record = export_source(
             args.out_dir, options, adapter=args.adapter, model=args.model, revision=args.revision,
             base_model=args.base_model, token=args.token,

@@ -185,3 +185,98 @@ def test_fp16_export_runs_on_onnxruntime_and_agrees(saved_tiny_model, tmp_path):
     assert record["parity"]["fp16"]["box"]["mask_iou"] > 0.95
     prediction = load_onnx_predictor(tmp_path / "fp16").predict(non_square_images(1)[0], boxes=BOXES)
     assert prediction.masks.shape == (2, 72, 150)
+
+
+def test_decoder_takes_boxes_alone_as_transformers_js_sends_them(exports):
+    """transformers.js sends boxes alone as `input_points` (B, 1, 0, 2) and `input_labels` (B, boxes, 0)."""
+    _, folder, _ = exports("lora")
+    model = OnnxSam2Model(folder)
+    size = model.record["image_size"]
+    pixels = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    feed = dict(
+        zip(
+            ["image_embeddings.0", "image_embeddings.1", "image_embeddings.2"],
+            model.sessions["vision_encoder"].run(None, {"pixel_values": pixels}),
+        )
+    )
+    boxes = np.array([BOXES], np.float32)
+    decoder = model.sessions["prompt_encoder_mask_decoder"]
+    ours = decoder.run(
+        None,
+        {
+            **feed,
+            "input_points": np.zeros((1, 2, 0, 2), np.float32),
+            "input_labels": np.zeros((1, 2, 0), np.int64),
+            "input_boxes": boxes,
+        },
+    )
+    theirs = decoder.run(
+        None,
+        {
+            **feed,
+            "input_points": np.zeros((1, 1, 0, 2), np.float32),
+            "input_labels": np.full((1, 2, 0), -1, np.int64),
+            "input_boxes": boxes,
+        },
+    )
+    assert theirs[1].shape == ours[1].shape == (1, 2, 1, size // 4, size // 4)
+    np.testing.assert_allclose(theirs[1], ours[1], atol=1e-5)
+    assert np.abs(ours[1][0, 0] - ours[1][0, 1]).max() > 1e-2  # two different boxes, two different masks
+
+
+@pytest.mark.slow  # an export with an extra decoder graph, and its parity check: about 15 s on one CPU thread
+def test_multimask_and_mask_input_graphs_match_pytorch(tmp_path):
+    import torch
+
+    from sam2_peft.models.loading import load_base_model
+
+    options = ExportOptions(multimask=True, mask_input=True)
+    record = export_source(tmp_path / "onnx", options, model="compact-synthetic")
+    assert record["multimask_output"] and "prompt_encoder_mask_decoder_with_mask" in record["graphs"]["fp32"]
+    model, processor = load_base_model("compact-synthetic")
+    exported = OnnxSam2Model(tmp_path / "onnx")
+    pixels = processor(images=non_square_images(1)[0], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embeddings = model.get_image_embeddings(pixels)
+    size = record["image_size"] // 4
+    previous = 8 * torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(0))  # a mask's logits
+    boxes = torch.tensor([[[30.0, 20.0, 200.0, 150.0], [5.0, 10.0, 60.0, 70.0]]])
+    results = {}
+    for name, prompt in {"box": {"input_boxes": boxes}, "box+mask": {"input_boxes": boxes, "input_masks": previous},
+                         "mask": {"input_masks": previous}}.items():  # fmt: skip
+        with torch.no_grad():
+            want = model(image_embeddings=embeddings, multimask_output=True, **prompt)
+        got = exported(image_embeddings=embeddings, multimask_output=True, **prompt)
+        assert got.pred_masks.shape == want.pred_masks.shape and got.pred_masks.shape[2] == 3
+        assert (got.pred_masks - want.pred_masks).abs().max() < 1e-3, name
+        torch.testing.assert_close(got.iou_scores, want.iou_scores, atol=1e-3, rtol=0)
+        results[name] = got.pred_masks
+    assert (results["box"] - results["box+mask"]).abs().max() > 1e-2  # the mask input acts
+    assert record["parity"]["fp32"]["box"]["max_abs_logit_diff"] < 1e-3  # its parity check ran on three masks
+
+
+def test_serve_an_export_answers_as_predict_onnx(exports, tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+    from pycocotools import mask as mask_utils
+
+    from sam2_peft.serving.app import ServeConfig, create_app
+
+    _, folder, _ = exports("lora")
+    image = non_square_images(1)[0]
+    path = save_images([image], tmp_path / "images") / "img_0.png"
+    expected = load_onnx_predictor(folder).predict(np.asarray(Image.open(path).convert("RGB")), boxes=BOXES)
+    with TestClient(create_app(ServeConfig(model=str(folder), device="cpu", token="t"))) as client:
+        image_id = client.post("/v1/images", files={"file": ("a.png", path.read_bytes(), "image/png")}).json()
+        answer = client.post("/v1/segment", json={"image_id": image_id["image_id"], "boxes": BOXES}).json()
+        masks = np.stack(
+            [mask_utils.decode({**m["rle"], "counts": m["rle"]["counts"].encode()}) for m in answer["masks"]]
+        )
+        np.testing.assert_array_equal(masks, expected.masks)
+        np.testing.assert_allclose([m["score"] for m in answer["masks"]], expected.scores, atol=1e-6)
+        refused = client.post(
+            "/v1/adapters", json={"name": "x", "source": "org/x"}, headers={"Authorization": "Bearer t"}
+        )
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "adapters_unsupported"
+    with pytest.raises(Exception, match="ONNX export with its adapter inside"):
+        create_app(ServeConfig(model=str(folder), device="cpu", adapters=["x=org/x"]))

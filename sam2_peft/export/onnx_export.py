@@ -4,6 +4,7 @@ and Optimum use for SAM 2, with the processor config, a model card, and a parity
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from ..data.sources import DataError
 from ..io import atomic_write_dir, atomic_write_json, atomic_write_text, check_output_dir
 from .graphs import (
     EMBEDDING_NAMES,
+    MASK_INPUT_NAME,
     OUTPUT_NAMES,
     PROMPT_NAMES,
     PromptDecoderGraph,
@@ -34,6 +36,8 @@ MAX_OPSET = 20
 EXPORT_FILE = "export.json"
 """What an export folder holds: graphs per variant, opset, the source adapter, and the measured parity."""
 ONNX_DIR = "onnx"
+MASK_DECODER = "prompt_encoder_mask_decoder_with_mask"
+"""The decoder graph that also takes a previous mask (`--mask-input`)."""
 SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_quantized"}
 """File name suffix of each variant: transformers.js' names for its dtypes `fp32`, `fp16` and `q8`."""
 EXPORT_EXTRA = ("onnx", "onnxruntime")
@@ -68,6 +72,8 @@ class ExportOptions:
     dtype: str = "fp32"
     quantize: str | None = None
     overwrite: bool = False
+    multimask: bool = False
+    mask_input: bool = False
 
     def check(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -110,7 +116,8 @@ def export_model(
         "opset": options.opset,
         "dtype": options.dtype,
         "quantize": options.quantize,
-        "multimask_output": False,
+        "multimask_output": options.multimask,
+        "mask_input": options.mask_input,
         "prompt_free": prompt_free,
         "image_size": int(sam.config.prompt_encoder_config.image_size),
         "source": source,
@@ -121,13 +128,13 @@ def export_model(
         (staging / ONNX_DIR).mkdir()
         variant = options.dtype
         exported = model.half() if variant == "fp16" else model
-        record["graphs"][variant] = _write_graphs(exported, staging, variant, options.opset, prompt_free)
+        record["graphs"][variant] = _write_graphs(exported, staging, variant, options, prompt_free)
         model.float()
         if options.quantize:
             record["graphs"]["int8"] = _quantize(staging, record["graphs"][variant])
         sam.config.save_pretrained(staging)
         processor.save_pretrained(staging)
-        processor.image_processor.save_pretrained(staging)  # preprocessor_config.json, which transformers.js reads
+        write_preprocessor_config(processor, staging)
         atomic_write_json(staging / EXPORT_FILE, record)  # the runtime reads it for the parity check
         record["parity"] = parity(model, processor, staging, record)
         atomic_write_json(staging / EXPORT_FILE, record)
@@ -175,14 +182,26 @@ def export_source(
     return export_model(sam, processor, out_dir, options, source)
 
 
+def write_preprocessor_config(processor, folder: Path) -> None:
+    """`preprocessor_config.json` as transformers.js reads it: the image processor's settings and `processor_class`
+    (which makes its `AutoProcessor` a `Sam2Processor`, with the prompt and mask post-processing methods)."""
+    processor.image_processor.save_pretrained(folder)
+    path = folder / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    atomic_write_json(path, {**config, "processor_class": type(processor).__name__})
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     from ..models.segmenter import unwrap_sam
 
     return unwrap_sam(model)
 
 
-def _write_graphs(model: nn.Module, folder: Path, variant: str, opset: int, prompt_free: bool) -> dict[str, str]:
-    """Export the encoder and decoder graphs (and the prompt-free decoder of a PTSAM model) of one variant."""
+def _write_graphs(
+    model: nn.Module, folder: Path, variant: str, options: ExportOptions, prompt_free: bool
+) -> dict[str, str]:
+    """Export the encoder and decoder graphs of one variant (with the prompt-free decoder of a PTSAM model, and the
+    decoder with a mask input for `--mask-input`)."""
     dtype = torch.float16 if variant == "fp16" else torch.float32
     sam = _unwrap(model)
     size = int(sam.config.prompt_encoder_config.image_size)
@@ -196,38 +215,44 @@ def _write_graphs(model: nn.Module, folder: Path, variant: str, opset: int, prom
         "input_boxes": torch.tensor([[[size / 8, size / 8, size * 3 / 4, size * 3 / 4]]], dtype=dtype),
     }
     outputs = {name: {0: "batch", 1: "prompts"} for name in OUTPUT_NAMES}
+    decoder_axes = {
+        **dict.fromkeys(EMBEDDING_NAMES, batch),
+        "input_points": {0: "batch", 1: "prompts", 2: "points"},
+        "input_labels": {0: "batch", 1: "prompts", 2: "points"},
+        "input_boxes": {0: "batch", 1: "boxes"},
+        **outputs,
+    }
+    decoder = PromptDecoderGraph(model, options.multimask)
     graphs = {
         "vision_encoder": (
             VisionEncoderGraph(model),
             (pixels,),
             {"pixel_values": batch, **dict.fromkeys(EMBEDDING_NAMES, batch)},
         ),
-        "prompt_encoder_mask_decoder": (
-            PromptDecoderGraph(model),
-            (*embeddings, *prompts.values()),
-            {
-                **dict.fromkeys(EMBEDDING_NAMES, batch),
-                "input_points": {0: "batch", 1: "prompts", 2: "points"},
-                "input_labels": {0: "batch", 1: "prompts", 2: "points"},
-                "input_boxes": {0: "batch", 1: "boxes"},
-                **outputs,
-            },
-        ),
+        "prompt_encoder_mask_decoder": (decoder, (*embeddings, *prompts.values()), decoder_axes),
     }
+    if options.mask_input:  # a graph of its own: transformers.js' Sam2Model sends no mask to its decoder
+        masks = torch.zeros(1, 1, size // 4, size // 4, dtype=dtype)
+        graphs[MASK_DECODER] = (
+            decoder,
+            (*embeddings, *prompts.values(), masks),
+            {**decoder_axes, MASK_INPUT_NAME: batch},
+        )
     if prompt_free:
         graphs["prompt_free_mask_decoder"] = (
-            PromptFreeDecoderGraph(model),
+            PromptFreeDecoderGraph(model, options.multimask),
             embeddings,
             {**dict.fromkeys(EMBEDDING_NAMES, batch), **outputs},
         )
     files = {}
     for name, (graph, inputs, axes) in graphs.items():
-        input_names = ["pixel_values"] if name == "vision_encoder" else [*EMBEDDING_NAMES, *PROMPT_NAMES][: len(inputs)]
+        graph_inputs = [*EMBEDDING_NAMES, *PROMPT_NAMES, MASK_INPUT_NAME][: len(inputs)]
+        input_names = ["pixel_values"] if name == "vision_encoder" else graph_inputs
         output_names = list(EMBEDDING_NAMES if name == "vision_encoder" else OUTPUT_NAMES)
         files[name] = f"{ONNX_DIR}/{name}{SUFFIXES[variant]}.onnx"
         torch.onnx.export(
             graph, inputs, str(folder / files[name]), input_names=input_names, output_names=output_names,
-            opset_version=opset, dynamic_axes=axes, dynamo=False,
+            opset_version=options.opset, dynamic_axes=axes, dynamo=False,
         )  # fmt: skip
     return files
 
@@ -264,13 +289,17 @@ def parity(model: nn.Module, processor, folder: Path, record: dict) -> dict:
     if record["prompt_free"]:
         prompts["prompt-free"] = {}
     reference = Sam2PeftPredictor(model, processor, device="cpu")
-    expected = {name: reference.predict(image, return_logits=True, **p) for name, p in prompts.items()}
+    multimask = record["multimask_output"]
+    expected = {
+        name: reference.predict(image, return_logits=True, multimask_output=multimask, **p)
+        for name, p in prompts.items()
+    }
     report = {}
     for variant in record["graphs"]:
         onnx = Sam2PeftPredictor(OnnxSam2Model(folder, variant), processor, device="cpu")
         report[variant] = {}
         for name, p in prompts.items():
-            got = onnx.predict(image, return_logits=True, **p)
+            got = onnx.predict(image, return_logits=True, multimask_output=multimask, **p)
             want = expected[name]
             union = (got.masks | want.masks).sum()
             report[variant][name] = {
@@ -301,6 +330,13 @@ def model_card(record: dict) -> str:
         if record["prompt_free"]
         else ""
     )
+    masks = 3 if record["multimask_output"] else 1
+    mask_input = (
+        f"\n`{MASK_DECODER}` takes the same inputs and `input_masks` `(B, 1, {size // 4}, {size // 4})`, a previous "
+        "mask's logits per image.\n"
+        if record.get("mask_input")
+        else ""
+    )
     return f"""---
 library_name: onnxruntime
 tags: [sam2, segment-anything, onnx, sam2-peft]
@@ -324,9 +360,9 @@ the one transformers.js and Optimum use for SAM 2: `config.json`, `preprocessor_
 `prompt_encoder_mask_decoder`: the three embeddings, `input_points` `(B, P, N, 2)` float (x, y in the
 {size} x {size} model input), `input_labels` `(B, P, N)` int64 (1 object, 0 background), `input_boxes` `(B, P, 4)`
 float (x0, y0, x1, y1), or `(B, 0, 4)` for points alone; for boxes alone give `input_points` `(B, P, 0, 2)` ->
-`iou_scores` `(B, P, 1)`, `pred_masks` `(B, P, 1, {size // 4}, {size // 4})` mask logits, `object_score_logits`
-`(B, P, 1)`. P prompts (one mask each), N points per prompt: both any number.
-{prompt_free}
+`iou_scores` `(B, P, {masks})`, `pred_masks` `(B, P, {masks}, {size // 4}, {size // 4})` mask logits,
+`object_score_logits` `(B, P, 1)`. P prompts ({masks} mask(s) each), N points per prompt: both any number.
+{prompt_free}{mask_input}
 ## Run it
 
 ```bash

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graphs import EMBEDDING_NAMES, OUTPUT_NAMES
-from .onnx_export import EXPORT_FILE, ExportError, require_export_extra
+from .graphs import EMBEDDING_NAMES, MASK_INPUT_NAME, OUTPUT_NAMES
+from .onnx_export import EXPORT_FILE, MASK_DECODER, ExportError, require_export_extra
 
 
 class OnnxSam2Model(nn.Module):
@@ -68,12 +68,12 @@ class OnnxSam2Model(nn.Module):
         input_masks: torch.Tensor | None = None,
         multimask_output: bool = False,
     ) -> SimpleNamespace:
-        if input_masks is not None:
-            raise ExportError("The exported decoder takes no mask input: decode without previous mask logits.")
+        if input_masks is not None and MASK_DECODER not in self.sessions:
+            raise ExportError(f"'{self.folder}' takes no mask input: export again with --mask-input.")
         if multimask_output != self.record["multimask_output"]:
             raise ExportError(f"This export gives multimask_output={self.record['multimask_output']} masks only.")
         embeddings = dict(zip(EMBEDDING_NAMES, image_embeddings))
-        if input_points is None and input_boxes is None:
+        if input_points is None and input_boxes is None and input_masks is None:
             if "prompt_free_mask_decoder" not in self.sessions:
                 raise ExportError(
                     f"'{self.folder}' was exported without a prompt-free decoder (only PTSAM adapters have one): "
@@ -82,14 +82,25 @@ class OnnxSam2Model(nn.Module):
             outputs = self._run("prompt_free_mask_decoder", embeddings)
         else:
             batch = image_embeddings[0].shape[0]
+            if input_points is None and input_boxes is None:  # a mask alone: SAM 2 pads one not-a-point
+                input_points = torch.zeros(batch, 1, 1, 2)
+                input_labels = -torch.ones(batch, 1, 1, dtype=torch.long)
             if input_points is None:  # boxes alone: one prompt per box, no points
                 input_points = torch.zeros(batch, input_boxes.shape[1], 0, 2)
                 input_labels = torch.zeros(batch, input_boxes.shape[1], 0, dtype=torch.long)
             if input_boxes is None:
                 input_boxes = torch.zeros(batch, 0, 4)
             prompts = {"input_points": input_points, "input_labels": input_labels, "input_boxes": input_boxes}
-            outputs = self._run("prompt_encoder_mask_decoder", {**embeddings, **prompts})
+            if input_masks is None:
+                outputs = self._run("prompt_encoder_mask_decoder", {**embeddings, **prompts})
+            else:
+                outputs = self._run(MASK_DECODER, {**embeddings, **prompts, MASK_INPUT_NAME: input_masks})
         return SimpleNamespace(**dict(zip(OUTPUT_NAMES, outputs)))
+
+
+def is_export(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a `sam2-peft export` folder (it holds `export.json`)."""
+    return (Path(folder) / EXPORT_FILE).is_file()
 
 
 def read_export_record(folder: str | os.PathLike) -> dict:

@@ -166,6 +166,7 @@ class AdapterRegistry:
         load_on_use: bool = False,
         allowed_hub_repos: tuple[str, ...] = (),
         max_adapters: int = 0,
+        accepts_adapters: bool = True,
     ) -> None:
         self.processor = processor
         self.base_name = base_name
@@ -177,6 +178,7 @@ class AdapterRegistry:
         self._first_use_locks: dict[str, threading.Lock] = {}
         self.dtype, self.device = dtype, device
         self.base = ModelTree("base", model, self._predictor(model))
+        self.accepts_adapters = accepts_adapters  # False for an ONNX export (`create_app` with an export folder)
         self.trees: dict[str, ModelTree] = {}
         self.entries: dict[str, AdapterEntry] = {}
         self._lock = threading.Lock()  # guards `entries`, `trees` and in-flight counts
@@ -197,6 +199,7 @@ class AdapterRegistry:
         Nothing else on disk is reachable: absolute paths, `~`, `..` and symlinks leading out of the root are
         refused (403), as is a relative path that exists outside the root.
         """
+        self.check_accepts_adapters()
         if not isinstance(source, str) or not source or "\x00" in source:
             raise ServeError(422, "bad_source", "'source' must be a Hub repo id (org/name) or a folder name.")
         parts = Path(source).parts
@@ -240,6 +243,13 @@ class AdapterRegistry:
 
     # ---- loading and unloading ------------------------------------------------------------------------------------
 
+    def check_accepts_adapters(self) -> None:
+        """409 when the base is an ONNX export (its adapter is inside; no other can be added)."""
+        if not self.accepts_adapters:
+            raise ServeError(
+                409, "adapters_unsupported", f"The base '{self.base_name}' is an ONNX export: no adapters."
+            )
+
     def load(self, name: str, directory: str | os.PathLike, *, source: str, revision: str | None = None) -> dict:
         """Load the adapter in `directory` as `name`, with every check the predictor applies: its files and peft
         type (`inspect_adapter`), the base architecture (`check_signature`), finite weights (`read_adapter_weights`).
@@ -251,6 +261,7 @@ class AdapterRegistry:
             raise ServeError(
                 422, "bad_adapter_name", f"Adapter name '{name}' must be 1-64 letters, digits, '_' or '-'."
             )
+        self.check_accepts_adapters()
         if name in ("base", "none", "null"):
             raise ServeError(422, "bad_adapter_name", f"'{name}' is reserved for the base model (send adapter: null).")
         with self._lock:

@@ -425,6 +425,19 @@ def _version() -> str:
     return __version__
 
 
+def onnx_registry(config: ServeConfig) -> AdapterRegistry:
+    """A `sam2-peft export` folder as the base (its graphs on onnxruntime, CPU), with no adapters: its own is inside."""
+    from ..export import load_onnx_predictor
+
+    if config.adapters or config.adapter_root or config.load_on_use:
+        raise ServeError(
+            422, "onnx_no_adapters", f"'{config.model}' is an ONNX export with its adapter inside: drop --adapter, "
+            "--adapter-root and --load-on-use (or serve the PyTorch base with --model).",
+        )  # fmt: skip
+    predictor = load_onnx_predictor(config.model)
+    return AdapterRegistry(predictor.model, predictor.processor, config.model, device="cpu", accepts_adapters=False)
+
+
 def create_app(config: ServeConfig, registry: AdapterRegistry | None = None) -> FastAPI:
     """The FastAPI app for `config` (loads the base and the start-up adapters unless `registry` is given).
 
@@ -432,9 +445,12 @@ def create_app(config: ServeConfig, registry: AdapterRegistry | None = None) -> 
     """
     from ..adapters.resolve import download_adapter
     from ..data.sources import set_max_image_pixels
+    from ..export.runtime import is_export
     from ..models.loading import load_base_model
 
     set_max_image_pixels(config.max_image_pixels)
+    if registry is None and is_export(config.model):
+        registry = onnx_registry(config)
     if registry is None:
         model, processor = load_base_model(config.model, revision=config.revision, device=config.device)
         registry = AdapterRegistry(

@@ -19,7 +19,12 @@ def _repeatable(alias: str, metavar: str, help: str):
 class ServeConfig:
     """Everything `sam2-peft serve` takes (each field is the flag of the same name, `--kebab-case`)."""
 
-    model: str = field(metadata={"help": "Base model: Hub id, local folder, compact-synthetic, ..."})
+    model: str = field(
+        metadata={
+            "help": "Base model: Hub id, local folder, compact-synthetic, ..., or a `sam2-peft export` folder (its "
+            "ONNX graphs, adapter inside, run by onnxruntime on the CPU; no --adapter then)."
+        }
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of --model."})
     adapters: list[str] = _repeatable(
         "--adapter",
