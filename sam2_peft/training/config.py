@@ -209,7 +209,7 @@ class LossConfig:
         default="focal",
         metadata=_help(
             "focal, or bce (class-balanced binary cross-entropy: helps from-scratch training avoid all-background; "
-            "the default of multi-class PTSAM, --mask-type semantic).",
+            "the default of multi-class PTSAM on semantic label maps).",
             choices=MASK_LOSSES,
         ),
     )
