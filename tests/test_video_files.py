@@ -241,3 +241,27 @@ def test_davis_sequence_as_mp4_matches_its_frames(tmp_path):
         main(["eval", "--protocol", "video", "--model", str(model), "--data", str(data), "--output", str(output)])
         scores.append(json.loads(output.read_text())["metrics"])
     assert scores[1]["J&F"] > 0.05 and abs(scores[0]["J&F"] - scores[1]["J&F"]) < 0.02, scores
+
+
+@pytest.mark.parametrize("rotation", [-90, 180])
+def test_phone_video_frames_come_out_upright_and_stored_orientation_annotations_are_refused(tmp_path, rotation):
+    """A phone records in the sensor's orientation and sets a display matrix that players apply: frames are read as
+    players show them, and annotations must be of that upright size."""
+    from sam2_peft.data.video_files import VideoFrames, open_video_file
+
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("writing a display matrix needs PyAV >= 18.1")
+    stored = [moving_square(t) for t in range(3)]
+    path = encode_video(tmp_path / "phone.mp4", (image for image, _ in stored), rotation=rotation)
+    video = VideoFrames(path)
+    upright = np.rot90(stored[1][0], rotation // 90)  # np.rot90 turns counter-clockwise, as the display matrix does
+    assert video.rotation == rotation % 360 and (video.height, video.width) == upright.shape[:2]
+    assert np.abs(video[1].astype(int) - upright).mean() < 3
+    labels = np.rot90(stored[0][1], rotation // 90) * 255
+    (tmp_path / "phone").mkdir()
+    Image.fromarray(labels).save(tmp_path / "phone" / "00000.png")
+    assert open_video_file(path, tmp_path / "phone").annotated_frames == [0]
+    if rotation % 180:
+        Image.fromarray(stored[0][1] * 255).save(tmp_path / "phone" / "00000.png")  # annotated as stored
+        with pytest.raises(DataError, match="stored size of .* turned 270 degrees .* annotate the upright frames"):
+            open_video_file(path, tmp_path / "phone")
