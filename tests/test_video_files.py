@@ -207,6 +207,19 @@ def test_train_video_recipe_on_an_mp4(tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_one_video_file_as_video_data(tmp_path, capsys):
+    """`--data clip.mp4` (annotations in clip/ beside it) is that one video, as `predict` takes it."""
+    root = write_video_file(tmp_path / "videos", frames=12, annotated=(0, 4, 8))
+    write_video_file(root, name="other", frames=6, annotated=(0,))
+    (sequence,) = open_video_folder(root / "clip.mp4", annotated_every=2)
+    assert sequence.name == "clip" and len(sequence.frames) == 12 and sequence.annotated_frames == [0, 8]
+    with pytest.raises(DataError, match="is one video, 'clip': name no other sequence"):
+        open_video_folder(root / "clip.mp4", sequences=["other"])
+    out = tmp_path / "run"
+    main(["train", "video", *MODEL, "--data", str(root / "clip.mp4"), "--output-dir", str(out), "--max-steps", "1"])
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_davis_sequence_as_mp4_matches_its_frames(tmp_path):
     """A DAVIS sequence encoded to H.264 (crf 18, yuv420p): the same number of frames, each within a mean absolute
