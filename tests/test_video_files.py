@@ -278,3 +278,24 @@ def test_phone_video_frames_come_out_upright_and_stored_orientation_annotations_
         Image.fromarray(stored[0][1] * 255).save(tmp_path / "phone" / "00000.png")  # annotated as stored
         with pytest.raises(DataError, match="stored size of .* turned 270 degrees .* annotate the upright frames"):
             open_video_file(path, tmp_path / "phone")
+
+
+def test_mirrored_display_matrix_is_refused(tmp_path, capsys):
+    """A display matrix that mirrors (rare; PyAV reads it back as a rotation) is one error line, not a wrong turn."""
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("writing a display matrix needs PyAV >= 18.1")
+    path = tmp_path / "selfie.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        stream.set_display_rotation(0, hflip=True)  # read back as a rotation of -180 degrees
+        for packet in [
+            *stream.encode(av.VideoFrame.from_ndarray(moving_square(0)[0], format="rgb24")),
+            *stream.encode(),
+        ]:
+            container.mux(packet)
+    (tmp_path / "boxes.json").write_text(json.dumps({"selfie": [[4, 4, 20, 20]]}))
+    message = _error(
+        capsys, ["predict", *MODEL, "--boxes", str(tmp_path / "boxes.json"), str(path), str(tmp_path / "o")]
+    )
+    assert "selfie.mp4' is shown mirrored (its display matrix flips it): re-encode it" in message

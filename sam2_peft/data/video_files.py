@@ -60,10 +60,23 @@ def videos_in(path: str | os.PathLike) -> list[Path]:
 
 def display_rotation(path: Path) -> int:
     """The counter-clockwise turn, 0, 90, 180 or 270 degrees, that shows the video's frames upright: the rotation of
-    its display matrix (phones record in the sensor's orientation and set it); DataError for other angles."""
-    with import_av().open(str(path)) as container:
+    its display matrix (phones record in the sensor's orientation and set it); DataError for other angles and for a
+    mirroring matrix."""
+    av = import_av()
+    with av.open(str(path)) as container:
         frame = next(container.decode(video=0), None)
-    degrees = 0.0 if frame is None else float(frame.rotation)
+    try:
+        matrix = np.frombuffer(bytes(frame.side_data[av.sidedata.sidedata.Type.DISPLAYMATRIX]), np.int32).astype(
+            np.int64
+        )
+    except (AttributeError, KeyError):
+        return 0  # no display matrix: shown as stored
+    if matrix[0] * matrix[4] - matrix[1] * matrix[3] < 0:  # a negative determinant: mirrored
+        raise DataError(
+            f"'{printable(path)}' is shown mirrored (its display matrix flips it): re-encode it as shown "
+            "(ffmpeg -i IN OUT.mp4 applies the display matrix)."
+        )
+    degrees = float(frame.rotation)
     if degrees % 90:
         raise DataError(
             f"'{printable(path)}' is shown rotated by {degrees:g} degrees (its display matrix), not a multiple of 90: "
