@@ -207,7 +207,7 @@ def test_train_video_recipe_on_an_mp4(tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_one_video_file_as_video_data(tmp_path, capsys):
+def test_one_video_file_as_video_data(tmp_path):
     """`--data clip.mp4` (annotations in clip/ beside it) is that one video, as `predict` takes it."""
     root = write_video_file(tmp_path / "videos", frames=12, annotated=(0, 4, 8))
     write_video_file(root, name="other", frames=6, annotated=(0,))
@@ -215,6 +215,12 @@ def test_one_video_file_as_video_data(tmp_path, capsys):
     assert sequence.name == "clip" and len(sequence.frames) == 12 and sequence.annotated_frames == [0, 8]
     with pytest.raises(DataError, match="is one video, 'clip': name no other sequence"):
         open_video_folder(root / "clip.mp4", sequences=["other"])
+
+
+@pytest.mark.slow
+def test_train_video_recipe_on_one_video_file(tmp_path):
+    """`train video --data clip.mp4`: the one video trains and saves (slow: a training run)."""
+    root = write_video_file(tmp_path / "videos", frames=12, annotated=(0, 4, 8))
     out = tmp_path / "run"
     main(["train", "video", *MODEL, "--data", str(root / "clip.mp4"), "--output-dir", str(out), "--max-steps", "1"])
     assert (out / "adapter_model.safetensors").is_file()
