@@ -679,6 +679,8 @@ def predict(argv: list[str]) -> None:
         "0 in --boxes (keys: video names), or else masked in the first annotated PNG of NAME/ beside NAME.mp4, are\n"
         "tracked; OUT_DIR/<name>/ gets --video-outputs: masks.mkv (lossless FFV1 label video, grey level k = k-th\n"
         "object), masks/00000.png ... and overlay.mp4 (H.264, to watch); OUT_DIR/predictions.json the summary.\n\n"
+        "volumes (NIfTI, multi-page TIFF): OUT_DIR/NAME.nii.gz or .tif (the label volume, the input's header), OUT_DIR/NAME/\n"
+        "with --video-outputs of its slices (one frame per slice along the slicing axis; grey level = label id).\n\n"
         "examples:\n  sam2-peft predict --adapter org/sam2-nuclei-lora --boxes boxes.json images/ predictions/\n"
         "  sam2-peft predict --adapter outputs/video --boxes boxes.json clip.mp4 tracked/",
     )
@@ -692,7 +694,7 @@ def predict(argv: list[str]) -> None:
     parser.add_argument(
         "--video-outputs",
         default="mask-video,overlay",
-        help="videos: what to write, comma-separated: mask-video, pngs, overlay (default: %(default)s)",
+        help="videos and volumes: what to write, comma-separated: mask-video, pngs, overlay (default: %(default)s)",
     )
     add_volume_arguments(parser, "predict")
     args = parser.parse_args(argv)
@@ -700,7 +702,7 @@ def predict(argv: list[str]) -> None:
 
     if is_volume_input(args.images):
         image_only = ("--boxes", "--onnx", "--dtype", "--max-image-pixels", "--skip-bad-files", "--overwrite")
-        rules = volume_rules("predict", lambda a: a.images, (*image_only, "--video-outputs"))
+        rules = volume_rules("predict", lambda a: a.images, image_only)
         refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE, *rules), args)
         run_from_command_line(lambda: predict_volumes(args))
         return
@@ -710,7 +712,7 @@ def predict(argv: list[str]) -> None:
         lambda a: not videos,
         "applies to images only (videos run in PyTorch, in float32)",
     )
-    image_rule = Applies(("--video-outputs",), lambda a: bool(videos), "applies to video files only")
+    image_rule = Applies(("--video-outputs",), lambda a: bool(videos), "applies to video files and volumes only")
     volume = volume_rules("predict", lambda a: a.images, ())
     refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE, video_rule, image_rule, *volume), args)
     run_from_command_line(lambda: _predict_videos(args, videos) if videos else _predict_folder(args))

@@ -17,6 +17,8 @@ from .flags import Applies
 VOLUME_FLAGS = ("--window", "--slice-axis", "--volume-prompt", "--directions")
 PREDICT_VOLUME_FLAGS = (*VOLUME_FLAGS, "--slice-prompts", "--prompt-labels")
 EVAL_VOLUME_FLAGS = (*VOLUME_FLAGS, "--nsd-tolerance")
+SLICE_RATE = 10
+"""Frames per second of the mask and overlay videos of a volume (one frame per slice)."""
 
 
 def is_volume_input(path: str | None) -> bool:
@@ -169,11 +171,18 @@ def _prompts_for(sequence, args: argparse.Namespace, slice_prompts: dict | None)
 
 
 def predict_volumes(args: argparse.Namespace) -> None:
-    """Write `OUT_DIR/NAME<suffix>` label volumes (the input's format and header) and `OUT_DIR/volumes.json`."""
+    """Write `OUT_DIR/NAME<suffix>` label volumes (the input's format and header), `OUT_DIR/NAME/` with the
+    `--video-outputs` of its slices (see `write_slice_outputs`) and `OUT_DIR/volumes.json`."""
     from .data.sources import DataError
+    from .data.video_files import import_av
     from .data.volumes import read_volume, volume_suffix, write_label_volume
+    from .inference.video_files import parse_video_outputs
     from .inference.volumes import segment_volume
     from .io import atomic_write_dir, atomic_write_json
+
+    outputs = parse_video_outputs(args.video_outputs)
+    if {"mask-video", "overlay"} & set(outputs):
+        import_av()  # the install hint before the model runs
 
     if (args.slice_prompts is None) == (args.prompt_labels is None):
         raise DataError("Volumes need prompts: give --prompt-labels (a label volume or folder) or --slice-prompts.")
@@ -193,11 +202,27 @@ def predict_volumes(args: argparse.Namespace) -> None:
             like = read_volume(sequence.image_file)
             name = sequence.name + volume_suffix(sequence.image_file)
             write_label_volume(np.moveaxis(labels, 0, sequence.slice_axis), like, staging / name)
+            write_slice_outputs(sequence, labels, staging / sequence.name, outputs)
             summary[name] = _record(sequence, args) | {
                 "prompts": {str(i): p.slice for i, p in prompts[sequence.name].items()}
             }
         atomic_write_json(staging / "volumes.json", summary)
     print(f"Wrote {len(summary)} label volume(s) to {args.out_dir}")
+
+
+def write_slice_outputs(sequence, labels: np.ndarray, out_dir: Path, outputs: tuple[str, ...]) -> None:
+    """The `(S, H, W)` label slices as the frames of `outputs` in `out_dir` (`masks.mkv`: grey level = label id,
+    16-bit when an id exceeds 255; `masks/00000.png` ...; `overlay.mp4` on the windowed slices), frame t = slice t
+    along the slicing axis, at `SLICE_RATE` frames per second."""
+    from fractions import Fraction
+
+    from .inference.video_files import MaskOutputs
+
+    ids = np.unique(labels[labels > 0])
+    wide = labels.dtype != np.uint8
+    with MaskOutputs(out_dir, outputs, labels.shape[1:], Fraction(SLICE_RATE), wide) as written:
+        for t, slice_labels in enumerate(labels):
+            written.write(t, sequence.load_frame(t), slice_labels, slice_labels[None] == ids[:, None, None])
 
 
 def _record(sequence, args: argparse.Namespace) -> dict:

@@ -207,6 +207,25 @@ def test_train_video_recipe_on_an_mp4(tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_one_video_file_as_video_data(tmp_path):
+    """`--data clip.mp4` (annotations in clip/ beside it) is that one video, as `predict` takes it."""
+    root = write_video_file(tmp_path / "videos", frames=12, annotated=(0, 4, 8))
+    write_video_file(root, name="other", frames=6, annotated=(0,))
+    (sequence,) = open_video_folder(root / "clip.mp4", annotated_every=2)
+    assert sequence.name == "clip" and len(sequence.frames) == 12 and sequence.annotated_frames == [0, 8]
+    with pytest.raises(DataError, match="is one video, 'clip': name no other sequence"):
+        open_video_folder(root / "clip.mp4", sequences=["other"])
+
+
+@pytest.mark.slow
+def test_train_video_recipe_on_one_video_file(tmp_path):
+    """`train video --data clip.mp4`: the one video trains and saves (slow: a training run)."""
+    root = write_video_file(tmp_path / "videos", frames=12, annotated=(0, 4, 8))
+    out = tmp_path / "run"
+    main(["train", "video", *MODEL, "--data", str(root / "clip.mp4"), "--output-dir", str(out), "--max-steps", "1"])
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_davis_sequence_as_mp4_matches_its_frames(tmp_path):
     """A DAVIS sequence encoded to H.264 (crf 18, yuv420p): the same number of frames, each within a mean absolute
@@ -241,3 +260,48 @@ def test_davis_sequence_as_mp4_matches_its_frames(tmp_path):
         main(["eval", "--protocol", "video", "--model", str(model), "--data", str(data), "--output", str(output)])
         scores.append(json.loads(output.read_text())["metrics"])
     assert scores[1]["J&F"] > 0.05 and abs(scores[0]["J&F"] - scores[1]["J&F"]) < 0.02, scores
+
+
+@pytest.mark.parametrize("rotation", [-90, 180])
+def test_phone_video_frames_come_out_upright_and_stored_orientation_annotations_are_refused(tmp_path, rotation):
+    """A phone records in the sensor's orientation and sets a display matrix that players apply: frames are read as
+    players show them, and annotations must be of that upright size."""
+    from sam2_peft.data.video_files import VideoFrames, open_video_file
+
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("writing a display matrix needs PyAV >= 18.1")
+    stored = [moving_square(t) for t in range(3)]
+    path = encode_video(tmp_path / "phone.mp4", (image for image, _ in stored), rotation=rotation)
+    video = VideoFrames(path)
+    upright = np.rot90(stored[1][0], rotation // 90)  # np.rot90 turns counter-clockwise, as the display matrix does
+    assert video.rotation == rotation % 360 and (video.height, video.width) == upright.shape[:2]
+    assert np.abs(video[1].astype(int) - upright).mean() < 3
+    labels = np.rot90(stored[0][1], rotation // 90) * 255
+    (tmp_path / "phone").mkdir()
+    Image.fromarray(labels).save(tmp_path / "phone" / "00000.png")
+    assert open_video_file(path, tmp_path / "phone").annotated_frames == [0]
+    if rotation % 180:
+        Image.fromarray(stored[0][1] * 255).save(tmp_path / "phone" / "00000.png")  # annotated as stored
+        with pytest.raises(DataError, match="stored size of .* turned 270 degrees .* annotate the upright frames"):
+            open_video_file(path, tmp_path / "phone")
+
+
+def test_mirrored_display_matrix_is_refused(tmp_path, capsys):
+    """A display matrix that mirrors (rare; PyAV reads it back as a rotation) is one error line, not a wrong turn."""
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("writing a display matrix needs PyAV >= 18.1")
+    path = tmp_path / "selfie.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        stream.set_display_rotation(0, hflip=True)  # read back as a rotation of -180 degrees
+        for packet in [
+            *stream.encode(av.VideoFrame.from_ndarray(moving_square(0)[0], format="rgb24")),
+            *stream.encode(),
+        ]:
+            container.mux(packet)
+    (tmp_path / "boxes.json").write_text(json.dumps({"selfie": [[4, 4, 20, 20]]}))
+    message = _error(
+        capsys, ["predict", *MODEL, "--boxes", str(tmp_path / "boxes.json"), str(path), str(tmp_path / "o")]
+    )
+    assert "selfie.mp4' is shown mirrored (its display matrix flips it): re-encode it" in message

@@ -9,8 +9,11 @@ import pytest
 
 pytest.importorskip("nibabel")
 pytest.importorskip("tifffile")
+pytest.importorskip("av")
 
+import av  # noqa: E402
 import nibabel  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from sam2_peft.data.sources import DataError  # noqa: E402
 from sam2_peft.data.volumes import (  # noqa: E402
@@ -240,6 +243,28 @@ def test_predict_writes_an_aligned_nifti_label_volume(tmp_path, capsys):
     record = json.loads((out / "volumes.json").read_text())["case.nii.gz"]
     assert record["slice_axis"] == 2 and record["prompts"] == {"1": 6, "2": 6} and record["window"] == [40.0, 400.0]
     assert record["spacing"] == pytest.approx([3.0, 0.8, 0.7])
+    # the mask video: one lossless frame per slice along the slicing axis, grey level = label id
+    slices = np.moveaxis(np.asarray(written.dataobj), 2, 0)
+    assert slices.any()
+    with av.open(str(out / "case" / "masks.mkv")) as container:
+        decoded = [frame.to_ndarray() for frame in container.decode(video=0)]
+    np.testing.assert_array_equal(np.stack(decoded), slices)
+    with av.open(str(out / "case" / "overlay.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 12
+    assert not (out / "case" / "masks").exists()  # PNGs only when --video-outputs asks for them
+
+
+def test_predict_volume_writes_the_chosen_video_outputs(tmp_path):
+    root = write_nifti_folder(tmp_path / "data", names=("case",))
+    out = tmp_path / "out"
+    labels = str(root / "labels" / "case.nii.gz")
+    image = str(root / "images" / "case.nii.gz")
+    run_cli("predict", "--model", "tiny-random", image, str(out), "--prompt-labels", labels, "--video-outputs", "pngs")
+    assert sorted(p.name for p in (out / "case").iterdir()) == ["masks"]
+    slices = np.moveaxis(np.asarray(nibabel.load(str(out / "case.nii.gz")).dataobj), 2, 0)
+    pngs = sorted((out / "case" / "masks").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{t:05d}.png" for t in range(12)]
+    np.testing.assert_array_equal(np.stack([np.asarray(Image.open(p)) for p in pngs]), slices)
 
 
 def test_eval_reports_dice_and_nsd_per_volume(tmp_path, capsys):

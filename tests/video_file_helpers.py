@@ -19,8 +19,11 @@ def moving_square(t: int, size=(48, 64)) -> tuple[np.ndarray, np.ndarray]:
     return image, labels
 
 
-def encode_video(path: Path, frames, rate: int = 25, codec: str = "libx264", options: dict | None = None) -> Path:
-    """Write `(H, W, 3)` uint8 frames to `path` with PyAV: H.264 (yuv420p, lossy) or FFV1 (lossless RGB, .mkv)."""
+def encode_video(
+    path: Path, frames, rate: int = 25, codec: str = "libx264", options: dict | None = None, rotation: int = 0
+) -> Path:
+    """Write `(H, W, 3)` uint8 frames to `path` with PyAV: H.264 (yuv420p, lossy) or FFV1 (lossless RGB, .mkv);
+    `rotation` (degrees counter-clockwise) sets the display matrix that players apply, as phones do."""
     import av
 
     with av.open(str(path), "w") as container:
@@ -30,6 +33,8 @@ def encode_video(path: Path, frames, rate: int = 25, codec: str = "libx264", opt
                 stream = container.add_stream(codec, rate=rate, options=options or {})
                 stream.height, stream.width = frame.shape[:2]
                 stream.pix_fmt = "yuv420p" if codec == "libx264" else "bgr0"
+                if rotation:
+                    stream.set_display_rotation(rotation)
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():

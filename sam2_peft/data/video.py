@@ -64,7 +64,8 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
 def open_video_folder(
     root: str | os.PathLike, annotated_every: int = 1, sequences: list[str] | None = None
 ) -> list[VideoSequence]:
-    """The sequences under `root` (all, or those named), checked up front.
+    """The sequences under `root` (all, or those named), checked up front; `root` may also be one video file
+    (`NAME.mp4` with its annotations in `NAME/` beside it).
 
     Raises `DataError` naming the folder or file when: a folder is missing, a sequence has no frames or no
     annotated frame, an annotation has no frame of the same name, or a frame and its annotation differ in size.
@@ -72,9 +73,18 @@ def open_video_folder(
     if annotated_every < 1:
         raise ValueError(f"annotated_every must be at least 1, got {annotated_every}.")
     root = Path(root)
+    from .video_files import is_video_file, open_video_files
+
+    if is_video_file(root):
+        if sequences is not None and sequences != [root.stem]:
+            raise DataError(
+                f"'{printable(root)}' is one video, '{printable(root.stem)}': name no other sequence, or give the "
+                "folder of videos as --data."
+            )
+        return open_video_files(root.parent, annotated_every, [root.stem])
     frames_root, annotations_root = root / FRAMES_DIR, root / ANNOTATIONS_DIR
     if not frames_root.is_dir():
-        from .video_files import open_video_files, video_files_in
+        from .video_files import video_files_in
 
         if video_files_in(root):
             return open_video_files(root, annotated_every, sequences)

@@ -58,8 +58,36 @@ def videos_in(path: str | os.PathLike) -> list[Path]:
     return video_files_in(path)
 
 
+def display_rotation(path: Path) -> int:
+    """The counter-clockwise turn, 0, 90, 180 or 270 degrees, that shows the video's frames upright: the rotation of
+    its display matrix (phones record in the sensor's orientation and set it); DataError for other angles and for a
+    mirroring matrix."""
+    av = import_av()
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0), None)
+    try:
+        matrix = np.frombuffer(bytes(frame.side_data[av.sidedata.sidedata.Type.DISPLAYMATRIX]), np.int32).astype(
+            np.int64
+        )
+    except (AttributeError, KeyError):
+        return 0  # no display matrix: shown as stored
+    if matrix[0] * matrix[4] - matrix[1] * matrix[3] < 0:  # a negative determinant: mirrored
+        raise DataError(
+            f"'{printable(path)}' is shown mirrored (its display matrix flips it): re-encode it as shown "
+            "(ffmpeg -i IN OUT.mp4 applies the display matrix)."
+        )
+    degrees = float(frame.rotation)
+    if degrees % 90:
+        raise DataError(
+            f"'{printable(path)}' is shown rotated by {degrees:g} degrees (its display matrix), not a multiple of 90: "
+            "re-encode it upright (ffmpeg -i IN OUT.mp4 applies the rotation)."
+        )
+    return int(degrees) % 360
+
+
 class VideoFrames(Sequence):
-    """The frames of one video file, decoded lazily: `frames[t]` is frame `t` as `(H, W, 3)` uint8 RGB.
+    """The frames of one video file, decoded lazily: `frames[t]` is frame `t` as `(H, W, 3)` uint8 RGB, upright as
+    players show it (turned by the container's display rotation, `rotation`; `width` and `height` are the upright's).
 
     Frames are numbered in presentation-timestamp order, one per coded picture (no frame is repeated or dropped to
     reach a constant rate). The file is opened in each process that reads it, so datasets can use worker processes.
@@ -84,6 +112,7 @@ class VideoFrames(Sequence):
                     for packet in container.demux(stream)
                     if packet.size
                 ]
+            self.rotation = display_rotation(self.path)
         except av.error.FFmpegError as err:
             raise DataError(
                 f"Cannot read the video file '{printable(self.path)}' ({err}): it is not a readable "
@@ -91,6 +120,8 @@ class VideoFrames(Sequence):
             ) from err
         if not stamps:
             raise DataError(f"The video file '{printable(self.path)}' holds no frames: re-encode or remove it.")
+        if self.rotation in (90, 270):
+            self.width, self.height = self.height, self.width
         self.timestamps = np.sort(np.asarray([-1 if s is None else s for s in stamps], dtype=np.int64))
         self._seekable = bool(stamps) and None not in stamps
 
@@ -141,7 +172,7 @@ class VideoFrames(Sequence):
                 self._next = int(np.searchsorted(self.timestamps, frame.pts)) if frame.pts is not None else 0
             position, self._next = self._next, self._next + 1
             if position == index:
-                return frame.to_ndarray(format="rgb24")
+                return np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), self.rotation // 90))
         raise DataError(
             f"'{printable(self.path)}' ends before frame {index}: its index lists {len(self)} frames but fewer decode; "
             "the file is damaged or truncated, re-encode it."
@@ -210,6 +241,12 @@ def read_annotations(frames: VideoFrames, annotation_dir: Path) -> dict[int, Pat
                 f"{len(frames)} frames (0 to {len(frames) - 1}): check the file's number or its video."
             )
         width, height = viewed_size(png)
+        if frames.rotation in (90, 270) and (width, height) == (frames.height, frames.width):
+            raise DataError(
+                f"'{printable(png)}' is {width}x{height}, the stored size of '{printable(frames.path)}', but players "
+                f"show that video turned {frames.rotation} degrees (its display matrix) and its frames are read "
+                f"upright, {frames.width}x{frames.height}: annotate the upright frames (as ffmpeg extracts them)."
+            )
         if (width, height) != (frames.width, frames.height):
             raise DataError(
                 f"'{printable(png)}' is {width}x{height} but the frames of '{printable(frames.path)}' are "

@@ -64,6 +64,42 @@ class VideoWriter:
         self.container.close()
 
 
+class MaskOutputs:
+    """The chosen `outputs` of one sequence of frames (video frames or volume slices), written to `out_dir` one frame
+    at a time: `masks.mkv` (the label frames, FFV1: 8-bit grey, or 16-bit when `wide`), `masks/00000.png` ... and
+    `overlay.mp4`. A context manager: the videos are finished on leaving it."""
+
+    def __init__(
+        self, out_dir: Path, outputs: Iterable[str], size: tuple[int, int], rate: Fraction, wide: bool = False
+    ) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir, self.pngs, self.writers = out_dir, "pngs" in outputs, []
+        self.stack = ExitStack()
+        if "mask-video" in outputs:
+            grey = "gray16le" if wide else "gray"
+            self.writers.append(("labels", VideoWriter(out_dir / MASK_VIDEO, "ffv1", size, rate, grey)))
+        if "overlay" in outputs:
+            self.writers.append(("overlay", VideoWriter(out_dir / OVERLAY_VIDEO, "libx264", size, rate, "rgb24")))
+        for _, writer in self.writers:
+            self.stack.callback(writer.close)
+        if self.pngs:
+            (out_dir / MASKS_DIR).mkdir(exist_ok=True)
+
+    def write(self, index: int, image: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> None:
+        """Frame `index`: its `(H, W, 3)` uint8 `image`, `(H, W)` `labels` and the `(N, H, W)` bool `masks` the
+        overlay paints (one colour per object)."""
+        for kind, writer in self.writers:
+            writer.write(labels if kind == "labels" else overlay(image, masks))
+        if self.pngs:
+            Image.fromarray(labels).save(self.out_dir / MASKS_DIR / f"{index:05d}.png")
+
+    def __enter__(self) -> MaskOutputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+
 def video_prompt(frames: VideoFrames, annotation_dir: Path, boxes: list | None) -> tuple[int, dict]:
     """The frame to prompt and the `track` prompt: `boxes` on frame 0, else the objects of the first annotated frame
     with any in `annotation_dir` (as masks); DataError when there is neither."""
@@ -101,28 +137,15 @@ def predict_video_file(
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
     size = (frames.height, frames.width)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        writers = []
-        if "mask-video" in outputs:
-            writers.append(("labels", VideoWriter(out_dir / MASK_VIDEO, "ffv1", size, rate, "gray")))
-        if "overlay" in outputs:
-            writers.append(("overlay", VideoWriter(out_dir / OVERLAY_VIDEO, "libx264", size, rate, "rgb24")))
-        for _, writer in writers:
-            stack.callback(writer.close)
-        if "pngs" in outputs:
-            (out_dir / MASKS_DIR).mkdir(exist_ok=True)
+    count = 0
+    with MaskOutputs(out_dir, outputs, size, rate) as written:
         tracked = predictor.track((frames[t] for t in range(start, len(frames))), **prompt)
-        count = 0
         for t in range(len(frames)):
             masks = next(tracked) if t >= start else np.zeros((0, *size), bool)
             labels = np.zeros(size, np.uint8)
             for number, mask in enumerate(masks, start=1):
                 labels[mask] = number
-            for kind, writer in writers:
-                writer.write(labels if kind == "labels" else overlay(frames[t], masks))
-            if "pngs" in outputs:
-                Image.fromarray(labels).save(out_dir / MASKS_DIR / f"{t:05d}.png")
+            written.write(t, frames[t], labels, masks)
             count = max(count, len(masks))
     return {"frames": len(frames), "prompt_frame": start, "objects": count}
 
