@@ -270,3 +270,33 @@ def test_predictor_writes_the_trained_ids_resolved_by_probability(tiny_processor
     np.testing.assert_array_equal(prediction.class_map, expected)
     assert set(np.unique(prediction.class_map)) - {0} and prediction.masks.shape == (2, 70, 90)
     np.testing.assert_array_equal(prediction.masks[1], prediction.class_map == 7)
+
+
+def test_datasets_class_label_mask_column_names_the_classes(tmp_path):
+    import datasets
+
+    from sam2_peft.data.sources import open_records
+
+    names = ["background", "scratch", "dent"]
+    labels = [np.zeros((12, 12), np.int64) for _ in range(2)]
+    labels[0][:4] = 1
+    labels[1][6:] = 2
+    features = datasets.Features(
+        {"image": datasets.Image(), "mask": datasets.Sequence(datasets.Sequence(datasets.ClassLabel(names=names)))}
+    )
+    rows = {"image": [Image.fromarray(np.zeros((12, 12, 3), np.uint8))] * 2, "mask": [m.tolist() for m in labels]}
+    path = tmp_path / "saved"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    records = open_records(str(path), mask_type="semantic")
+    classes = check_classes(records, named_classes(str(path), None), 255, "saved")
+    assert classes.id2label == {"1": "scratch", "2": "dent"}  # as classes.json would name them
+    labels[1][0, 0] = 3  # a value the ClassLabel does not name
+    features["mask"] = datasets.Sequence(datasets.Sequence(datasets.Value("int64")))
+    datasets.Dataset.from_dict({**rows, "mask": [m.tolist() for m in labels]}, features=features).save_to_disk(
+        str(tmp_path / "plain")
+    )
+    assert named_classes(str(tmp_path / "plain"), None) is None  # no ClassLabel: the ids in the masks
+    with pytest.raises(DataError, match="class id 3, which has no name"):
+        check_classes(
+            open_records(str(tmp_path / "plain"), mask_type="semantic"), named_classes(str(path), None), 255, "p"
+        )
