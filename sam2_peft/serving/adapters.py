@@ -127,6 +127,13 @@ class AdapterEntry:
     def prompt_free(self) -> bool:
         return self.peft_type == "PTSAM"
 
+    @property
+    def classes(self) -> dict[str, str] | None:
+        """A multi-class PTSAM adapter's classes, mask value to name (its `id2label`); None for other adapters."""
+        if not self.prompt_free:
+            return None
+        return self.tree.model.peft_config[self.name].id2label or None
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -136,6 +143,7 @@ class AdapterEntry:
             "peft_type": self.peft_type,
             "encoder": "base" if self.encoder == BASE_ENCODER else "own",
             "prompt_free": self.prompt_free,
+            "classes": self.classes,
         }
 
 
