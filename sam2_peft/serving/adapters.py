@@ -117,6 +117,8 @@ class AdapterEntry:
     removed: bool = False
     used_at: float = 0.0
     """`time.monotonic()` of its last request (the LRU cap evicts the adapter unused longest)."""
+    classes: dict[str, str] | None = None
+    """A multi-class PTSAM adapter's classes, mask value to name (its `id2label`); None for other adapters."""
 
     @property
     def adapter_name(self) -> str | None:
@@ -126,13 +128,6 @@ class AdapterEntry:
     @property
     def prompt_free(self) -> bool:
         return self.peft_type == "PTSAM"
-
-    @property
-    def classes(self) -> dict[str, str] | None:
-        """A multi-class PTSAM adapter's classes, mask value to name (its `id2label`); None for other adapters."""
-        if not self.prompt_free:
-            return None
-        return self.tree.model.peft_config[self.name].id2label or None
 
     def describe(self) -> dict:
         return {
@@ -383,7 +378,10 @@ class AdapterRegistry:
         with self._lock:
             self._generation += 1
             encoder = f"{name}#{self._generation}" if changes_encoder else BASE_ENCODER
-        return AdapterEntry(name, source, revision, info.kind, info.peft_type, tree, encoder, time.time())
+        entry = AdapterEntry(name, source, revision, info.kind, info.peft_type, tree, encoder, time.time())
+        if info.peft_type == "PTSAM":
+            entry.classes = tree.model.peft_config[name].id2label or None
+        return entry
 
     @staticmethod
     def _changes_encoder(model: nn.Module, adapter: str) -> bool:
