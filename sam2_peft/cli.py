@@ -483,7 +483,8 @@ def segment_all(argv: list[str]) -> None:
         "specialist-guided mode (a prompt-free PTSAM adapter's foreground places the points; --adapter or the base "
         "separates the objects). Writes OUT_DIR/labels/<name>.png (or .tif; 0 background, 1..K instances, 16-bit "
         "above 255), OUT_DIR/overlays/<name>.png and OUT_DIR/instances.json (COCO results with RLE masks, scores). "
-        f"{OUTPUT_NAMES}",
+        "A multi-class PTSAM foreground labels each instance by class (COCO categories and category_id; class names "
+        f"in OUT_DIR/summary.json). {OUTPUT_NAMES}",
         "examples:\n  sam2-peft segment-all --model compact-synthetic images/ instances/\n"
         "  sam2-peft segment-all --adapter outputs/lora --foreground-adapter outputs/ptsam images/ instances/",
         settings=(AutomaticMaskConfig,),
@@ -491,7 +492,11 @@ def segment_all(argv: list[str]) -> None:
     parser.add_argument("images", metavar="IMAGES", help="folder of images")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where labels/, overlays/ and instances.json go")
     _add_model_arguments(parser)
-    parser.add_argument("--foreground-adapter", default=None, help="prompt-free PTSAM adapter: specialist-guided mode")
+    parser.add_argument(
+        "--foreground-adapter",
+        default=None,
+        help="prompt-free PTSAM adapter (one class or several): specialist-guided mode",
+    )
     parser.add_argument("--format", choices=("png", "tif"), default="png", help="label image format")
     _add_folder_arguments(parser)
     args = parser.parse_args(argv)
