@@ -382,11 +382,11 @@ def _base_predictor(predictor, args: argparse.Namespace):
 
 
 def _load_foreground(args: argparse.Namespace):
-    """The --foreground-adapter's predictor; DataError unless it is a prompt-free PTSAM adapter."""
+    """The --foreground-adapter's predictor; DataError unless it is a prompt-free PTSAM adapter (one class or
+    several: then `segment-all` labels each instance by class)."""
     from .data.sources import DataError
     from .inference.predictor import Sam2PeftPredictor
     from .inference.prompt_free import has_active_ptsam
-    from .tuners.ptsam.layer import ptsam_classes
 
     foreground = Sam2PeftPredictor.from_pretrained(
         args.foreground_adapter, dtype=args.dtype, device=args.device, token=args.token
@@ -395,11 +395,6 @@ def _load_foreground(args: argparse.Namespace):
         raise DataError(
             f"--foreground-adapter '{args.foreground_adapter}' is not a PTSAM adapter: give a prompt-free PTSAM "
             "adapter (sam2-peft train ptsam) for the specialist-guided mode."
-        )
-    if ptsam_classes(foreground.model) > 1:
-        raise DataError(
-            f"--foreground-adapter '{args.foreground_adapter}' segments several classes; the specialist-guided mode "
-            "takes a one-class PTSAM adapter."
         )
     return foreground
 
@@ -488,7 +483,8 @@ def segment_all(argv: list[str]) -> None:
         "specialist-guided mode (a prompt-free PTSAM adapter's foreground places the points; --adapter or the base "
         "separates the objects). Writes OUT_DIR/labels/<name>.png (or .tif; 0 background, 1..K instances, 16-bit "
         "above 255), OUT_DIR/overlays/<name>.png and OUT_DIR/instances.json (COCO results with RLE masks, scores). "
-        f"{OUTPUT_NAMES}",
+        "A multi-class PTSAM foreground labels each instance by class (COCO categories and category_id; class names "
+        f"in OUT_DIR/summary.json). {OUTPUT_NAMES}",
         "examples:\n  sam2-peft segment-all --model compact-synthetic images/ instances/\n"
         "  sam2-peft segment-all --adapter outputs/lora --foreground-adapter outputs/ptsam images/ instances/",
         settings=(AutomaticMaskConfig,),
@@ -496,7 +492,11 @@ def segment_all(argv: list[str]) -> None:
     parser.add_argument("images", metavar="IMAGES", help="folder of images")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where labels/, overlays/ and instances.json go")
     _add_model_arguments(parser)
-    parser.add_argument("--foreground-adapter", default=None, help="prompt-free PTSAM adapter: specialist-guided mode")
+    parser.add_argument(
+        "--foreground-adapter",
+        default=None,
+        help="prompt-free PTSAM adapter (one class or several): specialist-guided mode",
+    )
     parser.add_argument("--format", choices=("png", "tif"), default="png", help="label image format")
     _add_folder_arguments(parser)
     args = parser.parse_args(argv)
@@ -516,6 +516,7 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
     from .inference.distributed import run_over_images
     from .inference.instance_outputs import coco_results, instance_overlay, save_label_image
     from .io import atomic_write_json
+    from .tuners.ptsam.layer import active_classes
 
     files, names = _image_files(args, SEGMENT_OUTPUTS)
     predictor = _load_predictor(args)
@@ -533,7 +534,10 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
             staging / "overlays" / f"{names[path]}.png"
         )
         summary = {"instances": int(len(instances.scores)), "prompts": int(len(instances.points))}
-        return {**summary, "scores": instances.score_by_label, "funnel": asdict(instances.funnel)}
+        if instances.classes is not None:  # multi-class PTSAM foreground: each instance's class name
+            summary["classes"] = {k: instances.class_names[c] for k, c in instances.class_by_label.items()}
+        return {**summary, "scores": instances.score_by_label, "classes_by_label": instances.class_by_label,
+                "funnel": asdict(instances.funnel)}  # fmt: skip
 
     def write_summary(records: dict, folder: Path) -> None:
         """instances.json (COCO, of the label images as written) and summary.json."""
@@ -543,8 +547,15 @@ def _segment_folder(args: argparse.Namespace, config) -> None:
             if path.name in records
         }
         scores = {name: {int(k): v for k, v in record["scores"].items()} for name, record in records.items()}
-        atomic_write_json(folder / "instances.json", coco_results(labels, scores))
-        summary = {name: {key: record[key] for key in ("instances", "prompts")} for name, record in records.items()}
+        classes = {
+            name: {int(k): v for k, v in record["classes_by_label"].items()}
+            for name, record in records.items()
+            if record.get("classes_by_label") is not None
+        }
+        categories = active_classes(foreground.model) if foreground is not None else None
+        atomic_write_json(folder / "instances.json", coco_results(labels, scores, classes or None, categories))
+        kept = ("instances", "prompts", "classes")
+        summary = {name: {key: record[key] for key in kept if key in record} for name, record in records.items()}
         atomic_write_json(folder / "summary.json", summary)
 
     records = run_over_images(

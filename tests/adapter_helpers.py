@@ -18,8 +18,10 @@ METHODS = {
     "partial": lambda: PartialFinetuneMethod({"mask_decoder": 1e-5}),
     "ptsam": lambda: PtsamMethod(num_tokens=4),
     "ptsam-encoder": lambda: PtsamMethod(num_tokens=4, encoder_prompts=2),
+    "ptsam-classes": lambda: PtsamMethod(num_tokens=4, id2label={"3": "scratch", "7": "dent"}),
 }
-"""The adapters `make_adapter` can save: decoder LoRA, a partial fine-tune, PTSAM decoder tokens (and encoder prompts)."""
+"""The adapters `make_adapter` can save: decoder LoRA, a partial fine-tune, PTSAM decoder tokens (and encoder prompts;
+or two classes, ids 3 and 7)."""
 
 METRICS = {
     "base": {"iou": 0.41, "dice": 0.55, "boundary_iou": 0.2, "pixel_accuracy": 0.81},

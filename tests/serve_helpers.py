@@ -19,6 +19,7 @@ ADAPTER_KINDS = {
     "lora_enc": lambda: LoraMethod("encoder", lora_r=2),
     "ptsam": lambda: PtsamMethod(num_tokens=4),
     "ptsam_enc": lambda: PtsamMethod(num_tokens=4, encoder_prompts=2),
+    "ptsam_classes": lambda: PtsamMethod(num_tokens=4, id2label={"3": "scratch", "7": "dent"}),
     "partial": lambda: PartialFinetuneMethod({"mask_decoder": 1e-5}),
 }
 

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from sam2_peft.cli import main
 from sam2_peft.evaluation.instances import segmentation_accuracy
+from sam2_peft.evaluation.metrics import resolve_classes
 from sam2_peft.inference.automatic import (
     AutomaticMaskConfig,
     generate_instances,
@@ -45,8 +47,23 @@ class RegionPredictor:
         scores = torch.full((len(points), 3), 0.9)
         return DecodedPrompts(logits=torch.from_numpy(logits), scores=scores, low_res_logits=torch.zeros(0))
 
-    def predict(self, image):
+    def predict(self, image, **_):
         return Prediction(masks=(image[..., 0] > 0)[None], scores=np.ones(1))
+
+
+class ClassPredictor:
+    """A two-class prompt-free specialist: grey values 50 and 90 are class 3, brighter ones class 7, except that on the
+    left 60 % of the 210 object class 3 is likelier (logit 2 against 1.5) while class 7 is certain on the rest."""
+
+    def predict(self, image, return_logits=False):
+        grey = image[..., 0]
+        logits = np.full((2, *grey.shape), -8.0, np.float32)
+        logits[0, (grey == 50) | (grey == 90)] = 8.0
+        logits[1, grey > 90] = 8.0
+        logits[:, 70:110, 110:134] = np.array([2.0, 1.5])[:, None, None]
+        class_map = np.array([0, 3, 7], np.uint8)[resolve_classes(logits)]
+        masks = class_map[None] == np.array([3, 7])[:, None, None]
+        return Prediction(masks, np.ones(2), logits, class_map, {3: "dark", 7: "bright"})
 
 
 def _scene():
@@ -141,6 +158,43 @@ def test_specialist_guided_mode_separates_touching_objects_and_skips_background(
     assert all(foreground[int(y), int(x)] for x, y in separator.points_seen)  # no prompt on background
     assert len(result.points) < 64
     assert segmentation_accuracy(truth, result.labels.astype(np.int32))["msa"] == 1.0  # the touching pair split
+
+
+def test_a_multi_class_foreground_labels_each_instance_with_its_likeliest_class():
+    image, truth = _scene()
+    config = AutomaticMaskConfig(cells_per_side=8, min_area=20)
+    result = specialist_guided_instances(ClassPredictor(), RegionPredictor(), image, config)
+    assert segmentation_accuracy(truth, result.labels.astype(np.int32))["msa"] == 1.0
+    grey = image[..., 0]
+    found = {int(np.bincount(grey[result.labels == k]).argmax()): c for k, c in result.class_by_label.items()}
+    # the 210 object: most of its pixels resolve to class 3, but class 7's mean probability is higher
+    assert found == {50: 3, 90: 3, 130: 7, 170: 7, 210: 7} and result.class_names == {3: "dark", 7: "bright"}
+
+
+def test_segment_all_labels_instances_by_the_classes_of_a_multi_class_ptsam(saved_tiny_model, tmp_path):
+    from scipy.special import expit
+
+    from sam2_peft.inference.predictor import Sam2PeftPredictor
+    from tests.adapter_helpers import make_adapter
+
+    adapter = make_adapter("ptsam-classes", saved_tiny_model, tmp_path / "classes")
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    image = _scene()[0]
+    Image.fromarray(image).save(images / "a.png")
+    main(["segment-all", str(images), str(out), "--model", str(saved_tiny_model), "--foreground-adapter",
+          str(adapter), "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--cells-per-side", "4"])  # fmt: skip
+    coco = json.loads((out / "instances.json").read_text())
+    assert coco["categories"] == [{"id": 3, "name": "scratch"}, {"id": 7, "name": "dent"}]
+    labels = np.asarray(Image.open(out / "labels" / "a.png"))
+    logits = Sam2PeftPredictor.from_pretrained(str(adapter), device="cpu").predict(image, return_logits=True).logits
+    names = json.loads((out / "summary.json").read_text())["a.png"]["classes"]
+    assert len(coco["annotations"]) == labels.max() == len(names) > 0
+    for annotation in coco["annotations"]:
+        label = int(np.bincount(labels[mask_utils.decode(annotation["segmentation"]) > 0]).argmax())
+        likeliest = [3, 7][int(np.argmax([expit(c[labels == label]).mean() for c in logits]))]
+        assert annotation["category_id"] == likeliest
+        assert names[str(label)] == {3: "scratch", 7: "dent"}[likeliest]
 
 
 def test_segment_all_writes_labels_coco_json_and_overlays(saved_tiny_model, tmp_path, capsys):

@@ -19,9 +19,10 @@ from sam2_peft.data.synthetic import SyntheticSceneConfig, write_scene_folder
 from sam2_peft.evaluation.metrics import ClassAccumulator, resolve_classes
 from sam2_peft.models.loading import build_model_from_config, tiny_config
 from sam2_peft.models.segmenter import Sam2Segmenter
-from sam2_peft.recipes.arguments import parse_recipe_arguments
+from sam2_peft.recipes.arguments import DataArguments, parse_recipe_arguments
 from sam2_peft.recipes.ptsam import main as ptsam
 from sam2_peft.recipes.ptsam import multiclass_loss
+from sam2_peft.recipes.runner import semantic_classes
 from sam2_peft.training.config import LossConfig
 from sam2_peft.training.losses import sam2_loss
 from sam2_peft.training.tasks import IGNORED_LOGIT, class_map_loss, without_ignored
@@ -270,3 +271,37 @@ def test_predictor_writes_the_trained_ids_resolved_by_probability(tiny_processor
     np.testing.assert_array_equal(prediction.class_map, expected)
     assert set(np.unique(prediction.class_map)) - {0} and prediction.masks.shape == (2, 70, 90)
     np.testing.assert_array_equal(prediction.masks[1], prediction.class_map == 7)
+
+
+def test_datasets_class_label_mask_column_names_the_classes(tmp_path):
+    import datasets
+
+    from sam2_peft.data.sources import open_records
+
+    names = ["background", "scratch", "dent"]
+    labels = [np.zeros((12, 12), np.int64) for _ in range(2)]
+    labels[0][:4] = 1
+    labels[1][6:] = 2
+    features = datasets.Features(
+        {"image": datasets.Image(), "mask": datasets.Sequence(datasets.Sequence(datasets.ClassLabel(names=names)))}
+    )
+    rows = {"image": [Image.fromarray(np.zeros((12, 12, 3), np.uint8))] * 2, "mask": [m.tolist() for m in labels]}
+    path = tmp_path / "saved"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    records = open_records(str(path), mask_type="semantic")
+    classes = check_classes(records, named_classes(str(path), None), 255, "saved")
+    assert classes.id2label == {"1": "scratch", "2": "dent"}  # as classes.json would name them
+    renamed = tmp_path / "renamed"  # the training path: --mask-column names the ClassLabel column
+    datasets.Dataset.from_dict(rows, features=features).rename_column("mask", "label").save_to_disk(str(renamed))
+    data = DataArguments(data=str(renamed), mask_type="semantic", mask_column="label")
+    assert semantic_classes(data).id2label == {"1": "scratch", "2": "dent"}
+    labels[1][0, 0] = 3  # a value the ClassLabel does not name
+    features["mask"] = datasets.Sequence(datasets.Sequence(datasets.Value("int64")))
+    datasets.Dataset.from_dict({**rows, "mask": [m.tolist() for m in labels]}, features=features).save_to_disk(
+        str(tmp_path / "plain")
+    )
+    assert named_classes(str(tmp_path / "plain"), None) is None  # no ClassLabel: the ids in the masks
+    with pytest.raises(DataError, match="class id 3, which has no name"):
+        check_classes(
+            open_records(str(tmp_path / "plain"), mask_type="semantic"), named_classes(str(path), None), 255, "p"
+        )

@@ -202,6 +202,35 @@ def test_prompt_free_ptsam(client, setup, adapter):
     np.testing.assert_array_equal(masks, expected.masks)
 
 
+def test_multi_class_ptsam_answers_one_mask_per_class(client, setup):
+    """A multi-class PTSAM adapter loaded at run time: one mask per class with its id and name, equal to the
+    predictor's, also when two images' requests share a decode; prompts are refused."""
+    make_adapter("ptsam_classes", setup["base"], setup["root"] / "classes", seed=9)
+    loaded = client.post("/v1/adapters", json={"name": "classes", "source": "classes"}, headers=ADMIN)
+    assert loaded.status_code == 201 and loaded.json()["classes"] == {"3": "scratch", "7": "dent"}
+    try:
+        predictor = Sam2PeftPredictor.from_pretrained(setup["root"] / "classes", device="cpu")
+        ids = [_upload(client, path)["image_id"] for path in setup["paths"][:2]]
+        answers = [None, None]
+
+        def ask(index):
+            answers[index] = client.post("/v1/segment", json={"image_id": ids[index], "adapter": "classes"}).json()
+
+        threads = [threading.Thread(target=ask, args=(index,)) for index in range(2)]
+        [thread.start() for thread in threads]
+        [thread.join() for thread in threads]
+        for path, answer in zip(setup["paths"], answers):
+            expected = predictor.predict(read_image(path))
+            assert [(m["class_id"], m["class_name"]) for m in answer["masks"]] == [(3, "scratch"), (7, "dent")]
+            np.testing.assert_array_equal(_rle_masks(answer), expected.masks)
+            assert _rle_masks(answer).any(axis=(1, 2)).all()  # both classes claim pixels: a real comparison
+            np.testing.assert_allclose([m["score"] for m in answer["masks"]], expected.scores, atol=1e-6)
+        body = {"image_id": ids[0], "adapter": "classes", "boxes": [BOX]}
+        _assert_error(client.post("/v1/segment", json=body), 422, "bad_prompt", "2 classes without prompts")
+    finally:
+        client.delete("/v1/adapters/classes", headers=ADMIN)
+
+
 MIXED = {  # adapter -> (image index, boxes): objects on different images, several adapters, 1 or 2 objects each
     "lora_a": [(0, [BOX]), (1, [[5, 5, 60, 40], BOX])],
     "lora_b": [(2, [[10, 8, 70, 44]]), (0, [[5, 5, 60, 40]])],

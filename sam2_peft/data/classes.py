@@ -2,7 +2,8 @@
 
 A semantic mask's pixel value is a class id: 0 is background, `ignore_index` (255 by default) is left out of loss and
 metrics, every other value must be a named class. Names come from `classes.json` beside `masks/` (`{"1": "scratch",
-"2": "dent"}`), or `--class-names scratch,dent` (ids 1, 2, ...), or else the ids found in the masks.
+"2": "dent"}`), a COCO file's categories, a `datasets` mask column of `ClassLabel` values (`names[i]` names value
+`i`), or `--class-names scratch,dent` (ids 1, 2, ...), or else the ids found in the masks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError, LabelMap, SampleRecord, printable
+from .sources import DataError, LabelMap, SampleRecord, _load_hf_dataset, check_data_source, printable
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,22 @@ class ClassList:
         return cls(tuple(ids), tuple(id2label[str(i)] for i in ids), ignore_index)
 
 
-def named_classes(data: str, class_names: str | None) -> dict[int, str] | None:
-    """The names `--class-names`, `DATA/classes.json` or a COCO file's categories give, by id (None: none of them;
-    names come from the masks)."""
+def named_classes(
+    data: str, class_names: str | None, split: str | None = "train", mask_column: str = "mask"
+) -> dict[int, str] | None:
+    """The names `--class-names`, `DATA/classes.json`, a COCO file's categories or a `datasets` mask column's
+    `ClassLabel` give, by id (None: none of them; names come from the masks). `split` and `mask_column` apply to
+    `datasets` sources."""
     if class_names is not None:
         names = [name.strip() for name in class_names.split(",")]
         if not all(names) or len(set(names)) != len(names):
             raise DataError(f"--class-names '{class_names}' needs distinct, non-empty names separated by commas.")
         return {i + 1: name for i, name in enumerate(names)}
-    if Path(data).suffix.lower() == ".json" and Path(data).is_file():
+    kind = check_data_source(data)
+    if kind == "coco":
         return coco_categories(Path(data))
+    if kind in ("saved datasets", "hub"):
+        return class_label_names(data, split, mask_column)
     path = Path(data) / CLASSES_FILE
     if not path.is_file():
         return None
@@ -83,6 +90,25 @@ def coco_categories(path: Path) -> dict[int, str] | None:
     if any(key <= 0 for key in named):
         raise DataError(f"'{printable(path)}': category ids must be 1 and up (0 is background); got {sorted(named)}.")
     return named or None
+
+
+def class_label_names(data: str, split: str | None, mask_column: str) -> dict[int, str] | None:
+    """The names of a `datasets` mask column whose values are a `ClassLabel` (also nested in lists, as a 2D label
+    map is), by id: `names[i]` names mask value `i`, and `names[0]` is the background's (None: no `ClassLabel`)."""
+    from datasets import ClassLabel
+
+    dataset = _load_hf_dataset(data, split)[0]
+    feature = dataset.features.get(mask_column)
+    while feature is not None and hasattr(feature, "feature"):  # List / Sequence / LargeList of ...
+        feature = feature.feature
+    if not isinstance(feature, ClassLabel):
+        return None
+    if len(feature.names) < 2:
+        raise DataError(
+            f"Dataset '{printable(data)}': the ClassLabel of column '{mask_column}' names {feature.names}; it needs "
+            "the background (value 0) and at least one class."
+        )
+    return {i: name for i, name in enumerate(feature.names) if i > 0}
 
 
 def check_classes(

@@ -133,9 +133,14 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def coco_annotations(labels: np.ndarray, image_id: int, scores: Mapping[int, float] | None = None) -> list[dict]:
-    """One COCO annotation per non-zero label of `labels` (RLE segmentation, bbox, area, category 1; with `scores`
-    {label: score} a `score` field for results)."""
+def coco_annotations(
+    labels: np.ndarray,
+    image_id: int,
+    scores: Mapping[int, float] | None = None,
+    classes: Mapping[int, int] | None = None,
+) -> list[dict]:
+    """One COCO annotation per non-zero label of `labels` (RLE segmentation, bbox, area, category 1 or, with
+    `classes` {label: category id}, the label's; with `scores` {label: score} a `score` field for results)."""
     masks, values = labels_to_instances(labels)
     annotations = []
     for mask, value in zip(masks, values.tolist()):
@@ -143,7 +148,7 @@ def coco_annotations(labels: np.ndarray, image_id: int, scores: Mapping[int, flo
         x, y, w, h = mask_utils.toBbox(rle).tolist()
         annotation = {
             "image_id": image_id,
-            "category_id": 1,
+            "category_id": int(classes[value]) if classes is not None else 1,
             "segmentation": rle,
             "area": int(mask.sum()),
             "bbox": [x, y, w, h],

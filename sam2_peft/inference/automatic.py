@@ -7,7 +7,9 @@ Two ways to place the point prompts, one way to keep masks:
 - **specialist-guided**: a prompt-free PTSAM adapter predicts the task's foreground; one point goes to each
   connected component of it, or to each grid cell of a component that spans several cells (at the piece's pixel
   farthest from its border), and no point lands on background. A box/point adapter or the base then decodes the
-  points into separate objects, so touching objects that PTSAM merges come apart.
+  points into separate objects, so touching objects that PTSAM merges come apart. A multi-class PTSAM adapter's
+  foreground is every pixel of a class (after overlaps are resolved), and each instance takes the class of highest
+  mean probability over its pixels.
 
 The points are decoded in batches against one image encoding (3 candidate masks each), then masks are kept by
 predicted IoU and stability score, de-duplicated by non-maximum suppression, and small ones dropped.
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
+from scipy.special import expit
 
 from ..evaluation.instances import instances_to_labels
 from .automatic_config import AutomaticMaskConfig
@@ -82,6 +85,8 @@ class Instances:
         points: `(P, 2)` the point prompts used (x, y pixels).
         foreground: `(H, W)` bool, the specialist's foreground (specialist-guided mode only).
         funnel: how many candidate masks each setting dropped.
+        classes: `(K,)` the class id (mask value) of instance k + 1, with a multi-class PTSAM foreground only.
+        class_names: with `classes`, each class id's name (`{1: "scratch", 2: "dent"}`), as the adapter's `id2label`.
     """
 
     labels: np.ndarray
@@ -90,10 +95,28 @@ class Instances:
     points: np.ndarray
     foreground: np.ndarray | None = None
     funnel: MaskFunnel = field(default_factory=MaskFunnel)
+    classes: np.ndarray | None = None
+    class_names: dict[int, str] | None = None
 
     @property
     def score_by_label(self) -> dict[int, float]:
         return {index + 1: float(score) for index, score in enumerate(self.scores)}
+
+    @property
+    def class_by_label(self) -> dict[int, int] | None:
+        """`{instance label: class id}` (None without classes)."""
+        return None if self.classes is None else {index + 1: int(c) for index, c in enumerate(self.classes)}
+
+
+def instance_classes(labels: np.ndarray, logits: np.ndarray, class_ids: list[int]) -> np.ndarray:
+    """`(K,)` the class id of each instance 1..K of `labels` `(H, W)`: the class whose probability (the sigmoid of its
+    mask logit, `logits` `(C, H, W)` in the order of `class_ids`) is highest on average over the instance's pixels."""
+    count = int(labels.max()) if labels.size else 0
+    if count == 0:
+        return np.zeros(0, np.int64)
+    index = np.arange(1, count + 1)
+    means = np.stack([ndimage.mean(probability, labels, index) for probability in expit(logits)])
+    return np.asarray(class_ids, np.int64)[means.argmax(axis=0)]
 
 
 def _grid_in_pixels(points: torch.Tensor, crop_size: tuple[int, int], target_size: int) -> np.ndarray:
@@ -307,12 +330,14 @@ def specialist_guided_instances(
     config: AutomaticMaskConfig | None = None,
 ) -> Instances:
     """Instances from a prompt-free PTSAM adapter's foreground (where the prompts go) and a box/point adapter or the
-    base (`separator`, a `Sam2PeftPredictor`) that decodes one mask per prompt."""
+    base (`separator`, a `Sam2PeftPredictor`) that decodes one mask per prompt; with a multi-class adapter, each
+    instance labelled by class (`Instances.classes`, see `instance_classes`)."""
     config = config or AutomaticMaskConfig()
     image_processor = separator.processor.image_processor
     original_size = image.shape[:2]
     image, scale = _working_size(image, config.max_side)
-    foreground = foreground_predictor.predict(image).masks[0]
+    prediction = foreground_predictor.predict(image, return_logits=True)
+    foreground = prediction.masks[0] if prediction.class_map is None else prediction.class_map > 0
     points = specialist_points(foreground, config.cells_per_side, round(config.min_area * scale**2))
     height, width = image.shape[:2]
     rles, scores, boxes, funnel = [], [], [], MaskFunnel()
@@ -322,4 +347,7 @@ def specialist_guided_instances(
     instances = _instances(
         image_processor, rles, scores, boxes, points, (height, width), config, funnel, foreground, scale
     )
+    if prediction.class_map is not None:
+        instances.classes = instance_classes(instances.labels, prediction.logits, list(prediction.class_names))
+        instances.class_names = prediction.class_names
     return _to_original(instances, original_size, scale)

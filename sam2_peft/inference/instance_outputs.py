@@ -46,20 +46,25 @@ def save_label_image(labels: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def coco_results(
-    labels_by_image: Mapping[str, np.ndarray], scores_by_image: Mapping[str, Mapping[int, float]] | None = None
+    labels_by_image: Mapping[str, np.ndarray],
+    scores_by_image: Mapping[str, Mapping[int, float]] | None = None,
+    classes_by_image: Mapping[str, Mapping[int, int]] | None = None,
+    categories: Mapping[int, str] | None = None,
 ) -> dict:
-    """A COCO-format dict (images, annotations with compressed RLE, bbox, area, score, one category "object") of
-    label images keyed by file name; image ids 1.. in the given order, annotation ids 1..."""
+    """A COCO-format dict (images, annotations with compressed RLE, bbox, area, score) of label images keyed by file
+    name; image ids 1.. in the given order, annotation ids 1... One category "object", or `categories` (id: name) with
+    each instance's id from `classes_by_image` ({label: class id} per image)."""
     images, annotations = [], []
     for image_id, (name, labels) in enumerate(labels_by_image.items(), start=1):
         images.append(
             {"id": image_id, "file_name": name, "height": int(labels.shape[0]), "width": int(labels.shape[1])}
         )
         scores = (scores_by_image or {}).get(name) or {}
-        annotations += coco_annotations(labels, image_id, scores)
+        annotations += coco_annotations(labels, image_id, scores, (classes_by_image or {}).get(name))
     for annotation_id, annotation in enumerate(annotations, start=1):
         annotation["id"] = annotation_id
-    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+    categories = [{"id": int(i), "name": name} for i, name in (categories or {1: "object"}).items()]
+    return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def instance_overlay(image: np.ndarray, labels: np.ndarray, points: np.ndarray | None = None) -> np.ndarray:

@@ -89,7 +89,9 @@ def semantic_classes(data: DataArguments) -> ClassList:
     source = dict(image_column=data.image_column, mask_column=data.mask_column, mask_type=data.mask_type)
     records = open_records(data.data, split=data.split, **source)
     ignore = None if data.ignore_index < 0 else data.ignore_index
-    classes = check_classes(records, named_classes(data.data, data.class_names), ignore, printable(data.data))
+    classes = check_classes(
+        records, named_classes(data.data, data.class_names, data.split, data.mask_column), ignore, printable(data.data)
+    )
     return with_class_weights(classes, data.class_weights)
 
 

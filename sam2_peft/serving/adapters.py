@@ -117,6 +117,8 @@ class AdapterEntry:
     removed: bool = False
     used_at: float = 0.0
     """`time.monotonic()` of its last request (the LRU cap evicts the adapter unused longest)."""
+    classes: dict[str, str] | None = None
+    """A multi-class PTSAM adapter's classes, mask value to name (its `id2label`); None for other adapters."""
 
     @property
     def adapter_name(self) -> str | None:
@@ -136,6 +138,7 @@ class AdapterEntry:
             "peft_type": self.peft_type,
             "encoder": "base" if self.encoder == BASE_ENCODER else "own",
             "prompt_free": self.prompt_free,
+            "classes": self.classes,
         }
 
 
@@ -386,7 +389,10 @@ class AdapterRegistry:
         with self._lock:
             self._generation += 1
             encoder = f"{name}#{self._generation}" if changes_encoder else BASE_ENCODER
-        return AdapterEntry(name, source, revision, info.kind, info.peft_type, tree, encoder, time.time())
+        entry = AdapterEntry(name, source, revision, info.kind, info.peft_type, tree, encoder, time.time())
+        if info.peft_type == "PTSAM":
+            entry.classes = tree.model.peft_config[name].id2label or None
+        return entry
 
     @staticmethod
     def _changes_encoder(model: nn.Module, adapter: str) -> bool:

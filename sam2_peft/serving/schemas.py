@@ -51,6 +51,10 @@ class Mask(BaseModel):
     rle: Rle | None = None
     png: str | None = Field(None, description="Base64 1-bit PNG.")
     polygon: list[list[float]] | None = Field(None, description="Outer contours as flat [x0, y0, x1, y1, ...].")
+    class_id: int | None = Field(
+        None, description="Multi-class PTSAM adapter only: the class's trained id (mask value); one mask per class."
+    )
+    class_name: str | None = Field(None, description="Multi-class PTSAM adapter only: the class's name.")
 
 
 class Encoding(BaseModel):
@@ -85,6 +89,9 @@ class Adapter(BaseModel):
     peft_type: str | None
     encoder: Literal["base", "own"] = Field(description="'base': shares the base's cached image embeddings.")
     prompt_free: bool
+    classes: dict[str, str] | None = Field(
+        None, description="A multi-class PTSAM adapter's classes, id to name (its id2label); null otherwise."
+    )
 
 
 class AdapterList(BaseModel):

@@ -206,6 +206,13 @@ class SegmentService:
                 f"{prompts.count} objects in one request, over this server's limit of {self.max_prompts} "
                 "(--max-prompts); split the request.",
             )
+        if entry is not None and entry.classes and (boxes is not None or points is not None):
+            raise ServeError(
+                422,
+                "bad_prompt",
+                f"Adapter '{entry.name}' segments {len(entry.classes)} classes without prompts: send no 'boxes' or "
+                "'points'.",
+            )
         if boxes is None and points is None and not (entry is not None and entry.prompt_free):
             which = "the base model" if entry is None else f"adapter '{entry.name}' ({entry.peft_type or entry.kind})"
             raise ServeError(
@@ -271,7 +278,10 @@ def _numeric(value, name: str) -> np.ndarray:
 
 
 def _masks_json(prediction: Prediction, multimask: bool, fmt: str) -> list[dict]:
+    """One entry per mask (per candidate with `multimask`); a multi-class prediction's masks are its classes, each
+    with its `class_id` and `class_name`."""
     masks, scores = prediction.masks, prediction.scores
+    classes = list((prediction.class_names or {}).items())
     out = []
     for index in range(len(masks)):
         candidates = [(masks[index], scores[index])] if not multimask else list(zip(masks[index], scores[index]))
@@ -279,5 +289,7 @@ def _masks_json(prediction: Prediction, multimask: bool, fmt: str) -> list[dict]
             entry = {"object": index, "score": float(score), **encode_mask(np.asarray(mask, bool), fmt)}
             if multimask:
                 entry["candidate"] = candidate
+            if classes:
+                entry["class_id"], entry["class_name"] = classes[index]
             out.append(entry)
     return out
