@@ -214,6 +214,25 @@ def test_class_map_loss_trains_which_class_wins_a_pixel_two_claim():
     assert class_map_loss(logits.detach(), targets, ignore, classes=2) < loss.detach()
 
 
+def test_class_weights_weigh_the_class_map_loss_where_classes_look_alike():
+    """Two classes whose logits cannot differ from cell to cell (one value each, as when their pixels look alike):
+    unweighted, the loss raises the more frequent class (it would win every cell); weighted by inverse frequency, the
+    rarer one."""
+    targets = torch.zeros(2, 16, 16, dtype=torch.bool)
+    targets[0, :12], targets[1, 12:] = True, True  # class 1: 3/4 of the pixels, class 2: 1/4
+
+    def gradient(weights):
+        values = torch.zeros(2, requires_grad=True)
+        class_map_loss(values[:, None, None, None].expand(2, 1, 4, 4), targets, None, 2, weights).backward()
+        return values.grad
+
+    unweighted = gradient(None)
+    assert unweighted[0] < unweighted[1]  # descent raises class 1 more
+    weighted = gradient(torch.tensor([2 / 3, 2.0]))
+    assert weighted[1] < weighted[0]
+    assert torch.allclose(gradient(torch.ones(2)), unweighted)
+
+
 def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
     logits = np.full((2, 1, 4), -5.0)
     logits[0, 0, :2] = 2.0  # class 1 certain on pixels 0, 1
