@@ -3,6 +3,7 @@ import shlex
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,14 @@ def test_semantic_folders_texture_by_shape_unless_told_not_to(tmp_path, flags, b
     np.testing.assert_array_equal(
         read_png(tmp_path / "images" / "scene_0000.png"), SyntheticSceneDataset(1, 0, config)[0].image
     )
+
+
+def test_help_shows_every_style_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{f.name.replace('_', '-')}" in out for f in fields(SyntheticSceneConfig) if f.name != "image_size")
 
 
 def test_invalid_style_flag_stops_with_the_config_message(tmp_path, capsys):

@@ -88,9 +88,9 @@ class SyntheticSceneConfig:
     )
     texture_by_shape: bool = field(
         default=False,
-        metadata={"help": "Give every object of the i-th shape kind the texture `texture_kinds[i % len]` instead of a "
-                  "random one, so that the classes of a semantic folder differ in texture as well as outline (on by "
-                  "default with `--semantic`)."},
+        metadata={"help": "Give every object of the i-th shape kind the i-th of `texture_kinds` (cycling through them "
+                  "when there are fewer) instead of a random one, so that the classes of a semantic folder differ in "
+                  "texture as well as outline (on by default with `--semantic`)."},
     )  # fmt: skip
     background_kinds: tuple[str, ...] = field(
         default=BACKGROUND_KINDS,
