@@ -250,7 +250,11 @@ def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
 
 
 @pytest.mark.slow  # about 13 s on the shared CPU
-def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tmp_path):
+def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tmp_path, monkeypatch):
+    from sam2_peft.training import tasks
+
+    weighed = []  # the class weights each class-map loss gets
+    monkeypatch.setattr(tasks, "class_map_loss", lambda *args: weighed.append(args[4]) or class_map_loss(*args))
     data, out = write_class_folder(tmp_path / "d", scenes=6), tmp_path / "run"
     ptsam([
         "--model", str(saved_tiny_model), "--data", str(data), "--mask-type", "semantic", "--output-dir", str(out),
@@ -259,6 +263,7 @@ def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tm
     ])  # fmt: skip
     settings = json.loads((out / "training_config.json").read_text())
     assert settings["loss"]["mask_loss"] == "bce" and len(settings["class_weights"]) == 3
+    assert weighed and all(torch.allclose(w, torch.tensor(settings["class_weights"])) for w in weighed)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["id2label"] == {"1": "ellipse", "2": "polygon", "3": "ring"}
     metrics = json.loads((out / "metrics.json").read_text())
