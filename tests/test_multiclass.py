@@ -215,6 +215,25 @@ def test_class_map_loss_trains_which_class_wins_a_pixel_two_claim():
     assert class_map_loss(logits.detach(), targets, ignore, classes=2) < loss.detach()
 
 
+def test_class_weights_weigh_the_class_map_loss_where_classes_look_alike():
+    """Two classes whose logits cannot differ from cell to cell (one value each, as when their pixels look alike):
+    unweighted, the loss raises the more frequent class (it would win every cell); weighted by inverse frequency, the
+    rarer one."""
+    targets = torch.zeros(2, 16, 16, dtype=torch.bool)
+    targets[0, :12], targets[1, 12:] = True, True  # class 1: 3/4 of the pixels, class 2: 1/4
+
+    def gradient(weights):
+        values = torch.zeros(2, requires_grad=True)
+        class_map_loss(values[:, None, None, None].expand(2, 1, 4, 4), targets, None, 2, weights).backward()
+        return values.grad
+
+    unweighted = gradient(None)
+    assert unweighted[0] < unweighted[1]  # descent raises class 1 more
+    weighted = gradient(torch.tensor([2 / 3, 2.0]))
+    assert weighted[1] < weighted[0]
+    assert torch.allclose(gradient(torch.ones(2)), unweighted)
+
+
 def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
     logits = np.full((2, 1, 4), -5.0)
     logits[0, 0, :2] = 2.0  # class 1 certain on pixels 0, 1
@@ -232,7 +251,11 @@ def test_overlaps_go_to_the_likeliest_class_and_scores_per_class():
 
 
 @pytest.mark.slow  # about 13 s on the shared CPU
-def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tmp_path):
+def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tmp_path, monkeypatch):
+    from sam2_peft.training import tasks
+
+    weighed = []  # the class weights each class-map loss gets
+    monkeypatch.setattr(tasks, "class_map_loss", lambda *args: weighed.append(args[4]) or class_map_loss(*args))
     data, out = write_class_folder(tmp_path / "d", scenes=6), tmp_path / "run"
     ptsam([
         "--model", str(saved_tiny_model), "--data", str(data), "--mask-type", "semantic", "--output-dir", str(out),
@@ -241,6 +264,7 @@ def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tm
     ])  # fmt: skip
     settings = json.loads((out / "training_config.json").read_text())
     assert settings["loss"]["mask_loss"] == "bce" and len(settings["class_weights"]) == 3
+    assert weighed and all(torch.allclose(w, torch.tensor(settings["class_weights"])) for w in weighed)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["id2label"] == {"1": "ellipse", "2": "polygon", "3": "ring"}
     metrics = json.loads((out / "metrics.json").read_text())

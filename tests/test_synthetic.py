@@ -3,6 +3,7 @@ import shlex
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,32 @@ def test_style_flags_of_the_command_line_set_the_scene_config(tmp_path):
     for index, scene in enumerate(SyntheticSceneDataset(2, 0, config)):
         np.testing.assert_array_equal(read_png(tmp_path / "images" / f"scene_{index:04d}.png"), scene.image)
         np.testing.assert_array_equal(read_png(tmp_path / "masks" / f"scene_{index:04d}.png"), scene.instances)
+
+
+def test_texture_by_shape_gives_each_shape_kind_its_texture(tmp_path):
+    kinds, textures = ("ellipse", "polygon", "ring"), ("stripes", "noise")
+    config = SyntheticSceneConfig(image_size=64, shape_kinds=kinds, texture_kinds=textures, texture_by_shape=True)
+    scenes = list(SyntheticSceneDataset(4, 0, config))
+    drawn = {(kind, texture) for scene in scenes for kind, texture in zip(scene.shape_kinds, scene.texture_kinds)}
+    assert {kind for kind, _ in drawn} == set(kinds)
+    assert drawn == {(kind, textures[kinds.index(kind) % 2]) for kind, _ in drawn}
+
+
+@pytest.mark.parametrize(("flags", "by_shape"), [([], True), (["--no-texture-by-shape"], False)])
+def test_semantic_folders_texture_by_shape_unless_told_not_to(tmp_path, flags, by_shape):
+    main([str(tmp_path), "--num-scenes", "1", "--size", "64", "--shape-kinds", "ellipse,ring", "--semantic", *flags])
+    config = SyntheticSceneConfig(image_size=64, shape_kinds=("ellipse", "ring"), texture_by_shape=by_shape)
+    np.testing.assert_array_equal(
+        read_png(tmp_path / "images" / "scene_0000.png"), SyntheticSceneDataset(1, 0, config)[0].image
+    )
+
+
+def test_help_shows_every_style_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{f.name.replace('_', '-')}" in out for f in fields(SyntheticSceneConfig) if f.name != "image_size")
 
 
 def test_invalid_style_flag_stops_with_the_config_message(tmp_path, capsys):

@@ -32,7 +32,8 @@ class ClassList:
     pixels: tuple[int, ...] | None = None
     """Each class's pixel count over the checked masks (None: not counted)."""
     weights: tuple[float, ...] | None = None
-    """Each class's weight in the per-class mask losses (None: all 1), see `with_class_weights`."""
+    """Each class's weight in the per-class mask losses and the class-map loss (None: all 1), see
+    `with_class_weights`."""
 
     @property
     def id2label(self) -> dict[str, str]:

@@ -86,6 +86,12 @@ class SyntheticSceneConfig:
         default=TEXTURE_KINDS,
         metadata={"help": f"Object textures to draw from, a subset of {TEXTURE_KINDS}."},
     )
+    texture_by_shape: bool = field(
+        default=False,
+        metadata={"help": "Give every object of the i-th shape kind the i-th of `texture_kinds` (cycling through them "
+                  "when there are fewer) instead of a random one, so that the classes of a semantic folder differ in "
+                  "texture as well as outline (on by default with `--semantic`)."},
+    )  # fmt: skip
     background_kinds: tuple[str, ...] = field(
         default=BACKGROUND_KINDS,
         metadata={"help": f"Backgrounds to draw from, among {BACKGROUND_KINDS}."},
@@ -406,6 +412,14 @@ def _object_centre(
     return rng.uniform(0, size), rng.uniform(0, size)
 
 
+def _draw_texture(rng: np.random.Generator, kind: str, config: SyntheticSceneConfig) -> str:
+    """An object's texture: its shape kind's with `config.texture_by_shape`, else a random one."""
+    textures = config.texture_kinds
+    if config.texture_by_shape:
+        return textures[config.shape_kinds.index(kind) % len(textures)]
+    return textures[int(rng.integers(len(textures)))]
+
+
 def _try_place(
     rng: np.random.Generator,
     canvas: _Canvas,
@@ -440,7 +454,7 @@ def _try_place(
     if np.any(remaining[1:] < needed[1:]):
         return None
 
-    texture = config.texture_kinds[int(rng.integers(len(config.texture_kinds)))]
+    texture = _draw_texture(rng, kind, config)
     reference = canvas.image[window][mask].mean(axis=0)
     colours = _random_colours(rng, reference, grey, config)
     weight = _TEXTURES[texture](rng, grid, size)[mask]
@@ -629,7 +643,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + config_field.name.replace("_", "-")
         kind = hints[config_field.name]
         help_text = f"{config_field.metadata['help']} Default: {config_field.default}."
-        if kind == tuple[str, ...]:
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind == tuple[str, ...]:
             group.add_argument(flag, type=lambda text: tuple(text.split(",")), help=help_text + " Comma-separated.")
         elif kind == tuple[float, ...] | None:
             group.add_argument(
@@ -652,7 +668,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="image height and width in pixels (default: %(default)s)")
     parser.add_argument(
-        "--semantic", action="store_true", help="write class maps (one class per shape kind) and classes.json"
+        "--semantic",
+        action="store_true",
+        help="write class maps (one class per shape kind) and classes.json; turns on --texture-by-shape unless "
+        "--no-texture-by-shape is given",
     )
     _add_config_flags(parser)
     args = vars(parser.parse_args(argv))
@@ -662,6 +681,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     style = {
         name: tuple(value) if isinstance(value, list) else value for name, value in args.items() if value is not None
     }
+    if semantic:
+        style.setdefault("texture_by_shape", True)
     try:
         config = SyntheticSceneConfig(image_size=size, **style)
     except ValueError as error:

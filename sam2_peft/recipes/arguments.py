@@ -108,8 +108,9 @@ class DataArguments(DataSourceArguments):
     )  # fmt: skip
     class_weights: str | None = field(
         default=None,
-        metadata={"help": "With --mask-type semantic: each class's weight in the per-class mask losses, 'auto' (inverse "
-                  "pixel frequency, mean 1) or one number per class, comma-separated (default: all 1)."},
+        metadata={"help": "With --mask-type semantic: each class's weight in the per-class mask losses and the "
+                  "class-map term, 'auto' (inverse pixel frequency, mean 1) or one number per class, comma-separated "
+                  "(default: all 1)."},
     )  # fmt: skip
     ignore_index: int = field(
         default=255,

@@ -84,23 +84,33 @@ mask term's weight) on a development set of synthetic class maps (seed 1, not th
 
 
 def class_map_loss(
-    logits: torch.Tensor, targets: torch.Tensor, ignore: torch.Tensor | None, classes: int
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore: torch.Tensor | None,
+    classes: int,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the class map that evaluation resolves, at the decoder's resolution: each cell's scores are
     background at logit 0 (probability 0.5, `BACKGROUND_THRESHOLD`) and every class's mask logit, its target the
     share of its pixels each class and background hold. Trains what the per-class mask losses cannot: which class
     wins a pixel two classes claim. `logits` `(N, 1, h, w)` and `targets`/`ignore` `(N, S, S)` hold each image's
-    classes in consecutive rows; cells holding an ignored pixel count nowhere."""
+    classes in consecutive rows; cells holding an ignored pixel count nowhere. `weights` `(classes,)` weighs each
+    class's share of the targets (background 1) and each cell by its target's weight, as a weighted cross-entropy does:
+    where the classes look alike, the unweighted loss gives their pixels to the most frequent class."""
     scores = logits[:, 0].unflatten(0, (-1, classes))
     scores = torch.cat([torch.zeros_like(scores[:, :1]), scores], dim=1)
     shares = F.adaptive_avg_pool2d(targets.unflatten(0, (-1, classes)).float(), scores.shape[-2:])
     shares = torch.cat([(1 - shares.sum(dim=1, keepdim=True)).clamp(min=0), shares], dim=1)
     shares = shares / shares.sum(dim=1, keepdim=True)
+    if weights is not None:
+        shares = shares * torch.cat([weights.new_ones(1), weights]).to(shares)[None, :, None, None]
     per_cell = -(shares * scores.float().log_softmax(dim=1)).sum(dim=1)
-    if ignore is None:
-        return per_cell.mean()
-    kept = F.adaptive_max_pool2d(ignore[::classes, None].float(), scores.shape[-2:])[:, 0] == 0
-    return (per_cell * kept).sum() / kept.sum().clamp(min=1)
+    cell_weight = shares.sum(dim=1)
+    if ignore is not None:
+        cell_weight = cell_weight * (
+            F.adaptive_max_pool2d(ignore[::classes, None].float(), scores.shape[-2:])[:, 0] == 0
+        )
+    return (per_cell * cell_weight).sum() / cell_weight.sum().clamp(min=1e-6)
 
 
 class Task(ABC):
@@ -367,7 +377,9 @@ class ImageSegmentationTask(Task):
         if self.classes is not None:  # this chunk's share of the batch's mean over images
             share = len(targets) / batch_counts[1] if batch_counts else 1.0
             for loss, o in zip(losses, (output, *output.corrections)):
-                term = class_map_loss(o.mask_logits, targets, ignore, len(self.classes.ids))
+                term = class_map_loss(
+                    o.mask_logits, targets, ignore, len(self.classes.ids), self._class_weights(len(self.classes.ids))
+                )
                 loss.loss = loss.loss + CLASS_MAP_WEIGHT * share * term
         return combine_rounds(losses)
 
