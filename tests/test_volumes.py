@@ -220,6 +220,7 @@ def run_cli(*argv: str) -> None:
     main(list(argv))
 
 
+@pytest.mark.slow  # about 13 s on a loaded 2-core machine (model load, tracking, two video encodes)
 def test_predict_writes_an_aligned_nifti_label_volume(tmp_path, capsys):
     root = write_nifti_folder(tmp_path / "data", names=("case",))
     image = root / "images" / "case.nii.gz"
