@@ -712,7 +712,7 @@ def predict(argv: list[str]) -> None:
     from .data.video_files import videos_in
 
     if is_volume_input(args.images):
-        image_only = ("--boxes", "--onnx", "--dtype", "--max-image-pixels", "--skip-bad-files", "--overwrite")
+        image_only = ("--boxes", "--onnx", "--dtype", "--max-image-pixels", "--skip-bad-files")
         rules = volume_rules("predict", lambda a: a.images, image_only)
         refuse_unused_flags(parser, argv, (*_model_rules(), ONNX_RULE, *rules), args)
         run_from_command_line(lambda: predict_volumes(args))

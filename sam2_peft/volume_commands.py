@@ -178,14 +178,17 @@ def predict_volumes(args: argparse.Namespace) -> None:
     from .data.volumes import read_volume, volume_suffix, write_label_volume
     from .inference.video_files import parse_video_outputs
     from .inference.volumes import segment_volume
-    from .io import atomic_write_dir, atomic_write_json
+    from .io import atomic_write_dir, atomic_write_json, check_output_dir
 
     outputs = parse_video_outputs(args.video_outputs)
     if {"mask-video", "overlay"} & set(outputs):
         import_av()  # the install hint before the model runs
 
     if (args.slice_prompts is None) == (args.prompt_labels is None):
-        raise DataError("Volumes need prompts: give --prompt-labels (a label volume or folder) or --slice-prompts.")
+        raise DataError(
+            "Volumes need prompts: give --prompt-labels (a label volume or folder; each object is prompted on the "
+            f"middle slice of its extent) or --slice-prompts (a JSON of boxes, points or masks per slice){_labels_beside(args.images)}."
+        )
     slice_prompts = None
     if args.slice_prompts is not None:
         try:
@@ -194,13 +197,16 @@ def predict_volumes(args: argparse.Namespace) -> None:
             raise DataError(f"Cannot read --slice-prompts '{args.slice_prompts}': {err}") from err
     sequences = _open_inputs(args.images, args, with_labels=False)
     prompts = {s.name: _prompts_for(s, args, slice_prompts) for s in sequences}  # all checked before the model loads
+    names = {s.name: s.name + volume_suffix(s.image_file) for s in sequences}
+    written = (*names.values(), *names, "volumes.json")
+    check_output_dir(args.out_dir, outputs=written, overwrite=args.overwrite)
     predictor = _volume_predictor(args)
     summary = {}
-    with atomic_write_dir(args.out_dir) as staging:
+    with atomic_write_dir(args.out_dir, replaces=written) as staging:
         for sequence in sequences:
             labels = segment_volume(predictor, sequence, prompts[sequence.name], args.directions)
             like = read_volume(sequence.image_file)
-            name = sequence.name + volume_suffix(sequence.image_file)
+            name = names[sequence.name]
             write_label_volume(np.moveaxis(labels, 0, sequence.slice_axis), like, staging / name)
             write_slice_outputs(sequence, labels, staging / sequence.name, outputs)
             summary[name] = _record(sequence, args) | {
@@ -208,6 +214,18 @@ def predict_volumes(args: argparse.Namespace) -> None:
             }
         atomic_write_json(staging / "volumes.json", summary)
     print(f"Wrote {len(summary)} label volume(s) to {args.out_dir}")
+
+
+def _labels_beside(images: str) -> str:
+    """A hint naming the label folder of the volume folder that holds `images` (a file or the image folder), if any."""
+    from .data.volumes import volume_folders
+
+    path = Path(images)
+    for root in (path, path.parent, path.parent.parent):
+        found = volume_folders(root)
+        if found and found[1].is_dir():
+            return f" (this volume folder has labels: --prompt-labels {found[1]})"
+    return ""
 
 
 def write_slice_outputs(sequence, labels: np.ndarray, out_dir: Path, outputs: tuple[str, ...]) -> None:

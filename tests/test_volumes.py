@@ -267,6 +267,14 @@ def test_predict_volume_writes_the_chosen_video_outputs(tmp_path):
     assert [p.name for p in pngs] == [f"{t:05d}.png" for t in range(12)]
     np.testing.assert_array_equal(np.stack([np.asarray(Image.open(p)) for p in pngs]), slices)
 
+    # a folder that holds this run: refused before the model loads, replaced (stale PNGs too) with --overwrite
+    again = ("predict", "--model", "tiny-random", image, str(out), "--prompt-labels", labels)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(*again, "--video-outputs", "mask-video")
+    assert "error: " in str(exit_.value.code) and "--overwrite" in str(exit_.value.code)
+    run_cli(*again, "--video-outputs", "mask-video", "--overwrite")
+    assert sorted(p.name for p in (out / "case").iterdir()) == ["masks.mkv"]
+
 
 def test_eval_reports_dice_and_nsd_per_volume(tmp_path, capsys):
     root = write_nifti_folder(tmp_path / "data", names=("case",))
@@ -296,6 +304,7 @@ def test_eval_reports_dice_and_nsd_per_volume(tmp_path, capsys):
     "argv, message",
     [
         (["predict", "--model", "tiny-random", "IMG", "OUT"], "Volumes need prompts"),
+        (["predict", "--model", "tiny-random", "IMG", "OUT"], "this volume folder has labels: --prompt-labels"),
         (["predict", "--model", "tiny-random", "MISSING", "OUT", "--prompt-labels", "L"], "does not exist"),
         (
             ["predict", "--model", "tiny-random", "IMG", "OUT", "--slice-prompts", "p.json", "--volume-prompt", "mask"],
