@@ -155,6 +155,11 @@ def test_recipe_flags_that_act_and_defaults_pass(argv):
         (["--engine", "ray", "--min-replicas", "0"], "--min-replicas applies with --max-replicas (autoscaling) only"),
         (["--engine", "ray", "--adapter-root", "adapters"], "--adapter-root does not apply to --engine ray"),
         (["--engine", "ray", "--max-header-kb", "8"], "--max-header-kb does not apply to --engine ray"),
+        (["--engine", "ray", "--max-adapters", "4"], "--max-adapters does not apply to --engine ray"),
+        (
+            ["--engine", "ray", "--load-on-use", "--allow-hub-repo", "org/*"],
+            "--load-on-use does not apply to --engine ray",
+        ),
         (["--engine", "ray", "--token", "t"], "--token with --engine ray applies with --token-all only"),
     ],
 )

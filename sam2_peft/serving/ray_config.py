@@ -81,6 +81,12 @@ RULES = (
         "Ray's proxy reads the request heads)",
     ),
     Applies(
+        ("--load-on-use", "--allow-hub-repo", "--max-adapters"),
+        lambda v: not _ray(v),
+        "does not apply to --engine ray (replicas load the --adapter catalogue on demand; cap them with "
+        "--max-adapters-per-replica)",
+    ),
+    Applies(
         ("--token",),
         lambda v: not _ray(v) or v.token_all,
         "with --engine ray applies with --token-all only (POST/DELETE /v1/adapters are off there)",
