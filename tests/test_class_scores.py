@@ -17,6 +17,7 @@ from sam2_peft.evaluation.instances import coco_annotations, instance_metrics
 from sam2_peft.evaluation.metrics import METRIC_NAMES, MetricAccumulator
 from sam2_peft.recipes.lora import main as lora_recipe
 from tests.recipe_helpers import lora_args
+from tests.test_instances import _squares
 from tests.test_multiclass import CLASSES, write_class_folder, write_label_folder
 
 
@@ -161,19 +162,18 @@ def _cocoeval_stats(truth, pred, scores, true_classes, pred_classes, category_id
     return evaluator.stats[:3].tolist()
 
 
-def _labels(*specs, size=(60, 60)):
-    """A label image of squares (label, y0, x0, side)."""
-    labels = np.zeros(size, np.int32)
-    for label, y0, x0, side in specs:
-        labels[y0 : y0 + side, x0 : x0 + side] = label
-    return labels
-
-
 def test_per_class_ap_equals_cocoeval_summarize_with_that_category_only():
-    truth = [_labels((1, 0, 0, 20), (2, 30, 30, 10), (3, 0, 40, 12)), _labels((1, 5, 5, 12), (2, 40, 0, 16))]
+    size = (60, 60)
+    truth = [
+        _squares((1, 0, 0, 20), (2, 30, 30, 10), (3, 0, 40, 12), size=size),
+        _squares((1, 5, 5, 12), (2, 40, 0, 16), size=size),
+    ]
     true_classes = [{1: 3, 2: 7, 3: 7}, {1: 3, 2: 7}]
     # dents found well, one misclassified as a scratch; scratches found loosely, one false scratch ranked high
-    pred = [_labels((1, 0, 1, 20), (2, 31, 32, 10), (3, 2, 40, 12), (4, 50, 50, 8)), _labels((1, 5, 6, 12))]
+    pred = [
+        _squares((1, 0, 1, 20), (2, 31, 32, 10), (3, 2, 40, 12), (4, 50, 50, 8), size=size),
+        _squares((1, 5, 6, 12), size=size),
+    ]
     scores = [{1: 0.9, 2: 0.5, 3: 0.6, 4: 0.95}, {1: 0.7}]
     pred_classes = [{1: 3, 2: 7, 3: 3, 4: 7}, {1: 7}]
     ids = ["a", "b"]
