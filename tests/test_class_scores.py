@@ -16,7 +16,8 @@ from sam2_peft.evaluation.instance_runner import true_instances
 from sam2_peft.evaluation.instances import coco_annotations, instance_metrics
 from sam2_peft.evaluation.metrics import METRIC_NAMES, MetricAccumulator
 from sam2_peft.recipes.lora import main as lora_recipe
-from tests.recipe_helpers import lora_args
+from sam2_peft.recipes.runner import build_datasets, data_classes, dataset_config
+from tests.recipe_helpers import error_line, lora_args, parse_args
 from tests.test_instances import _squares
 from tests.test_multiclass import CLASSES, write_class_folder, write_label_folder
 
@@ -58,6 +59,14 @@ def test_semantic_objects_keep_their_class_and_the_ignore_value_is_no_object(tmp
     assert item["original_masks"][1][5, 5] and not item["original_masks"].any(0)[5, 30]
     plain = SegmentationDataset(records, tiny_processor, DatasetConfig(), train=False)[0]
     assert "object_classes" not in plain  # data without classes: items as before
+    args = parse_args("--data", str(data), "--mask-type", "semantic", "--val-fraction", "0")  # as LoRA builds them
+    train, _ = build_datasets(args.data, tiny_processor, dataset_config(args, "instances", data_classes(args.data)))
+    assert train.records[0].objects().values.tolist() == [1, 2]
+    assert build_datasets(args.data, tiny_processor, dataset_config(args))[0].records[0].objects().values.tolist() == [
+        1,
+        2,
+        255,
+    ]  # without classes (as before), the ignore value is an object
 
 
 def _coco(tmp_path, categories=True):
@@ -100,6 +109,15 @@ def test_lora_on_semantic_masks_scores_each_class_for_base_and_fine_tuned(saved_
         assert not {f"dice_{c}" for c in CLASSES} & set(scores)
     card = (out / "README.md").read_text()
     assert "name: Dice (r)" in card and "| Dice (r) |" in card  # model-index and table, per class
+
+
+def test_prompted_methods_refuse_class_weights_and_streaming_semantic_masks(saved_tiny_model, tmp_path, capsys):
+    data = write_class_folder(tmp_path / "d", scenes=2)
+    semantic = lora_args(saved_tiny_model, data, tmp_path / "run", "--mask-type", "semantic")
+    assert "--class-weights applies to the classes of a multi-class PTSAM" in error_line(
+        capsys, [*semantic, "--class-weights", "auto"]
+    )
+    assert "--streaming does not do" in error_line(capsys, [*semantic, "--streaming", "--max-steps", "1"])
 
 
 def test_eval_prompted_scores_coco_categories_and_data_without_classes_as_before(
