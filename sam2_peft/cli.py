@@ -233,6 +233,7 @@ def evaluate(argv: list[str]) -> None:
         from accelerate import Accelerator
         from torch.utils.data import DataLoader
 
+        from .data.classes import objects_by_class
         from .data.dataset import DatasetConfig, SegmentationDataset, collate_segmentation
         from .data.prompts import PromptConfig
         from .data.sources import check_data_source, open_records, set_max_image_pixels
@@ -256,6 +257,8 @@ def evaluate(argv: list[str]) -> None:
             mask_column=source.mask_column,
             mask_type=source.mask_type,
         )
+        if classes is None and args.prompt != "none":
+            classes = _data_classes(source)  # each object keeps its class: scores per class too
         config = DatasetConfig(
             target_mode="semantic" if args.prompt == "none" else "instances",
             prompts=PromptConfig(prompt=args.prompt),
@@ -264,7 +267,10 @@ def evaluate(argv: list[str]) -> None:
             ignore_index=classes.ignore_index if classes else None,
         )
         records, report = validate_records(
-            records, config.validation, limit=args.max_images, description="Checking evaluation images"
+            objects_by_class(records, config),
+            config.validation,
+            limit=args.max_images,
+            description="Checking evaluation images",
         )
         shard = my_share(records)  # under accelerate launch, each process scores its share; per-image results gathered
         dataset = SegmentationDataset(shard, predictor.processor, config, train=False)
@@ -357,7 +363,7 @@ def _evaluate_video(args: argparse.Namespace) -> None:
 def _adapter_classes(predictor, prompt: str, mask_type: str):
     """The `ClassList` of a multi-class PTSAM adapter (scored per class on semantic masks, ignore value 255), or None
     for other models; DataError when the data or prompt cannot score one."""
-    from .data.classes import ClassList
+    from .data.classes import IGNORE_INDEX, ClassList
     from .data.sources import DataError
     from .tuners.ptsam.layer import active_classes
 
@@ -369,7 +375,19 @@ def _adapter_classes(predictor, prompt: str, mask_type: str):
             f"The adapter segments {len(classes)} classes without prompts: evaluate it with --prompt none "
             "--mask-type semantic on class-map masks."
         )
-    return ClassList(tuple(classes), tuple(classes.values()), 255)
+    return ClassList(tuple(classes), tuple(classes.values()), IGNORE_INDEX)
+
+
+def _data_classes(source):
+    """The classes of the objects `eval` scores by class: a semantic mask's values (named by classes.json, the COCO
+    categories or a `ClassLabel`, else by their ids; the ignore value 255 is no object) or a COCO file's categories;
+    None for data without classes."""
+    from .data.classes import IGNORE_INDEX, ClassList, coco_classes, named_classes
+
+    if source.mask_type != "semantic":
+        return coco_classes(source.data)
+    named = named_classes(source.data, None, source.split, source.mask_column) or {}
+    return ClassList(tuple(sorted(named)), tuple(named[i] for i in sorted(named)), IGNORE_INDEX)
 
 
 def _base_predictor(predictor, args: argparse.Namespace):
@@ -432,7 +450,13 @@ def _evaluate_instances(args: argparse.Namespace, source, validation, config) ->
             separator = predictors.get("adapter", predictors["base"])
             name = f"specialist-guided ({'adapter' if args.adapter else 'base'} separates)"
             segmenters[name] = lambda image: specialist_guided_instances(foreground, separator, image, config)
-        result = instance_runner.automatic_report(segmenters, records)
+        classes = _data_classes(source)
+        result = instance_runner.automatic_report(
+            segmenters,
+            records,
+            class_names=None if classes is None else dict(zip(classes.ids, classes.names)),
+            ignore_index=None if classes is None else classes.ignore_index,
+        )
         result["settings"] = {k: v for k, v in vars(config).items() if not k.startswith("_")}
     if not is_main_process():
         return

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import DatasetConfig
 from .sources import DataError, LabelMap, SampleRecord, _load_hf_dataset, check_data_source, printable
 
 logger = logging.getLogger(__name__)
 
 CLASSES_FILE = "classes.json"
+IGNORE_INDEX = 255
+"""The ignore value of semantic masks where no flag sets it (`--ignore-index`'s default; `sam2-peft eval`)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,35 @@ def named_classes(
             f"'{printable(path)}' must name classes with ids 1 and up (0 is background); got {bad or '{}'}."
         )
     return named
+
+
+def coco_classes(data: str) -> ClassList | None:
+    """The classes of a COCO file's instances (its `categories`; each annotation's class its `category_id`), or None
+    for other sources and COCO files that list no categories."""
+    if check_data_source(data) != "coco":
+        return None
+    named = coco_categories(Path(data))
+    return None if named is None else ClassList(tuple(sorted(named)), tuple(named[i] for i in sorted(named)))
+
+
+def objects_by_class(records: list[SampleRecord], config: DatasetConfig) -> list[SampleRecord]:
+    """The records for per-object targets of semantic masks (`config.class_ids` without class targets): each class's
+    region in an image is one object, and the ignore value's region is none (no prompt, no target)."""
+    if config.class_ids is None or config.class_targets or config.ignore_index is None:
+        return records
+
+    def objects(record: SampleRecord):
+        found = record.objects()
+        return found.without(config.ignore_index) if isinstance(found, LabelMap) and found.semantic else found
+
+    return [
+        replace(
+            record,
+            load_objects=lambda r=record: objects(r),
+            load_instances=lambda r=record: objects(r).masks(),
+        )
+        for record in records
+    ]
 
 
 def coco_categories(path: Path) -> dict[int, str] | None:

@@ -115,12 +115,17 @@ class DatasetConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     class_ids: tuple[int, ...] | None = None
-    """With `semantic` targets: one target per class, the pixels of each of these mask values (multi-class PTSAM)."""
+    """The classes the data names (mask values, COCO category ids). With `semantic` targets: one target per class,
+    the pixels of each of these values (multi-class PTSAM). With `instances` targets: evaluation items carry each
+    object's class (`object_classes`), so that the objects' scores are grouped by class too."""
     ignore_index: int | None = None
     """With `class_ids`: the mask value whose pixels no loss or metric counts."""
 
     def __post_init__(self) -> None:
-        if self.class_ids is not None and self.target_mode != "semantic":
-            raise ValueError("class_ids needs target_mode 'semantic'.")
         if self.target_mode not in TARGET_MODES:
             raise ValueError(f"target_mode must be one of {TARGET_MODES}, got '{self.target_mode}'.")
+
+    @property
+    def class_targets(self) -> bool:
+        """One target per class (multi-class PTSAM), rather than one per object."""
+        return self.class_ids is not None and self.target_mode == "semantic"

@@ -32,7 +32,8 @@ class SegmentationDataset(SharedEpoch, Dataset):
         with `config.class_ids`, `target_masks` holds one row per class (empty rows included) and `ignore_mask`
         `(S, S)` bool the pixels of `config.ignore_index` (and, for evaluation, `original_ignore` `(H, W)`);
         `view_source` (what the view's pixels are made of, `_view_source`; None for images without a file); and, for
-        evaluation, `original_masks` `(N, H, W)` bool.
+        evaluation, `original_masks` `(N, H, W)` bool, and with `config.class_ids` and per-object targets
+        `object_classes` `(N,)` long, each object's class id (where the data names one).
     """
 
     def __init__(
@@ -79,8 +80,9 @@ class SegmentationDataset(SharedEpoch, Dataset):
         seed = self._sample_seed(index, epoch)
         generator = torch.Generator().manual_seed(seed)
         objects = record.objects()
-        masks = torch.from_numpy(self._chosen_masks(objects, generator))
-        by_class = self.config.class_ids is not None
+        chosen = self._chosen(objects, generator)
+        masks = torch.from_numpy(self._chosen_masks(objects, chosen))
+        by_class = self.config.class_targets
         if by_class:  # the ignored pixels ride along as a last row, augmented and resized with the classes
             masks = torch.cat([masks, torch.from_numpy(ignored_pixels(objects, self.config.ignore_index))[None]])
         view, augment_seed = self._augmentation_view(index if image_index is None else image_index, seed)
@@ -127,6 +129,9 @@ class SegmentationDataset(SharedEpoch, Dataset):
         }
         if not self.train:
             item["original_masks"] = masks
+            classes = objects.classes()
+            if self.config.class_ids is not None and not by_class and classes is not None:
+                item["object_classes"] = torch.from_numpy(classes[chosen].astype(np.int64))
         if ignore is not None:
             item["ignore_mask"] = ignore if at_size else F.interpolate(ignore[None, None].float(), size=size)[0, 0] > 0
             if not self.train:
@@ -165,8 +170,8 @@ class SegmentationDataset(SharedEpoch, Dataset):
 
     def evaluated_masks(self, sample_id: str) -> np.ndarray:
         """The target masks `(N, H, W)` bool that evaluation scores for a sample, at its original size."""
-        record = self.records[self._index[sample_id]]
-        masks = self._chosen_masks(record.objects(), torch.Generator())
+        objects = self.records[self._index[sample_id]].objects()
+        masks = self._chosen_masks(objects, self._chosen(objects, torch.Generator()))
         if self.config.target_mode == "semantic" and self.config.class_ids is None:
             masks = masks.any(axis=0, keepdims=True)
         return masks
@@ -179,15 +184,14 @@ class SegmentationDataset(SharedEpoch, Dataset):
             return PromptConfig(prompt=kind, box_jitter=0.0, num_positive_points=config.num_positive_points)
         return config
 
-    def _chosen_masks(self, objects: Objects, generator: torch.Generator) -> np.ndarray:
-        """The cleaned masks `(n, H, W)` bool of the objects this item uses, built for those objects only.
+    def _chosen(self, objects: Objects, generator: torch.Generator) -> np.ndarray | None:
+        """The indices of the objects this item uses (None: one target per class).
 
         Training draws `max_objects_per_image` of the objects that cleaning keeps (a seeded random subset, in their
-        order), evaluation takes the first `max_eval_objects`, semantic targets take all; with `class_ids`, one mask
-        per class, uncleaned (a class's pixels are its target, however small).
+        order), evaluation takes the first `max_eval_objects`, semantic targets take all.
         """
-        if self.config.class_ids is not None:
-            return class_masks(objects, self.config.class_ids)
+        if self.config.class_targets:
+            return None
         kept = kept_objects(objects, self.config.validation)
         if self.config.target_mode != "semantic":
             if not self.train:
@@ -195,7 +199,14 @@ class SegmentationDataset(SharedEpoch, Dataset):
             elif len(kept) > self.config.max_objects_per_image:
                 keep = torch.randperm(len(kept), generator=generator)[: self.config.max_objects_per_image]
                 kept = kept[keep.sort().values.numpy()]
-        return build_masks(objects, kept, self.config.validation)
+        return kept
+
+    def _chosen_masks(self, objects: Objects, chosen: np.ndarray | None) -> np.ndarray:
+        """The cleaned masks `(n, H, W)` bool of the `chosen` objects, built for those objects only; with class
+        targets, one mask per class, uncleaned (a class's pixels are its target, however small)."""
+        if chosen is None:
+            return class_masks(objects, self.config.class_ids)
+        return build_masks(objects, chosen, self.config.validation)
 
 
 def view_key(sample_id: str, view: int) -> str:
@@ -235,6 +246,8 @@ def collate_segmentation(items: list[dict]) -> dict:
         )
     if "original_ignore" in items[0]:
         batch["original_ignore"] = [item["original_ignore"] for item in items]
+    if all("object_classes" in item for item in items):
+        batch["object_classes"] = [item["object_classes"] for item in items]
     return batch
 
 

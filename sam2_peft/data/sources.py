@@ -112,6 +112,11 @@ class Objects:
     def masks(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError
 
+    def classes(self) -> np.ndarray | None:
+        """`(N,)` each object's class id where the data names one (a semantic mask's value, a COCO annotation's
+        `category_id` when the file lists `categories`); None where it names none."""
+        return None
+
     def crop(self, index: int, margin: int) -> tuple[np.ndarray, tuple[slice, slice]]:
         """Object `index`'s mask inside its bounding box grown by `margin` (clipped to the image), and where that
         crop lies in the image."""
@@ -130,11 +135,15 @@ def _window(y0: int, y1: int, x0: int, x1: int, margin: int, shape: tuple[int, i
 
 
 class MaskStack(Objects):
-    """Objects whose masks are already built: `(N, H, W)` bool."""
+    """Objects whose masks are already built: `(N, H, W)` bool, with their class ids `(N,)` if the data names them."""
 
-    def __init__(self, masks: np.ndarray) -> None:
+    def __init__(self, masks: np.ndarray, classes: np.ndarray | None = None) -> None:
         self._masks = masks
+        self._classes = classes
         self.shape = tuple(masks.shape[1:])
+
+    def classes(self) -> np.ndarray | None:
+        return self._classes
 
     def __len__(self) -> int:
         return len(self._masks)
@@ -147,20 +156,32 @@ class MaskStack(Objects):
 
 
 class LabelMap(Objects):
-    """Objects as the distinct non-zero `values` of an `(H, W)` label map; a mask is built only when asked for."""
+    """Objects as the distinct non-zero `values` of an `(H, W)` label map; a mask is built only when asked for. In a
+    `semantic` map each value is a class id (the object is that class's region, its class the value)."""
 
-    def __init__(self, labels: np.ndarray, values: np.ndarray, areas: np.ndarray | None = None) -> None:
+    def __init__(
+        self, labels: np.ndarray, values: np.ndarray, areas: np.ndarray | None = None, semantic: bool = False
+    ) -> None:
         self.labels = labels
         self.values = values
         self.shape = tuple(labels.shape)
         self._areas = areas
+        self.semantic = semantic
 
     @classmethod
-    def from_labels(cls, labels: np.ndarray) -> LabelMap:
+    def from_labels(cls, labels: np.ndarray, semantic: bool = False) -> LabelMap:
         """Every distinct non-zero value of `labels` `(H, W)` is one object (in increasing order)."""
         values, counts = value_counts(labels)
         nonzero = values != 0
-        return cls(labels, values[nonzero], counts[nonzero])
+        return cls(labels, values[nonzero], counts[nonzero], semantic)
+
+    def classes(self) -> np.ndarray | None:
+        return self.values if self.semantic else None
+
+    def without(self, value: int) -> LabelMap:
+        """The same map with the object of `value` (e.g. a semantic map's ignore value) left out."""
+        keep = self.values != value
+        return LabelMap(self.labels, self.values[keep], self.areas()[keep], self.semantic)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -369,7 +390,7 @@ def label_map_objects(
     if kind not in ("instance", "semantic"):  # semantic: each value is a class id, read as instances are
         foreground = labels > labels.max() / 2 if labels.size else np.zeros(labels.shape, bool)
         return LabelMap.from_labels(foreground)
-    return LabelMap.from_labels(labels)
+    return LabelMap.from_labels(labels, semantic=kind == "semantic")
 
 
 class MaskReader:
@@ -570,7 +591,8 @@ def coco_records(
 
     Images are looked up under `image_root` (default: the JSON's folder, then its `images/` subfolder). With
     `semantic`, each record's objects are a class map: an annotation's pixels hold its `category_id` (a later
-    annotation over an earlier one), as `--mask-type semantic` reads a folder's masks.
+    annotation over an earlier one), as `--mask-type semantic` reads a folder's masks; without it, each annotation
+    is one object, whose class is its `category_id` when the file lists `categories`.
     """
     from pycocotools.coco import COCO
 
@@ -622,13 +644,22 @@ def coco_records(
             ) from err
         return np.stack(masks).astype(bool)
 
+    def categories(image_id: int) -> list[int]:
+        """The `category_id` of each non-crowd annotation of the image, in the order `instances` gives them."""
+        return [a["category_id"] for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+
     def class_map(image_id: int) -> LabelMap:
         masks = instances(image_id)
         labels = np.zeros(masks.shape[1:], dtype=np.int64)
-        anns = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        for mask, annotation in zip(masks, anns):
-            labels[mask] = annotation["category_id"]
-        return LabelMap.from_labels(labels)
+        for mask, category in zip(masks, categories(image_id)):
+            labels[mask] = category
+        return LabelMap.from_labels(labels, semantic=True)
+
+    def classified(image_id: int) -> MaskStack:
+        return MaskStack(instances(image_id), np.asarray(categories(image_id), dtype=np.int64))
+
+    # a file that lists categories gives each instance its class
+    objects = class_map if semantic else classified if dataset.get("categories") else None
 
     records = []
     for image_id, info in sorted(coco.imgs.items()):
@@ -641,7 +672,7 @@ def coco_records(
                 load_instances=lambda i=image_id: instances(i),
                 identity=os.fspath(path.resolve()),
                 image_file=os.fspath(path.resolve()),
-                load_objects=(lambda i=image_id: class_map(i)) if semantic else None,
+                load_objects=None if objects is None else lambda i=image_id: objects(i),
             )
         )
     return records

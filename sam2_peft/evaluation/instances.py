@@ -176,24 +176,78 @@ def coco_map(
         per-image count if more); NaN where COCOeval has no ground truth (its -1). With no prediction at all, the APs
         are 0.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    images, truth, results, max_dets = _coco_inputs(true_labels, pred_labels, pred_scores)
+    if not results:
+        return {"map": 0.0, "ap50": 0.0, "ap75": 0.0, "coco_max_dets": max_dets}
+    precision, thresholds = _coco_precision(images, truth, results, {1: "object"}, max_dets)
+    return {**_average_precisions(precision, thresholds), "coco_max_dets": max_dets}
 
+
+def coco_class_ap(
+    true_labels: Sequence[np.ndarray],
+    pred_labels: Sequence[np.ndarray],
+    pred_scores: Sequence[Mapping[int, float] | None] | None,
+    true_classes: Sequence[Mapping[int, int]],
+    pred_classes: Sequence[Mapping[int, int]],
+    names: Mapping[int, str],
+) -> dict:
+    """COCO segmentation AP per category: `COCOeval` with the categories `names` gives ({id: name}), each instance
+    in its class ({label: class id} per image, for the true and the predicted label images), its precision sliced
+    per category as `COCOeval.summarize` reads it with `params.catIds=[k]`.
+
+    Returns `{"per_class": {name: {"map", "ap50", "ap75"}}, "map", "ap50", "ap75"}`, the last three COCO's mean over
+    the categories (a category with no true instance: NaN, as COCOeval's -1; predicted classes not in `names` are
+    not scored)."""
+    images, truth, results, max_dets = _coco_inputs(true_labels, pred_labels, pred_scores, true_classes, pred_classes)
+    ids = sorted(names)
+    if not results:  # nothing predicted: 0 where there is something to find
+        shown = {a["category_id"] for a in truth}
+        per_class = {names[c]: dict.fromkeys(("map", "ap50", "ap75"), 0.0 if c in shown else NAN) for c in ids}
+        mean = 0.0 if shown & set(ids) else NAN
+        return {"per_class": per_class, "map": mean, "ap50": mean, "ap75": mean}
+    precision, thresholds = _coco_precision(images, truth, results, names, max_dets)
+    per_class = {names[c]: _average_precisions(precision[:, :, [k]], thresholds) for k, c in enumerate(ids)}
+    return {"per_class": per_class, **_average_precisions(precision, thresholds)}
+
+
+NAN = float("nan")
+
+
+def _coco_inputs(
+    true_labels: Sequence[np.ndarray],
+    pred_labels: Sequence[np.ndarray],
+    pred_scores: Sequence[Mapping[int, float] | None] | None,
+    true_classes: Sequence[Mapping[int, int]] | None = None,
+    pred_classes: Sequence[Mapping[int, int]] | None = None,
+) -> tuple[list[dict], list[dict], list[dict], int]:
+    """COCO images, ground-truth annotations (numbered), results, and the detections per image to keep (100, or the
+    most any image has)."""
     if len(true_labels) != len(pred_labels):
         raise ValueError(f"{len(true_labels)} true label images but {len(pred_labels)} predicted ones.")
     images, truth, results = [], [], []
-    for image_id, (true, pred) in enumerate(zip(true_labels, pred_labels), start=1):
+    for index, (true, pred) in enumerate(zip(true_labels, pred_labels)):
+        image_id = index + 1
         images.append({"id": image_id, "height": int(true.shape[0]), "width": int(true.shape[1])})
-        truth += coco_annotations(true, image_id)
-        scores = (pred_scores[image_id - 1] if pred_scores is not None else None) or {}
-        results += coco_annotations(pred, image_id, scores)
-    for index, annotation in enumerate(truth, start=1):
-        annotation["id"] = index
+        truth += coco_annotations(true, image_id, classes=None if true_classes is None else true_classes[index])
+        scores = (pred_scores[index] if pred_scores is not None else None) or {}
+        results += coco_annotations(pred, image_id, scores, None if pred_classes is None else pred_classes[index])
+    for number, annotation in enumerate(truth, start=1):
+        annotation["id"] = number
     max_dets = max([COCO_MAX_DETS, *Counter(r["image_id"] for r in results).values()])
-    if not results:
-        return {"map": 0.0, "ap50": 0.0, "ap75": 0.0, "coco_max_dets": max_dets}
+    return images, truth, results, max_dets
+
+
+def _coco_precision(
+    images: list[dict], truth: list[dict], results: list[dict], names: Mapping[int, str], max_dets: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """COCOeval's accumulated precision `(IoU threshold, recall, category)` (area "all", the last detection cap;
+    categories in increasing id) and its IoU thresholds."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     ground_truth = COCO()
-    ground_truth.dataset = {"images": images, "annotations": truth, "categories": [{"id": 1, "name": "object"}]}
+    categories = [{"id": int(c), "name": names[c]} for c in sorted(names)]
+    ground_truth.dataset = {"images": images, "annotations": truth, "categories": categories}
     with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print progress
         ground_truth.createIndex()
         detections = ground_truth.loadRes(results)
@@ -201,13 +255,15 @@ def coco_map(
         evaluator.params.maxDets = [1, 10, max_dets]
         evaluator.evaluate()
         evaluator.accumulate()
-    precision = evaluator.eval["precision"][..., 0, -1]  # (IoU threshold, recall, category), area "all", last cap
-    thresholds = evaluator.params.iouThrs
+    return evaluator.eval["precision"][..., 0, -1], evaluator.params.iouThrs
+
+
+def _average_precisions(precision: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
+    """mAP@[.5:.95], AP50 and AP75 of an accumulated precision `(IoU threshold, recall, category)`."""
     return {
         "map": _mean_precision(precision),
         "ap50": _mean_precision(precision[thresholds == 0.5]),
         "ap75": _mean_precision(precision[thresholds == 0.75]),
-        "coco_max_dets": max_dets,
     }
 
 
@@ -221,22 +277,51 @@ def instance_metrics(
     true_labels: Mapping[str, np.ndarray],
     pred_labels: Mapping[str, np.ndarray],
     pred_scores: Mapping[str, Mapping[int, float]] | None = None,
+    true_classes: Mapping[str, Mapping[int, int]] | None = None,
+    pred_classes: Mapping[str, Mapping[int, int]] | None = None,
+    class_names: Mapping[int, str] | None = None,
 ) -> dict:
     """Per image mSA / SA50 / SA75 (and counts), and overall: their mean over images plus COCO mAP / AP50 / AP75
-    of all images together. Keys of the mappings are image ids (the same in both)."""
+    of all images together. Keys of the mappings are image ids (the same in both).
+
+    With classes on both sides ({label: class id} per image, `class_names` {id: name}, ids without a name named by
+    their number), overall also gets `per_class` (`coco_class_ap`'s AP per class) and `class_map`, `class_ap50`,
+    `class_ap75` (COCO's mean over the classes); with classes on one side only, `per_class` is None and
+    `per_class_note` says which side has none."""
     missing = sorted(set(true_labels) ^ set(pred_labels))
     if missing:
         raise ValueError(f"True and predicted label images differ in ids, e.g. {missing[:3]}.")
     ids = list(true_labels)
     per_image = {i: segmentation_accuracy(true_labels[i], pred_labels[i]) for i in ids}
     overall = {key: float(np.mean([per_image[i][key] for i in ids])) for key in ("msa", "sa50", "sa75")}
-    overall.update(
-        coco_map(
+    scores = [pred_scores.get(i) for i in ids] if pred_scores is not None else None
+    overall.update(coco_map([true_labels[i] for i in ids], [pred_labels[i] for i in ids], scores))
+    if true_classes is not None and pred_classes is not None:
+        found = {c for i in ids for c in true_classes[i].values()}
+        names = {c: str(c) for c in found} | dict(class_names or {})
+        by_class = coco_class_ap(
             [true_labels[i] for i in ids],
             [pred_labels[i] for i in ids],
-            [pred_scores.get(i) for i in ids] if pred_scores is not None else None,
+            scores,
+            [true_classes[i] for i in ids],
+            [pred_classes[i] for i in ids],
+            names,
         )
-    )
+        overall.update(
+            per_class=by_class["per_class"],
+            class_map=by_class["map"],
+            class_ap50=by_class["ap50"],
+            class_ap75=by_class["ap75"],
+        )
+    elif true_classes is not None or pred_classes is not None:
+        overall["per_class"] = None
+        overall["per_class_note"] = (
+            "class-agnostic AP only: the predictions carry no class (only a multi-class PTSAM --foreground-adapter "
+            "labels instances by class)"
+            if pred_classes is None
+            else "class-agnostic AP only: the ground truth names no class (give COCO categories or --mask-type "
+            "semantic)"
+        )
     overall["num_images"] = len(ids)
     overall["num_true"] = int(sum(per_image[i]["num_true"] for i in ids))
     overall["num_pred"] = int(sum(per_image[i]["num_pred"] for i in ids))

@@ -93,29 +93,63 @@ def object_metrics(pred: np.ndarray, target: np.ndarray, dilation_ratio: float =
 
 def image_metrics(preds: np.ndarray, targets: np.ndarray, dilation_ratio: float = 0.02) -> dict[str, float]:
     """Mean over the objects of one image. `preds`, `targets`: `(N, H, W)` bool."""
+    return _mean(_objects_metrics(preds, targets, dilation_ratio))
+
+
+def _objects_metrics(preds: np.ndarray, targets: np.ndarray, dilation_ratio: float) -> list[dict[str, float]]:
     if preds.shape != targets.shape:
         raise ValueError(f"Prediction shape {preds.shape} differs from target shape {targets.shape}.")
-    per_object = [object_metrics(p, t, dilation_ratio) for p, t in zip(preds, targets)]
+    return [object_metrics(p, t, dilation_ratio) for p, t in zip(preds, targets)]
+
+
+def _mean(per_object: list[dict[str, float]]) -> dict[str, float]:
     return {name: float(np.mean([m[name] for m in per_object])) for name in METRIC_NAMES}
+
+
+CLASS_METRICS = ("iou", "dice")
+"""The metrics reported per class (`iou_<class>`, `dice_<class>`) and as their mean over classes (`mean_iou`)."""
 
 
 @dataclass
 class MetricAccumulator:
-    """Collects per-image metrics and reports their mean (each image weighs the same, whatever its object count)."""
+    """Collects per-image metrics and reports their mean (each image weighs the same, whatever its object count);
+    given each object's class, also each class's mean over its objects (`by_class`)."""
 
     dilation_ratio: float = 0.02
     per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_class: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+    """Class id -> the IoU and Dice of each of its objects."""
 
-    def update(self, image_id: str, preds: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-        scores = image_metrics(preds, targets, self.dilation_ratio)
-        self.per_image[image_id] = scores
+    def update(
+        self, image_id: str, preds: np.ndarray, targets: np.ndarray, classes: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """Score one image's objects `(N, H, W)`; with `classes` `(N,)`, each object's class id, also by class."""
+        per_object = _objects_metrics(preds, targets, self.dilation_ratio)
+        for class_id, scores in zip([] if classes is None else classes.tolist(), per_object):
+            self.by_class.setdefault(int(class_id), []).append({k: scores[k] for k in CLASS_METRICS})
+        self.per_image[image_id] = _mean(per_object)
+        return self.per_image[image_id]
+
+    def class_scores(self, names: dict[int, str]) -> dict[str, float]:
+        """`iou_<class>` and `dice_<class>`: the mean over the class's objects, for each class with an object (named
+        by `names`, else by its id), and `mean_iou`, `mean_dice`: their mean over those classes (the keys of
+        `ClassAccumulator.compute`). Empty without classes."""
+        if not self.by_class:
+            return {}
+        scores = {}
+        for metric in CLASS_METRICS:
+            means = {
+                names.get(c, str(c)): float(np.mean([o[metric] for o in objects]))
+                for c, objects in sorted(self.by_class.items())
+            }
+            scores |= {f"{metric}_{name}": value for name, value in means.items()}
+            scores[f"mean_{metric}"] = float(np.mean(list(means.values())))
         return scores
 
     def compute(self) -> dict[str, float]:
         if not self.per_image:
             return {name: float("nan") for name in METRIC_NAMES}
-        values = list(self.per_image.values())
-        return {name: float(np.mean([v[name] for v in values])) for name in METRIC_NAMES}
+        return _mean(list(self.per_image.values()))
 
 
 BACKGROUND_THRESHOLD = 0.5

@@ -51,10 +51,12 @@ def evaluate_segmenter(
     A progress bar per image, labelled `description`, shows on the main process (counting every process's images)
     and disappears when done.
 
-    With `classes` (a multi-class PTSAM task: each image's rows are its classes), a model that decodes every class
+    With `classes` and batches of one row per class (a multi-class PTSAM task), a model that decodes every class
     (the adapter) has its overlaps resolved by `resolve_classes` (highest probability, background below
     `BACKGROUND_THRESHOLD`), while one that does not (the prompt-free base) has its one mask scored against each class;
     per-class scores, their means and the confusion matrix come from `ClassAccumulator`, without ignored pixels.
+    With `classes` and batches of one row per object that carry each object's class (`object_classes`, prompted
+    methods), the objects' IoU and Dice are also averaged per class (`MetricAccumulator.class_scores`).
     """
     was_training = segmenter.training
     segmenter.eval()
@@ -86,11 +88,15 @@ def evaluate_segmenter(
             else:
                 masks = processor.post_process_masks([logits[index == i]], size)[0][:, 0].numpy()
             targets = batch["original_masks"][i].numpy()
-            if by_class is not None:
+            if "object_classes" in batch:
+                accumulator.update(sample_id, masks, targets, batch["object_classes"][i].numpy())
+            elif by_class is not None:
                 ignore = batch["original_ignore"][i].numpy()
                 by_class.update(masks, targets, ignore)
                 masks, targets = masks & ~ignore, targets & ~ignore
-            accumulator.update(sample_id, masks, targets)
+                accumulator.update(sample_id, masks, targets)
+            else:
+                accumulator.update(sample_id, masks, targets)
             if sample_id in keep_ids:
                 kept[sample_id] = masks
         done = len(batch["sample_ids"]) * accelerator.num_processes  # the shards advance together
@@ -104,11 +110,21 @@ def evaluate_segmenter(
         kept.update(part)
     accumulator.per_image = per_image
     metrics, details = accumulator.compute(), {}
-    if by_class is not None:
-        parts = gather_object([by_class])
-        total = ClassAccumulator(classes.names)
-        for part in parts:
-            total.merge(part)
+    if classes is None:
+        return EvaluationResult(metrics=metrics, per_image=per_image, kept_predictions=kept, details=details)
+    by_object: dict[int, list[dict[str, float]]] = {}
+    for part in gather_object([accumulator.by_class]):
+        for class_id, scores in part.items():
+            by_object.setdefault(class_id, []).extend(scores)
+    accumulator.by_class = by_object
+    total = ClassAccumulator(classes.names)
+    for part in gather_object([by_class]):
+        total.merge(part)
+    if by_object:  # one row per object, each with its class
+        names = dict(zip(classes.ids, classes.names))
+        metrics |= accumulator.class_scores(names)
+        details = {"classes": {str(c): names.get(c, str(c)) for c in sorted(by_object)}}
+    elif total.confusion.any():  # one row per class
         metrics |= total.compute()
         details = {"classes": classes.id2label, "confusion_matrix": total.confusion.tolist()}
     return EvaluationResult(metrics=metrics, per_image=per_image, kept_predictions=kept, details=details)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser
 
+from ..data.classes import IGNORE_INDEX
 from ..data.config import SAMPLE_DATA, AugmentationConfig, PromptConfig, ValidationConfig
 from ..data.sources import DATA_SOURCES, DEFAULT_MAX_IMAGE_PIXELS, MASK_TYPES
 from ..flags import Applies, flags_of, given_flags, refuse_unused_flags
@@ -86,7 +87,7 @@ class DataSourceArguments:
             "object; auto: two levels or values near 0 and the maximum (JPEG, anti-aliasing) are binary, labels 1, 2, "
             "3... are instances, anything else stops with an error; semantic: each value is a class id (0 background), "
             "classes named by classes.json beside masks/, a COCO file's categories or --class-names (PTSAM trains one "
-            "token set per class).",
+            "token set per class; LoRA, partial and full score each class's objects).",
             "choices": MASK_TYPES,
         },
     )
@@ -113,8 +114,11 @@ class DataArguments(DataSourceArguments):
                   "(default: all 1)."},
     )  # fmt: skip
     ignore_index: int = field(
-        default=255,
-        metadata={"help": "With --mask-type semantic: the mask value excluded from loss and metrics (-1: none)."},
+        default=IGNORE_INDEX,
+        metadata={
+            "help": "With --mask-type semantic: the mask value excluded from loss and metrics (LoRA, partial, "
+            "full: its region is no object; -1: none)."
+        },
     )
     val_data: str | None = field(
         default=None, metadata={"help": "Separate validation source (else a split of --data)."}

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..adapters.methods import TuningMethod
-from ..data.classes import ClassList, check_classes, named_classes, with_class_weights
+from ..data.classes import ClassList, check_classes, coco_classes, named_classes, objects_by_class, with_class_weights
 from ..data.config import DatasetConfig
 from ..data.dataset import SegmentationDataset
 from ..data.sources import (
@@ -80,19 +80,26 @@ def configure_logging() -> None:
 
 def semantic_classes(data: DataArguments) -> ClassList:
     """The classes of `--mask-type semantic` data, checked against every mask of `--data` (before the model loads),
-    with pixel and image counts per class logged."""
+    with pixel and image counts per class logged, and weighed by `--class-weights`."""
+    return with_class_weights(data_classes(data), data.class_weights)
+
+
+def data_classes(data: DataArguments) -> ClassList | None:
+    """The classes `--data` names: those of semantic masks (checked as `semantic_classes` says) or a COCO file's
+    categories; None for data without classes."""
     configure_logging()
     check_data_arguments(data)
+    if data.mask_type != "semantic":
+        return coco_classes(data.data)
     if data.streaming:
         raise DataError("--mask-type semantic checks every mask's classes up front, which --streaming does not do.")
     set_max_image_pixels(data.max_image_pixels)
     source = dict(image_column=data.image_column, mask_column=data.mask_column, mask_type=data.mask_type)
     records = open_records(data.data, split=data.split, **source)
     ignore = None if data.ignore_index < 0 else data.ignore_index
-    classes = check_classes(
+    return check_classes(
         records, named_classes(data.data, data.class_names, data.split, data.mask_column), ignore, printable(data.data)
     )
-    return with_class_weights(classes, data.class_weights)
 
 
 def dataset_config(
@@ -128,9 +135,10 @@ def build_datasets(data: DataArguments, processor, config: DatasetConfig, seed: 
     val_flag = "--val-data" if data.val_data else "--data"
     set_max_image_pixels(data.max_image_pixels)
     source = dict(image_column=data.image_column, mask_column=data.mask_column, mask_type=data.mask_type)
-    records = open_records(data.data, split=data.split, **source)
+    records = objects_by_class(open_records(data.data, split=data.split, **source), config)
     if val_source:
-        train_records, val_records = records, open_records(val_source, split=data.val_split, flag=val_flag, **source)
+        val_records = open_records(val_source, split=data.val_split, flag=val_flag, **source)
+        train_records, val_records = records, objects_by_class(val_records, config)
     else:
         val_ids = read_split_file(data.val_split_file) if data.val_split_file else None
         train_records, val_records = split_records(records, data.val_fraction, seed, val_ids)
@@ -211,12 +219,21 @@ def run_recipe(
     if not video:  # the video recipe's data options are its own (no class names, image checks or streaming)
         check_data_arguments(args.data)
         check_streaming(args.data, training=args.training)
-        for flag, value in (("--class-names", args.data.class_names), ("--class-weights", args.data.class_weights)):
-            if value is not None and "classes" not in (run_info or {}):
-                raise DataError(
-                    f"{flag} applies to the classes of a multi-class PTSAM adapter (sam2-peft train ptsam "
-                    "--mask-type semantic, no --prompt): leave it out for this method."
-                )
+        multiclass = "classes" in (run_info or {})
+        prompted = build_task is None  # per-object prompts: each object keeps the class the data names
+        if args.data.class_weights is not None and not multiclass:
+            raise DataError(
+                "--class-weights applies to the classes of a multi-class PTSAM adapter (sam2-peft train ptsam "
+                "--mask-type semantic, no --prompt): leave it out for this method."
+            )
+        if args.data.class_names is not None and not (multiclass or prompted):
+            raise DataError(
+                "--class-names names the classes of a multi-class PTSAM adapter or of LoRA, partial and full runs: "
+                "leave it out for this method."
+            )
+        if prompted:
+            classes = data_classes(args.data)  # semantic masks are checked before the model loads
+            build_task = lambda a, processor: image_task(a, processor, "instances", classes)  # noqa: E731
     training = args.training
     check_output_dir_before_run(Path(training.output_dir), training.resume is not None, training.overwrite)
     model, processor = load_model(args.model, video=video)
@@ -238,8 +255,8 @@ def run_recipe(
 def image_task(
     args: RecipeArguments, processor, target_mode: str = "instances", classes: ClassList | None = None
 ) -> ImageSegmentationTask:
-    """Image segmentation on the recipe's data: per-object prompts (`instances`), prompt-free unions (`semantic`),
-    or prompt-free class maps (`semantic` with `classes`)."""
+    """Image segmentation on the recipe's data: per-object prompts (`instances`, with `classes` each object scored in
+    its class too), prompt-free unions (`semantic`), or prompt-free class maps (`semantic` with `classes`)."""
     config = dataset_config(args, target_mode, classes)
     train, val = build_datasets(args.data, processor, config, args.training.seed)
     return ImageSegmentationTask(train, val, args.loss, classes=classes)

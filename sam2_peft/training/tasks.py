@@ -209,7 +209,8 @@ class ImageSegmentationTask(Task):
     Args:
         train_dataset / val_dataset: `SegmentationDataset`s (validation built with `train=False`).
         loss: the loss terms' forms and weights.
-        classes: a multi-class PTSAM task's classes (datasets built with their `class_ids`): scored per class.
+        classes: the classes the datasets' `class_ids` name: a multi-class PTSAM task's (one target per class, scored
+            per pixel by class), or the classes of per-object targets (each object's scores grouped by its class).
 
     The prompts come from the datasets (`data.prompts`); a training step may add the objects' ground-truth masks as
     dense prompts (`prompts.mask_prompt_probability`) and run interactive correction rounds
@@ -225,6 +226,8 @@ class ImageSegmentationTask(Task):
     ) -> None:
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.classes = classes
+        self.class_targets = classes is not None and train_dataset.config.class_targets
+        """One target per class (multi-class PTSAM): an image's classes decode together, with the class-map loss."""
         self.processor = train_dataset.processor
         self.loss_config = loss or LossConfig()
         self.prompts = train_dataset.config.prompts
@@ -328,7 +331,7 @@ class ImageSegmentationTask(Task):
             inputs["ignore_mask"] = batch["ignore_mask"].to(device)
         count = len(targets)
         size = prompt_chunk if encode is not None and 0 < prompt_chunk < count else count
-        if self.classes is not None:  # an image's classes decode together: chunks hold whole images
+        if self.class_targets:  # an image's classes decode together: chunks hold whole images
             per_image = len(self.classes.ids)
             size = max(per_image, size // per_image * per_image)
         present = count if "ignore_mask" in batch else int(targets.flatten(1).any(dim=1).sum())
@@ -374,7 +377,7 @@ class ImageSegmentationTask(Task):
             )
             for o in (output, *output.corrections)
         ]
-        if self.classes is not None:  # this chunk's share of the batch's mean over images
+        if self.class_targets:  # this chunk's share of the batch's mean over images
             share = len(targets) / batch_counts[1] if batch_counts else 1.0
             for loss, o in zip(losses, (output, *output.corrections)):
                 term = class_map_loss(
@@ -385,7 +388,7 @@ class ImageSegmentationTask(Task):
 
     def _class_weights(self, rows: int) -> torch.Tensor | None:
         """The `(rows,)` loss weights of a chunk of whole images' class rows (None without class weights)."""
-        if self.classes is None or self.classes.weights is None:
+        if not self.class_targets or self.classes.weights is None:
             return None
         return torch.tensor(self.classes.weights).repeat(rows // len(self.classes.ids))
 
