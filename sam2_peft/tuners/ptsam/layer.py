@@ -230,6 +230,8 @@ class PtsamMaskDecoderLayer(_Wrapper, PtsamLayer):
             raise ValueError(f"tune_upscaling: this mask decoder has none of {UPSCALING_LAYERS}.")
         for name in found:
             layer = getattr(self.base_layer, name)
+            if not isinstance(layer, (nn.ConvTranspose2d, nn.LayerNorm, PtsamDeltaLayer)):
+                raise ValueError(f"tune_upscaling: {name} is a {type(layer).__name__}, not a layer it can change.")
             if isinstance(layer, PtsamDeltaLayer):
                 layer.update_layer(adapter_name)
             else:
@@ -283,9 +285,17 @@ class PtsamDeltaLayer(_Wrapper, PtsamLayer):
         delta_weight = self._active_entry(self.ptsam_delta_weight)
         if delta_weight is None:
             return self.base_layer(hidden_states)
-        delta_bias = self.ptsam_delta_bias[self.active_adapters[0]]
-        weights = {"weight": self.base_layer.weight + delta_weight, "bias": self.base_layer.bias + delta_bias}
-        return torch.func.functional_call(self.base_layer, weights, (hidden_states,))
+        layer = self.base_layer
+        weight, bias = layer.weight + delta_weight, layer.bias + self.ptsam_delta_bias[self.active_adapters[0]]
+        if isinstance(layer, nn.ConvTranspose2d):  # written out, not functional_call: the ONNX export traces it
+            return F.conv_transpose2d(
+                hidden_states, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups,
+                layer.dilation,
+            )  # fmt: skip
+        channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"  # SAM 2's LayerNorm
+        features = hidden_states.permute(0, 2, 3, 1) if channels_first else hidden_states
+        features = F.layer_norm(features, layer.normalized_shape, weight, bias, layer.eps)
+        return features.permute(0, 3, 1, 2) if channels_first else features
 
 
 @contextlib.contextmanager
