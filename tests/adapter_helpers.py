@@ -19,9 +19,10 @@ METHODS = {
     "ptsam": lambda: PtsamMethod(num_tokens=4),
     "ptsam-encoder": lambda: PtsamMethod(num_tokens=4, encoder_prompts=2),
     "ptsam-classes": lambda: PtsamMethod(num_tokens=4, id2label={"3": "scratch", "7": "dent"}),
+    "ptsam-upscaling": lambda: PtsamMethod(num_tokens=4, tune_upscaling=True),
 }
 """The adapters `make_adapter` can save: decoder LoRA, a partial fine-tune, PTSAM decoder tokens (and encoder prompts;
-or two classes, ids 3 and 7)."""
+or two classes, ids 3 and 7; or the decoder's upscaling layers tuned)."""
 
 METRICS = {
     "base": {"iou": 0.41, "dice": 0.55, "boundary_iou": 0.2, "pixel_accuracy": 0.81},

@@ -20,6 +20,7 @@ ADAPTER_KINDS = {
     "ptsam": lambda: PtsamMethod(num_tokens=4),
     "ptsam_enc": lambda: PtsamMethod(num_tokens=4, encoder_prompts=2),
     "ptsam_classes": lambda: PtsamMethod(num_tokens=4, id2label={"3": "scratch", "7": "dent"}),
+    "ptsam_upscaling": lambda: PtsamMethod(num_tokens=4, tune_upscaling=True),
     "partial": lambda: PartialFinetuneMethod({"mask_decoder": 1e-5}),
 }
 

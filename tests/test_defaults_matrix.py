@@ -89,6 +89,23 @@ def test_train_image_recipes(recipe, weights_file, weights, encoder_prompts, dat
         assert json.loads((out / "sam2_peft.json").read_text())["ptsam"]["encoder_prompts"] == encoder_prompts
 
 
+def test_train_ptsam_multiclass(tmp_path):
+    """`train ptsam --mask-type semantic` (the flag that names the data's kind) on class maps: every class of
+    classes.json in one adapter, with the multi-class defaults (tuned upscaling, class weights), scored per class."""
+    from .test_multiclass import CLASSES, write_class_folder
+
+    data, out = write_class_folder(tmp_path / "classes", scenes=5), tmp_path / "ptsam"
+    main(["train", "ptsam", *MODEL, "--data", str(data), "--mask-type", "semantic", "--output-dir", str(out)])
+    metrics = _metrics(out)
+    assert metrics["steps"] == 20  # 4 training scenes: two batches in each of the 10 epochs
+    assert {f"dice_{name}" for name in CLASSES} | {"mean_dice"} <= set(metrics["fine_tuned"])
+    assert len(metrics["class_weights"]) == len(CLASSES)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("ptsam_delta_weight" in name for name in saved) and all(torch.isfinite(w).all() for w in saved.values())
+    (tokens,) = [w for name, w in saved.items() if "ptsam_tokens" in name]
+    assert tokens.shape[0] == len(CLASSES)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-random", EDGETAM, "sam3-tracker-tiny-random"])
 def test_train_video(model, tmp_path):

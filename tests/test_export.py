@@ -48,7 +48,7 @@ def exports(tmp_path_factory):
 
 
 @pytest.mark.slow  # each export (two or three graphs, and its own parity check) takes 5-15 s on one CPU thread
-@pytest.mark.parametrize("kind", ["lora", "partial", "ptsam", "ptsam-encoder"])
+@pytest.mark.parametrize("kind", ["lora", "partial", "ptsam", "ptsam-encoder", "ptsam-upscaling"])
 def test_onnx_matches_pytorch_for_each_method(kind, exports):
     adapter, folder, record = exports(kind)
     torch_predictor = Sam2PeftPredictor.from_pretrained(adapter, device="cpu")

@@ -20,8 +20,8 @@ from sam2_peft.evaluation.metrics import ClassAccumulator, resolve_classes
 from sam2_peft.models.loading import build_model_from_config, tiny_config
 from sam2_peft.models.segmenter import Sam2Segmenter
 from sam2_peft.recipes.arguments import DataArguments, parse_recipe_arguments
+from sam2_peft.recipes.ptsam import MULTICLASS_DEFAULTS, multiclass_arguments
 from sam2_peft.recipes.ptsam import main as ptsam
-from sam2_peft.recipes.ptsam import multiclass_loss
 from sam2_peft.recipes.runner import semantic_classes
 from sam2_peft.training.config import LossConfig
 from sam2_peft.training.losses import sam2_loss
@@ -133,9 +133,10 @@ def test_class_names_without_semantic_masks_are_refused(tmp_path):
     assert str(exit_.value.code).startswith("error: --class-names applies to the classes of semantic masks")
 
 
-def _adapted(classes: dict | None, tokens: int = 4):
+def _adapted(classes: dict | None, tokens: int = 4, tune_upscaling: bool = False):
     model = build_model_from_config(tiny_config(TINY_SIZE), seed=0)
-    return PtsamMethod(num_tokens=tokens, token_init="normal", id2label=classes).prepare(model, None)
+    method = PtsamMethod(num_tokens=tokens, token_init="normal", id2label=classes, tune_upscaling=tune_upscaling)
+    return method.prepare(model, None)
 
 
 def test_three_class_adapter_has_three_token_sets_and_at_most_3x_the_parameters():
@@ -144,6 +145,13 @@ def test_three_class_adapter_has_three_token_sets_and_at_most_3x_the_parameters(
     trained = [p for p in three.parameters() if p.requires_grad]
     assert [tuple(p.shape) for p in trained] == [(3, 4, 64)]
     assert sum(p.numel() for p in trained) <= 3 * one
+    # the multi-class default also tunes the upscaling layers, once for all classes: compared like with like
+    one, three = (
+        sum(p.numel() for p in _adapted(classes, tune_upscaling=True).parameters() if p.requires_grad)
+        for classes in (None, dict(zip("123", CLASSES)))
+    )
+    upscaling = three - 3 * 4 * 64
+    assert upscaling > 0 and one == 4 * 64 + upscaling and three <= 3 * one
 
 
 def test_classes_decode_in_one_batch_exactly_as_one_adapter_per_class():
@@ -184,7 +192,7 @@ def test_multiclass_loss_keeps_a_rare_class_that_looks_like_a_common_one():
     base's "any object" mask); the focal loss weighs negatives 3:1 and trained A to an empty mask."""
     kind = torch.zeros(32, 32, dtype=torch.long)
     kind[:8, :8], kind[16:, :16] = 1, 2
-    loss = multiclass_loss(parse_recipe_arguments("", PtsamOptions, argv=[]).loss, frozenset())
+    loss = multiclass_arguments(parse_recipe_arguments("", PtsamOptions, argv=[])).loss
     values = torch.zeros(2, requires_grad=True)  # background logit, object logit
     optimizer = torch.optim.Adam([values], lr=0.05)
     for _ in range(300):
@@ -195,7 +203,18 @@ def test_multiclass_loss_keeps_a_rare_class_that_looks_like_a_common_one():
         optimizer.step()
     assert values[1] > 0 > values[0]
     given = parse_recipe_arguments("", PtsamOptions, argv=["--mask-loss", "focal"])
-    assert "mask_loss" in given.given and multiclass_loss(given.loss, given.given).mask_loss == "focal"
+    assert "mask_loss" in given.given and multiclass_arguments(given).loss.mask_loss == "focal"
+
+
+def test_multiclass_defaults_apply_where_the_command_line_is_silent_and_never_override_it():
+    chosen = multiclass_arguments(parse_recipe_arguments("", PtsamOptions, argv=[], lr=1e-2))
+    values = {"tune_upscaling": chosen.method.tune_upscaling, "lr": chosen.training.lr}
+    values |= {"class_weights": chosen.data.class_weights, "mask_loss": chosen.loss.mask_loss}
+    assert values == MULTICLASS_DEFAULTS and MULTICLASS_DEFAULTS["tune_upscaling"] is True
+    argv = ["--tune-upscaling", "false", "--lr", "0.01", "--class-weights", "1,2,3", "--mask-loss", "focal"]
+    kept = multiclass_arguments(parse_recipe_arguments("", PtsamOptions, argv=argv))
+    assert not kept.method.tune_upscaling and kept.training.lr == 0.01
+    assert kept.data.class_weights == "1,2,3" and kept.loss.mask_loss == "focal"
 
 
 def test_class_map_loss_trains_which_class_wins_a_pixel_two_claim():
@@ -260,10 +279,11 @@ def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tm
     ptsam([
         "--model", str(saved_tiny_model), "--data", str(data), "--mask-type", "semantic", "--output-dir", str(out),
         "--val-fraction", "0.34", "--report-to", "none", "--batch-size", "2", "--max-steps", "2", "--num-tokens", "2",
-        "--num-panels", "1", "--class-weights", "auto",
+        "--num-panels", "1",
     ])  # fmt: skip
-    settings = json.loads((out / "training_config.json").read_text())
+    settings = json.loads((out / "training_config.json").read_text())  # the multi-class defaults, none given
     assert settings["loss"]["mask_loss"] == "bce" and len(settings["class_weights"]) == 3
+    assert settings["training"]["lr"] == 2e-3 and settings["method_settings"]["tune_upscaling"]
     assert weighed and all(torch.allclose(w, torch.tensor(settings["class_weights"])) for w in weighed)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["id2label"] == {"1": "ellipse", "2": "polygon", "3": "ring"}
@@ -276,6 +296,7 @@ def test_semantic_folder_trains_one_adapter_for_every_class(saved_tiny_model, tm
     assert "name: Dice (ring)" in card and "| Dice (ring) |" in card  # model-index and table, per class
     loaded = PeftModel.from_pretrained(Sam2Model.from_pretrained(saved_tiny_model), out)  # plain peft
     assert loaded.base_model.model.prompt_encoder.ptsam_tokens["default"].shape == (3, 2, 64)
+    assert "default" in loaded.base_model.model.mask_decoder.upscale_conv1.ptsam_delta_weight
     from sam2_peft.cli import main as cli
 
     cli(["predict", "--adapter", str(out), str(data / "images"), str(tmp_path / "pred")])

@@ -13,7 +13,7 @@ import sam2_peft  # noqa: F401  (registers PTSAM with peft)
 from sam2_peft.inference.prompt_free import predict_prompt_free
 from sam2_peft.models.loading import build_model_from_config, tiny_config
 from sam2_peft.tuners.ptsam import PtsamArchitectureError, PtsamAttentionLayer, PtsamConfig, PtsamMergeError
-from sam2_peft.tuners.ptsam.layer import initial_tokens
+from sam2_peft.tuners.ptsam.layer import initial_tokens, row_adapters
 
 SIZE = 128
 WIDTH = 64  # decoder width of tiny_config
@@ -257,3 +257,61 @@ def test_merging_is_one_error_whichever_way_it_is_asked():
         with pytest.raises(PtsamMergeError, match="cannot be merged into weights. Use unload") as raised:
             merge()
         assert isinstance(raised.value, NotImplementedError) and isinstance(raised.value, ValueError)
+
+
+def _nonzero_upscaling(model, scale: float = 0.3) -> None:
+    """Give every upscaling change a non-zero value (they start at zero), so that it changes the output."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ptsam_delta_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def test_tune_upscaling_trains_the_three_upscaling_layers_from_the_base_and_changes_the_masks():
+    model = get_peft_model(_tiny(), PtsamConfig(num_tokens=2, tune_upscaling=True))
+    trainable = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if p.requires_grad}
+    decoder = _tiny().mask_decoder
+    expected = {f"mask_decoder.base_layer.{layer}.ptsam_delta_{kind}.default": getattr(getattr(decoder, layer), kind)
+                for layer in ("upscale_conv1", "upscale_layer_norm", "upscale_conv2") for kind in ("weight", "bias")}  # fmt: skip
+    assert sorted(trainable) == sorted([*expected, "prompt_encoder.ptsam_tokens.default"])
+    assert all(trainable[name].shape == param.shape for name, param in expected.items())
+    tokens_only = get_peft_model(_tiny(), PtsamConfig(num_tokens=2))
+    assert torch.equal(_masks(model.eval()), _masks(tokens_only.eval()))  # zero changes: the base's upscaling
+    model.train()
+    model(pixel_values=_image(), multimask_output=False).pred_masks.sigmoid().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items() if "delta" in n)
+    _nonzero_upscaling(model)
+    assert not torch.equal(_masks(model.eval()), _masks(tokens_only.eval()))
+
+
+def test_tuned_upscaling_saves_in_the_adapter_file_reloads_with_plain_peft_and_unloads(tmp_path, saved_tiny_model):
+    model = get_peft_model(Sam2Model.from_pretrained(saved_tiny_model), PtsamConfig(tune_upscaling=True))
+    _nonzero_upscaling(model)
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert len([k for k in saved if "ptsam_delta_" in k]) == 6 and all(".ptsam_" in k for k in saved)
+    expected = _masks(model.eval())
+    loaded = PeftModel.from_pretrained(Sam2Model.from_pretrained(saved_tiny_model), tmp_path).eval()
+    assert torch.equal(_masks(loaded), expected)
+    loaded.load_adapter(tmp_path, adapter_name="again")  # the second adapter's changes sit inside the wrapped decoder
+    loaded.set_adapter("again")
+    assert torch.equal(_masks(loaded), expected)
+    base = loaded.unload()
+    assert not any("ptsam" in name for name, _ in base.named_parameters())
+    assert torch.equal(_masks(base), _masks(Sam2Model.from_pretrained(saved_tiny_model).eval()))
+
+
+def test_an_adapter_without_tuned_upscaling_beside_one_with_it_runs_the_base_upscaling(tmp_path):
+    tuned, plain_path = tmp_path / "tuned", tmp_path / "plain"
+    model = get_peft_model(_tiny(), PtsamConfig(tune_upscaling=True))
+    _nonzero_upscaling(model)
+    model.save_pretrained(tuned)
+    plain = get_peft_model(_tiny(), PtsamConfig(init_seed=3))
+    plain.save_pretrained(plain_path)
+    both = PeftModel.from_pretrained(_tiny(), tuned).eval()
+    both.load_adapter(plain_path, adapter_name="plain")
+    both.set_adapter("plain")
+    assert torch.equal(_masks(both), _masks(plain.eval()))
+    with pytest.raises(ValueError, match="tuned upscaling"), row_adapters(both, ["default", "plain"]):
+        pass

@@ -231,6 +231,24 @@ def test_multi_class_ptsam_answers_one_mask_per_class(client, setup):
         client.delete("/v1/adapters/classes", headers=ADMIN)
 
 
+def test_ptsam_with_tuned_upscaling_decodes_in_its_own_batch_and_answers_as_the_predictor(client, server, setup):
+    """A PTSAM adapter that tunes the decoder's upscaling layers, loaded beside one that does not: its rows cannot
+    share their decoder forward (another decoder), so it gets its own batch group; its answers equal `predict`."""
+    make_adapter("ptsam_upscaling", setup["base"], setup["root"] / "upscaling", seed=11)
+    loaded = client.post("/v1/adapters", json={"name": "upscaling", "source": "upscaling"}, headers=ADMIN)
+    assert loaded.status_code == 201
+    try:
+        registry = server.app.state.service.registry
+        assert registry.batch_group(registry.entries["upscaling"]) != registry.batch_group(registry.entries["ptsam"])
+        predictor = Sam2PeftPredictor.from_pretrained(setup["root"] / "upscaling", device="cpu")
+        for path in setup["paths"][:2]:
+            body = {"image_id": _upload(client, path)["image_id"], "adapter": "upscaling"}
+            answer = client.post("/v1/segment", json=body)
+            np.testing.assert_array_equal(_rle_masks(answer.json()), predictor.predict(read_image(path)).masks)
+    finally:
+        client.delete("/v1/adapters/upscaling", headers=ADMIN)
+
+
 MIXED = {  # adapter -> (image index, boxes): objects on different images, several adapters, 1 or 2 objects each
     "lora_a": [(0, [BOX]), (1, [[5, 5, 60, 40], BOX])],
     "lora_b": [(2, [[10, 8, 70, 44]]), (0, [[5, 5, 60, 40]])],

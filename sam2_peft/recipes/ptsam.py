@@ -10,20 +10,27 @@ default (targets: the union of all objects).
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 
 from ..commandline import run_from_command_line
-from ..training.config import LossConfig
 from ..tuners.options import PtsamOptions
-from .arguments import image_rules, parse_recipe_arguments
+from .arguments import RecipeArguments, image_rules, parse_recipe_arguments
 
 DEFAULT_LR = 1e-2
 """PTSAM's learning rate, with the padding token init: the rate of benchmarks/method_defaults.py's grid (nuclei,
 polyps, a synthetic shift set; 3 seeds; 40 steps) with no run below the base and then the best mean Dice gain (+0.197,
 worst +0.010); 3e-3 ended below it in 3 runs of 9 and 1e-3 in 6 (benchmarks/results/method_defaults.md)."""
 
-MULTICLASS_MASK_LOSS = "bce"
+MULTICLASS_DEFAULTS = {"tune_upscaling": True, "lr": 2e-3, "class_weights": "auto", "mask_loss": "bce"}
+"""A prompt-free multi-class adapter's settings unless the command line gives them, chosen on a development set of
+synthetic class maps (generator seed 1, never the scenes the guide reports; docs/guides/multiclass.md has the runs).
+Tokens alone (the one-class default) left every class but the most common one below the prompt-free base: the
+frozen upscaling layers keep no trace of the classes. Tuning them (shared by all classes) at 2e-3 (1e-2 swung
+between evaluations) with classes weighed by inverse pixel frequency (without, the rarest class stayed below its
+base) improved every class. The class-balanced BCE, not the focal loss: see `MULTICLASS_MASK_LOSS`."""
+
+MULTICLASS_MASK_LOSS = MULTICLASS_DEFAULTS["mask_loss"]
 """A multi-class adapter's mask loss unless `--mask-loss` says otherwise: the class-balanced BCE. With the focal
 loss (alpha 0.25, weighing negatives 3:1) every class but the largest shrank to nearly empty masks on synthetic class
 maps, since each class's pixels are a few percent of its mask and other classes' objects count against it
@@ -46,8 +53,8 @@ def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     target_mode = "semantic" if args.prompts.prompt == "none" else "instances"
     classes = None
     if target_mode == "semantic" and args.data.mask_type == "semantic":
+        args = multiclass_arguments(args)
         classes = semantic_classes(args.data)  # one token set per class, all in one adapter
-        args.loss = multiclass_loss(args.loss, args.given)
     method = PtsamMethod(
         **asdict(args.method), init_seed=args.training.seed, id2label=classes.id2label if classes else None
     )
@@ -59,12 +66,17 @@ def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     )
 
 
-def multiclass_loss(loss: LossConfig, given: Collection[str]) -> LossConfig:
-    """A multi-class adapter's loss: `MULTICLASS_MASK_LOSS` unless the command line gave `--mask-loss`."""
-    if "mask_loss" in given:
-        return loss
-    logger.info("Multi-class: mask loss %s (--mask-loss focal for the focal loss).", MULTICLASS_MASK_LOSS)
-    return replace(loss, mask_loss=MULTICLASS_MASK_LOSS)
+def multiclass_arguments(args: RecipeArguments) -> RecipeArguments:
+    """A prompt-free multi-class run's arguments: `MULTICLASS_DEFAULTS` where the command line gave no value."""
+    chosen = {name: value for name, value in MULTICLASS_DEFAULTS.items() if name not in args.given}
+    if not chosen:
+        return args
+    logger.info("Multi-class defaults: %s.", ", ".join(f"{name}={value}" for name, value in chosen.items()))
+    sections = {"tune_upscaling": "method", "lr": "training", "class_weights": "data", "mask_loss": "loss"}
+    for name, value in chosen.items():
+        section = sections[name]
+        args = replace(args, **{section: replace(getattr(args, section), **{name: value})})
+    return args
 
 
 def encoder_main(argv: Sequence[str] | None = None) -> dict:

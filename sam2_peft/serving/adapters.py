@@ -475,14 +475,15 @@ class AdapterRegistry:
     def batch_group(entry: AdapterEntry | None) -> tuple:
         """Requests whose adapters have equal groups can share one decoder forward: the base alone; the adapters of
         one peft tree (LoRA without DoRA, rows mixed by peft's `adapter_names`; single-class PTSAM with the same token
-        count and output-mask choice, each row its own tokens); any other adapter alone (its own or its tree's)."""
+        count and output-mask choice and no tuned upscaling, each row its own tokens); any other adapter alone (its
+        own or its tree's)."""
         if entry is None:
             return (BASE_ENCODER,)
         group = (entry.tree.kind, id(entry.tree))
         if entry.kind != "peft":
             return group
         config = entry.tree.model.peft_config[entry.name]
-        if entry.peft_type == "PTSAM" and not config.num_classes:
+        if entry.peft_type == "PTSAM" and not config.num_classes and not config.tune_upscaling:
             return (*group, config.num_tokens, config.output_mask)
         if entry.peft_type == "LORA" and not config.use_dora:  # peft's mixed batches refuse DoRA
             return group

@@ -100,6 +100,11 @@ class PtsamOptions:
     Encoder prompts (optional, deep visual prompt tuning): `encoder_prompts` learned tokens per Hiera block, attended by
     every image token of the block through the block's own frozen attention projections (see `PtsamAttentionLayer`).
     Zero prompts leave the encoder exactly unchanged.
+
+    Upscaling (optional, `tune_upscaling`; not in the PTSAM paper): a learned change to the weights of the mask
+    decoder's upscaling layers, which turn the decoder's image embedding into the per-pixel features every mask is read
+    from. Shared by all classes of a multi-class adapter, and on by default there: on a base whose frozen upscaling
+    keeps no trace of the classes, tokens alone cannot tell them apart (docs/guides/multiclass.md).
     """
 
     _argument_group_name = "PTSAM"
@@ -136,6 +141,13 @@ class PtsamOptions:
     )
     encoder_stages: list[int] | None = field(
         default=None, metadata={"help": "Hiera stages (0-3) whose blocks get prompts (default: every stage)."}
+    )
+    tune_upscaling: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the mask decoder's upscaling layers (two transposed convolutions and a layer norm: "
+            "74 K parameters on sam2.1), shared by every class. The prompt-free multi-class default is on."
+        },
     )
     encoder_init_std: float = field(
         default=0.02,

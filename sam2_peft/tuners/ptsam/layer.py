@@ -124,7 +124,11 @@ class PtsamPromptEncoderLayer(_Wrapper, PtsamLayer):
 @contextlib.contextmanager
 def row_adapters(model: nn.Module, names: list[str]):
     """Within the block, batch row b of a PTSAM model's forward gets the decoder tokens of adapter `names[b]` (the
-    adapters single-class, with equal token counts and output-mask choices; the active adapter's choice applies)."""
+    adapters single-class, with equal token counts and output-mask choices and no tuned upscaling; the active
+    adapter's choice applies)."""
+    tuned = {name for m in model.modules() if isinstance(m, PtsamDeltaLayer) for name in m.ptsam_delta_weight}
+    if tuned & set(names):
+        raise ValueError(f"PTSAM adapters with tuned upscaling ({sorted(tuned & set(names))}) batch on their own.")
     layers = [m for m in model.modules() if isinstance(m, PtsamPromptEncoderLayer)]
     for layer in layers:
         layer.row_adapters = list(names)
@@ -213,7 +217,27 @@ class PtsamMaskDecoderLayer(_Wrapper, PtsamLayer):
 
     def update_layer(self, adapter_name: str, config: PtsamConfig) -> None:
         self.ptsam_output_mask[adapter_name] = config.output_mask
+        if config.tune_upscaling:
+            self._tune_upscaling(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _tune_upscaling(self, adapter_name: str) -> None:
+        """Give each upscaling layer of the decoder (`UPSCALING_LAYERS`) this adapter's weight change. Done here
+        rather than by peft's matching: peft does not look inside an adapter layer for a second adapter's targets,
+        and the decoder is one."""
+        found = [name for name in UPSCALING_LAYERS if hasattr(self.base_layer, name)]
+        if not found:
+            raise ValueError(f"tune_upscaling: this mask decoder has none of {UPSCALING_LAYERS}.")
+        for name in found:
+            layer = getattr(self.base_layer, name)
+            if not isinstance(layer, (nn.ConvTranspose2d, nn.LayerNorm, PtsamDeltaLayer)):
+                raise ValueError(f"tune_upscaling: {name} is a {type(layer).__name__}, not a layer it can change.")
+            if isinstance(layer, PtsamDeltaLayer):
+                layer.update_layer(adapter_name)
+            else:
+                delta = PtsamDeltaLayer(layer, adapter_name)
+                delta.set_adapter(self.active_adapters)  # a second adapter's new layer follows the active one
+                self.base_layer.register_module(name, delta)
 
     def forward(self, *args, multimask_output: bool, **kwargs) -> tuple[torch.Tensor, ...]:
         choice = self._active_entry(self.ptsam_output_mask)
@@ -230,6 +254,48 @@ class PtsamMaskDecoderLayer(_Wrapper, PtsamLayer):
         masks = masks.gather(2, index[..., None, None].expand(-1, -1, -1, *masks.shape[-2:]))
         mask_tokens = mask_tokens.gather(2, index[..., None].expand(-1, -1, -1, mask_tokens.shape[-1]))
         return masks, iou.gather(2, index), mask_tokens, object_scores
+
+
+UPSCALING_LAYERS = ("upscale_conv1", "upscale_layer_norm", "upscale_conv2")
+"""The mask decoder's upscaling layers (`tune_upscaling`), applied inside its forward. Its projections of the
+encoder's high-resolution features (`conv_s0`, `conv_s1`) are left out: SAM 2 applies them while encoding the image,
+so changing them would change the image encoding, which the classes, the embedding cache and the server share."""
+
+
+class PtsamDeltaLayer(_Wrapper, PtsamLayer):
+    """Wraps one of the decoder's upscaling layers with a learned change to each of its parameters (weight and bias),
+    zero at the start so that step 0 is the base: the layer runs with `weight + delta_weight`, `bias + delta_bias`."""
+
+    adapter_layer_names = ("ptsam_delta_weight", "ptsam_delta_bias")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.ptsam_delta_weight = nn.ParameterDict()
+        self.ptsam_delta_bias = nn.ParameterDict()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name)
+
+    def update_layer(self, adapter_name: str) -> None:
+        self.ptsam_delta_weight[adapter_name] = nn.Parameter(torch.zeros_like(self.base_layer.weight))
+        self.ptsam_delta_bias[adapter_name] = nn.Parameter(torch.zeros_like(self.base_layer.bias))
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        delta_weight = self._active_entry(self.ptsam_delta_weight)
+        if delta_weight is None:
+            return self.base_layer(hidden_states)
+        layer = self.base_layer
+        weight, bias = layer.weight + delta_weight, layer.bias + self.ptsam_delta_bias[self.active_adapters[0]]
+        if isinstance(layer, nn.ConvTranspose2d):  # written out, not functional_call: the ONNX export traces it
+            return F.conv_transpose2d(
+                hidden_states, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups,
+                layer.dilation,
+            )  # fmt: skip
+        channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"  # SAM 2's LayerNorm
+        features = hidden_states.permute(0, 2, 3, 1) if channels_first else hidden_states
+        features = F.layer_norm(features, layer.normalized_shape, weight, bias, layer.eps)
+        return features.permute(0, 3, 1, 2) if channels_first else features
 
 
 @contextlib.contextmanager

@@ -113,10 +113,10 @@ class PtsamModel(BaseTuner):
         """Put the wrapped SAM 2 modules back. PTSAM adds tokens rather than weight deltas, so nothing can be merged."""
         if merge:
             raise PtsamMergeError()
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, PtsamLayer):
-                parent_name, _, child_name = name.rpartition(".")
-                setattr(self.model.get_submodule(parent_name), child_name, module.get_base_layer())
+        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, PtsamLayer)]
+        for name, module in sorted(layers, key=lambda item: -item[0].count(".")):  # the decoder's LoRAs first
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child_name, module.get_base_layer())
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
