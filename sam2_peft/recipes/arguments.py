@@ -111,7 +111,7 @@ class DataArguments(DataSourceArguments):
         default=None,
         metadata={"help": "With --mask-type semantic: each class's weight in the per-class mask losses and the "
                   "class-map term, 'auto' (inverse pixel frequency, mean 1) or one number per class, comma-separated "
-                  "(default: all 1)."},
+                  "(default: all 1; auto for a multi-class PTSAM adapter)."},
     )  # fmt: skip
     ignore_index: int = field(
         default=IGNORE_INDEX,
