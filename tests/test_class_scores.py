@@ -111,6 +111,19 @@ def test_lora_on_semantic_masks_scores_each_class_for_base_and_fine_tuned(saved_
     assert "name: Dice (r)" in card and "| Dice (r) |" in card  # model-index and table, per class
 
 
+def test_ptsam_with_box_prompts_on_semantic_masks_scores_each_class(saved_tiny_model, tmp_path):
+    """PTSAM's tokens appended to box prompts train per object, as LoRA does: each object scored in its class too."""
+    data, out = write_class_folder(tmp_path / "d", scenes=6), tmp_path / "run"
+    main(["train", "ptsam", "--model", str(saved_tiny_model), "--data", str(data), "--mask-type", "semantic",
+          "--prompt", "box", "--class-names", "e,p,r", "--output-dir", str(out), "--max-steps", "2",
+          "--num-tokens", "2", "--num-panels", "1", "--report-to", "none", "--val-fraction", "0.34"])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == {"1": "e", "2": "p", "3": "r"} and "confusion_matrix" not in metrics
+    for scores in (metrics["base"], metrics["fine_tuned"]):
+        assert {f"dice_{c}" for c in "epr"} | {"mean_dice"} <= set(scores)
+    assert json.loads((out / "adapter_config.json").read_text())["id2label"] is None  # one token set: prompted
+
+
 def test_prompted_methods_refuse_class_weights_and_streaming_semantic_masks(saved_tiny_model, tmp_path, capsys):
     data = write_class_folder(tmp_path / "d", scenes=2)
     semantic = lora_args(saved_tiny_model, data, tmp_path / "run", "--mask-type", "semantic")

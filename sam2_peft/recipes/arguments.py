@@ -87,7 +87,7 @@ class DataSourceArguments:
             "object; auto: two levels or values near 0 and the maximum (JPEG, anti-aliasing) are binary, labels 1, 2, "
             "3... are instances, anything else stops with an error; semantic: each value is a class id (0 background), "
             "classes named by classes.json beside masks/, a COCO file's categories or --class-names (PTSAM trains one "
-            "token set per class; LoRA, partial and full score each class's objects).",
+            "token set per class; LoRA, partial, full and prompted PTSAM score each class's objects).",
             "choices": MASK_TYPES,
         },
     )

@@ -58,10 +58,11 @@ def main(argv: Sequence[str] | None = None, **defaults) -> dict:
     method = PtsamMethod(
         **asdict(args.method), init_seed=args.training.seed, id2label=classes.id2label if classes else None
     )
+    prompt_free = target_mode == "semantic"  # with prompts: the shared per-object path, each object in its class
     return run_recipe(
         args,
         method,
-        build_task=lambda a, processor: image_task(a, processor, target_mode, classes),
+        build_task=(lambda a, processor: image_task(a, processor, target_mode, classes)) if prompt_free else None,
         run_info={"classes": classes.id2label, "class_weights": classes.weights} if classes else None,
     )
 
