@@ -419,6 +419,8 @@ def _load_foreground(args: argparse.Namespace):
 
 def _evaluate_instances(args: argparse.Namespace, source, validation, config) -> None:
     """`eval --protocol automatic | interactive`: base vs adapter (and specialist-guided) on the dataset's instances."""
+    from .data.classes import objects_by_class
+    from .data.config import DatasetConfig
     from .data.sources import check_data_source, open_records, set_max_image_pixels
     from .data.validation import validate_records
     from .evaluation import instance_runner
@@ -431,6 +433,9 @@ def _evaluate_instances(args: argparse.Namespace, source, validation, config) ->
         source.data, split=source.split, image_column=source.image_column, mask_column=source.mask_column,
         mask_type=source.mask_type,
     )  # fmt: skip
+    classes = _data_classes(source)
+    if args.protocol == "interactive" and classes is not None:  # clicks per object: the ignore region is none
+        records = objects_by_class(records, DatasetConfig(class_ids=classes.ids, ignore_index=classes.ignore_index))
     records, report = validate_records(records, validation, limit=args.max_images, description="Checking images")
     predictor = _load_predictor(args)
     predictors = (
@@ -450,7 +455,6 @@ def _evaluate_instances(args: argparse.Namespace, source, validation, config) ->
             separator = predictors.get("adapter", predictors["base"])
             name = f"specialist-guided ({'adapter' if args.adapter else 'base'} separates)"
             segmenters[name] = lambda image: specialist_guided_instances(foreground, separator, image, config)
-        classes = _data_classes(source)
         result = instance_runner.automatic_report(
             segmenters,
             records,

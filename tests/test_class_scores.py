@@ -249,3 +249,16 @@ def test_eval_automatic_reports_ap_per_class_with_a_multi_class_foreground(saved
     assert all(set(ap) == {"map", "ap50", "ap75"} for ap in guided["per_class"].values()) and "class_map" in guided
     grid = results["base (grid)"]["overall"]
     assert grid["per_class"] is None and "predictions carry no class" in grid["per_class_note"]
+
+
+def test_eval_interactive_on_semantic_masks_clicks_each_class_region_and_not_the_ignore_region(
+    saved_tiny_model, tmp_path
+):
+    label = np.zeros((64, 64), np.uint8)
+    label[2:20, 2:20], label[30:50, 30:50], label[2:20, 40:60] = 2, 1, 255
+    data = write_label_folder(tmp_path / "d", [label, label], {"1": "dent", "2": "scratch"})
+    out = tmp_path / "noc.json"
+    main(["eval", "--protocol", "interactive", "--model", str(saved_tiny_model), "--data", str(data),
+          "--mask-type", "semantic", "--max-clicks", "1", "--min-object-area", "1", "--output", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["results"]["base"]["click"]["num_objects"] == 4  # 2 classes x 2 images; the 255 region is none
