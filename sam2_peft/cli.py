@@ -375,7 +375,7 @@ def _adapter_classes(predictor, prompt: str, mask_type: str):
             f"The adapter segments {len(classes)} classes without prompts: evaluate it with --prompt none "
             "--mask-type semantic on class-map masks."
         )
-    return ClassList(tuple(classes), tuple(classes.values()), IGNORE_INDEX)
+    return ClassList.from_names(classes, IGNORE_INDEX)
 
 
 def _data_classes(source):
@@ -386,8 +386,7 @@ def _data_classes(source):
 
     if source.mask_type != "semantic":
         return coco_classes(source.data)
-    named = named_classes(source.data, None, source.split, source.mask_column) or {}
-    return ClassList(tuple(sorted(named)), tuple(named[i] for i in sorted(named)), IGNORE_INDEX)
+    return ClassList.from_names(named_classes(source.data, None, source.split, source.mask_column) or {}, IGNORE_INDEX)
 
 
 def _base_predictor(predictor, args: argparse.Namespace):

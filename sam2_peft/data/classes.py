@@ -44,9 +44,14 @@ class ClassList:
         return {str(i): name for i, name in zip(self.ids, self.names)}
 
     @classmethod
+    def from_names(cls, named: dict[int, str], ignore_index: int | None = None) -> ClassList:
+        """The classes of {mask value: name}, in increasing value."""
+        ids = sorted(named)
+        return cls(tuple(ids), tuple(named[i] for i in ids), ignore_index)
+
+    @classmethod
     def from_id2label(cls, id2label: dict[str, str], ignore_index: int | None = None) -> ClassList:
-        ids = sorted(int(key) for key in id2label)
-        return cls(tuple(ids), tuple(id2label[str(i)] for i in ids), ignore_index)
+        return cls.from_names({int(key): name for key, name in id2label.items()}, ignore_index)
 
 
 def named_classes(
@@ -90,7 +95,7 @@ def coco_classes(data: str) -> ClassList | None:
     if check_data_source(data) != "coco":
         return None
     named = coco_categories(Path(data))
-    return None if named is None else ClassList(tuple(sorted(named)), tuple(named[i] for i in sorted(named)))
+    return None if named is None else ClassList.from_names(named)
 
 
 def objects_by_class(records: list[SampleRecord], config: DatasetConfig) -> list[SampleRecord]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 from ..commandline import run_from_command_line
 from ..tuners.options import PtsamOptions
@@ -73,10 +73,10 @@ def multiclass_arguments(args: RecipeArguments) -> RecipeArguments:
     if not chosen:
         return args
     logger.info("Multi-class defaults: %s.", ", ".join(f"{name}={value}" for name, value in chosen.items()))
-    sections = {"tune_upscaling": "method", "lr": "training", "class_weights": "data", "mask_loss": "loss"}
-    for name, value in chosen.items():
-        section = sections[name]
-        args = replace(args, **{section: replace(getattr(args, section), **{name: value})})
+    for section in ("method", "training", "data", "loss"):  # each default goes to the settings that declare it
+        settings = getattr(args, section)
+        own = {name: value for name, value in chosen.items() if name in {f.name for f in fields(settings)}}
+        args = replace(args, **{section: replace(settings, **own)})
     return args
 
 
